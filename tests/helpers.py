@@ -1,0 +1,103 @@
+"""Tiny random causal LMs built locally (no download), shared by the pipeline and serving tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+_WORDS = (
+    "the of and to in is was for on as with by he at from his an were are which this also be "
+    "has had or first one their its new after who they two her she been other when there all "
+    "during into school time may years more most only over city some world would where later up "
+    "such used many can state about national out known university united then made"
+).split()
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+def corpus(n_lines: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English lines, for calibration and tokenizer training in tests."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n_lines):
+        idx = torch.randint(len(_WORDS), (int(torch.randint(8, 40, (1,), generator=g)),), generator=g)
+        lines.append(" ".join(_WORDS[i] for i in idx.tolist()).capitalize() + ".")
+    return lines
+
+
+def make_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained offline, with a chat template, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def make_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 256, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, vocab_size: int = 384):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    return cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **cfg) -> Path:
+    """Save a tiny random `arch` causal LM with a trained tokenizer under `path`; returns the path.
+
+    Weights are drawn with a larger spread than the default init so that quantization error is
+    visible in the logits, and greedy decoding does not collapse onto one token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = make_config(arch, **cfg)
+    config.torch_dtype = dtype
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer(config.vocab_size).save_pretrained(path)
+    (path / "calib.txt").write_text("\n".join(corpus(64, seed=1)))
+    return path
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,72 @@
+"""Second-moment statistics of a linear layer's inputs.
+
+  H = E[X Xᵀ]              from the inputs X that reach the layer through the already quantized
+                           preceding layers (what the quantized model will really see)
+  R = E[(X − X̃) Xᵀ]       with X̃ the same tokens' inputs in the full-precision model
+
+Both are K×K with K = in_features. Accumulation is a running mean in float64, so the result does
+not depend on how the tokens were batched beyond rounding, and large token counts do not overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["HessianAccumulator", "damp_hessian", "dead_columns"]
+
+
+class HessianAccumulator:
+    """Running means of X Xᵀ and, when the full-precision stream is given, (X − X̃) Xᵀ."""
+
+    def __init__(self, in_features: int, *, with_r: bool = False, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.count = 0
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.R = torch.zeros_like(self.H) if with_r else None
+
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same tokens."""
+        x = x.reshape(-1, self.in_features).to(self.H)  # [T, K]
+        t = x.shape[0]
+        if t == 0:
+            return
+        total = self.count + t
+        # Running mean: H ← H·n/(n+t) + XᵀX/(n+t).
+        self.H.mul_(self.count / total).addmm_(x.t(), x, alpha=1.0 / total)
+        if self.R is not None:
+            if x_fp is None:
+                raise ValueError("this accumulator tracks R: pass the full-precision inputs x_fp too")
+            dx = x - x_fp.reshape(-1, self.in_features).to(self.H)  # [T, K]
+            self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
+        self.count = total
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(H, R) in float32; H is symmetrized against rounding."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer: H is undefined")
+        H = 0.5 * (self.H + self.H.t())
+        R = None if self.R is None else self.R.float()
+        return H.float(), R
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Boolean [K]: inputs that were always zero (zero variance) in the calibration data."""
+    return torch.diagonal(H) <= 0
+
+
+def damp_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + λI with λ = damp · mean(diag H), and dead inputs given a unit diagonal.
+
+    A dead input has no effect on the output, so its weight may be anything; a unit diagonal keeps
+    H positive definite and lets GPTQ quantize that weight by plain rounding.
+    """
+    H = H.clone()
+    dead = dead_columns(H)
+    H[dead, :] = 0
+    H[:, dead] = 0
+    diag = torch.diagonal(H)
+    diag[dead] = 1
+    live = diag[~dead]
+    lam = damp * (live.mean() if live.numel() else torch.tensor(1.0))
+    diag += lam
+    return H

@@ -1,0 +1,73 @@
+"""`quantization_config`: the JSON that GPTQ tools and vLLM read from a checkpoint.
+
+`config.json["quantization_config"]` and `quantize_config.json` hold the same object:
+
+  {"quant_method": "tsq", "bits": 3, "group_size": 64, "sym": false, "desc_act": false,
+   "checkpoint_format": "gptq", "damp_percent": 0.01, "static_groups": true,
+   "true_sequential": true, "lm_head": false,
+   "tsq": {"stage1": true, "stage2": true, "error_feedback": true, ...}}
+
+The GPTQ fields mean what they mean for AutoGPTQ/GPTQModel; the `tsq` block records how the
+scales were found (stage settings, calibration data, tool version) and is opaque to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .gptq import CHECKPOINT_FORMATS
+from .packing import SUPPORTED_BITS
+
+__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "QuantizationConfig"]
+
+QUANT_METHOD = "tsq"
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    desc_act: bool = False
+    checkpoint_format: str = "gptq"
+    damp_percent: float = 0.01
+    quant_method: str = QUANT_METHOD
+    static_groups: bool = True
+    true_sequential: bool = True
+    lm_head: bool = False
+    tsq: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported: use one of {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size={self.group_size} is not supported: use one of {SUPPORTED_GROUP_SIZES}"
+            )
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"checkpoint_format={self.checkpoint_format!r} is not supported: "
+                f"use one of {CHECKPOINT_FORMATS}"
+            )
+        if not 0.0 <= self.damp_percent < 1.0:
+            raise ValueError(f"damp_percent={self.damp_percent} must lie in [0, 1)")
+        if self.quant_method not in (QUANT_METHOD, "gptq"):
+            raise ValueError(f"quant_method={self.quant_method!r}: expected 'tsq' or 'gptq'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantizationConfig":
+        """Read a tsq or GPTQ `quantization_config`; unknown GPTQ-tool keys are ignored."""
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        # GPTQModel writes "format"; AutoGPTQ may omit it (v1).
+        if "checkpoint_format" not in d and "format" in d:
+            kwargs["checkpoint_format"] = d["format"]
+        if "damp_percent" not in d:
+            kwargs.pop("damp_percent", None)
+        kwargs["group_size"] = int(kwargs.get("group_size", cls.group_size))
+        return cls(**kwargs)

@@ -1,0 +1,157 @@
+"""Quantize one linear layer: the contract every other part of the project goes through.
+
+    qw = quantize_weight(W, H, bits=3, group_size=64, R=R)
+    qw.dequantize()                       # [N_out, K_in], what the quantized layer computes with
+    qw.to_gptq("gptq")                    # the packed checkpoint tensors
+
+Steps, each switchable for ablations:
+  1. grid     stage 1 (clip search scored by H_ii blocks), or min-max / MSE search (plain GPTQ)
+  2. codes    GPTQ on that fixed grid (or round-to-nearest with gptq=False)
+  3. stage 2  coordinate descent on the scales with codes and zeros frozen, with R if given
+Scales are rounded to fp16 after each step that sets them, because the checkpoint stores fp16:
+the objective that is optimized and logged is the one the checkpoint really has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.gptq import gptq_quantize
+from ..core.grid import clip_grid, quantize_codes, search_grid
+from ..core.hessian import damp_hessian, dead_columns
+from ..core.stage2 import layer_objective, refine_scales
+from ..format.gptq import GPTQTensors, pack_linear
+from ..format.packing import check_bits
+
+__all__ = ["QuantizedWeight", "quantize_weight"]
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight in `nn.Linear` orientation.
+
+    codes [N, K] int64, scales [N, n_g] float32 (fp16-representable), zeros [N, n_g] int64,
+    g_idx [K] int64 (group of each input column), plus per-step statistics.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx
+        return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
+
+    def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQTensors:
+        return pack_linear(self.codes, self.scales, self.zeros, self.g_idx, self.bits, checkpoint_format)
+
+
+def _to_fp16(s: torch.Tensor) -> torch.Tensor:
+    # Keep the sign and stay away from fp16 underflow/overflow: the checkpoint stores fp16.
+    return s.clamp(-65504, 65504).half().float()
+
+
+def quantize_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    stage1: bool = True,
+    stage2: bool = True,
+    R: torch.Tensor | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    gptq: bool = True,
+    scale_search: str = "minmax",
+    mse_norm: float = 2.0,
+    clip_points: int = 100,
+    stage2_sweeps: int = 20,
+    zero_min: int = 1,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
+
+    stage1: choose each group's clip by (q − w)ᵀ H_ii (q − w); otherwise `scale_search`
+      ("minmax" or "mse" with exponent `mse_norm`, the plain-GPTQ choices).
+    stage2: refine scales after GPTQ on eq. (7), using R when given.
+    act_order: process columns by decreasing H_jj; groups are formed in that order and g_idx
+      maps every input column to its group (GPTQ `desc_act`).
+    gptq: False rounds to nearest on the grid instead (the RTN baseline).
+    zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
+    """
+    check_bits(bits)
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}")
+    if R is not None and R.shape != (K, K):
+        raise ValueError(f"R has shape {tuple(R.shape)}, expected [{K}, {K}]")
+    if K % group_size:
+        raise ValueError(
+            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
+            f"that divides {K}"
+        )
+    stats: dict[str, float] = {}
+    W0 = W.float()
+    H0 = H.float()
+    Hd = damp_hessian(H0, damp)
+    Wq = W0.clone()
+    Wq[:, dead_columns(H0)] = 0  # dead inputs: the weight is free, zero quantizes exactly
+
+    perm = torch.argsort(torch.diagonal(H0), descending=True, stable=True) if act_order else torch.arange(K)
+    Wp, Hp = Wq[:, perm], Hd[perm][:, perm]  # work in processing order; groups are contiguous there
+    Rp = None if R is None else R.float()[perm][:, perm]
+
+    betas = clip_grid(clip_points)
+    t = time.perf_counter()
+    if stage1:
+        grid = search_grid(Wp, bits, group_size, sym=sym, method="hessian", H=Hp, betas=betas, zero_min=zero_min)
+    else:
+        grid = search_grid(Wp, bits, group_size, sym=sym, method=scale_search, norm=mse_norm, betas=betas, zero_min=zero_min)
+    grid.scale = _to_fp16(grid.scale)
+    stats["time_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if gptq:
+        codes = gptq_quantize(Wp, Hp, grid, group_size, block_size=block_size)
+    else:
+        col_group = torch.arange(K) // group_size
+        codes = quantize_codes(Wp, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
+    stats["time_gptq"] = time.perf_counter() - t
+
+    col_group = torch.arange(K) // group_size  # [K], processing order
+    U = (codes - grid.zero[:, col_group]).float()  # [N, K]
+    Wobj = W0[:, perm]
+    Hobj = H0[perm][:, perm]
+    stats["loss_before_stage2"] = layer_objective(Wobj, grid.scale[:, col_group] * U, Hobj, Rp)
+
+    t = time.perf_counter()
+    scale = grid.scale
+    if stage2:
+        res = refine_scales(Wp, U, grid.scale, Hp, Rp, group_size, max_sweeps=stage2_sweeps)
+        scale = _to_fp16(res.scale)
+        stats["stage2_sweeps"] = len(res.objective) - 1
+    stats["time_stage2"] = time.perf_counter() - t
+    stats["loss"] = layer_objective(Wobj, scale[:, col_group] * U, Hobj, Rp)
+
+    inv = torch.argsort(perm)
+    g_idx = col_group[inv]  # [K]: group of each original column
+    return QuantizedWeight(
+        codes=codes[:, inv].contiguous(),
+        scales=scale.contiguous(),
+        zeros=grid.zero.contiguous(),
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        stats=stats,
+    )
