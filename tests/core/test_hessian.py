@@ -1,0 +1,50 @@
+import torch
+
+from tsq_vllm.core import HessianAccumulator, damp_hessian, dead_columns
+
+
+def test_running_mean_matches_batch_statistics():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 50, 16, generator=g)
+    X_fp = X + 0.1 * torch.randn(3, 50, 16, generator=g)
+    acc = HessianAccumulator(16, with_r=True)
+    for i in range(3):  # uneven batches
+        acc.add(X[i, :7], X_fp[i, :7])
+        acc.add(X[i, 7:], X_fp[i, 7:])
+    H, R = acc.finalize()
+    Xf, Xt = X.reshape(-1, 16).double(), X_fp.reshape(-1, 16).double()
+    torch.testing.assert_close(H.double(), Xf.t() @ Xf / 150, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(R.double(), (Xf - Xt).t() @ Xf / 150, rtol=1e-5, atol=1e-6)
+    assert acc.count == 150
+
+
+def test_r_needs_full_precision_stream():
+    acc = HessianAccumulator(4, with_r=True)
+    try:
+        acc.add(torch.ones(2, 4))
+    except ValueError as e:
+        assert "x_fp" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_empty_accumulator_is_an_error():
+    try:
+        HessianAccumulator(4).finalize()
+    except ValueError as e:
+        assert "no calibration tokens" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_damping_and_dead_columns():
+    X = torch.randn(100, 6)
+    X[:, 2] = 0
+    H = X.t() @ X / 100
+    assert dead_columns(H).tolist() == [False, False, True, False, False, False]
+    Hd = damp_hessian(H, 0.01)
+    assert Hd[2, 2] > 1 and torch.count_nonzero(Hd[2]) == 1
+    torch.linalg.cholesky(Hd)  # positive definite
+    live = torch.tensor([0, 1, 3, 4, 5])
+    lam = 0.01 * torch.diagonal(H)[live].mean()
+    torch.testing.assert_close(torch.diagonal(Hd)[live], torch.diagonal(H)[live] + lam)

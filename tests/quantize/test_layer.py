@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from tsq_vllm.core import layer_objective
+from tsq_vllm.format import dequantize
+from tsq_vllm.quantize import quantize_weight
+
+from ..core.conftest import correlated_inputs
+from ..core.test_stage2 import _streams
+
+VARIANTS = {
+    "rtn": dict(gptq=False, stage1=False, stage2=False),
+    "gptq": dict(stage1=False, stage2=False),
+    "gptq+s1": dict(stage2=False),
+    "gptq+s2": dict(stage1=False),
+    "gptq+s1+s2": dict(),
+}
+
+
+@pytest.fixture(scope="module")
+def correlated_layer():
+    X = correlated_inputs(256, 4096, seed=5)
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(6))
+    return W, X.t() @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
+    W, H = correlated_layer
+    loss = {}
+    for name, kw in VARIANTS.items():
+        qw = quantize_weight(W, H, bits=bits, group_size=group_size, **kw)
+        loss[name] = layer_objective(W, qw.dequantize(), H)
+        assert qw.stats["loss"] == pytest.approx(loss[name], rel=1e-4)
+    assert loss["gptq+s1+s2"] < loss["gptq+s1"]
+    assert loss["gptq+s1+s2"] < loss["gptq+s2"] < loss["gptq"] < loss["rtn"]
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_error_feedback_lowers_the_full_objective(bits, group_size):
+    W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
+    H, R = _streams(K=256, T=4096, noise=0.5)
+    with_r = quantize_weight(W, H, bits=bits, group_size=group_size, R=R)
+    without = quantize_weight(W, H, bits=bits, group_size=group_size)
+    # Same codes (R enters only stage 2), better scales for eq. (7).
+    assert torch.equal(with_r.codes, without.codes)
+    assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(W, without.dequantize(), H, R)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, group_size, act_order):
+    W, H = correlated_layer
+    qw = quantize_weight(W, H, bits=bits, group_size=group_size, act_order=act_order)
+    t = qw.to_gptq("gptq")
+    W_ckpt = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, dtype=torch.float32)  # [K, N]
+    torch.testing.assert_close(W_ckpt.t(), qw.dequantize(), rtol=0, atol=0)
+    counts = torch.bincount(qw.g_idx, minlength=256 // group_size)
+    assert (counts == group_size).all()
+    if not act_order:
+        assert torch.equal(qw.g_idx, torch.arange(256) // group_size)
+
+
+def test_act_order_changes_grouping_and_helps(correlated_layer):
+    W, H = correlated_layer
+    plain = quantize_weight(W, H, bits=3, group_size=64, stage1=False, stage2=False)
+    ordered = quantize_weight(W, H, bits=3, group_size=64, stage1=False, stage2=False, act_order=True)
+    assert not torch.equal(ordered.g_idx, plain.g_idx)
+    assert layer_objective(W, ordered.dequantize(), H) < layer_objective(W, plain.dequantize(), H)
+
+
+def test_dead_inputs_and_v1_zero_points():
+    X = correlated_inputs(64, 512)
+    X[:, 5] = 0
+    W = torch.randn(32, 64)
+    qw = quantize_weight(W, X.t() @ X / 512, bits=2, group_size=32)
+    assert (qw.zeros >= 1).all()
+    assert torch.isfinite(qw.dequantize()).all()
+    assert qw.codes[:, 5].eq(qw.zeros[:, 0]).all()  # a dead input's weight is zeroed, quantized exactly
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(group_size=48), "not a multiple of group_size=48"),
+    (dict(bits=5), "bits=5"),
+])
+def test_bad_arguments(kw, msg):
+    args = dict(bits=3, group_size=32) | kw
+    with pytest.raises(ValueError, match=msg):
+        quantize_weight(torch.randn(4, 64), torch.eye(64), **args)
+    with pytest.raises(ValueError, match="H has shape"):
+        quantize_weight(torch.randn(4, 64), torch.eye(32), bits=3, group_size=32)
