@@ -9,7 +9,7 @@ from tsq_vllm.core import damp_hessian, gptq_quantize, layer_objective, quantize
 def test_identity_hessian_gives_round_to_nearest(bits, group_size):
     W = torch.randn(40, 128)
     grid = search_grid(W, bits, group_size, method="minmax", zero_min=1)
-    codes = gptq_quantize(W, damp_hessian(torch.eye(128), 0.01), grid, group_size, block_size=32)
+    codes, _ = gptq_quantize(W, damp_hessian(torch.eye(128), 0.01), grid, group_size, block_size=32)
     col = torch.arange(128) // group_size
     assert torch.equal(codes, quantize_codes(W, grid.scale[:, col], grid.zero[:, col], bits).long())
 
@@ -20,10 +20,12 @@ def test_gptq_beats_rtn_and_is_block_size_invariant(layer, block_size):
     grid = search_grid(W, 3, 64, method="minmax", zero_min=1)
     col = torch.arange(W.shape[1]) // 64
     s, z = grid.scale[:, col], grid.zero[:, col]
-    codes = gptq_quantize(W, damp_hessian(H, 0.01), grid, 64, block_size=block_size)
-    ref = gptq_quantize(W, damp_hessian(H, 0.01), grid, 64, block_size=64)
+    codes, loss = gptq_quantize(W, damp_hessian(H, 0.01), grid, 64, block_size=block_size)
+    ref, _ = gptq_quantize(W, damp_hessian(H, 0.01), grid, 64, block_size=64)
     # Lazy batching reorders float sums only: codes agree except for rare ties.
     assert (codes != ref).float().mean() < 1e-3
+    # GPTQ's error sum is the damped layer objective, exactly.
+    assert loss == pytest.approx(layer_objective(W, s * (codes - z), damp_hessian(H, 0.01)), rel=1e-4)
     rtn = quantize_codes(W, s, z, 3)
     assert layer_objective(W, s * (codes - z), H) < 0.8 * layer_objective(W, s * (rtn - z), H)
 

@@ -8,7 +8,7 @@ from .conftest import correlated_inputs
 
 def _gptq_state(W, H, bits, group_size):
     grid = search_grid(W, bits, group_size, method="minmax", zero_min=1)
-    codes = gptq_quantize(W, damp_hessian(H, 0.01), grid, group_size)
+    codes, _ = gptq_quantize(W, damp_hessian(H, 0.01), grid, group_size)
     col = torch.arange(W.shape[1]) // group_size
     return grid, (codes - grid.zero[:, col]).float(), col
 

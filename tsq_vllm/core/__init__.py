@@ -3,7 +3,7 @@
 from .gptq import gptq_quantize, inverse_hessian_factor
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
 from .hessian import HessianAccumulator, damp_hessian, dead_columns
-from .stage2 import Stage2Result, layer_objective, refine_scales, scale_system
+from .stage2 import Stage2Result, layer_objective, objective, refine_scales, scale_system
 
 __all__ = [
     "Grid",
@@ -17,6 +17,7 @@ __all__ = [
     "gptq_quantize",
     "inverse_hessian_factor",
     "layer_objective",
+    "objective",
     "quantize_codes",
     "refine_scales",
     "scale_system",

@@ -37,16 +37,19 @@ def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
 
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int, *, block_size: int = 128
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """Integer codes [N, K] for W [N, K] on the fixed grid, minimizing (q − w)ᵀ H (q − w) per row.
 
     H must already be damped (see `damp_hessian`). Column j belongs to group j // group_size.
+    Also returns Σ Err², which equals Σ_rows (q − w)ᵀ H (q − w) exactly for the H given: the
+    Cholesky factor splits the quadratic form into one independent square per column.
     """
     W = W.float().clone()
     N, K = W.shape
     maxq = grid.maxq
     Hinv = inverse_hessian_factor(H)
     codes = torch.zeros(N, K, dtype=torch.float32)
+    loss = 0.0
     scale = grid.scale.float()  # [N, n_g]
     zero = grid.zero.float()
 
@@ -66,5 +69,6 @@ def gptq_quantize(
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        loss += float(Err1.square().sum())
 
-    return codes.to(torch.int64)
+    return codes.to(torch.int64), loss

@@ -76,12 +76,25 @@ def clip_grid(points: int = 100, lowest: float = 0.2) -> torch.Tensor:
 
 
 def _group_error(D: torch.Tensor, Hb: torch.Tensor | None, norm: float) -> torch.Tensor:
-    """Error of each (row, group) from deviations D = q − w [N, n_g, g]."""
+    """Error of each (group, row) from deviations D = q − w [n_g, N, g]."""
     if Hb is None:
-        return D.abs().pow(norm).sum(-1)  # [N, n_g]
-    # dᵀ H_ii d for every row at once: one batched [N, g] @ [g, g] product per group.
-    DH = torch.bmm(D.transpose(0, 1), Hb).transpose(0, 1)  # [N, n_g, g]
-    return (DH * D).sum(-1)
+        return D.abs_().pow_(norm).sum(-1)  # [n_g, N]
+    # dᵀ H_ii d for every row at once: one [N, g] @ [g, g] product per group.
+    return torch.bmm(D, Hb).mul_(D).sum(-1)
+
+
+def _candidate_error(Wg, bits, sym, beta, zero_min, Hb, norm, chunk: int = 256):
+    """Grid and error of one clip ratio (scalar or per (group, row)), rows in cache-sized chunks."""
+    cand = fit_grid(Wg, bits, sym=sym, beta=beta, zero_min=zero_min)
+    maxq = (1 << bits) - 1
+    s, z = cand.scale[..., None], cand.zero[..., None].float()  # [n_g, N, 1]
+    errs = []
+    for r in range(0, Wg.shape[1], chunk):
+        w, sc, zc = Wg[:, r : r + chunk], s[:, r : r + chunk], z[:, r : r + chunk]
+        # q − w = s·(clamp(round(w/s) + z, 0, maxq) − z) − w, in place on one buffer
+        D = torch.div(w, sc).round_().add_(zc).clamp_(0, maxq).sub_(zc).mul_(sc).sub_(w)
+        errs.append(_group_error(D, Hb, norm))
+    return cand, torch.cat(errs, dim=1)
 
 
 def search_grid(
@@ -93,35 +106,51 @@ def search_grid(
     method: str = "minmax",
     H: torch.Tensor | None = None,
     norm: float = 2.0,
-    betas: torch.Tensor | None = None,
+    points: int = 100,
+    coarse: int | None = 20,
     zero_min: int = 0,
 ) -> Grid:
     """Choose a grid for W [N, K] by `method` in {"minmax", "mse", "hessian"}.
 
-    "hessian" is stage 1 and needs H [K, K]; the other two ignore H.
+    "hessian" is stage 1 and needs H [K, K]; the other two ignore H. The clip ratio is searched on
+    a grid of `points` values in [0.2, 1]: exhaustively when `coarse` is None, otherwise on every
+    (points/coarse)-th value first and then on the fine values between each group's best coarse
+    neighbours, about 3.5x fewer evaluations at the same resolution.
     """
-    Wg = _grouped(W.float(), group_size)  # [N, n_g, g]
     if method == "minmax":
-        return fit_grid(Wg, bits, sym=sym, zero_min=zero_min)
+        return fit_grid(_grouped(W.float(), group_size), bits, sym=sym, zero_min=zero_min)
     if method not in ("mse", "hessian"):
         raise ValueError(f"scale search method={method!r}: use 'minmax', 'mse' or 'hessian'")
+    # Group-major layout [n_g, N, g] makes the per-group H_ii products plain batched GEMMs.
+    Wg = _grouped(W.float(), group_size).transpose(0, 1).contiguous()  # [n_g, N, g]
     Hb = None
     if method == "hessian":
         if H is None:
             raise ValueError("the hessian scale search (stage 1) needs H")
-        n_g = Wg.shape[1]
+        n_g = Wg.shape[0]
         idx = torch.arange(n_g * group_size).reshape(n_g, group_size)  # [n_g, g]
         Hb = H.float()[idx[:, :, None], idx[:, None, :]]  # [n_g, g, g] diagonal blocks
-    betas = clip_grid() if betas is None else betas
-    best = fit_grid(Wg, bits, sym=sym, zero_min=zero_min)
-    best_err = torch.full(best.scale.shape, float("inf"))
-    for beta in betas.tolist():
-        cand = fit_grid(Wg, bits, sym=sym, beta=beta, zero_min=zero_min)
-        s, z = cand.scale[..., None], cand.zero[..., None]
-        D = dequantize_codes(quantize_codes(Wg, s, z, bits), s, z) - Wg
-        err = _group_error(D, Hb, norm)
+    betas = clip_grid(points)
+    step = 1 if coarse is None else max(1, points // coarse)
+
+    best, best_err = _candidate_error(Wg, bits, sym, 1.0, zero_min, Hb, norm)
+    best_idx = torch.zeros(best_err.shape, dtype=torch.long)
+
+    def consider(idx: torch.Tensor) -> None:
+        nonlocal best_err
+        cand, err = _candidate_error(Wg, bits, sym, betas[idx], zero_min, Hb, norm)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best.scale = torch.where(better, cand.scale, best.scale)
         best.zero = torch.where(better, cand.zero, best.zero)
+        best_idx.copy_(torch.where(better, idx, best_idx))
+
+    for i in range(step, points, step):
+        consider(torch.full_like(best_idx, i))
+    if step > 1:
+        center = best_idx.clone()
+        for offset in [o for o in range(1 - step, step) if o]:
+            consider((center + offset).clamp(0, points - 1))
+    best.scale = best.scale.transpose(0, 1).contiguous()  # [N, n_g]
+    best.zero = best.zero.transpose(0, 1).contiguous()
     return best

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.gptq import gptq_quantize
-from ..core.grid import clip_grid, quantize_codes, search_grid
+from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
-from ..core.stage2 import layer_objective, refine_scales
+from ..core.stage2 import layer_objective, objective, refine_scales, scale_system
 from ..format.gptq import GPTQTensors, pack_linear
 from ..format.packing import check_bits
 
@@ -82,12 +82,14 @@ def quantize_weight(
     """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 
     stage1: choose each group's clip by (q − w)ᵀ H_ii (q − w); otherwise `scale_search`
-      ("minmax" or "mse" with exponent `mse_norm`, the plain-GPTQ choices).
-    stage2: refine scales after GPTQ on eq. (7), using R when given.
+      ("minmax", or "mse" with exponent `mse_norm`: the plain-GPTQ choices).
+    stage2: refine the scales after GPTQ on eq. (7), with R when given.
     act_order: process columns by decreasing H_jj; groups are formed in that order and g_idx
       maps every input column to its group (GPTQ `desc_act`).
     gptq: False rounds to nearest on the grid instead (the RTN baseline).
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
+    stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
+      "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps".
     """
     check_bits(bits)
     N, K = W.shape
@@ -101,55 +103,59 @@ def quantize_weight(
             f"that divides {K}"
         )
     stats: dict[str, float] = {}
-    W0 = W.float()
-    H0 = H.float()
-    Hd = damp_hessian(H0, damp)
-    Wq = W0.clone()
-    Wq[:, dead_columns(H0)] = 0  # dead inputs: the weight is free, zero quantizes exactly
+    H = H.float()
+    # Work in processing order, where groups are contiguous column ranges.
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(K)
+    W = W.float()[:, perm]  # [N, K]
+    H = H[perm][:, perm]
+    R = None if R is None else R.float()[perm][:, perm]
+    Hd = damp_hessian(H, damp)
+    Wq = W.clone()
+    Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
-    perm = torch.argsort(torch.diagonal(H0), descending=True, stable=True) if act_order else torch.arange(K)
-    Wp, Hp = Wq[:, perm], Hd[perm][:, perm]  # work in processing order; groups are contiguous there
-    Rp = None if R is None else R.float()[perm][:, perm]
-
-    betas = clip_grid(clip_points)
     t = time.perf_counter()
-    if stage1:
-        grid = search_grid(Wp, bits, group_size, sym=sym, method="hessian", H=Hp, betas=betas, zero_min=zero_min)
-    else:
-        grid = search_grid(Wp, bits, group_size, sym=sym, method=scale_search, norm=mse_norm, betas=betas, zero_min=zero_min)
+    method = "hessian" if stage1 else scale_search
+    grid = search_grid(Wq, bits, group_size, sym=sym, method=method, H=Hd, norm=mse_norm,
+                       points=clip_points, zero_min=zero_min)
     grid.scale = _to_fp16(grid.scale)
     stats["time_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    col_group = torch.arange(K) // group_size  # [K]
     if gptq:
-        codes = gptq_quantize(Wp, Hp, grid, group_size, block_size=block_size)
+        codes, loss_damped = gptq_quantize(Wq, Hd, grid, group_size, block_size=block_size)
     else:
-        col_group = torch.arange(K) // group_size
-        codes = quantize_codes(Wp, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
+        codes = quantize_codes(Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
     stats["time_gptq"] = time.perf_counter() - t
 
-    col_group = torch.arange(K) // group_size  # [K], processing order
-    U = (codes - grid.zero[:, col_group]).float()  # [N, K]
-    Wobj = W0[:, perm]
-    Hobj = H0[perm][:, perm]
-    stats["loss_before_stage2"] = layer_objective(Wobj, grid.scale[:, col_group] * U, Hobj, Rp)
-
     t = time.perf_counter()
+    U = (codes - grid.zero[:, col_group]).float()  # [N, K] frozen integer weights
     scale = grid.scale
     if stage2:
-        res = refine_scales(Wp, U, grid.scale, Hp, Rp, group_size, max_sweeps=stage2_sweeps)
+        # Stage 2 targets the true objective (undamped H); it needs no inverse.
+        system = scale_system(W, U, H, R, group_size)
+        res = refine_scales(W, U, grid.scale, H, R, group_size, max_sweeps=stage2_sweeps, system=system)
         scale = _to_fp16(res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
+        stats["loss_gptq"] = res.objective[0]
+        stats["loss"] = objective(*system, scale.double())
+    elif gptq:
+        # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
+        D = scale[:, col_group] * U - Wq  # [N, K]
+        loss = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ D.square().sum(0))
+        if R is not None:
+            loss += 2 * float(((W @ R) * D).sum())
+        stats["loss_gptq"] = stats["loss"] = loss
+    else:
+        stats["loss_gptq"] = stats["loss"] = layer_objective(W, scale[:, col_group] * U, H, R, dtype=torch.float32)
     stats["time_stage2"] = time.perf_counter() - t
-    stats["loss"] = layer_objective(Wobj, scale[:, col_group] * U, Hobj, Rp)
 
     inv = torch.argsort(perm)
-    g_idx = col_group[inv]  # [K]: group of each original column
     return QuantizedWeight(
         codes=codes[:, inv].contiguous(),
         scales=scale.contiguous(),
         zeros=grid.zero.contiguous(),
-        g_idx=g_idx,
+        g_idx=col_group[inv],  # group of each original input column
         bits=bits,
         group_size=group_size,
         sym=sym,
