@@ -1,0 +1,372 @@
+"""End to end on tiny random models: quantize → checkpoint → independent unpack → reload.
+
+The bit unpacking here is written from DESIGN.md section 3 (a little-endian bit stream along K
+for qweight and along N for qzeros), deliberately not through tsq_vllm.format, so a bug shared by
+the packer and its own unpacker cannot pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tsq_vllm
+from tests.helpers import make_tiny_model
+from tsq_vllm.quantize.options import QuantizeOptions
+from tsq_vllm.quantize.run import run_quantization
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: thread start-up costs more than it saves, and CI cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": make_tiny_model(root / "llama", "llama"),
+        "qwen2": make_tiny_model(root / "qwen2", "qwen2"),
+        "mistral": make_tiny_model(root / "mistral", "mistral"),
+        "qwen2-bf16": make_tiny_model(root / "qwen2-bf16", "qwen2", dtype=torch.bfloat16),
+    }
+
+
+def opts_for(model_dir: Path, output: Path, **kw) -> QuantizeOptions:
+    base = dict(model=str(model_dir), output=str(output), calib=f"text:{model_dir}/calib.txt",
+                nsamples=8, seqlen=64, batch_size=4, clip_points=20)
+    return QuantizeOptions(**{**base, **kw})
+
+
+def unpack_stream(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Values [count, ...] from int32 words [n_words, ...] holding a low-bits-first bit stream along axis 0."""
+    w = words.astype(np.int64) & 0xFFFFFFFF
+    w = np.concatenate([w, np.zeros_like(w[:1])])  # a zero word past the end for straddling reads
+    pos = np.arange(count) * bits
+    word, shift = pos // 32, pos % 32
+    lo = w[word] >> shift[:, None]
+    hi = w[word + 1] << (32 - shift)[:, None]  # only matters where shift + bits > 32
+    return (lo | np.where((shift + bits > 32)[:, None], hi, 0)) & ((1 << bits) - 1)
+
+
+def reference_weight(t: dict[str, torch.Tensor], prefix: str, bits: int, fmt: str) -> torch.Tensor:
+    """W [N, K] decoded from the checkpoint tensors of one linear, by the layout spec."""
+    qweight = t[f"{prefix}.qweight"].numpy()  # [K·b/32, N]
+    qzeros = t[f"{prefix}.qzeros"].numpy()  # [n_g, N·b/32]
+    scales = t[f"{prefix}.scales"].float()  # [n_g, N]
+    g_idx = t[f"{prefix}.g_idx"].long()  # [K]
+    K, N = g_idx.numel(), qweight.shape[1]
+    codes = torch.from_numpy(unpack_stream(qweight, bits, K))  # [K, N]
+    zeros = torch.from_numpy(unpack_stream(qzeros.T, bits, N)).T  # [n_g, N]
+    zeros = zeros + (1 if fmt == "gptq" else 0)
+    return (scales[g_idx] * (codes - zeros[g_idx]).float()).t()  # [N, K]
+
+
+def linear_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+
+
+def read_checkpoint(out: Path) -> dict[str, torch.Tensor]:
+    index = out / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(out / f))
+    return tensors
+
+
+CASES = [
+    ("llama", dict(bits=3, group_size=32)),
+    ("qwen2", dict(bits=4, group_size=64, checkpoint_format="gptq_v2")),
+    ("mistral", dict(bits=2, group_size=32, act_order=True, max_shard_size="200KB")),
+    ("qwen2-bf16", dict(bits=8, group_size=128, sym=True)),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] + "-int" + str(c[1]["bits"]) for c in CASES])
+def test_end_to_end(models, tmp_path, name, kw):
+    src = models[name]
+    job = run_quantization(opts_for(src, tmp_path / "out", **kw))
+    out, bits, fmt = job.output, kw["bits"], kw.get("checkpoint_format", "gptq")
+    tensors = read_checkpoint(out)
+    prefixes = linear_prefixes(tensors)
+    assert len(prefixes) == 14 and prefixes == sorted(job.result.packed)
+
+    source = load_file(src / "model.safetensors")
+    for prefix in prefixes:
+        assert f"{prefix}.weight" not in tensors
+        assert (f"{prefix}.bias" in tensors) == (f"{prefix}.bias" in source)  # qwen2 has q/k/v biases
+        assert tensors[f"{prefix}.scales"].dtype == torch.float16
+        W = reference_weight(tensors, prefix, bits, fmt)
+        in_memory = job.model.get_submodule(prefix).weight  # in the model's dtype
+        torch.testing.assert_close(in_memory, W.to(in_memory.dtype), rtol=0, atol=0)
+        if not kw.get("act_order"):
+            assert torch.equal(tensors[f"{prefix}.g_idx"].long(), torch.arange(W.shape[1]) // kw["group_size"])
+    for key, value in source.items():  # embeddings, norms, lm_head: untouched, in their dtype
+        if not key.rpartition(".")[0] in prefixes:
+            assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((out / "quantize_config.json").read_text())
+    assert config["dtype"] == str(source["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).is_file(), f
+    if "max_shard_size" in kw:
+        assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+
+    reloaded = tsq_vllm.load_quantized(out)
+    ids = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = job.model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    assert type(reloaded.get_submodule(prefixes[0])).__name__ == "QuantLinear"
+    tol = 1e-5 if expected.dtype == torch.float32 else 2e-2  # bf16 matmuls may take other kernels
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def checkpoint_digest(out: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())}
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(models, tmp_path):
+    src = models["llama"]
+    a = run_quantization(opts_for(src, tmp_path / "a")).output
+    b = run_quantization(opts_for(src, tmp_path / "b")).output
+    c = run_quantization(opts_for(src, tmp_path / "c", seed=1)).output
+    assert checkpoint_digest(a) == checkpoint_digest(b)
+    assert checkpoint_digest(a)["model.safetensors"] != checkpoint_digest(c)["model.safetensors"]
+
+
+def test_tsq_block_records_the_run(models, tmp_path):
+    src = models["llama"]
+    out = run_quantization(opts_for(src, tmp_path / "o", bits=4, group_size=32, seed=7, damp=0.02)).output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
+        "quant_method": "tsq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False, "checkpoint_format": "gptq"}
+    assert qc["damp_percent"] == 0.02
+    tsq = qc["tsq"]
+    assert tsq["stage1"] is True and tsq["stage2"] is True and tsq["error_feedback"] is True
+    assert tsq["scale_search"] == "hessian" and tsq["version"] == tsq_vllm.__version__
+    assert tsq["calibration"] == {"dataset": f"text:{src}/calib.txt", "nsamples": 8, "seqlen": 64, "seed": 7}
+
+
+def test_ablation_switches_change_the_checkpoint(models, tmp_path):
+    src = models["llama"]
+    runs = {
+        "full": {},
+        "no_stage2": dict(stage2=False),
+        "no_r": dict(error_feedback=False),
+        "no_stage1": dict(stage1=False, stage2=False),
+        "rtn": dict(stage1=False, stage2=False, gptq=False),
+    }
+    t = {}
+    for name, kw in runs.items():
+        out = run_quantization(opts_for(src, tmp_path / name, **kw)).output
+        t[name] = (load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())["quantization_config"]["tsq"])
+    full, _ = t["full"]
+    prefixes = linear_prefixes(full)
+
+    def differs(a, b, leaf):
+        return [p for p in prefixes if not torch.equal(a[f"{p}.{leaf}"], b[f"{p}.{leaf}"])]
+
+    # Stage 2 moves only the scales, so the first group (same H, same grid) keeps its codes; later
+    # groups see other activations and get other codes. Every linear's scales change.
+    first = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    no2, tsq = t["no_stage2"]
+    assert not set(first) & set(differs(full, no2, "qweight"))
+    assert differs(full, no2, "scales") == prefixes
+    assert tsq["stage2"] is False and tsq["error_feedback"] is False
+    # R is zero for the first layer's q/k/v (both streams are the embeddings), nonzero after.
+    no_r, tsq = t["no_r"]
+    changed = differs(full, no_r, "scales")
+    assert "model.layers.0.self_attn.q_proj" not in changed and "model.layers.1.mlp.down_proj" in changed
+    assert tsq["error_feedback"] is False
+    no1, tsq = t["no_stage1"]
+    assert differs(no2, no1, "scales") and tsq["scale_search"] == "minmax"
+    rtn, tsq = t["rtn"]
+    assert differs(no1, rtn, "qweight") and tsq["gptq"] is False
+
+
+def test_stage2_lowers_every_logged_loss(models, tmp_path):
+    job = run_quantization(opts_for(models["qwen2"], tmp_path / "o"))
+    for name, st in job.result.stats.items():
+        assert st["loss"] <= st["loss_gptq"] + 1e-6 * abs(st["loss_gptq"]), name
+        assert {"time_grid", "time_gptq", "time_stage2"} <= set(st)
+
+
+def test_overwrite_replaces_a_checkpoint_completely(models, tmp_path):
+    out = tmp_path / "o"
+    run_quantization(opts_for(models["llama"], out, bits=4, group_size=32))
+    (out / "stale.txt").write_text("from an older run")
+    run_quantization(opts_for(models["llama"], out, bits=3, group_size=32, overwrite=True))
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no partial or old directories
+
+
+def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
+    from safetensors.torch import save_file
+
+    out = run_quantization(opts_for(models["llama"], tmp_path / "o", bits=4, group_size=32)).output
+    good = load_file(out / "model.safetensors")
+    prefix = "model.layers.1.mlp.up_proj"
+
+    bad = dict(good)
+    bad[f"{prefix}.qweight"] = good[f"{prefix}.qweight"][:-1].contiguous()
+    save_file(bad, out / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}.qweight is torch.int32 \[15, 256\]"):
+        tsq_vllm.load_quantized(out)
+
+    bad = {k: v for k, v in good.items() if k != f"{prefix}.g_idx"}
+    save_file(bad, out / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{prefix} lacks g_idx"):
+        tsq_vllm.load_quantized(out)
+
+    bad = {k: v for k, v in good.items() if k != "model.norm.weight"}
+    save_file(bad, out / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['model.norm.weight'\]"):
+        tsq_vllm.load_quantized(out)
+
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt checkpoint: cannot read model.safetensors"):
+        tsq_vllm.load_quantized(out)
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="bits=5 is not supported"):
+        tsq_vllm.load_quantized(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_linears_grouped_by_shared_input_in_execution_order(models, arch):
+    from transformers import AutoModelForCausalLM
+
+    from tsq_vllm.quantize.pipeline import _record_layer_calls, input_groups
+
+    model = AutoModelForCausalLM.from_pretrained(models[arch]).eval()
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, calls = _record_layer_calls(model, model.model.layers, ids, 2, torch.device("cpu"))
+        groups = input_groups(model.model.layers[1], hidden[0], calls[1][0])
+    assert groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+def _gemma3_sliding_then_full():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _llama(models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+
+
+@pytest.mark.parametrize("build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"])
+def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
+    """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.
+
+    In the final quantized model, a linear's input depends only on linears that ran before it, all
+    of which the pipeline had quantized by then: its inputs there are the quantized stream X. The
+    untouched source model gives the full-precision stream X̃. Gemma 3 with a sliding-window layer
+    before a full-attention one checks that every layer gets its own attention mask.
+    """
+    from tsq_vllm.quantize import pipeline
+
+    seen = []
+    real = pipeline.quantize_weight
+
+    def spy(W, H, **kw):
+        seen.append((H.clone(), kw["R"].clone()))
+        return real(W, H, **kw)
+
+    monkeypatch.setattr(pipeline, "quantize_weight", spy)
+    fp, model = build(models), build(models)
+    ids = torch.randint(0, 384, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = pipeline.quantize_model(model, ids, opts_for(models["llama"], models["llama"] / "unused"))
+    names = list(result.packed)  # in the order the pipeline quantized them
+
+    def linear_inputs(m):
+        xs = {}
+        hooks = [
+            m.get_submodule(n).register_forward_pre_hook(
+                lambda _m, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double())  # [T, K]
+            )
+            for n in names
+        ]
+        with torch.no_grad():
+            m(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        return xs
+
+    xq, xf = linear_inputs(model), linear_inputs(fp)
+    assert len(seen) == len(names) == 14
+    for name, (H, R) in zip(names, seen):
+        X, Xf = xq[name], xf[name]
+        scale = float(H.abs().max())
+        torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale)
+    assert torch.count_nonzero(seen[0][1]) == 0  # layer 0 q/k/v: both streams are the embeddings
+    assert float(seen[-1][1].abs().max()) > 1e-3 * float(seen[-1][0].abs().max())
+
+
+def test_fused_projections_and_reload(tmp_path):
+    """Phi-3 fuses q/k/v and gate/up into one linear each: groups follow the modules, not names."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from tsq_vllm.quantize.checkpoint import save_quantized
+    from tsq_vllm.quantize.pipeline import quantize_model
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    opts = opts_for(tmp_path, tmp_path / "out", bits=4, group_size=32)
+    result = quantize_model(model, ids, opts)
+    assert sorted({n.rsplit(".", 1)[1] for n in result.packed}) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    out = save_quantized(model, result.packed, opts.quantization_config(model_source="phi3", tool_version="t"),
+                         opts.output)
+    with torch.no_grad():
+        torch.testing.assert_close(tsq_vllm.load_quantized(out)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_recomputing_the_fp_stream_gives_the_same_result_as_keeping_it(models):
+    """The memory-bounded fallback (FP copy of the layer, recomputed per group) is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from tsq_vllm.quantize.pipeline import quantize_model
+
+    src = models["qwen2"]
+    opts = opts_for(src, src / "unused")
+    ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(3))
+    kept, recomputed = (
+        quantize_model(AutoModelForCausalLM.from_pretrained(src).eval(), ids, opts, fp_cache_bytes=budget)
+        for budget in (2**30, 0)
+    )
+    assert list(kept.packed) == list(recomputed.packed)
+    for name, t in kept.packed.items():
+        for leaf, value in t.as_dict(name).items():
+            assert torch.equal(value, recomputed.packed[name].as_dict(name)[leaf]), leaf

@@ -1,0 +1,91 @@
+"""`python -m tsq_vllm.quantize`: quantize a causal LM and write a GPTQ-compatible checkpoint.
+
+    python -m tsq_vllm.quantize --model smollm2 --bits 3 --group-size 64 --output ./smollm2-tsq-int3
+
+Exit status: 0 only when the complete checkpoint is in place; 2 for bad input (one line on
+stderr, checked before any model weights are read); 1 when quantizing or writing fails. On any
+failure nothing is left at --output, and an existing checkpoint there is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any, NoReturn, Sequence
+
+from .options import QuantizeOptions, flag_of
+from .run import UsageError, run_quantization
+
+__all__ = ["build_parser", "main"]
+
+PROG = "python -m tsq_vllm.quantize"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, generated from `QuantizeOptions` so every flag is a field and shares its help."""
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default, meta in QuantizeOptions.field_specs():
+        flag = flag_of(name, default)
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=meta["help"])
+            continue
+        kind = float if isinstance(default, float) else int if isinstance(default, int) else str
+        choices = meta.get("choices")
+        # Choices are checked by QuantizeOptions, whose message names the fix; argparse's would not.
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
+        p.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar, help=meta["help"])
+    return p
+
+
+def _interrupt(signum: int, _frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        opts = QuantizeOptions(**vars(build_parser().parse_args(argv)))
+    except ValueError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keeps a bad-input run to the one error line
+    # A plain `kill` should clean up like Ctrl-C does: the writer removes its partial directory.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with logging_redirect_tqdm():
+            s = run_quantization(opts, progress=True).summary
+    except UsageError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(
+        f"wrote {s['output']}: {s['linears']} linears, {s['bytes'] / 2**20:.1f} MiB, {s['tokens']} calibration "
+        f"tokens; load {s['load_seconds']:.0f}s, quantize {s['quantize_seconds']:.0f}s, write "
+        f"{s['write_seconds']:.0f}s, total {s['total_seconds']:.0f}s; peak RSS {s['peak_rss_mib']:.0f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Writing and reading GPTQ-layout checkpoints (DESIGN.md section 3).
+
+`save_quantized` writes into a temporary directory beside the output and renames it into place
+only when everything is written, so a crash or a bad tensor never leaves a half checkpoint
+behind, and an existing checkpoint is replaced only by a complete one.
+
+`load_quantized` rebuilds the transformers model from config.json without reading or
+initializing dense weights for the quantized linears, swaps those linears for `QuantLinear`
+(which keeps the packed tensors and dequantizes with the torch reference), and loads every
+tensor from safetensors files only: pickled `.bin` weights are never opened.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..format.config import QUANT_METHOD, QuantizationConfig
+from ..format.gptq import GPTQTensors, dequantize
+
+__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors"]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer stored as GPTQ tensors; each forward decodes W with the torch reference."""
+
+    def __init__(
+        self,
+        tensors: GPTQTensors,
+        bias: torch.Tensor | None,
+        *,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        checkpoint_format: str,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.checkpoint_format = bits, checkpoint_format
+        for name in _PACKED:
+            self.register_buffer(name, getattr(tensors, name))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W in nn.Linear orientation [N, K]."""
+        w = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format,
+                       dtype=dtype or torch.float32)  # [K, N]
+        return w.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}")
+
+
+def _check_packed(prefix: str, t: GPTQTensors, k: int, n: int, bits: int, group_size: int) -> None:
+    """Shapes and dtypes of one layer's tensors against its nn.Linear and the config."""
+    if k % group_size or (k * bits) % 32 or (n * bits) % 32:
+        raise ValueError(f"corrupt checkpoint: {prefix} shape [{n}, {k}] cannot hold {bits}-bit group {group_size} tensors")
+    n_g = k // group_size
+    expected = {
+        "qweight": ((k * bits // 32, n), (torch.int32,)),
+        "qzeros": ((n_g, n * bits // 32), (torch.int32,)),
+        "scales": ((n_g, n), (torch.float16, torch.bfloat16, torch.float32)),
+        "g_idx": ((k,), (torch.int32, torch.int64)),
+    }
+    for name, (shape, dtypes) in expected.items():
+        got = getattr(t, name)
+        if tuple(got.shape) != shape or got.dtype not in dtypes:
+            raise ValueError(
+                f"corrupt checkpoint: {prefix}.{name} is {got.dtype} {list(got.shape)}, expected "
+                f"{dtypes[0]} {list(shape)} for a {bits}-bit, group {group_size} layer with in_features={k}, "
+                f"out_features={n}; re-quantize or fix the config"
+            )
+    if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= n_g):
+        raise ValueError(f"corrupt checkpoint: {prefix}.g_idx has groups outside [0, {n_g})")
+
+
+def _tied_targets(model: nn.Module) -> set[str]:
+    """State-dict keys that transformers ties to another key (lm_head.weight to the embeddings)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not tied and out_emb is not None and getattr(model.config, "tie_word_embeddings", False):
+        # transformers 4.x has no all_tied_weights_keys: the output embedding is the tied one.
+        tied = {f"{name}.weight" for name, m in model.named_modules() if m is out_emb}
+    return tied
+
+
+def checkpoint_tensors(model: nn.Module, packed: dict[str, GPTQTensors]) -> dict[str, torch.Tensor]:
+    """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
+    out: dict[str, torch.Tensor] = {}
+    tied = _tied_targets(model)
+    seen: dict[tuple[int, int], str] = {}
+    for key, value in model.state_dict().items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in packed and leaf == "weight":
+            continue  # the packed tensors replace it
+        storage = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if key in tied and storage in seen:
+            continue  # tied to a tensor already written; the loader re-ties it
+        seen.setdefault(storage, key)
+        # clone() also breaks any other storage sharing, which safetensors refuses.
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    for prefix, t in packed.items():
+        out.update({k: v.contiguous() for k, v in t.as_dict(prefix).items()})
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    return shards
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> list[str]:
+    from safetensors.torch import save_file
+
+    shards = _shards(tensors, max_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return [WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to touch an existing output unless asked to replace it."""
+    if output.exists() and not overwrite:
+        raise ValueError(f"--output {str(output)!r} already exists: pass --overwrite to replace it or pick another path")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file, not a directory: remove it or pick another path")
+
+
+def save_quantized(
+    model: nn.Module,
+    packed: dict[str, GPTQTensors],
+    qconfig: QuantizationConfig,
+    output: str | Path,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 4 * 10**9,
+) -> Path:
+    """Write `model` with its linears in `packed` replaced by GPTQ tensors; returns the output path."""
+    output = Path(output).expanduser().absolute()
+    check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(output, "partial")
+    try:
+        _write_weights(checkpoint_tensors(model, packed), tmp, max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = qconfig.to_dict()
+        config.dtype = model.dtype  # what the unquantized tensors were written in
+        # GGUF-derived configs lack it, and vLLM picks the model class by it.
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _normal_permissions(tmp)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A new, hidden, uniquely named directory beside `path` (same filesystem, so renames are atomic)."""
+    # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary permissions.
+    d = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
+    d.mkdir()
+    return d
+
+
+def _normal_permissions(directory: Path) -> None:
+    """Give every written file the umask's mode: safetensors creates its files owner-only (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory into place; an old `dst` is removed only after the move."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = _sibling(dst, "old")
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
+    """The checkpoint's quantization_config if it is a tsq or GPTQ checkpoint, else None."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt checkpoint: {cfg_file} is not valid JSON ({e})") from e
+    if not isinstance(qc, dict) or qc.get("quant_method") not in (QUANT_METHOD, "gptq"):
+        return None
+    try:
+        return QuantizationConfig.from_dict(qc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint: quantization_config in {cfg_file}: {e}") from e
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"corrupt checkpoint: {index} has no readable weight_map ({e})") from e
+        return [path / n for n in names]
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    raise ValueError(
+        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can be loaded"
+    )
+
+
+def _read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"corrupt checkpoint: shard {f.name} named in the index is missing")
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"corrupt checkpoint: cannot read {f.name} ({e}); re-download or re-quantize") from e
+    return tensors
+
+
+def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A transformers causal LM from a tsq/GPTQ checkpoint, quantized linears as `QuantLinear`.
+
+    Every quantized linear's tensors are checked against its shape, bits and group size, and every
+    other tensor must match the model; anything else raises ValueError naming the tensor.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a directory")
+    qc = read_quantization_config(path)
+    if qc is None:
+        raise ValueError(f"{str(path)!r} is not a quantized checkpoint: config.json has no tsq/gptq quantization_config")
+    tensors = _read_tensors(_weight_files(path))
+    config = AutoConfig.from_pretrained(path)
+    # transformers would look for a quantizer named "tsq"; the linears are swapped in below instead.
+    del config.quantization_config
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not prefixes:
+        raise ValueError(f"corrupt checkpoint: {str(path)!r} has no .qweight tensors")
+    for prefix in prefixes:
+        try:
+            lin = model.get_submodule(prefix)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this model")
+        missing = [n for n in _PACKED if f"{prefix}.{n}" not in tensors]
+        if missing:
+            raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
+        t = GPTQTensors(*(tensors.pop(f"{prefix}.{n}") for n in _PACKED))
+        _check_packed(prefix, t, lin.in_features, lin.out_features, qc.bits, qc.group_size)
+        bias = tensors.pop(f"{prefix}.bias", None)
+        if (bias is None) != (lin.bias is None):
+            raise ValueError(f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}")
+        if bias is not None and tuple(bias.shape) != (lin.out_features,):
+            raise ValueError(f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected [{lin.out_features}]")
+        t.g_idx = t.g_idx.to(torch.int32)
+        quant = QuantLinear(t, None if bias is None else bias.to(lin.bias.dtype), in_features=lin.in_features,
+                            out_features=lin.out_features, bits=qc.bits, checkpoint_format=qc.checkpoint_format)
+        model.set_submodule(prefix, quant)
+
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"corrupt checkpoint: {str(e).strip().splitlines()[-1].strip()}") from e
+    quantized = tuple(f"{p}." for p in prefixes)
+    tied = _tied_targets(model)
+    missing = [k for k in result.missing_keys if not k.startswith(quantized) and k not in tied]
+    if missing:
+        raise ValueError(f"corrupt checkpoint: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if result.unexpected_keys:
+        raise ValueError(f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config")
+    model.tie_weights()
+    return model.to(device).eval()

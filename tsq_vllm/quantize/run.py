@@ -1,0 +1,91 @@
+"""One quantization job from options to checkpoint: what the CLI runs, callable from Python.
+
+    from tsq_vllm.quantize.options import QuantizeOptions
+    from tsq_vllm.quantize.run import run_quantization
+    job = run_quantization(QuantizeOptions(model="smollm2", output="./m-int3"))
+    job.model      # the in-memory quantized model (dequantized weights), job.result.packed, ...
+
+The order is the point: every check that needs no weights (flags, output path, model path,
+calibration text, every linear's shape against bits and group size, enough calibration tokens)
+runs before the model's weights are read, so bad input costs seconds, not a calibration run.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .options import QuantizeOptions, parse_size
+from .pipeline import QuantizeResult
+
+__all__ = ["UsageError", "QuantizationJob", "run_quantization", "peak_rss_mib"]
+
+logger = logging.getLogger("tsq_vllm.quantize")
+
+
+class UsageError(ValueError):
+    """Bad input detected before any work: the CLI reports it as one line with exit status 2."""
+
+
+@dataclass
+class QuantizationJob:
+    output: Path
+    model: nn.Module
+    result: QuantizeResult
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> QuantizationJob:
+    """Validate, calibrate, quantize and write the checkpoint described by `opts`."""
+    import tsq_vllm
+
+    from .calib import check_text_source, load_documents, sample_windows, tokenize_documents
+    from .checkpoint import check_output, save_quantized
+    from .pipeline import quantize_model
+    from .source import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
+
+    start = time.perf_counter()
+    try:
+        check_output(opts.output_path, opts.overwrite)
+        src = resolve_source(opts.model, opts.gguf_file)
+        check_text_source(opts.calib)
+        n_linears = check_quantizable(load_config(src), opts.bits, opts.group_size)
+        tokenizer = load_tokenizer(src)
+        docs = load_documents(opts.calib, split="calib")
+        windows = sample_windows(tokenize_documents(tokenizer, docs), opts.nsamples, opts.seqlen, opts.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    logger.info("model %s: %d decoder linears to quantize to %d bits, group %d",
+                src.label, n_linears, opts.bits, opts.group_size)
+
+    t = time.perf_counter()
+    model = load_model(src)
+    load_s = time.perf_counter() - t
+    result = quantize_model(model, windows, opts, progress=progress)
+    qconfig = opts.quantization_config(model_source=src.label, tool_version=tsq_vllm.__version__)
+    t = time.perf_counter()
+    out = save_quantized(model, result.packed, qconfig, opts.output_path, tokenizer=tokenizer,
+                         overwrite=opts.overwrite, max_shard_bytes=parse_size(opts.max_shard_size))
+    summary = {
+        "output": str(out),
+        "linears": len(result.packed),
+        "tokens": result.tokens,
+        "load_seconds": load_s,
+        "quantize_seconds": result.seconds,
+        "write_seconds": time.perf_counter() - t,
+        "total_seconds": time.perf_counter() - start,
+        "peak_rss_mib": peak_rss_mib(),
+        "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+    }
+    return QuantizationJob(out, model, result, summary)
