@@ -1,0 +1,126 @@
+"""Fixtures for serving tests: round-to-nearest GPTQ checkpoints of tiny models, and references.
+
+`write_rtn_checkpoint` writes the same format `python -m tsq_vllm.quantize` writes (DESIGN.md §3)
+with per-group asymmetric min-max RTN codes, so the serving path can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tsq_vllm.format import QuantizationConfig, dequantize, pack_linear
+
+from ..helpers import make_tiny_model
+
+LINEAR_RE = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "serve: starts vLLM engines (about a minute each); select with -m serve")
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, act_order: bool, seed: int = 0):
+    """Per-group asymmetric min-max RTN of W [N, K]: codes [N, K], scales/zeros [N, n_g], g_idx [K].
+
+    With act_order the groups are formed over a random column permutation, as GPTQ's desc_act
+    does (g_idx[perm[i]] = i // G), so g_idx is not k // G.
+    """
+    n_out, k_in = w.shape
+    qmax = (1 << bits) - 1
+    if act_order:
+        perm = torch.randperm(k_in, generator=torch.Generator().manual_seed(seed))
+    else:
+        perm = torch.arange(k_in)
+    g_idx = torch.empty(k_in, dtype=torch.int64)
+    g_idx[perm] = torch.arange(k_in) // group_size
+    wg = w.float()[:, perm].reshape(n_out, -1, group_size)  # [N, n_g, G] in group order
+    lo = wg.amin(-1).clamp(max=0)
+    hi = wg.amax(-1).clamp(min=0)
+    scales = ((hi - lo) / qmax).clamp(min=1e-8).half().float()
+    zeros = torch.round(-lo / scales).clamp(1, qmax)  # v1 ("gptq") stores z - 1: z >= 1
+    g = g_idx  # group of every original column
+    codes = torch.round(w.float() / scales[:, g] + zeros[:, g]).clamp(0, qmax).to(torch.int32)
+    return codes, scales, zeros.to(torch.int32), g_idx
+
+
+def write_rtn_checkpoint(src: Path, dst: Path, bits: int, group_size: int, *, act_order: bool = False,
+                         quant_method: str = "tsq") -> Path:
+    """Quantize every decoder linear of the model in `src` to a GPTQ checkpoint in `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(src / "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if not LINEAR_RE.search(name):
+            out[name] = t.contiguous()
+            continue
+        prefix = name[: -len(".weight")]
+        # Layers reading the same input (q/k/v, gate/up) share one activation order, as in GPTQ.
+        shared_input = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
+        seed = sum(map(ord, shared_input)) * 7919 % 100003
+        codes, scales, zeros, g_idx = rtn_quantize(t, bits, group_size, act_order, seed=seed)
+        for key, value in pack_linear(codes, scales, zeros, g_idx, bits).as_dict(prefix).items():
+            out[key] = value.contiguous()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, dst / f.name)
+    qcfg = QuantizationConfig(bits=bits, group_size=group_size, desc_act=act_order).to_dict()
+    qcfg["quant_method"] = quant_method
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    (dst / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    return dst
+
+
+def dequantized_state(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict with every quantized linear decoded by the reference."""
+    state = load_file(str(ckpt / "model.safetensors"))
+    fmt = json.loads((ckpt / "config.json").read_text())["quantization_config"]["checkpoint_format"]
+    out = {}
+    for name, t in state.items():
+        if name.endswith((".qzeros", ".scales", ".g_idx")):
+            continue
+        if name.endswith(".qweight"):
+            p = name[: -len(".qweight")]
+            w = dequantize(t, state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"], bits, fmt,
+                           dtype=torch.float32)
+            out[f"{p}.weight"] = w.t().contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def reference_greedy(src: Path, ckpt: Path, bits: int, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """Greedy continuations from transformers (fp32) with the checkpoint's dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(dequantized_state(ckpt, bits), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            for _ in range(n_new):
+                nxt = model(ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            outs.append(ids[0, len(prompt):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2", seed=1)

@@ -1,0 +1,105 @@
+"""The CPU fast path (tsq_vllm.kernels.cpu) against the reference decode `tsq_vllm.format.dequantize`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsq_vllm.format import dequantize, pack_linear
+from tsq_vllm.kernels.cpu import prepare_cpu_linear, select_cpu_path
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="torch without the CPU int4 matmul"
+)
+
+
+def _layer(bits: int, group: int, n_out: int = 96, k_in: int = 256, act_order: bool = False, seed: int = 0,
+           fmt: str = "gptq"):
+    g = torch.Generator().manual_seed(seed)
+    n_g = k_in // group
+    codes = torch.randint(0, 1 << bits, (n_out, k_in), generator=g)
+    scales = torch.rand(n_out, n_g, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(1 if fmt == "gptq" else 0, 1 << bits, (n_out, n_g), generator=g)
+    if act_order:
+        perm = torch.randperm(k_in, generator=g)
+        g_idx = torch.empty(k_in, dtype=torch.long)
+        g_idx[perm] = torch.arange(k_in) // group
+    else:
+        g_idx = torch.arange(k_in) // group
+    return pack_linear(codes, scales, zeros, g_idx, bits, fmt)
+
+
+def _check(t, bits: int, group: int, dtype: torch.dtype, m: int = 5, fmt: str = "gptq", **kw) -> str:
+    w = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, fmt, dtype=torch.float32)  # [K, N]
+    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=bits, group_size=group,
+                             checkpoint_format=fmt, act_dtype=dtype, **kw)
+    x = torch.randn(m, w.shape[0], generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(w.shape[1]).to(dtype)
+    y = lin(x, bias)
+    assert y.dtype == dtype and y.shape == (m, w.shape[1])
+    ref = x.float() @ w + bias.float()
+    # Exact up to rounding in the activation dtype: the weight/scales and the output are rounded
+    # once each (bf16: 2^-8 relative), so the error is bounded by a few ulps of |x|·|W|.
+    ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-8}[dtype]
+    bound = 4 * ulp * (x.float().abs() @ w.abs() + bias.float().abs()) + 1e-6
+    err = (y.float() - ref).abs()
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f} on path {lin.path}"
+    return lin.path
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
+def test_fast_path_matches_reference(bits, group, dtype, act_order):
+    path = _check(_layer(bits, group, act_order=act_order, seed=bits * group), bits, group, dtype)
+    assert path == select_cpu_path(bits, dtype)
+    expected = {2: "int4", 3: "int4", 4: "int4", 8: "int4x2"}[bits] if dtype == torch.bfloat16 else "dense"
+    assert path == expected
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m", [1, 17, 128])
+def test_awkward_shapes(bits, m):
+    # N = 40 is not a multiple of aten's 16-wide packing: the output is padded and sliced.
+    t = _layer(bits, 32, n_out=160 if bits == 3 else 40, k_in=96)
+    assert _check(t, bits, 32, torch.bfloat16, m=m) != "dense"
+
+
+def test_gptq_v2_zero_points():
+    t = _layer(4, 64, fmt="gptq_v2")
+    assert _check(t, 4, 64, torch.bfloat16, fmt="gptq_v2") == "int4"
+
+
+def test_uneven_groups_fall_back_to_dense():
+    # A g_idx whose groups are not whole blocks of group_size columns cannot use the int4 kernel.
+    t = _layer(4, 32, k_in=128)
+    t.g_idx = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
+    assert _check(t, 4, 32, torch.bfloat16) == "dense"
+
+
+def test_leading_dims_and_empty_batch():
+    t = _layer(3, 64)
+    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=3, group_size=64)
+    assert lin(torch.randn(2, 3, 256).bfloat16()).shape == (2, 3, 96)
+    assert lin(torch.randn(0, 256).bfloat16()).shape == (0, 96)
+    with pytest.raises(ValueError, match="in_features=256"):
+        lin(torch.randn(2, 128).bfloat16())
+
+
+def test_prepared_memory_is_smaller_than_bf16():
+    t = _layer(4, 64, n_out=256, k_in=512)
+    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=4, group_size=64)
+    assert lin.nbytes() < 0.4 * 256 * 512 * 2
+
+
+def test_bad_inputs_name_the_problem():
+    t = _layer(4, 64)
+    with pytest.raises(ValueError, match="g_idx spans"):
+        prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx + 10, bits=4, group_size=64)
+    with pytest.raises(ValueError, match="qzeros has shape"):
+        prepare_cpu_linear(t.qweight, t.qzeros[:, :4], t.scales, t.g_idx, bits=4, group_size=64)
+    with pytest.raises(ValueError, match="must be int32"):
+        prepare_cpu_linear(t.qweight.float(), t.qzeros, t.scales, t.g_idx, bits=4, group_size=64)
+    with pytest.raises(ValueError, match="path='int4x2' cannot hold 4-bit"):
+        prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=4, group_size=64, path="int4x2")

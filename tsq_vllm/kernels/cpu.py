@@ -1,0 +1,256 @@
+"""CPU fast path for GPTQ-packed linears: repack once at load, then a native int4 matmul per call.
+
+Dequantizing the packed codes on every call in eager torch costs 10-60x a dense matmul, so the
+serving path converts each layer once (`prepare_cpu_linear`) into one of three forms:
+
+  "int4"    bits 2/3/4 with bf16 activations. Codes (< 16) sit in the 4-bit lanes of aten's CPU
+            int4 pack (`_convert_weight_to_int4pack_for_cpu`); `_weight_int4pack_mm_for_cpu`
+            decodes w = (q - 8)·s + zero per group, so zero = s·(8 - z) reproduces s·(q - z)
+            exactly; only s and zero are rounded to bf16, like the activations.
+  "int4x2"  bits 8 with bf16 activations: code = 16·hi + lo, two int4 planes summed in fp32,
+            16s·(hi - 8) + s·(lo - 8) + s·(136 - z) = s·(code - z). One byte per weight, like int8.
+  "dense"   fp16/fp32 activations (aten's int4 kernel runs 10-40x slower than a dense matmul at
+            those dtypes, measured in docs/serving.md) and act-order layouts whose columns do not
+            regroup into whole blocks of `group_size` columns: the weight is dequantized once with
+            the reference decode and served by a dense matmul, exact in fp32.
+
+Act-order (a `g_idx` that is not k // G) is handled by sorting the input columns by group once at
+load; each call gathers x's columns in that order (M·K element copies, negligible next to the
+matmul). Every path is tested against `tsq_vllm.format.dequantize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..format.gptq import dequantize, unpack_linear, GPTQTensors
+from ..format.packing import check_bits
+
+__all__ = [
+    "CPU_PATHS",
+    "CPUQuantizedLinear",
+    "int4_kernel_available",
+    "prepare_cpu_linear",
+    "select_cpu_path",
+]
+
+CPU_PATHS = ("int4", "int4x2", "dense")
+
+# Block sizes aten's CPU int4 kernel accepts for its per-group scales.
+_INT4_GROUP_SIZES = (32, 64, 128, 256)
+# aten packs output channels in blocks of 16; other N are padded with zero columns.
+_INT4_N_ALIGN = 16
+
+
+def int4_kernel_available() -> bool:
+    """Whether this torch build has the CPU int4 weight-only matmul (torch >= 2.5)."""
+    aten = torch.ops.aten
+    return hasattr(aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def select_cpu_path(bits: int, act_dtype: torch.dtype) -> str:
+    """The path `prepare_cpu_linear` takes for a layer whose groups are contiguous blocks.
+
+    Only bf16 activations go through the int4 kernel: at fp16/fp32 it is slower than a dense
+    matmul (docs/serving.md), so those dtypes decode once into a dense weight.
+    """
+    check_bits(bits)
+    if act_dtype != torch.bfloat16 or not int4_kernel_available():
+        return "dense"
+    return "int4" if bits <= 4 else "int4x2"
+
+
+@dataclass
+class CPUQuantizedLinear:
+    """One linear layer prepared for CPU: y = x · W (+ bias), W [K, N] as the reference decodes it.
+
+    path "int4"/"int4x2": `planes` holds 1 or 2 aten int4-packed weights [N_pad, K/2] (uint8),
+    `scale_zeros` the matching [K/group_size, N_pad, 2] tables in bf16, `perm` the input-column
+    order (None when g_idx is k // G). path "dense": `weight` is W.T [N, K] in the activation dtype.
+    """
+
+    path: str
+    in_features: int
+    out_features: int
+    act_dtype: torch.dtype
+    group_size: int
+    perm: torch.Tensor | None = None
+    planes: tuple[torch.Tensor, ...] = ()
+    scale_zeros: tuple[torch.Tensor, ...] = ()
+    weight: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes held by the prepared tensors (what serving keeps resident)."""
+        tensors = [*self.planes, *self.scale_zeros, self.perm, self.weight]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input has {x.shape[-1]} features but this layer takes in_features="
+                f"{self.in_features}: pass x of shape [..., {self.in_features}]"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.path == "dense":
+            assert self.weight is not None
+            y = F.linear(x2.to(self.weight.dtype), self.weight)
+        else:
+            y = self._int4(x2)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _int4(self, x2: torch.Tensor) -> torch.Tensor:
+        xa = x2.to(self.act_dtype)
+        # The aten kernel requires a contiguous A; index_select returns one.
+        xa = xa.index_select(1, self.perm) if self.perm is not None else xa.contiguous()
+        if xa.shape[0] == 0:
+            return xa.new_zeros(0, self.out_features)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        if len(self.planes) == 1:
+            y = mm(xa, self.planes[0], self.group_size, self.scale_zeros[0])
+        else:
+            # Two nibble planes of an 8-bit code: add in fp32 so the sum is rounded once.
+            y = mm(xa, self.planes[0], self.group_size, self.scale_zeros[0]).float()
+            y += mm(xa, self.planes[1], self.group_size, self.scale_zeros[1]).float()
+        if y.shape[1] != self.out_features:  # drop the N padding
+            y = y[:, : self.out_features]
+        return y
+
+
+def _check_layer(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+) -> tuple[int, int, int]:
+    """(K, N, n_groups) of a layer's tensors, or a ValueError naming the inconsistent one."""
+    check_bits(bits)
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 as GPTQ stores it, got {t.dtype}")
+    if not scales.dtype.is_floating_point:
+        raise ValueError(f"scales must be a float tensor, got {scales.dtype}")
+    if qweight.ndim != 2 or (qweight.shape[0] * 32) % bits:
+        raise ValueError(
+            f"qweight has shape {tuple(qweight.shape)}: {bits}-bit codes need [K*{bits}/32, N] "
+            f"with whole int32 runs along K"
+        )
+    k_in = qweight.shape[0] * 32 // bits
+    n_out = qweight.shape[1]
+    n_groups = scales.shape[0] if scales.ndim == 2 else -1
+    if scales.shape != (n_groups, n_out):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected [n_groups, N={n_out}]")
+    if qzeros.shape != (n_groups, n_out * bits // 32) or (n_out * bits) % 32:
+        raise ValueError(
+            f"qzeros has shape {tuple(qzeros.shape)}, expected [n_groups={n_groups}, "
+            f"N*{bits}/32={n_out * bits / 32:g}] for N={n_out}"
+        )
+    if g_idx.shape != (k_in,):
+        raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected [K={k_in}]")
+    if k_in and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise ValueError(
+            f"g_idx spans [{int(g_idx.min())}, {int(g_idx.max())}] but there are {n_groups} "
+            f"groups of scales: the checkpoint's g_idx does not belong to these scales"
+        )
+    return k_in, n_out, n_groups
+
+
+def _block_layout(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """Regroup the K columns into blocks of `group_size` columns that share one group.
+
+    Returns (perm, block_group): perm is the column order (None if the identity) and
+    block_group[j] the group whose scales serve block j; None when no such layout exists
+    (a group whose column count is not a multiple of group_size).
+    """
+    k_in = g_idx.numel()
+    if group_size not in _INT4_GROUP_SIZES or k_in % group_size:
+        return None
+    g = g_idx.long()
+    order = torch.argsort(g, stable=True)
+    blocks = g[order].view(-1, group_size)
+    if not bool((blocks == blocks[:, :1]).all()):
+        return None
+    perm = None if torch.equal(order, torch.arange(k_in)) else order
+    return perm, blocks[:, 0].contiguous()
+
+
+def _int4_plane(codes_nk: torch.Tensor) -> torch.Tensor:
+    """aten's CPU int4 pack of codes [N_pad, K] in [0, 16)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.to(torch.int32).contiguous(), 1)
+
+
+def prepare_cpu_linear(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+    act_dtype: torch.dtype = torch.bfloat16,
+    path: str | None = None,
+) -> CPUQuantizedLinear:
+    """Convert one layer's GPTQ tensors (checkpoint layout) into a `CPUQuantizedLinear`.
+
+    `g_idx` maps each input column to its row of `scales`/`qzeros` (None: k // group_size).
+    `path` forces "dense" (any layer) or an int4 path; by default `select_cpu_path` decides, and
+    layers the int4 kernel cannot express fall back to "dense".
+    """
+    if path is not None and path not in CPU_PATHS:
+        raise ValueError(f"path={path!r} is not a CPU path: use one of {CPU_PATHS} or None")
+    if act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"act_dtype={act_dtype} is not supported: use float16, bfloat16 or float32")
+    if g_idx is None:
+        k_rows = qweight.shape[0] * 32 // bits
+        g_idx = torch.arange(k_rows, dtype=torch.int32) // group_size
+    k_in, n_out, _ = _check_layer(qweight, qzeros, scales, g_idx, bits)
+
+    chosen = path or select_cpu_path(bits, act_dtype)
+    if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
+        raise ValueError(f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' for 8")
+    layout = None if chosen == "dense" else _block_layout(g_idx, group_size)
+    if layout is None:
+        # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
+        w = dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=torch.float32)
+        return CPUQuantizedLinear(
+            path="dense", in_features=k_in, out_features=n_out, act_dtype=act_dtype,
+            group_size=group_size, weight=w.t().contiguous().to(act_dtype),
+        )
+
+    perm, block_group = layout
+    codes, zeros = unpack_linear(GPTQTensors(qweight, qzeros, scales, g_idx), bits, checkpoint_format)
+    if perm is not None:
+        codes = codes.index_select(0, perm)
+    n_pad = -n_out % _INT4_N_ALIGN
+    s = F.pad(scales.float().index_select(0, block_group), (0, n_pad))  # [K/G, N_pad]
+    z = F.pad(zeros.float().index_select(0, block_group), (0, n_pad))
+    codes_nk = F.pad(codes.t(), (0, 0, 0, n_pad))  # [N_pad, K]; padded columns decode to 0
+
+    def table(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return torch.stack([scale, zero], dim=-1).to(act_dtype).contiguous()
+
+    if chosen == "int4" and bits <= 3:
+        # c - z + 8 lies in [0, 15] for 2/3-bit codes, so the zero point moves into the codes and
+        # the table's zero term is exactly 0: only s is rounded to bf16.
+        z_k = z.repeat_interleave(group_size, dim=0).t()  # [N_pad, K]
+        planes = (_int4_plane(codes_nk - z_k.to(torch.int32) + 8),)
+        tables = (table(s, torch.zeros_like(s)),)
+    elif chosen == "int4":
+        planes = (_int4_plane(codes_nk),)
+        tables = (table(s, s * (8 - z)),)
+    else:
+        planes = (_int4_plane(codes_nk >> 4), _int4_plane(codes_nk & 15))
+        tables = (table(16 * s, s * (136 - z)), table(s, torch.zeros_like(s)))
+    return CPUQuantizedLinear(
+        path=chosen, in_features=k_in, out_features=n_out, act_dtype=act_dtype,
+        group_size=group_size, perm=perm, planes=planes, scale_zeros=tables,
+    )

@@ -1,0 +1,393 @@
+"""vLLM linear method for GPTQ-packed tsq layers: parameters, checked loading, CPU/CUDA apply.
+
+Imports vLLM at module level; `tsq_vllm.serve.register()` imports it lazily.
+
+Tensor parallelism. Column-parallel layers split N: `qweight`/`scales` split plainly, `qzeros`
+(packed along N) only at whole packing runs, so every output shard must be a multiple of
+`run_length(bits)` (8 for int4, 16 for int2, 32 for int3). Row-parallel layers split K: the
+`qweight` rows only at whole runs (3-bit packs 32 codes into 3 words, `Fraction(32, 3)`) and the
+scales/zeros only at whole groups. With act-order on a row-parallel layer the local columns can
+reference any group, so scales/zeros stay whole on every rank (as vLLM's GPTQ did).
+
+Loading is checked: every tensor's full checkpoint shape and dtype is verified before vLLM's
+narrow/copy (whose bare asserts would otherwise be the only message, or which would silently
+read a too-large tensor), and after loading every shard of a fused layer must have arrived —
+vLLM does not track loaded weights for quantized models, so a missing tensor would otherwise
+leave uninitialized memory.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedColumnParameter,
+    PackedvLLMParameter,
+    RowvLLMParameter,
+)
+
+from ..format.packing import run_length
+from ..kernels.cpu import prepare_cpu_linear
+
+if TYPE_CHECKING:
+    from .config import TsqConfig
+
+__all__ = ["TsqLinearMethod", "check_partition"]
+
+_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class _CheckedLoad:
+    """Mixin for vLLM parameters: verify the checkpoint tensor, then let vLLM shard and copy it.
+
+    Set after construction: `tsq_name` (layer prefix + tensor), `tsq_rows` (rows of the full
+    checkpoint tensor), `tsq_out_pack` (Fraction the N dim is packed by; None for 1-D g_idx),
+    `tsq_int` (int32 expected, else float), `tsq_hint` (the config, for messages).
+    """
+
+    tsq_name: str
+    tsq_rows: int
+    tsq_out_pack: Fraction | None
+    tsq_int: bool
+    tsq_hint: str
+
+    def _tsq_expect(self, loaded: torch.Tensor, out_full: int | None, shard: Any) -> None:
+        where = self.tsq_name + ("" if shard is None else f" (shard {shard!r})")
+        ok_dtype = loaded.dtype == torch.int32 if self.tsq_int else loaded.dtype.is_floating_point
+        if not ok_dtype:
+            want = "int32" if self.tsq_int else "a float dtype"
+            raise ValueError(
+                f"{where}: checkpoint tensor has dtype {loaded.dtype}, expected {want}; "
+                f"the checkpoint is corrupt or not GPTQ-packed: re-export it"
+            )
+        expected: tuple[int | str, ...] = (self.tsq_rows,)
+        if self.tsq_out_pack is not None:
+            cols = None if out_full is None else Fraction(out_full) / self.tsq_out_pack
+            expected = (self.tsq_rows, "N" if cols is None or cols.denominator != 1 else int(cols))
+        shape = tuple(loaded.shape)
+        if len(shape) != len(expected) or any(
+            isinstance(e, int) and s != e for s, e in zip(shape, expected)
+        ):
+            raise ValueError(
+                f"{where}: checkpoint tensor has shape {shape}, expected {expected} for "
+                f"{self.tsq_hint}; the tensors do not match the checkpoint's quantization_config "
+                f"(wrong bits or group_size) or the file is corrupt: re-export the checkpoint"
+            )
+
+    def _tsq_mark(self, shard: Any) -> None:
+        loaded = getattr(self, "tsq_loaded", None)
+        if loaded is None:
+            loaded = set()
+            self.tsq_loaded = loaded
+        loaded.add(shard)
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        out = getattr(self, "output_dim", None)
+        full = None if out is None else _unpacked_cols(self, self.data.shape[out]) * self.tp_size
+        self._tsq_expect(loaded_weight, full, None)
+        super().load_column_parallel_weight(loaded_weight)  # type: ignore[misc]
+        self._tsq_mark(None)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        full = None if self.data.ndim == 1 else _unpacked_cols(self, self.data.shape[1])
+        self._tsq_expect(loaded_weight, full, None)
+        super().load_row_parallel_weight(loaded_weight)  # type: ignore[misc]
+        self._tsq_mark(None)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        shard = kwargs.get("shard_id")
+        size = kwargs.get("shard_size")
+        full = None if size is None or self.data.ndim == 1 else size * self.tp_size
+        self._tsq_expect(loaded_weight, full, shard)
+        self._tsq_before_shard(loaded_weight, shard)
+        super().load_merged_column_weight(loaded_weight, **kwargs)  # type: ignore[misc]
+        self._tsq_mark(shard)
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        shard = kwargs.get("shard_id")
+        size = kwargs.get("shard_size")
+        full = None
+        if size is not None and self.data.ndim == 2:
+            # k/v heads are replicated when tp_size > kv heads: num_heads is the replica count.
+            full = size * self.tp_size // (1 if shard == "q" else kwargs.get("num_heads", 1))
+        self._tsq_expect(loaded_weight, full, shard)
+        self._tsq_before_shard(loaded_weight, shard)
+        super().load_qkv_weight(loaded_weight, **kwargs)  # type: ignore[misc]
+        self._tsq_mark(shard)
+
+    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
+        """Hook for per-shard consistency checks (g_idx); nothing by default."""
+
+
+def _unpacked_cols(param: Any, cols: int) -> int:
+    """Output columns a parameter's N dim stands for (qzeros pack N by Fraction(32, bits))."""
+    pack = getattr(param, "tsq_out_pack", None)
+    return int(cols * pack) if pack is not None and pack != 1 else cols
+
+
+class _QWeight(_CheckedLoad, PackedvLLMParameter):
+    pass
+
+
+class _ShardedZeros(_CheckedLoad, PackedvLLMParameter):
+    pass
+
+
+class _ReplicatedZeros(_CheckedLoad, PackedColumnParameter):
+    pass
+
+
+class _ShardedScales(_CheckedLoad, GroupQuantScaleParameter):
+    pass
+
+
+class _ReplicatedScales(_CheckedLoad, ChannelQuantScaleParameter):
+    pass
+
+
+class _GIdx(_CheckedLoad, RowvLLMParameter):
+    """g_idx: one activation order per fused layer (q/k/v and gate/up share their input)."""
+
+    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
+        if getattr(self, "tsq_loaded", None) and not torch.equal(self.data, loaded_weight.to(self.data.dtype)):
+            raise ValueError(
+                f"{self.tsq_name} (shard {shard!r}): g_idx differs from the other shards of this "
+                f"fused layer; fused projections need one activation order (GPTQ gives layers with "
+                f"the same input the same order): re-quantize with a shared order or without act-order"
+            )
+
+
+def check_partition(
+    prefix: str,
+    bits: int,
+    group_size: int,
+    input_size: int,
+    input_size_per_partition: int,
+    output_partition_sizes: list[int],
+    tp_size: int,
+) -> None:
+    """Raise a ValueError unless every shard of this layer is whole packing runs / groups."""
+    run = run_length(bits)
+    if input_size % group_size:
+        raise ValueError(
+            f"{prefix}: in_features={input_size} is not a multiple of group_size={group_size}; "
+            f"the checkpoint does not match its quantization_config"
+        )
+    row_parallel = input_size_per_partition != input_size
+    need_k = max(group_size, run) if row_parallel else run
+    if input_size_per_partition % need_k:
+        if row_parallel:
+            raise ValueError(
+                f"{prefix}: tensor-parallel size {tp_size} splits in_features={input_size} into "
+                f"shards of {input_size_per_partition}, not a multiple of {need_k} (row-parallel "
+                f"shards must hold whole groups of {group_size} and whole {bits}-bit packing runs "
+                f"of {run}); use a tensor-parallel size that divides {input_size // need_k}"
+            )
+        raise ValueError(
+            f"{prefix}: in_features={input_size} is not a multiple of {run}, the {bits}-bit "
+            f"packing run; the checkpoint does not match its quantization_config"
+        )
+    for size in output_partition_sizes:
+        if size % run:
+            if tp_size > 1:
+                raise ValueError(
+                    f"{prefix}: tensor-parallel size {tp_size} splits an output of "
+                    f"{size * tp_size} into shards of {size}, not a multiple of {run} ({bits}-bit "
+                    f"zero points pack {run} values per run); use a smaller tensor-parallel size"
+                )
+            raise ValueError(
+                f"{prefix}: out_features={size} is not a multiple of {run}, the {bits}-bit "
+                f"packing run of qzeros; the checkpoint cannot be {bits}-bit GPTQ"
+            )
+
+
+class TsqLinearMethod(LinearMethodBase):
+    """GPTQ-layout linear: CPU fast path (`tsq_vllm.kernels.cpu`) or CUDA kernels."""
+
+    def __init__(self, quant_config: "TsqConfig", prefix: str = "") -> None:
+        self.quant_config = quant_config
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        cfg = self.quant_config.spec
+        bits, group = cfg.bits, cfg.group_size
+        tp_size = int(getattr(layer, "tp_size", 1))
+        check_partition(self.prefix, bits, group, input_size, input_size_per_partition,
+                        list(output_partition_sizes), tp_size)
+        weight_loader: Callable[..., None] | None = extra_weight_attrs.get("weight_loader")
+        k_local = input_size_per_partition
+        n_local = sum(output_partition_sizes)
+        row_parallel = k_local != input_size
+        replicate = row_parallel and cfg.desc_act
+        n_groups = (input_size if replicate else k_local) // group
+        pack = Fraction(32, bits)
+        # fp16 holds the checkpoint's fp16 scales exactly; fp32 models keep them in fp32.
+        scale_dtype = torch.float32 if params_dtype == torch.float32 else torch.float16
+
+        qweight = _QWeight(
+            data=torch.empty(int(k_local / pack), n_local, dtype=torch.int32),
+            input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack, weight_loader=weight_loader,
+        )
+        zeros_data = torch.empty(n_groups, int(n_local / pack), dtype=torch.int32)
+        scales_data = torch.empty(n_groups, n_local, dtype=scale_dtype)
+        if replicate:
+            qzeros: _CheckedLoad = _ReplicatedZeros(
+                data=zeros_data, output_dim=1, packed_dim=1, packed_factor=pack, weight_loader=weight_loader
+            )
+            scales: _CheckedLoad = _ReplicatedScales(data=scales_data, output_dim=1, weight_loader=weight_loader)
+        else:
+            qzeros = _ShardedZeros(
+                data=zeros_data, input_dim=0, output_dim=1, packed_dim=1, packed_factor=pack,
+                weight_loader=weight_loader,
+            )
+            scales = _ShardedScales(data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader)
+        g_idx = _GIdx(data=torch.empty(k_local, dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
+
+        hint = f"{bits}-bit, group_size {group}, in_features={input_size}"
+        specs = {
+            "qweight": (qweight, input_size * bits // 32, Fraction(1), True),
+            "qzeros": (qzeros, input_size // group, pack, True),
+            "scales": (scales, input_size // group, Fraction(1), False),
+            "g_idx": (g_idx, input_size, None, True),
+        }
+        for name, (param, rows, out_pack, is_int) in specs.items():
+            param.tsq_name = f"{self.prefix}.{name}" if self.prefix else name
+            param.tsq_rows = rows
+            param.tsq_out_pack = out_pack
+            param.tsq_int = is_int
+            param.tsq_hint = hint
+            layer.register_parameter(name, param)
+        # vLLM's shard ids for fused layers: "q"/"k"/"v" for QKV, 0..n-1 for merged columns.
+        n_shards = len(output_partition_sizes)
+        if n_shards == 1:
+            layer.tsq_shard_ids = (None,)
+        elif isinstance(layer, QKVParallelLinear):
+            layer.tsq_shard_ids = ("q", "k", "v")[:n_shards]
+        else:
+            layer.tsq_shard_ids = tuple(range(n_shards))
+        layer.tsq_replicated_groups = replicate
+        sharded_groups = row_parallel and not replicate
+        layer.tsq_group_offset = int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        cfg = self.quant_config.spec
+        self._check_complete(layer)
+        n_groups = layer.scales.shape[0]
+        # Sharded scales hold this rank's groups only, while g_idx keeps global group numbers.
+        g_idx = layer.g_idx.data - int(layer.tsq_group_offset)
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            span = f"g_idx refers to groups [{int(g_idx.min())}, {int(g_idx.max())}]"
+            if layer.tsq_group_offset:
+                raise ValueError(
+                    f"{self.prefix}: {span} outside this shard's {n_groups} groups: the checkpoint "
+                    f"uses act-order but its quantization_config says desc_act=false; set it to true"
+                )
+            raise ValueError(
+                f"{self.prefix}: {span} but the layer has {n_groups} groups of scales: the "
+                f"checkpoint's g_idx is corrupt: re-export it"
+            )
+        g_idx = g_idx.to(torch.int32).contiguous()
+        if _uses_cpu_path(layer):
+            layer.tsq_cpu = prepare_cpu_linear(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx,
+                bits=cfg.bits, group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format,
+                act_dtype=layer.params_dtype,
+            )
+            _drop_packed(layer)
+        elif layer.tsq_replicated_groups:
+            # Act-order on a row-parallel shard: the local columns index groups of the whole
+            # layer, which the kernels (group size = K / n_groups) cannot express. Decode once.
+            layer.tsq_cpu = prepare_cpu_linear(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx,
+                bits=cfg.bits, group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format,
+                act_dtype=layer.params_dtype, path="dense",
+            )
+            _drop_packed(layer)
+        else:
+            sequential = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // cfg.group_size
+            # A plain k // G order lets the kernels skip the g_idx gather.
+            layer.tsq_g_idx = None if torch.equal(g_idx, sequential) else g_idx
+            layer.tsq_matmul = _kernel_matmul()
+
+    def _check_complete(self, layer: torch.nn.Module) -> None:
+        """Every shard of every tensor must have been loaded (vLLM does not check quantized models)."""
+        shard_ids: list[Any] = list(layer.tsq_shard_ids)
+        names = self.quant_config.shard_names(self.prefix, len(shard_ids))
+        for tensor in _TENSORS:
+            loaded = getattr(getattr(layer, tensor), "tsq_loaded", set())
+            missing = [name for sid, name in zip(shard_ids, names) if sid not in loaded]
+            if missing:
+                which = ", ".join(f"{m}.{tensor}" for m in missing)
+                raise ValueError(
+                    f"{which} missing from the checkpoint: every quantized linear needs qweight, "
+                    f"qzeros, scales and g_idx; the checkpoint is incomplete: re-export it"
+                )
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        prepared = getattr(layer, "tsq_cpu", None)
+        if prepared is not None:
+            return prepared(x, bias)
+        cfg = self.quant_config.spec
+        x2 = x.reshape(-1, x.shape[-1])
+        y = layer.tsq_matmul(
+            x2, layer.qweight, layer.qzeros, layer.scales, layer.tsq_g_idx,
+            bits=cfg.bits, checkpoint_format=cfg.checkpoint_format,
+        )
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _uses_cpu_path(layer: torch.nn.Module) -> bool:
+    """CPU layers get the repacked fast path; every other device the dequant-matmul kernels."""
+    return layer.qweight.device.type == "cpu"
+
+
+def _drop_packed(layer: torch.nn.Module) -> None:
+    """Free the checkpoint tensors once a prepared copy runs (halves resident weight memory)."""
+    for name in _TENSORS:
+        param = getattr(layer, name)
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+def _reference_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+    g_idx: torch.Tensor | None, *, bits: int, checkpoint_format: str = "gptq",
+) -> torch.Tensor:
+    """Decode-then-matmul with the reference `dequantize`: correct everywhere, slow."""
+    from ..format.gptq import dequantize
+
+    if g_idx is None:
+        k_in = qweight.shape[0] * 32 // bits
+        group = k_in // scales.shape[0]
+        g_idx = torch.arange(k_in, device=qweight.device, dtype=torch.int32) // group
+    w = dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=x.dtype)
+    return x @ w
+
+
+def _kernel_matmul() -> Callable[..., torch.Tensor]:
+    """`tsq::dequant_matmul` (Triton on CUDA, one opaque op for torch.compile) when available.
+
+    Registered here, at load time, because registering while torch.compile traces would break
+    the graph. Falls back to the reference decode when `tsq_vllm.kernels` is not importable.
+    """
+    try:
+        from ..kernels import dequant_matmul_op, register_op
+    except ImportError:
+        return _reference_matmul
+    register_op()
+    return dequant_matmul_op
