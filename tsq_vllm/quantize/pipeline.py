@@ -213,8 +213,9 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> list[li
 def _log_linear(name: str, stats: dict[str, float]) -> None:
     before, after = stats["loss_gptq"], stats["loss"]
     change = (after - before) / abs(before) if before else 0.0
+    # The loss is eq. (7) without its constant E‖wᵀΔX‖², so with R it can go below zero.
     logger.info(
-        "%s: loss %.6g -> %.6g after stage 2 (%+.2f%%); grid %.2fs, gptq %.2fs, stage2 %.2fs",
+        "%s: eq.(7) loss %.6g -> %.6g after stage 2 (%+.2f%%); grid %.2fs, gptq %.2fs, stage2 %.2fs",
         name, before, after, 100 * change, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
     )
 
