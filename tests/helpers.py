@@ -99,5 +99,14 @@ def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, dty
     return path
 
 
+def single_thread():
+    """Generator for a module-scoped autouse fixture: tiny models run faster on one torch thread
+    (thread start-up costs more than it saves, and CI cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())

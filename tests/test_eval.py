@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.eval import main, perplexity
 from tsq_vllm.quantize.calib import contiguous_windows, sample_windows, wiki_documents, wiki_split_of
 
@@ -18,12 +18,7 @@ needs_wiki = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")

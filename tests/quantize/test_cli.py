@@ -11,18 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.quantize.__main__ import build_parser, main
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--clip-points", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")

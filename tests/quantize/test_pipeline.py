@@ -17,18 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import tsq_vllm
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.quantize.options import QuantizeOptions
 from tsq_vllm.quantize.run import run_quantization
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than it saves, and CI cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")
