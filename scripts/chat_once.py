@@ -7,21 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import urllib.request
 
-
-def wait_ready(base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise SystemExit(f"error: no server answered at {base}/health within {timeout:.0f} s")
+from tsq_vllm.serve.process import wait_healthy
 
 
 def main() -> int:
@@ -32,7 +19,10 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server to start")
     args = p.parse_args()
     base = f"http://127.0.0.1:{args.port}"
-    wait_ready(base, args.timeout)
+    try:
+        wait_healthy(base, args.timeout, poll=2)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
 
     from openai import OpenAI
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -156,50 +153,20 @@ def test_tensor_parallel_2_matches_tp1(offline, checkpoints, tmp_path):
     assert res.get("tokens") == offline["llama-3bit-g32-actorder"]["tokens"], res
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
     """`python -m tsq_vllm.serve` on a 4-bit act-order checkpoint; yields (base_url, ckpt, src)."""
-    import urllib.request
+    from tsq_vllm.serve.process import ServerProcess
 
     tmp = tmp_path_factory.mktemp("server")
     ck = write_rtn_checkpoint(tiny_llama, tmp / "l4", 4, 32, act_order=True)
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
     env = {**os.environ, **ENV}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the async server runs its engine in a child process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tsq_vllm.serve", str(ck), "--host", "127.0.0.1", "--port", str(port),
-         "--enforce-eager", "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8",
-         "--distributed-executor-backend", "uni", "--served-model-name", "tiny"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None, f"server exited {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "server did not become healthy in 400 s"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
-        yield base, ck, tiny_llama
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
+    cmd = [sys.executable, "-m", "tsq_vllm.serve", str(ck), "--host", "127.0.0.1", "--enforce-eager",
+           "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8",
+           "--distributed-executor-backend", "uni", "--served-model-name", "tiny"]
+    with ServerProcess(cmd, tmp / "server.log", env=env, cwd=REPO, timeout=400) as srv:
+        yield srv.base_url, ck, tiny_llama
 
 
 def _ids(tokens: list[str]) -> list[int]:

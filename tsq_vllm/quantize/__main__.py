@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default, meta in QuantizeOptions.field_specs():
         flag = flag_of(name, default)
         if isinstance(default, bool):
-            p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=meta["help"])
+            # SUPPRESS: an absent switch leaves the field's own default, and --help does not print
+            # "(default: True)" next to --no-stage1, which would read as "stage 1 is off".
+            p.add_argument(flag, dest=name, action="store_false" if default else "store_true",
+                           default=argparse.SUPPRESS, help=meta["help"])
             continue
         kind = float if isinstance(default, float) else int if isinstance(default, int) else str
         choices = meta.get("choices")

@@ -1,0 +1,209 @@
+"""Accuracy and cost of every stage on SmolLM2-135M: the paper's Table 3 ablation, plus GPTQModel.
+
+    python benchmarks/accuracy.py                     # tsq rows (and peers if their venv exists)
+    bash benchmarks/setup_gptqmodel.sh                # once: GPTQModel 7.7.0 in its own venv
+    python benchmarks/accuracy.py --report-only       # rewrite the report from the results file
+
+For bits {2, 3} x group size {32, 64} it quantizes SmolLM2-135M with RTN, plain GPTQ, GPTQ + stage 1,
+GPTQ + stage 2, both stages, and both stages without the error-feedback term R, each in its own
+process through `tsq_vllm.quantize`'s CLI parser and `run_quantization` (so every row is the CLI's
+code path), then evaluates each checkpoint with `python -m tsq_vllm.eval` on the wiki test split.
+Peer rows run GPTQModel 7.7.0 (`benchmarks/gptqmodel_peer.py`, in benchmarks/.venv-gptqmodel) on the
+same fp32 weights and the *same calibration token windows* (exported once to safetensors), with its
+defaults and with `mse=2.4`, and evaluate what it writes with the same evaluator.
+
+Every finished row is appended to a JSON-lines file, so an interrupted run resumes where it stopped;
+the markdown report and PNG plot are rewritten from that file after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+PEER_PY = ROOT / "benchmarks/.venv-gptqmodel/bin/python"
+
+# (key, label, extra `python -m tsq_vllm.quantize` flags), in the paper's Table 3 order.
+TSQ_ROWS = [
+    ("rtn", "RTN (min-max, no GPTQ)", ["--no-gptq", "--no-stage1", "--no-stage2"]),
+    ("gptq", "GPTQ (min-max scales)", ["--no-stage1", "--no-stage2"]),
+    ("gptq_s1", "GPTQ + stage 1", ["--no-stage2"]),
+    ("gptq_s2", "GPTQ + stage 2", ["--no-stage1"]),
+    ("tsq", "GPTQ + stage 1 + stage 2", []),
+    ("tsq_noR", "GPTQ + stage 1 + stage 2, no R", ["--no-error-feedback"]),
+]
+# (key, label, gptqmodel_peer.py flags)
+PEER_ROWS = [
+    ("gptqmodel", "GPTQModel 7.7 defaults", []),
+    ("gptqmodel_mse", "GPTQModel 7.7 mse=2.4", ["--mse", "2.4"]),
+]
+# Order of work: the rows the goals compare first, so a cut-short run still answers them.
+RUN_ORDER = ["gptq", "tsq", "rtn", "gptq_s1", "gptq_s2", "tsq_noR"]
+LABELS = {k: lab for k, lab, _ in TSQ_ROWS + PEER_ROWS}
+ORDER = [k for k, _, _ in TSQ_ROWS + PEER_ROWS]
+
+
+def _shell(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one subprocess; its output goes to `log`; a failure stops the benchmark."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+    if rc:
+        raise SystemExit(f"{_shell(cmd)} failed (exit {rc}); see {log}")
+    return time.perf_counter() - start
+
+
+def worker(stats_json: str, quantize_args: list[str]) -> int:
+    """Run one quantization as the CLI would and write its timings, summed over linears, as JSON."""
+    import logging
+
+    from tsq_vllm.quantize.__main__ import build_parser
+    from tsq_vllm.quantize.options import QuantizeOptions
+    from tsq_vllm.quantize.run import run_quantization
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
+    job = run_quantization(opts, progress=False)
+    stats = job.result.stats.values()
+    out = {**job.summary, **{k: sum(s[k] for s in stats) for k in ("time_grid", "time_gptq", "time_stage2")}}
+    Path(stats_json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def export_peer_inputs(work: Path, nsamples: int, seqlen: int, seed: int) -> tuple[Path, Path]:
+    """SmolLM2 as an fp32 HF directory and the calibration windows tsq uses, for GPTQModel."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tsq_vllm.quantize.calib import load_documents, sample_windows, tokenize_documents
+    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+
+    hf_dir, calib = work / "smollm2-hf", work / f"calib-{nsamples}x{seqlen}-seed{seed}.safetensors"
+    src = resolve_source("smollm2")
+    tok = load_tokenizer(src)
+    if not (hf_dir / "config.json").exists():
+        model = load_model(src).to(torch.float32)
+        # The weights are plain fp32 tensors once loaded; only the GGUF origin marks them "quantized".
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(hf_dir)
+        tok.save_pretrained(hf_dir)
+    if not calib.exists():
+        windows = sample_windows(tokenize_documents(tok, load_documents("wiki", split="calib")), nsamples, seqlen, seed)
+        save_file({"input_ids": windows.contiguous()}, str(calib))
+    return hf_dir, calib
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (same for every row)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="wiki test tokens to evaluate")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="bit widths")
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32], help="group sizes")
+    p.add_argument("--rows", nargs="+", default=RUN_ORDER + [k for k, _, _ in PEER_ROWS], choices=ORDER,
+                   help="which rows to run")
+    p.add_argument("--workdir", default="/tmp/tsq-accuracy", help="checkpoints and logs")
+    p.add_argument("--results", default=str(RESULTS / "accuracy.jsonl"), help="JSON lines, one per finished row")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from --results")
+    p.add_argument("--worker", metavar="STATS_JSON", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args()
+    if args.worker:
+        return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
+
+    from accuracy_report import write_report  # benchmarks/ is on sys.path as the script's directory
+
+    results = Path(args.results)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    if args.report_only:
+        write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
+        return 0
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
+    ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
+    setup = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+             "eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen}
+
+    def have(bits: int | None, gs: int | None, row: str) -> bool:
+        return any(r["bits"] == bits and r["group_size"] == gs and r["row"] == row and r["setup"] == setup for r in done)
+
+    def record(entry: dict) -> None:
+        entry = {**entry, "setup": setup, "load": os.getloadavg()[0],
+                 "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": _machine()}
+        done.append(entry)
+        with results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
+        ppl = entry["eval"]["ppl"]
+        print(f"{entry['row']:>14} bits={entry['bits']} g={entry['group_size']}: ppl {ppl:.3f}, "
+              f"quantize {entry.get('quantize_seconds', 0):.0f}s", flush=True)
+
+    def evaluate(model: str, tag: str) -> dict:
+        out = work / f"{tag}.eval.json"
+        cmd = [sys.executable, "-m", "tsq_vllm.eval", "--model", model, *ev, "--output-json", str(out)]
+        _run(cmd, work / f"{tag}.eval.log")
+        return {**json.loads(out.read_text()), "command": _shell(cmd)}
+
+    if not have(None, None, "fp"):
+        record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate("smollm2", "fp")})
+    peers = [r for r in PEER_ROWS if r[0] in args.rows]
+    if peers and not PEER_PY.exists():
+        print(f"skipping peer rows: {PEER_PY} not found (run bash benchmarks/setup_gptqmodel.sh)", flush=True)
+        peers = []
+    hf_dir, calib_file = export_peer_inputs(work, args.nsamples, args.seqlen, args.seed) if peers else (None, None)
+    for bits in args.bits:
+        for gs in args.group_sizes:
+            for key in [k for k in RUN_ORDER if k in args.rows]:
+                if have(bits, gs, key):
+                    continue
+                tag = f"int{bits}-g{gs}-{key}"
+                flags = dict((k, f) for k, _, f in TSQ_ROWS)[key]
+                qargs = ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *calib, *flags,
+                         "--output", str(work / tag), "--overwrite"]
+                stats = work / f"{tag}.stats.json"
+                wall = _run([sys.executable, __file__, "--worker", str(stats), "--", *qargs], work / f"{tag}.quantize.log")
+                record({"row": key, "bits": bits, "group_size": gs, "process_seconds": wall,
+                        **json.loads(stats.read_text()),
+                        "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                        "eval": evaluate(str(work / tag), tag)})
+            for key, _, flags in peers:
+                if have(bits, gs, key):
+                    continue
+                tag = f"int{bits}-g{gs}-{key}"
+                stats = work / f"{tag}.stats.json"
+                cmd = [str(PEER_PY), str(ROOT / "benchmarks/gptqmodel_peer.py"), "--model", str(hf_dir),
+                       "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(gs), *flags,
+                       "--output", str(work / tag), "--stats-json", str(stats)]
+                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+                wall = _run(cmd, work / f"{tag}.quantize.log", env=env)
+                record({"row": key, "bits": bits, "group_size": gs, "process_seconds": wall,
+                        **json.loads(stats.read_text()), "command": "GPTQMODEL_CPU_WORKERS=2 " + _shell(cmd),
+                        "eval": evaluate(str(work / tag), tag)})
+    return 0
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

