@@ -57,11 +57,11 @@ def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> float:
     """Wall seconds of one subprocess; its output goes to `log`; a failure stops the benchmark."""
     start = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env).returncode
     if rc:
         raise SystemExit(f"{_shell(cmd)} failed (exit {rc}); see {log}")
     return time.perf_counter() - start
@@ -192,7 +192,7 @@ def main() -> int:
                        "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(gs), *flags,
                        "--output", str(work / tag), "--stats-json", str(stats)]
                 env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-                wall = _run(cmd, work / f"{tag}.quantize.log", env=env)
+                wall = _run(cmd, work / f"{tag}.quantize.log", env=env, cwd=work)  # it writes logs/ in cwd
                 record({"row": key, "bits": bits, "group_size": gs, "process_seconds": wall,
                         **json.loads(stats.read_text()), "command": "GPTQMODEL_CPU_WORKERS=2 " + _shell(cmd),
                         "eval": evaluate(str(work / tag), tag)})
