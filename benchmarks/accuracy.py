@@ -84,24 +84,32 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     return 0
 
 
+def export_hf_model(hf_dir: Path, dtype) -> None:
+    """The embedded SmolLM2 GGUF as a plain HF directory in `dtype` (kept if already there)."""
+    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+
+    if (hf_dir / "config.json").exists():
+        return
+    src = resolve_source("smollm2")
+    model = load_model(src).to(dtype)
+    # The weights are plain tensors once loaded; only the GGUF origin marks them "quantized".
+    model.hf_quantizer, model.is_quantized = None, False
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(hf_dir)
+    load_tokenizer(src).save_pretrained(hf_dir)
+
+
 def export_peer_inputs(work: Path, nsamples: int, seqlen: int, seed: int) -> tuple[Path, Path]:
     """SmolLM2 as an fp32 HF directory and the calibration windows tsq uses, for GPTQModel."""
     import torch
     from safetensors.torch import save_file
 
     from tsq_vllm.quantize.calib import load_documents, sample_windows, tokenize_documents
-    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+    from tsq_vllm.quantize.source import load_tokenizer, resolve_source
 
     hf_dir, calib = work / "smollm2-hf", work / f"calib-{nsamples}x{seqlen}-seed{seed}.safetensors"
-    src = resolve_source("smollm2")
-    tok = load_tokenizer(src)
-    if not (hf_dir / "config.json").exists():
-        model = load_model(src).to(torch.float32)
-        # The weights are plain fp32 tensors once loaded; only the GGUF origin marks them "quantized".
-        model.hf_quantizer, model.is_quantized = None, False
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(hf_dir)
-        tok.save_pretrained(hf_dir)
+    export_hf_model(hf_dir, torch.float32)
+    tok = load_tokenizer(resolve_source("smollm2"))
     if not calib.exists():
         windows = sample_windows(tokenize_documents(tok, load_documents("wiki", split="calib")), nsamples, seqlen, seed)
         save_file({"input_ids": windows.contiguous()}, str(calib))

@@ -47,18 +47,11 @@ def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, 
     """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them."""
     import torch
 
-    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+    from accuracy import export_hf_model  # benchmarks/ is on sys.path as the script's directory
 
     commands = []
     hf = work / "smollm2-hf"
-    if not (hf / "config.json").exists():
-        src = resolve_source("smollm2")
-        model = load_model(src).to(torch.bfloat16)
-        # Loaded from GGUF the weights are plain tensors; only the GGUF origin marks them "quantized".
-        model.hf_quantizer, model.is_quantized = None, False
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(hf)
-        load_tokenizer(src).save_pretrained(hf)
+    export_hf_model(hf, torch.bfloat16)
     ckpts = {}
     for bits in (4, 3, 2):
         if bits in given:
