@@ -11,7 +11,9 @@ streamed completion request (the same prompt, greedy, `ignore_eos`, exactly --ma
 tokens) with the ordinary `openai` client. Per round: output tokens / round wall time; per request:
 time to first token. Reported: the median over rounds of output tok/s, the median TTFT, and the
 server's memory (PSS and RSS summed over the API server and its engine processes, after the
-run). Writes benchmarks/results/serve.md and serve.png.
+run). Then the same engine without the HTTP front end (`vllm.LLM.generate` on 1, 4, 16 prompts in
+a child process), which separates the model's decode speed from the server's per-token overhead.
+Writes benchmarks/results/serve.md, serve.png and serve.json.
 """
 
 from __future__ import annotations
@@ -43,8 +45,17 @@ def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
 
 
+def _calibration(ckpt: Path) -> dict | None:
+    cfg = ckpt / "quantize_config.json"
+    return json.loads(cfg.read_text()).get("tsq", {}).get("calibration") if cfg.exists() else None
+
+
 def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, dict[int, Path], list[str]]:
-    """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them."""
+    """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them.
+
+    A checkpoint already in `work` is reused only if its quantize_config.json records the same
+    calibration as `calib` asks for; the report lists its command either way.
+    """
     import torch
 
     from accuracy import export_hf_model  # benchmarks/ is on sys.path as the script's directory
@@ -52,16 +63,18 @@ def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, 
     commands = []
     hf = work / "smollm2-hf"
     export_hf_model(hf, torch.bfloat16)
+    want = {"dataset": calib[1], "nsamples": int(calib[3]), "seqlen": int(calib[5]), "seed": int(calib[7])}
     ckpts = {}
     for bits in (4, 3, 2):
         if bits in given:
             ckpts[bits] = Path(given[bits])
+            commands.append(f"# INT{bits}: given checkpoint {given[bits]}")
             continue
         ckpts[bits] = work / f"tsq-int{bits}-g64"
-        if not (ckpts[bits] / "config.json").exists():
-            cmd = [sys.executable, "-m", "tsq_vllm.quantize", "--model", "smollm2", "--bits", str(bits),
-                   "--group-size", "64", *calib, "--output", str(ckpts[bits]), "--overwrite"]
-            commands.append(_shell(cmd))
+        cmd = [sys.executable, "-m", "tsq_vllm.quantize", "--model", "smollm2", "--bits", str(bits),
+               "--group-size", "64", *calib, "--output", str(ckpts[bits]), "--overwrite"]
+        commands.append(_shell(cmd))
+        if _calibration(ckpts[bits]) != want:
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return hf, ckpts, commands
 
@@ -117,6 +130,44 @@ def measure(server: ServerProcess, streams: list[int], repeats: int, max_tokens:
     return out
 
 
+def engine_only(model_dir: str, quantization: str | None, streams: list[int], repeats: int,
+                max_tokens: int) -> dict:
+    """Output tok/s of the same engine without the HTTP front end: `vllm.LLM.generate` on n prompts.
+
+    Runs in its own process (`--engine-worker`), so the engine core gets the same process layout
+    and thread binding as under the server; the difference to the server's figure is the cost of
+    the API server, streaming and the client.
+    """
+    from vllm import LLM, SamplingParams
+
+    kwargs = {"quantization": quantization} if quantization else {}
+    llm = LLM(model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512, **kwargs)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
+    out = {}
+    for n in streams:
+        rounds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            res = llm.generate([PROMPT] * n, params, use_tqdm=False)
+            wall = time.perf_counter() - t
+            rounds.append(sum(len(r.outputs[0].token_ids) for r in res) / wall)
+        out[n] = {"tok_s": statistics.median(rounds), "tok_s_rounds": rounds}
+    return out
+
+
+def _run_engine_worker(model_dir: Path, quantization: str | None, args: argparse.Namespace, log: Path) -> dict:
+    result = log.with_suffix(".json")
+    cmd = [sys.executable, __file__, "--engine-worker", str(model_dir), str(result),
+           "--streams", *map(str, args.streams), "--repeats", str(args.repeats), "--max-tokens", str(args.max_tokens)]
+    if quantization:
+        cmd += ["--quantization", quantization]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return {int(n): v for n, v in json.loads(result.read_text()).items()}
+
+
 def _plot(rows: list[dict], streams: list[int], png: Path) -> None:
     import matplotlib
 
@@ -139,6 +190,67 @@ def _plot(rows: list[dict], streams: list[int], png: Path) -> None:
     plt.close(fig)
 
 
+def _report(rows: list[dict], args: argparse.Namespace, commands: list[str], load_start: float) -> list[str]:
+    """The markdown report: goal verdicts, the served table, the engine-only table, rounds, commands."""
+    import vllm
+
+    streams, base, ebase = args.streams, rows[0]["streams"], rows[0]["engine"]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = " ".join(sys.argv[1:])
+    lines = [
+        "# Serving throughput: SmolLM2-135M, bf16 vs tsq, vLLM on CPU",
+        "",
+        f"Generated by `python benchmarks/serve_bench.py{' ' + flags if flags else ''}` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {cpu}, {os.cpu_count()} CPUs (shared; "
+        f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end), vLLM {vllm.__version__} (vllm-cpu), "
+        f"Python {platform.python_version()}.",
+        f"Each request: a {len(PROMPT.split())}-word prompt, exactly {args.max_tokens} new tokens (greedy, "
+        f"`ignore_eos`), streamed. tok/s = all output tokens of a round / round wall time, median of "
+        f"{args.repeats} rounds; TTFT = median over every request of the level. Memory: PSS (shared pages "
+        "split between processes) and RSS summed over the server's process tree after the run; weights = "
+        "the checkpoint's safetensors bytes. The models ran one after another in one invocation.",
+        "",
+        "## Goals (tsq ≥ 1.5× bf16 at 1 stream, ≥ 1.0× at 16 streams), through the OpenAI server",
+        "",
+    ]
+    for r in rows[1:]:
+        parts = []
+        for n, goal in ((1, 1.5), (16, 1.0)):
+            if n in r["streams"]:
+                x = r["streams"][n]["tok_s"] / base[n]["tok_s"]
+                parts.append(f"{x:.2f}× at {n} stream{'s' if n > 1 else ''} ({'met' if x >= goal else 'missed'})")
+        if 1 in r["engine"]:
+            parts.append(f"engine only {r['engine'][1]['tok_s'] / ebase[1]['tok_s']:.2f}× at 1 stream")
+        lines.append(f"- {r['name']}: " + "; ".join(parts) + ".")
+    lines += ["", "## Served (OpenAI server, streamed completions, `openai` client)", "",
+              "| model | " + " | ".join(f"tok/s @{n} (× bf16)" for n in streams) + " | "
+              + " | ".join(f"TTFT @{n} (ms)" for n in streams) + " | PSS (MiB) | RSS (MiB) | weights (MiB) | startup (s) |",
+              "|---" * (1 + 2 * len(streams) + 4) + "|"]
+    for r in rows:
+        s = r["streams"]
+        lines.append(
+            f"| {r['name']} | " + " | ".join(f"{s[n]['tok_s']:.1f} ({s[n]['tok_s'] / base[n]['tok_s']:.2f}×)" for n in streams)
+            + " | " + " | ".join(f"{1000 * s[n]['ttft_s']:.0f}" for n in streams)
+            + f" | {r['pss_mib']:.0f} | {r['rss_mib']:.0f} | {r['weights_mib']:.0f} | {r['startup_s']:.0f} |")
+    lines += ["", "## Engine only (`vllm.LLM.generate` on n prompts, same engine flags, no HTTP)", "",
+              "What the server's front end (API server process, streaming, the client on the same 2 cores) costs "
+              "shows as the difference between this table and the one above.", "",
+              "| model | " + " | ".join(f"tok/s @{n} (× bf16)" for n in streams) + " |", "|---" * (1 + len(streams)) + "|"]
+    for r in rows:
+        e = r["engine"]
+        lines.append(f"| {r['name']} | " + " | ".join(
+            f"{e[n]['tok_s']:.1f} ({e[n]['tok_s'] / ebase[n]['tok_s']:.2f}×)" for n in streams) + " |")
+    lines += ["", "Rounds (tok/s) per level, served | engine only:", ""]
+    for r in rows:
+        lines.append(f"- {r['name']}: " + "; ".join(
+            f"{n}: " + ", ".join(f"{v:.1f}" for v in r["streams"][n]["tok_s_rounds"]) + " | "
+            + ", ".join(f"{v:.1f}" for v in r["engine"][n]["tok_s_rounds"]) for n in streams))
+    lines += ["", "Commands (VLLM_CPU_KVCACHE_SPACE=1 for every server):", "", "```", *commands,
+              *(r["command"] for r in rows), "```", ""]
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16], help="concurrent streams")
@@ -150,69 +262,40 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=256, help="calibration window length when quantizing")
     p.add_argument("--workdir", default="/tmp/tsq-serve-bench", help="checkpoints and server logs")
     p.add_argument("--output", default=str(RESULTS / "serve.md"), help="markdown report (PNG beside it)")
+    p.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "OUT_JSON"),
+                   help="internal: measure MODEL_DIR with vllm.LLM (no HTTP) and write the result to OUT_JSON")
+    p.add_argument("--quantization", help="internal, with --engine-worker: vLLM's --quantization")
     args = p.parse_args()
+    if args.engine_worker:
+        res = engine_only(args.engine_worker[0], args.quantization, args.streams, args.repeats, args.max_tokens)
+        Path(args.engine_worker[1]).write_text(json.dumps(res))
+        return 0
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     given = {int(b): d for b, d in (c.split("=", 1) for c in args.checkpoint)}
     calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0"]
     hf, ckpts, commands = prepare(work, given, calib)
-    models = [("bf16", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(hf)])]
-    models += [(f"tsq INT{b} g64", [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[b])]) for b in (4, 3, 2)]
+    models = [("bf16", hf, None, [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(hf)])]
+    models += [(f"tsq INT{b} g64", ckpts[b], "tsq", [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[b])])
+               for b in (4, 3, 2)]
     load_start = os.getloadavg()[0]
     rows = []
-    for name, cmd in models:
+    for name, model_dir, quantization, cmd in models:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        with ServerProcess([*cmd, *COMMON], work / f"{name.replace(' ', '-')}.log", env=env, cwd=ROOT) as server:
+        log = work / name.replace(" ", "-")
+        with ServerProcess([*cmd, *COMMON], log.with_suffix(".log"), env=env, cwd=ROOT) as server:
             res = measure(server, args.streams, args.repeats, args.max_tokens)
             mem = memory_mib(server.proc.pid)
-        rows.append({"name": name, "command": _shell(server.cmd), "startup_s": server.startup_s, "streams": res, **mem})
-        print(name, json.dumps({n: round(v["tok_s"], 1) for n, v in res.items()}), f"PSS {mem['pss_mib']:.0f} MiB",
-              flush=True)
+        engine = _run_engine_worker(model_dir, quantization, args, log.with_suffix(".engine.log"))
+        weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
+        rows.append({"name": name, "command": _shell(server.cmd), "startup_s": server.startup_s, "streams": res,
+                     "engine": engine, "weights_mib": weights, **mem})
+        print(name, json.dumps({n: round(v["tok_s"], 1) for n, v in res.items()}),
+              "engine only", json.dumps({n: round(v["tok_s"], 1) for n, v in engine.items()}),
+              f"PSS {mem['pss_mib']:.0f} MiB", flush=True)
 
-    base = rows[0]["streams"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import vllm
-
-    head = "| model | " + " | ".join(f"tok/s @{n} (× bf16)" for n in args.streams) + " | " + \
-        " | ".join(f"TTFT @{n} (ms)" for n in args.streams) + " | PSS (MiB) | RSS (MiB) | startup (s) |"
-    lines = [
-        "# Serving throughput: SmolLM2-135M, bf16 vs tsq, vLLM on CPU",
-        "",
-        f"Generated by `python benchmarks/serve_bench.py {' '.join(sys.argv[1:])}` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {cpu}, {os.cpu_count()} CPUs (shared; "
-        f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end), vLLM {vllm.__version__} (vllm-cpu), "
-        f"Python {platform.python_version()}.",
-        f"Each request: a {len(PROMPT.split())}-word prompt, exactly {args.max_tokens} new tokens (greedy, "
-        f"`ignore_eos`), streamed. tok/s = all output tokens of a round / round wall time, median of "
-        f"{args.repeats} rounds; TTFT = median over every request of the level. Memory: PSS (shared pages "
-        "split between processes) and RSS summed over the server's process tree after the run. "
-        "The servers ran one after another in one invocation.",
-        "",
-        "## Goals (tsq ≥ 1.5× bf16 at 1 stream, ≥ 1.0× at 16 streams)",
-        "",
-    ]
-    for r in rows[1:]:
-        parts = []
-        for n, goal in ((1, 1.5), (16, 1.0)):
-            if n in r["streams"]:
-                x = r["streams"][n]["tok_s"] / base[n]["tok_s"]
-                parts.append(f"{x:.2f}× at {n} stream{'s' if n > 1 else ''} ({'met' if x >= goal else 'missed'})")
-        lines.append(f"- {r['name']}: " + "; ".join(parts) + ".")
-    lines += ["", head, "|---" * (1 + 2 * len(args.streams) + 3) + "|"]
-    for r in rows:
-        s = r["streams"]
-        lines.append(
-            f"| {r['name']} | " + " | ".join(f"{s[n]['tok_s']:.1f} ({s[n]['tok_s'] / base[n]['tok_s']:.2f}×)" for n in args.streams)
-            + " | " + " | ".join(f"{1000 * s[n]['ttft_s']:.0f}" for n in args.streams)
-            + f" | {r['pss_mib']:.0f} | {r['rss_mib']:.0f} | {r['startup_s']:.0f} |")
-    lines += ["", "Rounds (tok/s) per level:", ""]
-    for r in rows:
-        lines.append(f"- {r['name']}: " + "; ".join(
-            f"{n}: " + ", ".join(f"{v:.1f}" for v in r["streams"][n]["tok_s_rounds"]) for n in args.streams))
-    lines += ["", "Commands (VLLM_CPU_KVCACHE_SPACE=1 for every server):", "", "```", *commands,
-              *(r["command"] for r in rows), "```", ""]
+    lines = _report(rows, args, commands, load_start)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
