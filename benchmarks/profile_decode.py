@@ -77,9 +77,9 @@ def main() -> int:
         Path(args.worker[2]).write_text(json.dumps(res))
         return 0
 
-    models = [m.split("=", 1) for m in (args.model or [f"bf16={work}/smollm2-hf", f"tsq INT4 g64={work}/tsq-int4-g64"])]
+    models = [m.partition("=")[::2] for m in (args.model or [f"bf16={work}/smollm2-hf", f"tsq INT4 g64={work}/tsq-int4-g64"])]
     for name, d in models:
-        if not (Path(d) / "config.json").exists():
+        if not d or not (Path(d) / "config.json").exists():
             raise SystemExit(f"--model {name}={d}: no config.json there; run benchmarks/serve_bench.py first or "
                              "pass NAME=DIR of a model directory")
     flags = " ".join(sys.argv[1:])

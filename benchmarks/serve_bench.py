@@ -273,7 +273,13 @@ def main() -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    given = {int(b): d for b, d in (c.split("=", 1) for c in args.checkpoint)}
+    given = {}
+    for c in args.checkpoint:
+        bits, _, d = c.partition("=")
+        if bits not in ("2", "3", "4") or not (Path(d) / "config.json").exists():
+            raise SystemExit(f"--checkpoint {c!r}: expected BITS=DIR with BITS 2, 3 or 4 and DIR a tsq checkpoint "
+                             "directory with a config.json; pass e.g. --checkpoint 3=/path/to/tsq-int3")
+        given[int(bits)] = d
     calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0"]
     hf, ckpts, commands = prepare(work, given, calib)
     models = [("bf16", hf, None, [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(hf)])]
