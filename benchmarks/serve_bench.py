@@ -50,11 +50,12 @@ def _calibration(ckpt: Path) -> dict | None:
     return json.loads(cfg.read_text()).get("tsq", {}).get("calibration") if cfg.exists() else None
 
 
-def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, dict[int, Path], list[str]]:
+def prepare(work: Path, given: dict[int, str], calib: dict) -> tuple[Path, dict[int, Path], list[str]]:
     """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them.
 
     A checkpoint already in `work` is reused only if its quantize_config.json records the same
-    calibration as `calib` asks for; the report lists its command either way.
+    calibration as `calib` (the `calibration` record's fields) asks for; the report lists its
+    command either way.
     """
     import torch
 
@@ -63,7 +64,7 @@ def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, 
     commands = []
     hf = work / "smollm2-hf"
     export_hf_model(hf, torch.bfloat16)
-    want = {"dataset": calib[1], "nsamples": int(calib[3]), "seqlen": int(calib[5]), "seed": int(calib[7])}
+    flags = ["--calib", calib["dataset"], *(a for k in ("nsamples", "seqlen", "seed") for a in (f"--{k}", str(calib[k])))]
     ckpts = {}
     for bits in (4, 3, 2):
         if bits in given:
@@ -72,9 +73,9 @@ def prepare(work: Path, given: dict[int, str], calib: list[str]) -> tuple[Path, 
             continue
         ckpts[bits] = work / f"tsq-int{bits}-g64"
         cmd = [sys.executable, "-m", "tsq_vllm.quantize", "--model", "smollm2", "--bits", str(bits),
-               "--group-size", "64", *calib, "--output", str(ckpts[bits]), "--overwrite"]
+               "--group-size", "64", *flags, "--output", str(ckpts[bits]), "--overwrite"]
         commands.append(_shell(cmd))
-        if _calibration(ckpts[bits]) != want:
+        if _calibration(ckpts[bits]) != calib:
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return hf, ckpts, commands
 
@@ -130,6 +131,14 @@ def measure(server: ServerProcess, streams: list[int], repeats: int, max_tokens:
     return out
 
 
+def make_llm(model_dir: str, quantization: str | None):
+    """`vllm.LLM` with the servers' engine flags (COMMON): bf16, eager, 512-token context."""
+    from vllm import LLM
+
+    kwargs = {"quantization": quantization} if quantization else {}
+    return LLM(model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512, **kwargs)
+
+
 def engine_only(model_dir: str, quantization: str | None, streams: list[int], repeats: int,
                 max_tokens: int) -> dict:
     """Output tok/s of the same engine without the HTTP front end: `vllm.LLM.generate` on n prompts.
@@ -138,10 +147,9 @@ def engine_only(model_dir: str, quantization: str | None, streams: list[int], re
     and thread binding as under the server; the difference to the server's figure is the cost of
     the API server, streaming and the client.
     """
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    kwargs = {"quantization": quantization} if quantization else {}
-    llm = LLM(model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512, **kwargs)
+    llm = make_llm(model_dir, quantization)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([PROMPT], params, use_tqdm=False)  # warm-up
     out = {}
@@ -280,7 +288,7 @@ def main() -> int:
             raise SystemExit(f"--checkpoint {c!r}: expected BITS=DIR with BITS 2, 3 or 4 and DIR a tsq checkpoint "
                              "directory with a config.json; pass e.g. --checkpoint 3=/path/to/tsq-int3")
         given[int(bits)] = d
-    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0"]
+    calib = {"dataset": "wiki", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
     hf, ckpts, commands = prepare(work, given, calib)
     models = [("bf16", hf, None, [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(hf)])]
     models += [(f"tsq INT{b} g64", ckpts[b], "tsq", [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[b])])
