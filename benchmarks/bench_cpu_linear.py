@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tsq_vllm.format import dequantize, pack_linear
+from dataclasses import replace
+
+from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
 
 SHAPES = [(576, 1536), (1536, 576), (576, 576), (4096, 4096)]
@@ -63,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for K, N in SHAPES:
         t = _layer(K, N, args.bits, args.group_size)
-        w32 = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, args.bits, dtype=torch.float32).t().contiguous()
+        w32 = t.dequantize(dtype=torch.float32).t().contiguous()
         w16 = w32.bfloat16()
-        fast = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, None, bits=args.bits,
-                                  group_size=args.group_size, act_dtype=torch.bfloat16)
+        fast = prepare_cpu_linear(replace(t, g_idx=None), act_dtype=torch.bfloat16)
         for M in (1, 16, 128):
             x32 = torch.randn(M, K)
             x16 = x32.bfloat16()
-            eager = lambda: F.linear(x16, dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, args.bits, dtype=torch.bfloat16).t())  # noqa: E731
+            eager = lambda: F.linear(x16, t.dequantize(dtype=torch.bfloat16).t())  # noqa: E731
             ms = {
                 "fp32": _time(lambda: F.linear(x32, w32), args.reps),
                 "bf16": _time(lambda: F.linear(x16, w16), args.reps),

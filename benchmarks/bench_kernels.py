@@ -90,6 +90,8 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
     import torch
     import triton
 
+    from dataclasses import replace
+
     from tsq_vllm.format import pack_linear
     from tsq_vllm.kernels import dequant_matmul, dequant_matmul_reference
 
@@ -119,15 +121,15 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
             else:
                 g_idx = (torch.arange(K) // group).to(torch.int32)
             t = pack_linear(codes, scales, zeros, g_idx, b)
-            qw, qz, sc = t.qweight.to(dev), t.qzeros.to(dev), t.scales.to(dev)
-            gi = t.g_idx.to(dev) if act_order else None
+            layer = replace(t, qweight=t.qweight.to(dev), qzeros=t.qzeros.to(dev), scales=t.scales.to(dev),
+                            g_idx=t.g_idx.to(dev) if act_order else None)
             for M in BATCH:
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
-                y = dequant_matmul(x, qw, qz, sc, gi, bits=b, backend="triton")
-                ref = dequant_matmul_reference(x, qw, qz, sc, gi, bits=b)
+                y = dequant_matmul(x, layer, backend="triton")
+                ref = dequant_matmul_reference(x, layer)
                 err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
                 t16 = bench(lambda: torch.matmul(x, w16))
-                tq = bench(lambda: dequant_matmul(x, qw, qz, sc, gi, bits=b, backend="triton"))
+                tq = bench(lambda: dequant_matmul(x, layer, backend="triton"))
                 b16, bq = bytes_moved(M, K, N, None, group), bytes_moved(M, K, N, b, group)
                 lines.append(f"| {K} | {N} | {M} | {b} | {t16 * 1e3:.1f} | {tq * 1e3:.1f} | {t16 / tq:.2f}× "
                              f"| {b16 / t16 / 1e6:.0f} | {bq / tq / 1e6:.0f} | {err:.1e} |")

@@ -62,7 +62,7 @@ def load_for_eval(model: str | None, gguf_file: str | None = None) -> tuple[nn.M
 
 
 def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
-    """(checkpoint path, its QuantizationConfig) for a quantized checkpoint, else (ModelSource, None)."""
+    """(checkpoint path, its CheckpointQuantConfig) for a quantized checkpoint, else (ModelSource, None)."""
     from .quantize.checkpoint import read_quantization_config
     from .quantize.source import resolve_source
 

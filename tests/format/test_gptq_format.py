@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsq_vllm.format import QuantizationConfig, dequantize, pack_linear, unpack_linear
+from tsq_vllm.format import CheckpointQuantConfig, pack_linear
 
 
 def _random_layer(bits, group_size, N=64, K=128, seed=0, zero_min=1):
@@ -25,10 +25,11 @@ def test_pack_linear_round_trip(bits, group_size, fmt):
     assert t.qweight.shape == (K * bits // 32, N)
     assert t.qzeros.shape == (K // group_size, N * bits // 32)
     assert t.scales.dtype == torch.float16 and t.scales.shape == (K // group_size, N)
-    got_codes, got_zeros = unpack_linear(t, bits, fmt)
+    assert (t.K, t.N, t.n_groups, t.group_size) == (K, N, K // group_size, group_size)
+    got_codes, got_zeros = t.unpack()
     assert torch.equal(got_codes, codes.t().int())
     assert torch.equal(got_zeros, zeros.t().int())
-    W = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, fmt, dtype=torch.float32)
+    W = t.dequantize(dtype=torch.float32)
     expected = scales[:, g_idx] * (codes - zeros[:, g_idx]).float()  # [N, K]
     torch.testing.assert_close(W, expected.t(), rtol=0, atol=0)
 
@@ -56,20 +57,20 @@ def test_zero_point_zero_cannot_be_v1():
 def test_safetensors_round_trip(tmp_path):
     codes, scales, zeros, g_idx = _random_layer(3, 32)
     t = pack_linear(codes, scales, zeros, g_idx, 3)
-    save_file(t.as_dict("layer"), tmp_path / "m.safetensors")
+    save_file(t.tensors("layer"), tmp_path / "m.safetensors")
     back = load_file(tmp_path / "m.safetensors")
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         assert torch.equal(back[f"layer.{name}"], getattr(t, name)), name
 
 
 def test_config_round_trip_and_gptq_tools_keys():
-    cfg = QuantizationConfig(bits=3, group_size=64, tsq={"stage1": True})
+    cfg = CheckpointQuantConfig(bits=3, group_size=64, tsq={"stage1": True})
     d = cfg.to_dict()
     assert d["quant_method"] == "tsq" and d["checkpoint_format"] == "gptq" and d["desc_act"] is False
-    assert QuantizationConfig.from_dict(d) == cfg
+    assert CheckpointQuantConfig.from_dict(d) == cfg
     gptqmodel = {"bits": 4, "group_size": 128, "desc_act": True, "sym": True, "quant_method": "gptq",
                  "format": "gptq", "pack_dtype": "int32", "damp_percent": 0.05}
-    read = QuantizationConfig.from_dict(gptqmodel)
+    read = CheckpointQuantConfig.from_dict(gptqmodel)
     assert (read.bits, read.group_size, read.desc_act, read.damp_percent) == (4, 128, True, 0.05)
 
 
@@ -79,4 +80,4 @@ def test_config_round_trip_and_gptq_tools_keys():
 ])
 def test_config_rejects(field, value, msg):
     with pytest.raises(ValueError, match=msg):
-        QuantizationConfig(**{field: value})
+        CheckpointQuantConfig(**{field: value})

@@ -17,14 +17,11 @@ from .layers import activations, check_close, make_layer
 
 
 def _launch(x, layer, kind, **kw):
-    K = x.shape[1]
-    N = layer.scales.shape[1]
-    p = Problem(x.shape[0], K, N, layer.scales.shape[0], K // layer.scales.shape[0])
-    cfg = kw.pop("config", None) or tk.pick_config(p, layer.g_idx is not None, kind, sm_count=132)
-    dev = [t.cuda() if t is not None else None for t in layer.args]
-    out = torch.full((x.shape[0], N), float("nan"), dtype=x.dtype, device="cuda")
-    offset = 1 if layer.fmt == "gptq" else 0
-    y = tk.launch(x.cuda(), *dev, bits=layer.bits, zero_offset=offset, config=cfg, out=out, **kw)
+    g = layer.on("cuda")
+    p = Problem(x.shape[0], g.K, g.N, g.n_groups, g.group_size)
+    cfg = kw.pop("config", None) or tk.pick_config(p, g.g_idx is not None, kind, sm_count=132)
+    out = torch.full((x.shape[0], g.N), float("nan"), dtype=x.dtype, device="cuda")
+    y = tk.launch(x.cuda(), g, config=cfg, out=out, **kw)
     torch.cuda.synchronize()
     return y.cpu()
 
@@ -50,10 +47,10 @@ def main() -> int:
     for M in (2, 100):
         x = activations(M, 4096, torch.bfloat16, seed=M)
         check_close(_launch(x, layer, "gemv" if M <= 16 else "gemm", autotune=True), x, layer)
-        args = [t.cuda() if t is not None else None for t in layer.args]
-        check_close(dequant_matmul(x.cuda(), *args, bits=3).cpu(), x, layer)
+        g = layer.on("cuda")
+        check_close(dequant_matmul(x.cuda(), g).cpu(), x, layer)
         register_op()
-        f = torch.compile(lambda v: dequant_matmul_op(v, *args, bits=3), fullgraph=True)
+        f = torch.compile(lambda v: dequant_matmul_op(v, g), fullgraph=True)
         check_close(f(x.cuda()).cpu(), x, layer)
         cases += 3
     print(f"cuda_check: {cases} cases OK on {torch.cuda.get_device_name()}")

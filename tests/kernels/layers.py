@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from tsq_vllm.format import dequantize, pack_linear
+from tsq_vllm.format import GPTQLayer, pack_linear
 
 
 @dataclass
 class Layer:
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor | None  # None: sequential groups (what the fast path takes)
-    g_idx_full: torch.Tensor  # always the [K] tensor, as stored in a checkpoint
-    bits: int
-    fmt: str
+    stored: GPTQLayer  # as a checkpoint stores it: g_idx always the [K] tensor
+    gptq: GPTQLayer  # what kernels take: g_idx None for sequential groups (the fast path)
 
     @property
-    def args(self):
-        return self.qweight, self.qzeros, self.scales, self.g_idx
+    def bits(self) -> int:
+        return self.stored.bits
+
+    @property
+    def fmt(self) -> str:
+        return self.stored.checkpoint_format
+
+    @property
+    def g_idx(self) -> torch.Tensor | None:
+        return self.gptq.g_idx
+
+    def on(self, device: str) -> GPTQLayer:
+        g = self.gptq
+        return replace(g, qweight=g.qweight.to(device), qzeros=g.qzeros.to(device), scales=g.scales.to(device),
+                       g_idx=None if g.g_idx is None else g.g_idx.to(device))
 
     def weight(self) -> torch.Tensor:
         """W [K, N] in fp32, from the reference decode."""
-        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx_full, self.bits, self.fmt,
-                          dtype=torch.float32)
+        return self.stored.dequantize(dtype=torch.float32)
 
 
 def make_layer(K: int, N: int, bits: int, G: int, *, act_order: bool = False, fmt: str = "gptq",
@@ -45,7 +52,7 @@ def make_layer(K: int, N: int, bits: int, G: int, *, act_order: bool = False, fm
     else:
         g_idx = (torch.arange(K) // G).to(torch.int32)
     t = pack_linear(codes, scales, zeros, g_idx, bits, fmt)
-    return Layer(t.qweight, t.qzeros, t.scales, t.g_idx if act_order else None, t.g_idx, bits, fmt)
+    return Layer(t, t if act_order else replace(t, g_idx=None))
 
 
 def activations(M: int, K: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:

@@ -7,7 +7,6 @@ fails `check_close`.
 import pytest
 import torch
 
-from tsq_vllm.format import dequantize
 from tsq_vllm.kernels import dequant_matmul
 from tsq_vllm.kernels.reference import Problem
 
@@ -18,15 +17,12 @@ K, N = 256, 96  # N = 1.5 blocks of 64; K = 2 groups of 128
 
 
 def run(tk, x, layer, kind, *, config=None, workspace=None, autotune=False):
-    M, K_ = x.shape
+    g = layer.gptq
     if config is None:
-        G = K_ // layer.scales.shape[0]
-        p = Problem(M, K_, layer.scales.shape[1], layer.scales.shape[0], G)
-        config = tk.pick_config(p, layer.g_idx is not None, kind, sm_count=8)
-    out = torch.full((M, layer.scales.shape[1]), float("nan"), dtype=x.dtype)
-    offset = 1 if layer.fmt == "gptq" else 0
-    y = tk.launch(x, *layer.args, bits=layer.bits, zero_offset=offset, config=config, out=out,
-                  workspace=workspace, autotune=autotune)
+        p = Problem(x.shape[0], g.K, g.N, g.n_groups, g.group_size)
+        config = tk.pick_config(p, g.g_idx is not None, kind, sm_count=8)
+    out = torch.full((x.shape[0], g.N), float("nan"), dtype=x.dtype)
+    y = tk.launch(x, g, config=config, out=out, workspace=workspace, autotune=autotune)
     assert y is out
     return y
 
@@ -108,7 +104,7 @@ def test_one_hot_rows_decode_exactly(tk, kind, bits):
     x = torch.zeros(len(ks), 128, dtype=torch.float16)
     x[torch.arange(len(ks)), torch.tensor(ks)] = 1
     y = run(tk, x, layer, kind)
-    w = dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx_full, bits, dtype=torch.float32)
+    w = layer.weight()
     assert torch.equal(y, w[ks].to(torch.float16))
 
 
@@ -116,20 +112,20 @@ def test_entry_point_batch_dims(tk):
     """dequant_matmul with backend='triton' on CPU (interpreted) and leading batch dims."""
     layer = make_layer(128, 64, 3, 32, seed=11)
     x = torch.randn(2, 3, 128).to(torch.bfloat16)
-    y = dequant_matmul(x, *layer.args, bits=3, backend="triton")
-    ref = dequant_matmul(x, *layer.args, bits=3, backend="torch")
+    y = dequant_matmul(x, layer.gptq, backend="triton")
+    ref = dequant_matmul(x, layer.gptq, backend="torch")
     assert y.shape == (2, 3, 64)
     check_close(y.reshape(6, 64), x.reshape(6, 128), layer)
     assert (y.float() - ref.float()).abs().max() <= 1.2e-2 * ref.float().abs().max()
     # the checkpoint's stored sequential g_idx takes the act-order path and agrees
-    y_stored = dequant_matmul(x, *layer.args[:3], layer.g_idx_full, bits=3, backend="triton")
+    y_stored = dequant_matmul(x, layer.stored, backend="triton")
     assert (y_stored.float() - y.float()).abs().max() <= 1.2e-2 * ref.float().abs().max()
 
 
 def test_triton_rejects_fp32_activations(tk):
     layer = make_layer(128, 64, 4, 32)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
-        dequant_matmul(torch.randn(2, 128), *layer.args, bits=4, backend="triton")
+        dequant_matmul(torch.randn(2, 128), layer.gptq, backend="triton")
 
 
 @pytest.mark.parametrize("kind,M", [("gemm", 20), ("gemv", 2)])

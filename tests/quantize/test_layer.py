@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from tsq_vllm.core import layer_objective
-from tsq_vllm.format import dequantize
 from tsq_vllm.quantize import quantize_weight
 
 from ..core.conftest import correlated_inputs
@@ -55,7 +54,7 @@ def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, g
     W, H = correlated_layer
     qw = quantize_weight(W, H, bits=bits, group_size=group_size, act_order=act_order)
     t = qw.to_gptq("gptq")
-    W_ckpt = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, dtype=torch.float32)  # [K, N]
+    W_ckpt = t.dequantize(dtype=torch.float32)  # [K, N]
     torch.testing.assert_close(W_ckpt.t(), qw.dequantize(), rtol=0, atol=0)
     counts = torch.bincount(qw.g_idx, minlength=256 // group_size)
     assert (counts == group_size).all()

@@ -1,6 +1,6 @@
 """End to end on tiny random models: quantize → checkpoint → independent unpack → reload.
 
-The bit unpacking here is written from DESIGN.md section 3 (a little-endian bit stream along K
+The bit unpacking here is written from docs/format.md (a little-endian bit stream along K
 for qweight and along N for qzeros), deliberately not through tsq_vllm.format, so a bug shared by
 the packer and its own unpacker cannot pass.
 """
@@ -218,7 +218,7 @@ def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
     bad = dict(good)
     bad[f"{prefix}.qweight"] = good[f"{prefix}.qweight"][:-1].contiguous()
     save_file(bad, out / "model.safetensors")
-    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}.qweight is torch.int32 \[15, 256\]"):
+    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}: qweight has shape \(15, 256\)"):
         tsq_vllm.load_quantized(out)
 
     bad = {k: v for k, v in good.items() if k != f"{prefix}.g_idx"}

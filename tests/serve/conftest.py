@@ -1,6 +1,6 @@
 """Fixtures for serving tests: round-to-nearest GPTQ checkpoints of tiny models, and references.
 
-`write_rtn_checkpoint` writes the same format `python -m tsq_vllm.quantize` writes (DESIGN.md §3)
+`write_rtn_checkpoint` writes the same format `python -m tsq_vllm.quantize` writes (docs/format.md)
 with per-group asymmetric min-max RTN codes, so the serving path can be tested on its own.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsq_vllm.format import QuantizationConfig, dequantize, pack_linear
+from tsq_vllm.format import CheckpointQuantConfig, GPTQLayer, pack_linear
 
 from ..helpers import make_tiny_model
 
@@ -65,13 +65,13 @@ def write_rtn_checkpoint(src: Path, dst: Path, bits: int, group_size: int, *, ac
         shared_input = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
         seed = sum(map(ord, shared_input)) * 7919 % 100003
         codes, scales, zeros, g_idx = rtn_quantize(t, bits, group_size, act_order, seed=seed)
-        for key, value in pack_linear(codes, scales, zeros, g_idx, bits).as_dict(prefix).items():
+        for key, value in pack_linear(codes, scales, zeros, g_idx, bits).tensors(prefix).items():
             out[key] = value.contiguous()
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     for f in src.iterdir():
         if f.is_file() and f.name not in ("model.safetensors", "config.json"):
             shutil.copy(f, dst / f.name)
-    qcfg = QuantizationConfig(bits=bits, group_size=group_size, desc_act=act_order).to_dict()
+    qcfg = CheckpointQuantConfig(bits=bits, group_size=group_size, desc_act=act_order).to_dict()
     qcfg["quant_method"] = quant_method
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qcfg
@@ -83,15 +83,17 @@ def write_rtn_checkpoint(src: Path, dst: Path, bits: int, group_size: int, *, ac
 def dequantized_state(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
     """The checkpoint's state dict with every quantized linear decoded by the reference."""
     state = load_file(str(ckpt / "model.safetensors"))
-    fmt = json.loads((ckpt / "config.json").read_text())["quantization_config"]["checkpoint_format"]
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    fmt, group_size = qc["checkpoint_format"], qc["group_size"]
     out = {}
     for name, t in state.items():
         if name.endswith((".qzeros", ".scales", ".g_idx")):
             continue
         if name.endswith(".qweight"):
             p = name[: -len(".qweight")]
-            w = dequantize(t, state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"], bits, fmt,
-                           dtype=torch.float32)
+            layer = GPTQLayer(t, state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"], bits,
+                              group_size=group_size, checkpoint_format=fmt)
+            w = layer.dequantize(dtype=torch.float32)
             out[f"{p}.weight"] = w.t().contiguous()
         else:
             out[name] = t

@@ -1,11 +1,13 @@
-"""The CPU fast path (tsq_vllm.kernels.cpu) against the reference decode `tsq_vllm.format.dequantize`."""
+"""The CPU fast path (tsq_vllm.kernels.cpu) against the reference decode `GPTQLayer.dequantize`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tsq_vllm.format import dequantize, pack_linear
+from dataclasses import replace
+
+from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear, select_cpu_path
 
 pytestmark = pytest.mark.skipif(
@@ -30,9 +32,9 @@ def _layer(bits: int, group: int, n_out: int = 96, k_in: int = 256, act_order: b
 
 
 def _check(t, bits: int, group: int, dtype: torch.dtype, m: int = 5, fmt: str = "gptq", **kw) -> str:
-    w = dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, fmt, dtype=torch.float32)  # [K, N]
-    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=bits, group_size=group,
-                             checkpoint_format=fmt, act_dtype=dtype, **kw)
+    assert (t.bits, t.group_size, t.checkpoint_format) == (bits, group, fmt)
+    w = t.dequantize(dtype=torch.float32)  # [K, N]
+    lin = prepare_cpu_linear(t, act_dtype=dtype, **kw)
     x = torch.randn(m, w.shape[0], generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(w.shape[1]).to(dtype)
     y = lin(x, bias)
@@ -74,13 +76,13 @@ def test_gptq_v2_zero_points():
 def test_uneven_groups_fall_back_to_dense():
     # A g_idx whose groups are not whole blocks of group_size columns cannot use the int4 kernel.
     t = _layer(4, 32, k_in=128)
-    t.g_idx = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
+    t = replace(t, g_idx=torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32))
     assert _check(t, 4, 32, torch.bfloat16) == "dense"
 
 
 def test_leading_dims_and_empty_batch():
     t = _layer(3, 64)
-    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=3, group_size=64)
+    lin = prepare_cpu_linear(t)
     assert lin(torch.randn(2, 3, 256).bfloat16()).shape == (2, 3, 96)
     assert lin(torch.randn(0, 256).bfloat16()).shape == (0, 96)
     with pytest.raises(ValueError, match="in_features=256"):
@@ -89,17 +91,15 @@ def test_leading_dims_and_empty_batch():
 
 def test_prepared_memory_is_smaller_than_bf16():
     t = _layer(4, 64, n_out=256, k_in=512)
-    lin = prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=4, group_size=64)
+    lin = prepare_cpu_linear(t)
     assert lin.nbytes() < 0.4 * 256 * 512 * 2
 
 
 def test_bad_inputs_name_the_problem():
     t = _layer(4, 64)
     with pytest.raises(ValueError, match="g_idx spans"):
-        prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx + 10, bits=4, group_size=64)
-    with pytest.raises(ValueError, match="qzeros has shape"):
-        prepare_cpu_linear(t.qweight, t.qzeros[:, :4], t.scales, t.g_idx, bits=4, group_size=64)
-    with pytest.raises(ValueError, match="must be int32"):
-        prepare_cpu_linear(t.qweight.float(), t.qzeros, t.scales, t.g_idx, bits=4, group_size=64)
+        prepare_cpu_linear(replace(t, g_idx=t.g_idx + 10))
     with pytest.raises(ValueError, match="path='int4x2' cannot hold 4-bit"):
-        prepare_cpu_linear(t.qweight, t.qzeros, t.scales, t.g_idx, bits=4, group_size=64, path="int4x2")
+        prepare_cpu_linear(t, path="int4x2")
+    with pytest.raises(ValueError, match="act_dtype=torch.int8"):
+        prepare_cpu_linear(t, act_dtype=torch.int8)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from tsq_vllm.format import dequantize, pack_linear
+from tsq_vllm.format import pack_linear
 
 from .conftest import rtn_quantize
 
@@ -69,7 +69,7 @@ def _ckpt(n_out: int, k_in: int, bits: int, group: int, act_order: bool, seed: i
     w = torch.randn(n_out, k_in, generator=torch.Generator().manual_seed(seed)) * 0.05
     codes, scales, zeros, g_idx = rtn_quantize(w, bits, group, act_order, seed=7)  # one order for fused parts
     t = pack_linear(codes, scales, zeros, g_idx, bits)
-    return t, dequantize(t.qweight, t.qzeros, t.scales, t.g_idx, bits, dtype=torch.float32)
+    return t, t.dequantize(dtype=torch.float32)
 
 
 def _build(kind: str, cfg, dtype: torch.dtype):

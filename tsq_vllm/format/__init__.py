@@ -1,21 +1,21 @@
 """The GPTQ-compatible checkpoint format: bit packing, per-layer tensors, config."""
 
-from .gptq import CHECKPOINT_FORMATS, GPTQTensors, dequantize, pack_linear, unpack_linear
-from .config import QUANT_METHOD, SUPPORTED_GROUP_SIZES, QuantizationConfig
+from .config import QUANT_METHOD, SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
+from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer, pack_linear, zero_offset
 from .packing import SUPPORTED_BITS, pack, pack_factor, run_length, unpack
 
 __all__ = [
     "CHECKPOINT_FORMATS",
-    "GPTQTensors",
+    "CheckpointQuantConfig",
+    "GPTQLayer",
     "QUANT_METHOD",
-    "QuantizationConfig",
-    "SUPPORTED_GROUP_SIZES",
     "SUPPORTED_BITS",
-    "dequantize",
+    "SUPPORTED_GROUP_SIZES",
+    "TENSOR_NAMES",
     "pack",
     "pack_factor",
     "pack_linear",
     "run_length",
     "unpack",
-    "unpack_linear",
+    "zero_offset",
 ]

@@ -19,14 +19,14 @@ from typing import Any
 from .gptq import CHECKPOINT_FORMATS
 from .packing import SUPPORTED_BITS
 
-__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "QuantizationConfig"]
+__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "CheckpointQuantConfig"]
 
 QUANT_METHOD = "tsq"
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
-class QuantizationConfig:
+class CheckpointQuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
@@ -60,7 +60,7 @@ class QuantizationConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantizationConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointQuantConfig":
         """Read a tsq or GPTQ `quantization_config`; unknown GPTQ-tool keys are ignored."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}

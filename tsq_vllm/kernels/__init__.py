@@ -1,20 +1,19 @@
 """Dequant-matmul kernels for GPTQ weights: y = x · W with W decoded per group on the fly.
 
-`dequant_matmul` is the entry point; `dequant_matmul_reference` (torch, fp32) is the
+`dequant_matmul(x, layer)` is the entry point; `dequant_matmul_reference` (torch, fp32) is the
 specification; `register_op` / `dequant_matmul_op` expose the `tsq::dequant_matmul` custom op.
 The Triton kernels live in `triton_kernels` and are imported only when used.
 """
 
 from .op import BACKENDS, OP_NAME, dequant_matmul, dequant_matmul_op, register_op
-from .reference import check_inputs, dequant_matmul_reference, sequential_g_idx
+from .reference import check_input, dequant_matmul_reference
 
 __all__ = [
     "BACKENDS",
     "OP_NAME",
-    "check_inputs",
+    "check_input",
     "dequant_matmul",
     "dequant_matmul_op",
     "dequant_matmul_reference",
     "register_op",
-    "sequential_g_idx",
 ]

@@ -16,7 +16,7 @@ serving path converts each layer once (`prepare_cpu_linear`) into one of three f
 
 Act-order (a `g_idx` that is not k // G) is handled by sorting the input columns by group once at
 load; each call gathers x's columns in that order (M·K element copies, negligible next to the
-matmul). Every path is tested against `tsq_vllm.format.dequantize`.
+matmul). Every path is tested against `GPTQLayer.dequantize`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..format.gptq import dequantize, unpack_linear, GPTQTensors
+from ..format.gptq import GPTQLayer
 from ..format.packing import check_bits
 
 __all__ = [
@@ -124,45 +124,6 @@ class CPUQuantizedLinear:
         return y
 
 
-def _check_layer(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-) -> tuple[int, int, int]:
-    """(K, N, n_groups) of a layer's tensors, or a ValueError naming the inconsistent one."""
-    check_bits(bits)
-    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32 as GPTQ stores it, got {t.dtype}")
-    if not scales.dtype.is_floating_point:
-        raise ValueError(f"scales must be a float tensor, got {scales.dtype}")
-    if qweight.ndim != 2 or (qweight.shape[0] * 32) % bits:
-        raise ValueError(
-            f"qweight has shape {tuple(qweight.shape)}: {bits}-bit codes need [K*{bits}/32, N] "
-            f"with whole int32 runs along K"
-        )
-    k_in = qweight.shape[0] * 32 // bits
-    n_out = qweight.shape[1]
-    n_groups = scales.shape[0] if scales.ndim == 2 else -1
-    if scales.shape != (n_groups, n_out):
-        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected [n_groups, N={n_out}]")
-    if qzeros.shape != (n_groups, n_out * bits // 32) or (n_out * bits) % 32:
-        raise ValueError(
-            f"qzeros has shape {tuple(qzeros.shape)}, expected [n_groups={n_groups}, "
-            f"N*{bits}/32={n_out * bits / 32:g}] for N={n_out}"
-        )
-    if g_idx.shape != (k_in,):
-        raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected [K={k_in}]")
-    if k_in and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-        raise ValueError(
-            f"g_idx spans [{int(g_idx.min())}, {int(g_idx.max())}] but there are {n_groups} "
-            f"groups of scales: the checkpoint's g_idx does not belong to these scales"
-        )
-    return k_in, n_out, n_groups
-
-
 def _block_layout(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Regroup the K columns into blocks of `group_size` columns that share one group.
 
@@ -188,20 +149,13 @@ def _int4_plane(codes_nk: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_cpu_linear(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
+    layer: GPTQLayer,
     *,
-    bits: int,
-    group_size: int,
-    checkpoint_format: str = "gptq",
     act_dtype: torch.dtype = torch.bfloat16,
     path: str | None = None,
 ) -> CPUQuantizedLinear:
     """Convert one layer's GPTQ tensors (checkpoint layout) into a `CPUQuantizedLinear`.
 
-    `g_idx` maps each input column to its row of `scales`/`qzeros` (None: k // group_size).
     `path` forces "dense" (any layer) or an int4 path; by default `select_cpu_path` decides, and
     layers the int4 kernel cannot express fall back to "dense".
     """
@@ -209,29 +163,28 @@ def prepare_cpu_linear(
         raise ValueError(f"path={path!r} is not a CPU path: use one of {CPU_PATHS} or None")
     if act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"act_dtype={act_dtype} is not supported: use float16, bfloat16 or float32")
-    if g_idx is None:
-        k_rows = qweight.shape[0] * 32 // bits
-        g_idx = torch.arange(k_rows, dtype=torch.int32) // group_size
-    k_in, n_out, _ = _check_layer(qweight, qzeros, scales, g_idx, bits)
+    layer.check_g_idx()
+    bits, group_size = layer.bits, layer.group_size
+    k_in, n_out = layer.K, layer.N
 
     chosen = path or select_cpu_path(bits, act_dtype)
     if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
         raise ValueError(f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' for 8")
-    layout = None if chosen == "dense" else _block_layout(g_idx, group_size)
+    layout = None if chosen == "dense" else _block_layout(layer.full_g_idx, group_size)
     if layout is None:
         # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
-        w = dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=torch.float32)
+        w = layer.dequantize(dtype=torch.float32)
         return CPUQuantizedLinear(
             path="dense", in_features=k_in, out_features=n_out, act_dtype=act_dtype,
             group_size=group_size, weight=w.t().contiguous().to(act_dtype),
         )
 
     perm, block_group = layout
-    codes, zeros = unpack_linear(GPTQTensors(qweight, qzeros, scales, g_idx), bits, checkpoint_format)
+    codes, zeros = layer.unpack()
     if perm is not None:
         codes = codes.index_select(0, perm)
     n_pad = -n_out % _INT4_N_ALIGN
-    s = F.pad(scales.float().index_select(0, block_group), (0, n_pad))  # [K/G, N_pad]
+    s = F.pad(layer.scales.float().index_select(0, block_group), (0, n_pad))  # [K/G, N_pad]
     z = F.pad(zeros.float().index_select(0, block_group), (0, n_pad))
     codes_nk = F.pad(codes.t(), (0, 0, 0, n_pad))  # [N_pad, K]; padded columns decode to 0
 

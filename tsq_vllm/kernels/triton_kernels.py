@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Problem, check_inputs, zero_offset
+from ..format.gptq import GPTQLayer
+from .reference import Problem, check_input
 
 __all__ = [
     "GEMV_MAX_M",
@@ -344,13 +345,8 @@ def _tuned(kind: str):
 
 def launch(
     x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
+    layer: GPTQLayer,
     *,
-    bits: int,
-    zero_offset: int,
     config: KernelConfig | None = None,
     kind: str | None = None,
     autotune: bool | None = None,
@@ -363,7 +359,8 @@ def launch(
     the autotuner when `autotune` (default: `autotune_enabled()`). `workspace` is the fp32
     [split_k, M, N] buffer of the GEMV (allocated when None).
     """
-    p = check_inputs(x, qweight, qzeros, scales, g_idx, bits)
+    p = check_input(x, layer)
+    qweight, qzeros, scales, g_idx, bits = layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"x has dtype {x.dtype}: the Triton kernels take float16 or bfloat16 activations; cast x")
     if x.device.type == "cpu" and not is_interpreted():
@@ -391,7 +388,7 @@ def launch(
 
     # The act-order pointer must be a tensor even when unused; qweight stands in.
     g_arg = g_idx if act_order else qweight
-    common = dict(BITS=bits, GROUP_SIZE=p.group_size, ZERO_OFFSET=zero_offset, ACT_ORDER=act_order,
+    common = dict(BITS=bits, GROUP_SIZE=p.group_size, ZERO_OFFSET=layer.zero_offset, ACT_ORDER=act_order,
                   DOT_F32=is_interpreted() and x.dtype == torch.bfloat16)
     m_bucket = triton.next_power_of_2(max(p.M, 1))
     strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0),
@@ -439,22 +436,11 @@ def launch(
     return out
 
 
-def dequant_matmul_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    *,
-    bits: int,
-    checkpoint_format: str = "gptq",
-    kind: str | None = None,
-) -> torch.Tensor:
+def dequant_matmul_triton(x: torch.Tensor, layer: GPTQLayer, *, kind: str | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] · W on the Triton kernels (CUDA, or CPU under the interpreter)."""
-    offset = zero_offset(checkpoint_format)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = launch(x2, qweight, qzeros, scales, g_idx, bits=bits, zero_offset=offset, kind=kind)
+    y = launch(x2, layer, kind=kind)
     return y.reshape(*lead, y.shape[-1])

@@ -1,4 +1,4 @@
-"""Writing and reading GPTQ-layout checkpoints (DESIGN.md section 3).
+"""Writing and reading GPTQ-layout checkpoints (layout: docs/format.md).
 
 `save_quantized` writes into a temporary directory beside the output and renames it into place
 only when everything is written, so a crash or a bad tensor never leaves a half checkpoint
@@ -23,41 +23,35 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..format.config import QUANT_METHOD, QuantizationConfig
-from ..format.gptq import GPTQTensors, dequantize
+from ..format.config import QUANT_METHOD, CheckpointQuantConfig
+from ..format.gptq import TENSOR_NAMES, GPTQLayer
 
 __all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class QuantLinear(nn.Module):
     """A linear layer stored as GPTQ tensors; each forward decodes W with the torch reference."""
 
-    def __init__(
-        self,
-        tensors: GPTQTensors,
-        bias: torch.Tensor | None,
-        *,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        checkpoint_format: str,
-    ):
+    def __init__(self, layer: GPTQLayer, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.checkpoint_format = bits, checkpoint_format
-        for name in _PACKED:
-            self.register_buffer(name, getattr(tensors, name))
+        self.in_features, self.out_features = layer.K, layer.N
+        self.bits, self.group_size, self.checkpoint_format = layer.bits, layer.group_size, layer.checkpoint_format
+        for name, t in zip(TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx)):
+            self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def layer(self) -> GPTQLayer:
+        """The buffers as a `GPTQLayer` (they follow the module across devices)."""
+        return GPTQLayer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
+                         self.checkpoint_format)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W in nn.Linear orientation [N, K]."""
-        w = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format,
-                       dtype=dtype or torch.float32)  # [K, N]
-        return w.t()
+        return self.layer.dequantize(dtype=dtype or torch.float32).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
@@ -65,29 +59,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}")
-
-
-def _check_packed(prefix: str, t: GPTQTensors, k: int, n: int, bits: int, group_size: int) -> None:
-    """Shapes and dtypes of one layer's tensors against its nn.Linear and the config."""
-    if k % group_size or (k * bits) % 32 or (n * bits) % 32:
-        raise ValueError(f"corrupt checkpoint: {prefix} shape [{n}, {k}] cannot hold {bits}-bit group {group_size} tensors")
-    n_g = k // group_size
-    expected = {
-        "qweight": ((k * bits // 32, n), (torch.int32,)),
-        "qzeros": ((n_g, n * bits // 32), (torch.int32,)),
-        "scales": ((n_g, n), (torch.float16, torch.bfloat16, torch.float32)),
-        "g_idx": ((k,), (torch.int32, torch.int64)),
-    }
-    for name, (shape, dtypes) in expected.items():
-        got = getattr(t, name)
-        if tuple(got.shape) != shape or got.dtype not in dtypes:
-            raise ValueError(
-                f"corrupt checkpoint: {prefix}.{name} is {got.dtype} {list(got.shape)}, expected "
-                f"{dtypes[0]} {list(shape)} for a {bits}-bit, group {group_size} layer with in_features={k}, "
-                f"out_features={n}; re-quantize or fix the config"
-            )
-    if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= n_g):
-        raise ValueError(f"corrupt checkpoint: {prefix}.g_idx has groups outside [0, {n_g})")
 
 
 def _tied_targets(model: nn.Module) -> set[str]:
@@ -100,7 +71,7 @@ def _tied_targets(model: nn.Module) -> set[str]:
     return tied
 
 
-def checkpoint_tensors(model: nn.Module, packed: dict[str, GPTQTensors]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: nn.Module, packed: dict[str, GPTQLayer]) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_targets(model)
@@ -116,7 +87,7 @@ def checkpoint_tensors(model: nn.Module, packed: dict[str, GPTQTensors]) -> dict
         # clone() also breaks any other storage sharing, which safetensors refuses.
         out[key] = value.detach().to("cpu").contiguous().clone()
     for prefix, t in packed.items():
-        out.update({k: v.contiguous() for k, v in t.as_dict(prefix).items()})
+        out.update({k: v.contiguous() for k, v in t.tensors(prefix).items()})
     return out
 
 
@@ -161,8 +132,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 def save_quantized(
     model: nn.Module,
-    packed: dict[str, GPTQTensors],
-    qconfig: QuantizationConfig,
+    packed: dict[str, GPTQLayer],
+    qconfig: CheckpointQuantConfig,
     output: str | Path,
     *,
     tokenizer: Any = None,
@@ -228,7 +199,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
+def read_quantization_config(path: str | Path) -> CheckpointQuantConfig | None:
     """The checkpoint's quantization_config if it is a tsq or GPTQ checkpoint, else None."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
@@ -240,7 +211,7 @@ def read_quantization_config(path: str | Path) -> QuantizationConfig | None:
     if not isinstance(qc, dict) or qc.get("quant_method") not in (QUANT_METHOD, "gptq"):
         return None
     try:
-        return QuantizationConfig.from_dict(qc)
+        return CheckpointQuantConfig.from_dict(qc)
     except (TypeError, ValueError) as e:
         raise ValueError(f"corrupt checkpoint: quantization_config in {cfg_file}: {e}") from e
 
@@ -311,19 +282,28 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
             lin = None
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this model")
-        missing = [n for n in _PACKED if f"{prefix}.{n}" not in tensors]
+        missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
         if missing:
             raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
-        t = GPTQTensors(*(tensors.pop(f"{prefix}.{n}") for n in _PACKED))
-        _check_packed(prefix, t, lin.in_features, lin.out_features, qc.bits, qc.group_size)
+        qweight, qzeros, scales, g_idx = (tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES)
+        try:
+            layer = GPTQLayer(qweight, qzeros, scales, g_idx.to(torch.int32), qc.bits, qc.group_size,
+                              qc.checkpoint_format)
+            layer.check_g_idx()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt checkpoint: {prefix}: {e}") from None
+        if (layer.K, layer.N) != (lin.in_features, lin.out_features):
+            raise ValueError(
+                f"corrupt checkpoint: {prefix} holds a layer with K={layer.K}, N={layer.N} at "
+                f"{qc.bits} bits, but the model's linear has in_features={lin.in_features}, "
+                f"out_features={lin.out_features}; re-quantize or fix the config"
+            )
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
             raise ValueError(f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}")
         if bias is not None and tuple(bias.shape) != (lin.out_features,):
             raise ValueError(f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected [{lin.out_features}]")
-        t.g_idx = t.g_idx.to(torch.int32)
-        quant = QuantLinear(t, None if bias is None else bias.to(lin.bias.dtype), in_features=lin.in_features,
-                            out_features=lin.out_features, bits=qc.bits, checkpoint_format=qc.checkpoint_format)
+        quant = QuantLinear(layer, None if bias is None else bias.to(lin.bias.dtype))
         model.set_submodule(prefix, quant)
 
     try:

@@ -23,7 +23,7 @@ from ..core.gptq import gptq_quantize
 from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import layer_objective, objective, refine_scales, scale_system
-from ..format.gptq import GPTQTensors, pack_linear
+from ..format.gptq import GPTQLayer, pack_linear
 from ..format.packing import check_bits
 
 __all__ = ["QuantizedWeight", "quantize_weight"]
@@ -50,8 +50,9 @@ class QuantizedWeight:
         g = self.g_idx
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
 
-    def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQTensors:
-        return pack_linear(self.codes, self.scales, self.zeros, self.g_idx, self.bits, checkpoint_format)
+    def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQLayer:
+        return pack_linear(self.codes, self.scales, self.zeros, self.g_idx, self.bits, checkpoint_format,
+                           group_size=self.group_size)
 
 
 def _to_fp16(s: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..format.config import SUPPORTED_GROUP_SIZES, QuantizationConfig
+from ..format.config import SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
 
@@ -116,9 +116,9 @@ class QuantizeOptions:
         """Smallest asymmetric zero point the checkpoint format can store (v1 stores z − 1)."""
         return 1 if self.checkpoint_format == "gptq" else 0
 
-    def quantization_config(self, *, model_source: str, tool_version: str) -> QuantizationConfig:
+    def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
         """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance block."""
-        return QuantizationConfig(
+        return CheckpointQuantConfig(
             bits=self.bits,
             group_size=self.group_size,
             sym=self.sym,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
-from ..format.gptq import GPTQTensors
+from ..format.gptq import GPTQLayer
 from .layer import quantize_weight
 from .options import QuantizeOptions
 from .source import decoder_linears, find_decoder_layers
@@ -54,7 +54,7 @@ class QuantizeResult:
     the dequantized weight, so the model itself is the in-memory quantized model.
     """
 
-    packed: dict[str, GPTQTensors] = field(default_factory=dict)
+    packed: dict[str, GPTQLayer] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0

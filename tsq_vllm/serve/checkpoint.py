@@ -1,7 +1,7 @@
 """Reading and checking a checkpoint's quantization config, without importing vLLM.
 
 Both the launcher (which must fail in one line before a minute-long engine start) and the vLLM
-`QuantizationConfig` read the same dict through `parse_quant_config`, so a checkpoint is refused
+`CheckpointQuantConfig` read the same dict through `parse_quant_config`, so a checkpoint is refused
 with the same message wherever it is met.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..format.config import QUANT_METHOD, QuantizationConfig
+from ..format.config import QUANT_METHOD, CheckpointQuantConfig
 
 __all__ = ["SERVABLE_METHODS", "parse_quant_config", "read_checkpoint_config"]
 
@@ -19,7 +19,7 @@ __all__ = ["SERVABLE_METHODS", "parse_quant_config", "read_checkpoint_config"]
 SERVABLE_METHODS = (QUANT_METHOD, "gptq")
 
 
-def parse_quant_config(raw: dict[str, Any], where: str = "quantization_config") -> QuantizationConfig:
+def parse_quant_config(raw: dict[str, Any], where: str = "quantization_config") -> CheckpointQuantConfig:
     """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad field."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(raw).__name__}")
@@ -41,13 +41,13 @@ def parse_quant_config(raw: dict[str, Any], where: str = "quantization_config") 
             f"bits/group_size for all layers; re-quantize without 'dynamic' overrides"
         )
     try:
-        cfg = QuantizationConfig.from_dict({**raw, "quant_method": method})
+        cfg = CheckpointQuantConfig.from_dict({**raw, "quant_method": method})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
     return cfg
 
 
-def read_checkpoint_config(model_dir: str | Path) -> QuantizationConfig:
+def read_checkpoint_config(model_dir: str | Path) -> CheckpointQuantConfig:
     """The quantization config of a local checkpoint directory, or a one-line ValueError.
 
     Reads `config.json["quantization_config"]`, else `quantize_config.json` (what GPTQ tools

@@ -21,7 +21,7 @@ from vllm.model_executor.layers.quantization.base_config import (
 )
 
 from ..format.config import QUANT_METHOD
-from ..format.config import QuantizationConfig as TsqSpec
+from ..format.config import CheckpointQuantConfig
 from .checkpoint import SERVABLE_METHODS, parse_quant_config
 from .linear import TsqLinearMethod
 
@@ -34,7 +34,7 @@ __all__ = ["TsqConfig", "register_tsq"]
 class TsqConfig(QuantizationConfig):
     """GPTQ-layout checkpoints (tsq or plain GPTQ, 2/3/4/8-bit) served by `TsqLinearMethod`."""
 
-    def __init__(self, spec: TsqSpec) -> None:
+    def __init__(self, spec: CheckpointQuantConfig) -> None:
         super().__init__()
         self.spec = spec
         # Checkpoint-side names of the quantized linears (those with a `.qweight`), mapped to

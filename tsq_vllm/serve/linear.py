@@ -31,6 +31,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
+from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from ..format.packing import run_length
 from ..kernels.cpu import prepare_cpu_linear
 
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
     from .config import TsqConfig
 
 __all__ = ["TsqLinearMethod", "check_partition"]
-
-_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
-
 
 class _CheckedLoad:
     """Mixin for vLLM parameters: verify the checkpoint tensor, then let vLLM shard and copy it.
@@ -286,48 +284,35 @@ class TsqLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         cfg = self.quant_config.spec
         self._check_complete(layer)
-        n_groups = layer.scales.shape[0]
         # Sharded scales hold this rank's groups only, while g_idx keeps global group numbers.
-        g_idx = layer.g_idx.data - int(layer.tsq_group_offset)
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-            span = f"g_idx refers to groups [{int(g_idx.min())}, {int(g_idx.max())}]"
+        g_idx = (layer.g_idx.data - int(layer.tsq_group_offset)).to(torch.int32).contiguous()
+        gptq = GPTQLayer(layer.qweight, layer.qzeros, layer.scales, g_idx, bits=cfg.bits,
+                         group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format)
+        try:
+            gptq.check_g_idx()
+        except ValueError as e:
             if layer.tsq_group_offset:
                 raise ValueError(
-                    f"{self.prefix}: {span} outside this shard's {n_groups} groups: the checkpoint "
-                    f"uses act-order but its quantization_config says desc_act=false; set it to true"
-                )
-            raise ValueError(
-                f"{self.prefix}: {span} but the layer has {n_groups} groups of scales: the "
-                f"checkpoint's g_idx is corrupt: re-export it"
-            )
-        g_idx = g_idx.to(torch.int32).contiguous()
-        if _uses_cpu_path(layer):
-            layer.tsq_cpu = prepare_cpu_linear(
-                layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx,
-                bits=cfg.bits, group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format,
-                act_dtype=layer.params_dtype,
-            )
-            _drop_packed(layer)
-        elif layer.tsq_replicated_groups:
+                    f"{self.prefix} (this rank's shard): {e}; the checkpoint uses act-order but its "
+                    f"quantization_config says desc_act=false: set it to true"
+                ) from None
+            raise ValueError(f"{self.prefix}: {e}; re-export the checkpoint") from None
+        if _uses_cpu_path(layer) or layer.tsq_replicated_groups:
             # Act-order on a row-parallel shard: the local columns index groups of the whole
-            # layer, which the kernels (group size = K / n_groups) cannot express. Decode once.
-            layer.tsq_cpu = prepare_cpu_linear(
-                layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx,
-                bits=cfg.bits, group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format,
-                act_dtype=layer.params_dtype, path="dense",
-            )
+            # layer, which the kernels cannot tile by group. Decode once into a dense weight.
+            path = "dense" if layer.tsq_replicated_groups else None
+            layer.tsq_cpu = prepare_cpu_linear(gptq, act_dtype=layer.params_dtype, path=path)
             _drop_packed(layer)
         else:
-            sequential = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // cfg.group_size
             # A plain k // G order lets the kernels skip the g_idx gather.
-            layer.tsq_g_idx = None if torch.equal(g_idx, sequential) else g_idx
+            layer.tsq_gptq = gptq.drop_sequential_g_idx()
             layer.tsq_matmul = _kernel_matmul()
 
     def _check_complete(self, layer: torch.nn.Module) -> None:
         """Every shard of every tensor must have been loaded (vLLM does not check quantized models)."""
         shard_ids: list[Any] = list(layer.tsq_shard_ids)
         names = self.quant_config.shard_names(self.prefix, len(shard_ids))
-        for tensor in _TENSORS:
+        for tensor in TENSOR_NAMES:
             loaded = getattr(getattr(layer, tensor), "tsq_loaded", set())
             missing = [name for sid, name in zip(shard_ids, names) if sid not in loaded]
             if missing:
@@ -341,12 +326,8 @@ class TsqLinearMethod(LinearMethodBase):
         prepared = getattr(layer, "tsq_cpu", None)
         if prepared is not None:
             return prepared(x, bias)
-        cfg = self.quant_config.spec
         x2 = x.reshape(-1, x.shape[-1])
-        y = layer.tsq_matmul(
-            x2, layer.qweight, layer.qzeros, layer.scales, layer.tsq_g_idx,
-            bits=cfg.bits, checkpoint_format=cfg.checkpoint_format,
-        )
+        y = layer.tsq_matmul(x2, layer.tsq_gptq)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -359,35 +340,18 @@ def _uses_cpu_path(layer: torch.nn.Module) -> bool:
 
 def _drop_packed(layer: torch.nn.Module) -> None:
     """Free the checkpoint tensors once a prepared copy runs (halves resident weight memory)."""
-    for name in _TENSORS:
+    for name in TENSOR_NAMES:
         param = getattr(layer, name)
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-
-
-def _reference_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-    g_idx: torch.Tensor | None, *, bits: int, checkpoint_format: str = "gptq",
-) -> torch.Tensor:
-    """Decode-then-matmul with the reference `dequantize`: correct everywhere, slow."""
-    from ..format.gptq import dequantize
-
-    if g_idx is None:
-        k_in = qweight.shape[0] * 32 // bits
-        group = k_in // scales.shape[0]
-        g_idx = torch.arange(k_in, device=qweight.device, dtype=torch.int32) // group
-    w = dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype=x.dtype)
-    return x @ w
 
 
 def _kernel_matmul() -> Callable[..., torch.Tensor]:
     """`tsq::dequant_matmul` (Triton on CUDA, one opaque op for torch.compile) when available.
 
     Registered here, at load time, because registering while torch.compile traces would break
-    the graph. Falls back to the reference decode when `tsq_vllm.kernels` is not importable.
+    the graph.
     """
-    try:
-        from ..kernels import dequant_matmul_op, register_op
-    except ImportError:
-        return _reference_matmul
+    from ..kernels import dequant_matmul_op, register_op
+
     register_op()
     return dequant_matmul_op
