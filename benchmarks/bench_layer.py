@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, kw in VARIANTS.items():
             uses_r = "with R" in name
             t = time.perf_counter()
-            qw = quantize_weight(W, H, bits=args.bits, group_size=args.group_size, R=R if uses_r else None, **kw)
+            scheme = LayerScheme(bits=args.bits, group_size=args.group_size, **kw)
+            qw = quantize_weight(W, H, scheme, R=R if uses_r else None)
             times[name].append(time.perf_counter() - t)
             loss[name] = layer_objective(W, qw.dequantize(), H, R)
             stats[name].append(qw.stats)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tsq_vllm.core import layer_objective
-from tsq_vllm.quantize import quantize_weight
+from tsq_vllm.quantize import LayerScheme, quantize_weight
 
 from ..core.conftest import correlated_inputs
 from ..core.test_stage2 import _streams
@@ -29,7 +29,7 @@ def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
     W, H = correlated_layer
     loss = {}
     for name, kw in VARIANTS.items():
-        qw = quantize_weight(W, H, bits=bits, group_size=group_size, **kw)
+        qw = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size, **kw))
         loss[name] = layer_objective(W, qw.dequantize(), H)
         assert qw.stats["loss"] == pytest.approx(loss[name], rel=1e-4)
     assert loss["gptq+s1+s2"] < loss["gptq+s1"]
@@ -40,8 +40,8 @@ def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
 def test_error_feedback_lowers_the_full_objective(bits, group_size):
     W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
     H, R = _streams(K=256, T=4096, noise=0.5)
-    with_r = quantize_weight(W, H, bits=bits, group_size=group_size, R=R)
-    without = quantize_weight(W, H, bits=bits, group_size=group_size)
+    with_r = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size), R=R)
+    without = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size))
     # Same codes (R enters only stage 2), better scales for eq. (7).
     assert torch.equal(with_r.codes, without.codes)
     assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(W, without.dequantize(), H, R)
@@ -52,7 +52,7 @@ def test_error_feedback_lowers_the_full_objective(bits, group_size):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, group_size, act_order):
     W, H = correlated_layer
-    qw = quantize_weight(W, H, bits=bits, group_size=group_size, act_order=act_order)
+    qw = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size, act_order=act_order))
     t = qw.to_gptq("gptq")
     W_ckpt = t.dequantize(dtype=torch.float32)  # [K, N]
     torch.testing.assert_close(W_ckpt.t(), qw.dequantize(), rtol=0, atol=0)
@@ -64,8 +64,8 @@ def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, g
 
 def test_act_order_changes_grouping_and_helps(correlated_layer):
     W, H = correlated_layer
-    plain = quantize_weight(W, H, bits=3, group_size=64, stage1=False, stage2=False)
-    ordered = quantize_weight(W, H, bits=3, group_size=64, stage1=False, stage2=False, act_order=True)
+    plain = quantize_weight(W, H, LayerScheme(bits=3, group_size=64, stage1=False, stage2=False))
+    ordered = quantize_weight(W, H, LayerScheme(bits=3, group_size=64, stage1=False, stage2=False, act_order=True))
     assert not torch.equal(ordered.g_idx, plain.g_idx)
     assert layer_objective(W, ordered.dequantize(), H) < layer_objective(W, plain.dequantize(), H)
 
@@ -74,19 +74,36 @@ def test_dead_inputs_and_v1_zero_points():
     X = correlated_inputs(64, 512)
     X[:, 5] = 0
     W = torch.randn(32, 64)
-    qw = quantize_weight(W, X.t() @ X / 512, bits=2, group_size=32)
+    qw = quantize_weight(W, X.t() @ X / 512, LayerScheme(bits=2, group_size=32))
     assert (qw.zeros >= 1).all()
     assert torch.isfinite(qw.dequantize()).all()
     assert qw.codes[:, 5].eq(qw.zeros[:, 0]).all()  # a dead input's weight is zeroed, quantized exactly
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(group_size=48), "not a multiple of group_size=48"),
-    (dict(bits=5), "bits=5"),
-])
-def test_bad_arguments(kw, msg):
-    args = dict(bits=3, group_size=32) | kw
-    with pytest.raises(ValueError, match=msg):
-        quantize_weight(torch.randn(4, 64), torch.eye(64), **args)
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="not a multiple of group_size=48"):
+        quantize_weight(torch.randn(4, 64), torch.eye(64), LayerScheme(bits=3, group_size=48))
     with pytest.raises(ValueError, match="H has shape"):
-        quantize_weight(torch.randn(4, 64), torch.eye(32), bits=3, group_size=32)
+        quantize_weight(torch.randn(4, 64), torch.eye(32), LayerScheme(bits=3, group_size=32))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(bits=5), "bits=5"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(scale_search="awq"), "scale_search='awq'"),
+    (dict(damp=1.0), r"damp=1.0 must lie in \[0, 1\)"),
+    (dict(mse_norm=0.0), "mse_norm=0.0"),
+    (dict(clip_points=0), "clip_points=0"),
+    (dict(zero_min=2), "zero_min=2"),
+])
+def test_scheme_rejects(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        LayerScheme(**(dict(bits=3, group_size=32) | kw))
+
+
+def test_options_build_the_scheme():
+    from tsq_vllm.quantize import QuantizeOptions
+
+    opts = QuantizeOptions(output="x", bits=4, group_size=128, sym=True, stage1=False, checkpoint_format="gptq_v2")
+    s = opts.layer_scheme()
+    assert (s.bits, s.group_size, s.sym, s.stage1, s.zero_min, s.grid_method) == (4, 128, True, False, 0, "minmax")

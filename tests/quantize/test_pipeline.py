@@ -246,7 +246,7 @@ def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
 def test_linears_grouped_by_shared_input_in_execution_order(models, arch):
     from transformers import AutoModelForCausalLM
 
-    from tsq_vllm.quantize.pipeline import _record_layer_calls, input_groups
+    from tsq_vllm.quantize.streams import _record_layer_calls, input_groups
 
     model = AutoModelForCausalLM.from_pretrained(models[arch]).eval()
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -291,9 +291,9 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     seen = []
     real = pipeline.quantize_weight
 
-    def spy(W, H, **kw):
-        seen.append((H.clone(), kw["R"].clone()))
-        return real(W, H, **kw)
+    def spy(W, H, scheme, R=None):
+        seen.append((H.clone(), R.clone()))
+        return real(W, H, scheme, R=R)
 
     monkeypatch.setattr(pipeline, "quantize_weight", spy)
     fp, model = build(models), build(models)
@@ -362,5 +362,5 @@ def test_recomputing_the_fp_stream_gives_the_same_result_as_keeping_it(models):
     )
     assert list(kept.packed) == list(recomputed.packed)
     for name, t in kept.packed.items():
-        for leaf, value in t.as_dict(name).items():
-            assert torch.equal(value, recomputed.packed[name].as_dict(name)[leaf]), leaf
+        for leaf, value in t.tensors(name).items():
+            assert torch.equal(value, recomputed.packed[name].tensors(name)[leaf]), leaf

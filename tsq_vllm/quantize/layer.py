@@ -1,6 +1,6 @@
 """Quantize one linear layer: the contract every other part of the project goes through.
 
-    qw = quantize_weight(W, H, bits=3, group_size=64, R=R)
+    qw = quantize_weight(W, H, LayerScheme(bits=3, group_size=64), R=R)
     qw.dequantize()                       # [N_out, K_in], what the quantized layer computes with
     qw.to_gptq("gptq")                    # the packed checkpoint tensors
 
@@ -24,7 +24,7 @@ from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import layer_objective, objective, refine_scales, scale_system
 from ..format.gptq import GPTQLayer, pack_linear
-from ..format.packing import check_bits
+from .scheme import LayerScheme
 
 __all__ = ["QuantizedWeight", "quantize_weight"]
 
@@ -61,38 +61,16 @@ def _to_fp16(s: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int,
-    sym: bool = False,
-    stage1: bool = True,
-    stage2: bool = True,
-    R: torch.Tensor | None = None,
-    damp: float = 0.01,
-    act_order: bool = False,
-    gptq: bool = True,
-    scale_search: str = "minmax",
-    mse_norm: float = 2.0,
-    clip_points: int = 100,
-    stage2_sweeps: int = 20,
-    zero_min: int = 1,
-    block_size: int = 128,
+    W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, R: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
+    """Quantize W [N, K] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 
-    stage1: choose each group's clip by (q − w)ᵀ H_ii (q − w); otherwise `scale_search`
-      ("minmax", or "mse" with exponent `mse_norm`: the plain-GPTQ choices).
-    stage2: refine the scales after GPTQ on eq. (7), with R when given.
-    act_order: process columns by decreasing H_jj; groups are formed in that order and g_idx
-      maps every input column to its group (GPTQ `desc_act`).
-    gptq: False rounds to nearest on the grid instead (the RTN baseline).
-    zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
+    `scheme` says which steps run and how (see `LayerScheme`).
     stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
       "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps".
     """
-    check_bits(bits)
+    s = scheme
+    bits, group_size = s.bits, s.group_size
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}")
@@ -106,25 +84,24 @@ def quantize_weight(
     stats: dict[str, float] = {}
     H = H.float()
     # Work in processing order, where groups are contiguous column ranges.
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(K)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if s.act_order else torch.arange(K)
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
     R = None if R is None else R.float()[perm][:, perm]
-    Hd = damp_hessian(H, damp)
+    Hd = damp_hessian(H, s.damp)
     Wq = W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
     t = time.perf_counter()
-    method = "hessian" if stage1 else scale_search
-    grid = search_grid(Wq, bits, group_size, sym=sym, method=method, H=Hd, norm=mse_norm,
-                       points=clip_points, zero_min=zero_min)
+    grid = search_grid(Wq, bits, group_size, sym=s.sym, method=s.grid_method, H=Hd, norm=s.mse_norm,
+                       points=s.clip_points, zero_min=s.zero_min)
     grid.scale = _to_fp16(grid.scale)
     stats["time_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
     col_group = torch.arange(K) // group_size  # [K]
-    if gptq:
-        codes, loss_damped = gptq_quantize(Wq, Hd, grid, group_size, block_size=block_size)
+    if s.gptq:
+        codes, loss_damped = gptq_quantize(Wq, Hd, grid, group_size, block_size=s.block_size)
     else:
         codes = quantize_codes(Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
     stats["time_gptq"] = time.perf_counter() - t
@@ -132,15 +109,15 @@ def quantize_weight(
     t = time.perf_counter()
     U = (codes - grid.zero[:, col_group]).float()  # [N, K] frozen integer weights
     scale = grid.scale
-    if stage2:
+    if s.stage2:
         # Stage 2 targets the true objective (undamped H); it needs no inverse.
         system = scale_system(W, U, H, R, group_size)
-        res = refine_scales(W, U, grid.scale, H, R, group_size, max_sweeps=stage2_sweeps, system=system)
+        res = refine_scales(W, U, grid.scale, H, R, group_size, max_sweeps=s.stage2_sweeps, system=system)
         scale = _to_fp16(res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
         stats["loss_gptq"] = res.objective[0]
         stats["loss"] = objective(*system, scale.double())
-    elif gptq:
+    elif s.gptq:
         # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
         D = scale[:, col_group] * U - Wq  # [N, K]
         loss = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ D.square().sum(0))
@@ -159,6 +136,6 @@ def quantize_weight(
         g_idx=col_group[inv],  # group of each original input column
         bits=bits,
         group_size=group_size,
-        sym=sym,
+        sym=s.sym,
         stats=stats,
     )

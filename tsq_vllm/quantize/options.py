@@ -16,10 +16,10 @@ from typing import Any
 from ..format.config import SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
+from .scheme import SCALE_SEARCHES, LayerScheme
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
-SCALE_SEARCHES = ("minmax", "mse")
 DEFAULT_MODEL = "smollm2"
 _CALIB_RE = re.compile(r"^(wiki|text:.+|hf:[^:]+(:[^:]+)?)$")
 
@@ -90,22 +90,17 @@ class QuantizeOptions:
             raise ValueError(
                 f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
             )
-        if self.scale_search not in SCALE_SEARCHES:
-            raise ValueError(f"--scale-search {self.scale_search!r} is not supported: use one of {SCALE_SEARCHES}")
         if not _CALIB_RE.match(self.calib):
             raise ValueError(f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'")
-        for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1), ("clip_points", 1)):
+        for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}")
-        if not 0.0 <= self.damp < 1.0:
-            raise ValueError(f"--damp {self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal")
-        if self.mse_norm <= 0:
-            raise ValueError(f"--mse-norm {self.mse_norm} must be positive (2 is least squares)")
         if not self.stage2:
             # R only enters stage 2: without it the full-precision stream would be wasted work, and
             # the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
+        self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
 
     @property
     def output_path(self) -> Path:
@@ -115,6 +110,23 @@ class QuantizeOptions:
     def zero_min(self) -> int:
         """Smallest asymmetric zero point the checkpoint format can store (v1 stores z − 1)."""
         return 1 if self.checkpoint_format == "gptq" else 0
+
+    def layer_scheme(self) -> LayerScheme:
+        """How every linear of this run is quantized."""
+        return LayerScheme(
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            act_order=self.act_order,
+            damp=self.damp,
+            stage1=self.stage1,
+            stage2=self.stage2,
+            gptq=self.gptq,
+            scale_search=self.scale_search,
+            mse_norm=self.mse_norm,
+            clip_points=self.clip_points,
+            zero_min=self.zero_min,
+        )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
         """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance block."""

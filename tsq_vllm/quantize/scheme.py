@@ -1,0 +1,65 @@
+"""How one linear layer is quantized: `LayerScheme`, the one object `quantize_weight` takes.
+
+Built once per run from `QuantizeOptions.layer_scheme()` (or directly, for one layer), validated
+on construction, then passed whole, so the per-layer step has no long parameter list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..format.packing import check_bits
+
+__all__ = ["SCALE_SEARCHES", "LayerScheme"]
+
+SCALE_SEARCHES = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """Settings of one layer's quantization (the steps are described in `quantize.layer`).
+
+    stage1: choose each group's clip by (q − w)ᵀ H_ii (q − w); otherwise `scale_search`
+      ("minmax", or "mse" with exponent `mse_norm`: the plain-GPTQ choices).
+    stage2: refine the scales after GPTQ on eq. (7), with R when given (up to `stage2_sweeps`).
+    act_order: process columns by decreasing H_jj; groups are formed in that order (`desc_act`).
+    gptq: False rounds to nearest on the grid instead (the RTN baseline).
+    zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
+    damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
+    """
+
+    bits: int
+    group_size: int
+    sym: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    stage1: bool = True
+    stage2: bool = True
+    gptq: bool = True
+    scale_search: str = "minmax"
+    mse_norm: float = 2.0
+    clip_points: int = 100
+    zero_min: int = 1
+    stage2_sweeps: int = 20
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be at least 1: use e.g. 32, 64 or 128")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search={self.scale_search!r} is not supported: use one of {SCALE_SEARCHES}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"damp={self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal")
+        if self.mse_norm <= 0:
+            raise ValueError(f"mse_norm={self.mse_norm} must be positive (2 is least squares)")
+        for name in ("clip_points", "stage2_sweeps", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.zero_min not in (0, 1):
+            raise ValueError(f"zero_min={self.zero_min} must be 0 (gptq_v2) or 1 (gptq v1 stores z - 1)")
+
+    @property
+    def grid_method(self) -> str:
+        """The clip search `core.grid.search_grid` runs: stage 1's "hessian", or `scale_search`."""
+        return "hessian" if self.stage1 else self.scale_search
