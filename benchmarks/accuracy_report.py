@@ -67,7 +67,7 @@ def _plot(res: dict, cells: list[tuple[int, int]], fp: float, png: Path) -> None
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 4.2), squeeze=False)
     colors = {"rtn": "#bbbbbb", "gptq": "#7f7f7f", "gptq_s1": "#9ecae1", "gptq_s2": "#6baed6", "tsq": "#08519c",
               "tsq_noR": "#3182bd", "gptqmodel": "#fdae6b", "gptqmodel_mse": "#e6550d"}
-    for ax, (bits, gs) in zip(axes[0], cells):
+    for ax, (bits, gs) in zip(axes[0], cells, strict=False):
         keys = [k for k in ROWS if (bits, gs, k) in res]
         ppl = [res[(bits, gs, k)]["eval"]["ppl"] for k in keys]
         ax.barh(range(len(keys)), ppl, color=[colors[k] for k in keys])

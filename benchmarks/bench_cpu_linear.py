@@ -15,12 +15,11 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from dataclasses import replace
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
@@ -71,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         for M in (1, 16, 128):
             x32 = torch.randn(M, K)
             x16 = x32.bfloat16()
-            eager = lambda: F.linear(x16, t.dequantize(dtype=torch.bfloat16).t())  # noqa: E731
+            eager = lambda x16=x16, t=t: F.linear(x16, t.dequantize(dtype=torch.bfloat16).t())  # noqa: E731
             ms = {
-                "fp32": _time(lambda: F.linear(x32, w32), args.reps),
-                "bf16": _time(lambda: F.linear(x16, w16), args.reps),
+                "fp32": _time(lambda x32=x32, w32=w32: F.linear(x32, w32), args.reps),
+                "bf16": _time(lambda x16=x16, w16=w16: F.linear(x16, w16), args.reps),
                 "eager": _time(eager, max(3, args.reps // 10)),
-                "int4": _time(lambda: fast(x16), args.reps),
+                "int4": _time(lambda fast=fast, x16=x16: fast(x16), args.reps),
             }
             rows.append(
                 f"| {K} × {N} | {M} | {1e3 * ms['fp32']:.3f} | {1e3 * ms['bf16']:.3f} | {1e3 * ms['eager']:.2f} | "

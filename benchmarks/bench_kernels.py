@@ -87,10 +87,10 @@ def expected_markdown(bits_list: list[int], group: int) -> str:
 
 
 def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = True) -> str:
+    from dataclasses import replace
+
     import torch
     import triton
-
-    from dataclasses import replace
 
     from tsq_vllm.format import pack_linear
     from tsq_vllm.kernels import dequant_matmul, dequant_matmul_reference
@@ -128,8 +128,8 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
                 y = dequant_matmul(x, layer, backend="triton")
                 ref = dequant_matmul_reference(x, layer)
                 err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
-                t16 = bench(lambda: torch.matmul(x, w16))
-                tq = bench(lambda: dequant_matmul(x, layer, backend="triton"))
+                t16 = bench(lambda x=x, w16=w16: torch.matmul(x, w16))
+                tq = bench(lambda x=x, layer=layer: dequant_matmul(x, layer, backend="triton"))
                 b16, bq = bytes_moved(M, K, N, None, group), bytes_moved(M, K, N, b, group)
                 lines.append(f"| {K} | {N} | {M} | {b} | {t16 * 1e3:.1f} | {tq * 1e3:.1f} | {t16 / tq:.2f}× "
                              f"| {b16 / t16 / 1e6:.0f} | {bq / tq / 1e6:.0f} | {err:.1e} |")

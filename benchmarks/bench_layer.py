@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tsq_vllm.core import layer_objective
-from tsq_vllm.quantize import quantize_weight
+from tsq_vllm.quantize import LayerScheme, quantize_weight
 
 VARIANTS = {
     "GPTQ (min-max scales)": dict(stage1=False, stage2=False),

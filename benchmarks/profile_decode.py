@@ -32,11 +32,10 @@ def profile(model_dir: str, quantized: bool, max_tokens: int, top: int, cores: s
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM binds its OpenMP threads itself (and disables torch.set_num_threads afterwards).
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    from serve_bench import PROMPT, make_llm  # benchmarks/ is on sys.path as the script's directory
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     from vllm import SamplingParams
-
-    from serve_bench import PROMPT, make_llm  # benchmarks/ is on sys.path as the script's directory
 
     llm = make_llm(model_dir, "tsq" if quantized else None)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

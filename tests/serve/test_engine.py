@@ -109,7 +109,7 @@ def offline(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
                  "dtype": "bfloat16", "logprobs": True})
     jobs += [{"name": n, "model": str(d), "prompts": [[5, 6]], "max_tokens": 1} for n, d in bad.items()]
     results = _run_worker(jobs, tmp)
-    return {job["name"]: res for job, res in zip(jobs, results)}
+    return {job["name"]: res for job, res in zip(jobs, results, strict=False)}
 
 
 @pytest.mark.timeout(900)
@@ -129,12 +129,12 @@ def test_bf16_int4_path_logprobs_match_fp32_reference(offline, checkpoints):
     assert "error" not in res, res
     model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
     model.load_state_dict(dequantized_state(ck, bits), strict=False)
-    for prompt, toks, lps in zip(_prompts(src), res["tokens"], res["logprobs"]):
+    for prompt, toks, lps in zip(_prompts(src), res["tokens"], res["logprobs"], strict=False):
         ids = torch.tensor([prompt + toks])
         with torch.no_grad():
             logp = model(ids).logits[0].log_softmax(-1)
         ref = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks)]
-        assert max(abs(a - b) for a, b in zip(lps, ref)) < 0.1, (lps, ref)
+        assert max(abs(a - b) for a, b in zip(lps, ref, strict=False)) < 0.1, (lps, ref)
 
 
 @pytest.mark.timeout(900)

@@ -74,7 +74,9 @@ def _ckpt(n_out: int, k_in: int, bits: int, group: int, act_order: bool, seed: i
 
 def _build(kind: str, cfg, dtype: torch.dtype):
     from vllm.model_executor.layers.linear import (
-        MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
     )
 
     if kind == "qkv":
@@ -121,7 +123,7 @@ def _run_tp(kind: str, bits: int, group: int, tp: int, act_order: bool, dtype: t
     expected = []
     for rank in range(tp):
         pieces = []
-        for (shard, n), ref in zip(PARTS[kind], refs):
+        for (shard, n), ref in zip(PARTS[kind], refs, strict=False):
             reps = max(1, tp // KV_HEADS) if shard in ("k", "v") else 1
             width = n * reps // tp
             start = (rank // reps) * width

@@ -75,7 +75,7 @@ def scale_system(
 def objective(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> float:
     """L(s) summed over rows, from the system of `scale_system`."""
     As = torch.einsum("nij,nj->ni", A, s)
-    return float(((s * As).sum() - 2 * (b * s).sum() + c.sum()))
+    return float((s * As).sum() - 2 * (b * s).sum() + c.sum())
 
 
 def refine_scales(

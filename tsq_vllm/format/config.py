@@ -60,7 +60,7 @@ class CheckpointQuantConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CheckpointQuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointQuantConfig:
         """Read a tsq or GPTQ `quantization_config`; unknown GPTQ-tool keys are ignored."""
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}

@@ -185,7 +185,7 @@ class GPTQLayer:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The checkpoint entries `<prefix>.qweight`, ... (g_idx always stored)."""
         values = (self.qweight, self.qzeros, self.scales, self.full_g_idx)
-        return {f"{prefix}.{name}": t for name, t in zip(TENSOR_NAMES, values)}
+        return {f"{prefix}.{name}": t for name, t in zip(TENSOR_NAMES, values, strict=True)}
 
 
 def pack_linear(

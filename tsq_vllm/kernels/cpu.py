@@ -191,6 +191,8 @@ def prepare_cpu_linear(
     def table(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return torch.stack([scale, zero], dim=-1).to(act_dtype).contiguous()
 
+    planes: tuple[torch.Tensor, ...]
+    tables: tuple[torch.Tensor, ...]
     if chosen == "int4" and bits <= 3:
         # c - z + 8 lies in [0, 15] for 2/3-bit codes, so the zero point moves into the codes and
         # the table's zero term is exactly 0: only s is rounded to bf16.

@@ -80,11 +80,11 @@ def register_op() -> Any:
             return dequant_matmul_reference(x, layer)
 
         @_dequant_matmul.register_kernel("cuda")
-        def _cuda(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):  # type: ignore[no-untyped-def]
+        def _cuda(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):
             return _triton(x, GPTQLayer(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format))
 
         @_dequant_matmul.register_fake
-        def _fake(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):  # type: ignore[no-untyped-def]
+        def _fake(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):
             return x.new_empty(*x.shape[:-1], scales.shape[1])
 
         _op = torch.ops.tsq.dequant_matmul

@@ -36,6 +36,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
@@ -319,7 +320,7 @@ def _cpu_bench(fn, quantiles=None):
     return [ms] * len(quantiles) if quantiles else ms
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(kind: str):
     bench = _cpu_bench if is_interpreted() else None
     prune = {"early_config_prune": _prune}
@@ -394,6 +395,8 @@ def launch(
     strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0),
                qzeros.stride(1), scales.stride(0), scales.stride(1))
 
+    grid: Any  # a launch grid, or a callable of the autotuned meta-parameters
+    args: tuple[Any, ...]
     if config.kind == "gemm":
         args = (x, qweight, qzeros, scales, g_arg, out, p.M, p.N, p.K, m_bucket, *strides,
                 out.stride(0), out.stride(1))
@@ -412,6 +415,7 @@ def launch(
     # Splits are planned in units of 64 (any tuned BLOCK_K divides it) when autotuning.
     unit = 64 if autotune and p.K % 64 == 0 and (act_order or p.group_size % 64 == 0) else config.block_k
     k_per_split, split = _split_plan(p.K, unit, config.split_k)
+    t_strides: tuple[int, ...]
     if split == 1:
         target, t_strides = out, (0, out.stride(0), out.stride(1))
     else:

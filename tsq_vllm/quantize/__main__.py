@@ -13,7 +13,8 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from .options import QuantizeOptions, flag_of
 from .run import UsageError, run_quantization

@@ -17,8 +17,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,11 +36,16 @@ INDEX_NAME = "model.safetensors.index.json"
 class QuantLinear(nn.Module):
     """A linear layer stored as GPTQ tensors; each forward decodes W with the torch reference."""
 
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
     def __init__(self, layer: GPTQLayer, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = layer.K, layer.N
         self.bits, self.group_size, self.checkpoint_format = layer.bits, layer.group_size, layer.checkpoint_format
-        for name, t in zip(TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx)):
+        for name, t in zip(TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx), strict=True):
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -61,7 +67,7 @@ class QuantLinear(nn.Module):
                 f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}")
 
 
-def _tied_targets(model: nn.Module) -> set[str]:
+def _tied_targets(model: Any) -> set[str]:
     """State-dict keys that transformers ties to another key (lm_head.weight to the embeddings)."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -71,7 +77,7 @@ def _tied_targets(model: nn.Module) -> set[str]:
     return tied
 
 
-def checkpoint_tensors(model: nn.Module, packed: dict[str, GPTQLayer]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: Any, packed: dict[str, GPTQLayer]) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_targets(model)
@@ -113,7 +119,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
         return [WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         save_file(shard, str(directory / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -131,7 +137,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def save_quantized(
-    model: nn.Module,
+    model: Any,
     packed: dict[str, GPTQLayer],
     qconfig: CheckpointQuantConfig,
     output: str | Path,

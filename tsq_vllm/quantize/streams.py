@@ -20,8 +20,9 @@ recomputes them per group instead (same values, more compute, bounded memory).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,10 +114,10 @@ def _record_layer_calls(
 
 def _run_hooked(
     layer: nn.Module,
-    linears: dict[str, nn.Module],
+    linears: Mapping[str, nn.Module],
     hidden: torch.Tensor,
     call: _Call,
-    on_input: Callable[[str, torch.Tensor], None],
+    on_input: Callable[[str, torch.Tensor], object],
 ) -> torch.Tensor | None:
     """Run `layer` on `hidden`, calling `on_input(name, x)` as each of `linears` receives x.
 

@@ -20,8 +20,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
-from ..format.config import QUANT_METHOD
-from ..format.config import CheckpointQuantConfig
+from ..format.config import QUANT_METHOD, CheckpointQuantConfig
 from .checkpoint import SERVABLE_METHODS, parse_quant_config
 from .linear import TsqLinearMethod
 
@@ -67,7 +66,7 @@ class TsqConfig(QuantizationConfig):
         return ["quantize_config.json"]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "TsqConfig":
+    def from_config(cls, config: dict[str, Any]) -> TsqConfig:
         return cls(parse_quant_config(config))
 
     @classmethod
@@ -87,7 +86,7 @@ class TsqConfig(QuantizationConfig):
         return None
 
     @staticmethod
-    def get_checkpoint_weight_mapper() -> "WeightsMapper":
+    def get_checkpoint_weight_mapper() -> WeightsMapper:
         # The base class drops `.g_idx`; act-order checkpoints need it, so map nothing.
         from vllm.model_executor.models.utils import WeightsMapper
 
@@ -104,7 +103,7 @@ class TsqConfig(QuantizationConfig):
         modules = {name[: -len(".qweight")] for name in metadata if name.endswith(".qweight")}
         self.quantized_modules = modules or None
 
-    def apply_vllm_mapper(self, hf_to_vllm_mapper: "WeightsMapper") -> None:
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         if self.quantized_modules:
             self.quantized_modules = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_modules)))
 

@@ -18,8 +18,9 @@ leave uninitialized memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
@@ -53,6 +54,9 @@ class _CheckedLoad:
     tsq_out_pack: Fraction | None
     tsq_int: bool
     tsq_hint: str
+    # Provided by the vLLM parameter class this is mixed into.
+    data: torch.Tensor
+    tp_size: int
 
     def _tsq_expect(self, loaded: torch.Tensor, out_full: int | None, shard: Any) -> None:
         where = self.tsq_name + ("" if shard is None else f" (shard {shard!r})")
@@ -69,7 +73,7 @@ class _CheckedLoad:
             expected = (self.tsq_rows, "N" if cols is None or cols.denominator != 1 else int(cols))
         shape = tuple(loaded.shape)
         if len(shape) != len(expected) or any(
-            isinstance(e, int) and s != e for s, e in zip(shape, expected)
+            isinstance(e, int) and s != e for s, e in zip(shape, expected, strict=True)
         ):
             raise ValueError(
                 f"{where}: checkpoint tensor has shape {shape}, expected {expected} for "
@@ -205,15 +209,18 @@ def check_partition(
 
 
 class TsqLinearMethod(LinearMethodBase):
-    """GPTQ-layout linear: CPU fast path (`tsq_vllm.kernels.cpu`) or CUDA kernels."""
+    """GPTQ-layout linear: CPU fast path (`tsq_vllm.kernels.cpu`) or CUDA kernels.
 
-    def __init__(self, quant_config: "TsqConfig", prefix: str = "") -> None:
+    `layer` is a vLLM linear that this method decorates with `tsq_*` attributes, hence `Any`.
+    """
+
+    def __init__(self, quant_config: TsqConfig, prefix: str = "") -> None:
         self.quant_config = quant_config
         self.prefix = prefix
 
     def create_weights(
         self,
-        layer: torch.nn.Module,
+        layer: Any,
         input_size_per_partition: int,
         output_partition_sizes: list[int],
         input_size: int,
@@ -256,7 +263,7 @@ class TsqLinearMethod(LinearMethodBase):
         g_idx = _GIdx(data=torch.empty(k_local, dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
 
         hint = f"{bits}-bit, group_size {group}, in_features={input_size}"
-        specs = {
+        specs: dict[str, tuple[Any, int, Fraction | None, bool]] = {
             "qweight": (qweight, input_size * bits // 32, Fraction(1), True),
             "qzeros": (qzeros, input_size // group, pack, True),
             "scales": (scales, input_size // group, Fraction(1), False),
@@ -281,7 +288,7 @@ class TsqLinearMethod(LinearMethodBase):
         sharded_groups = row_parallel and not replicate
         layer.tsq_group_offset = int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         cfg = self.quant_config.spec
         self._check_complete(layer)
         # Sharded scales hold this rank's groups only, while g_idx keeps global group numbers.
@@ -308,13 +315,13 @@ class TsqLinearMethod(LinearMethodBase):
             layer.tsq_gptq = gptq.drop_sequential_g_idx()
             layer.tsq_matmul = _kernel_matmul()
 
-    def _check_complete(self, layer: torch.nn.Module) -> None:
+    def _check_complete(self, layer: Any) -> None:
         """Every shard of every tensor must have been loaded (vLLM does not check quantized models)."""
         shard_ids: list[Any] = list(layer.tsq_shard_ids)
         names = self.quant_config.shard_names(self.prefix, len(shard_ids))
         for tensor in TENSOR_NAMES:
-            loaded = getattr(getattr(layer, tensor), "tsq_loaded", set())
-            missing = [name for sid, name in zip(shard_ids, names) if sid not in loaded]
+            loaded: set[Any] = getattr(getattr(layer, tensor), "tsq_loaded", set())
+            missing = [name for sid, name in zip(shard_ids, names, strict=True) if sid not in loaded]
             if missing:
                 which = ", ".join(f"{m}.{tensor}" for m in missing)
                 raise ValueError(
@@ -322,7 +329,7 @@ class TsqLinearMethod(LinearMethodBase):
                     f"qzeros, scales and g_idx; the checkpoint is incomplete: re-export it"
                 )
 
-    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         prepared = getattr(layer, "tsq_cpu", None)
         if prepared is not None:
             return prepared(x, bias)
@@ -333,12 +340,12 @@ class TsqLinearMethod(LinearMethodBase):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _uses_cpu_path(layer: torch.nn.Module) -> bool:
+def _uses_cpu_path(layer: Any) -> bool:
     """CPU layers get the repacked fast path; every other device the dequant-matmul kernels."""
     return layer.qweight.device.type == "cpu"
 
 
-def _drop_packed(layer: torch.nn.Module) -> None:
+def _drop_packed(layer: Any) -> None:
     """Free the checkpoint tensors once a prepared copy runs (halves resident weight memory)."""
     for name in TENSOR_NAMES:
         param = getattr(layer, name)

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["free_port", "wait_healthy", "ServerProcess"]
 
@@ -79,7 +79,7 @@ class ServerProcess:
             self.proc.wait()
         self._log.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
