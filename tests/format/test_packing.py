@@ -15,7 +15,7 @@ def _stream_pack(values: list[int], bits: int) -> list[int]:
     return [_as_int32((stream >> (32 * w)) & 0xFFFFFFFF) for w in range(n_words)]
 
 
-# Words computed by hand from the layout in DESIGN.md section 3.
+# Words computed by hand from the layout in docs/format.md.
 GOLDEN = [
     # 2-bit: 0,1,2,3 per byte = 0b11100100
     (2, [0, 1, 2, 3] * 4, [0xE4E4E4E4]),

@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPU targets (sm_80, sm_90) without a GPU.
 
-Runs `python -m tsq_vllm.kernels.compile_check --quick` in a subprocess: this directory's
+Runs `python -m tools.compile_check --quick` in a subprocess: this directory's
 conftest sets TRITON_INTERPRET=1, which would make the kernels interpreter objects that cannot be
 compiled. The full table (every variant) is benchmarks/results/kernels_compile.md.
 """
@@ -16,7 +16,7 @@ def test_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run(
-        [sys.executable, "-m", "tsq_vllm.kernels.compile_check", "--quick", "--arch", "80", "90"],
+        [sys.executable, "-m", "tools.compile_check", "--quick", "--arch", "80", "90"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, f"compile check failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

@@ -46,6 +46,7 @@ from ..format.gptq import GPTQLayer
 from .reference import Problem, check_input
 
 __all__ = [
+    "CONFIGS",
     "GEMV_MAX_M",
     "KernelConfig",
     "is_interpreted",
@@ -230,6 +231,17 @@ class KernelConfig:
     group_m: int = 8
 
 
+# The launch configurations `pick_config` chooses from, by shape class (BLOCK_K is then fitted to
+# the group size; the GEMV's split_k is planned per call). tools/compile_check.py compiles these.
+CONFIGS = {
+    "gemv": KernelConfig("gemv", 16, 64, 64, num_warps=4, num_stages=3),
+    "gemm-M32": KernelConfig("gemm", 32, 64, 64, num_warps=4, num_stages=3),
+    "gemm-M64": KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=3),
+    # BLOCK_K 32 keeps a stage (x 8 KiB + int32 codes 16 KiB) small enough for 3 stages on sm_80.
+    "gemm-M128+": KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3),
+}
+
+
 def is_interpreted() -> bool:
     """True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1
     when the module was imported), so they run on CPU tensors."""
@@ -265,23 +277,22 @@ def pick_config(
     if kind == "gemv":
         if p.M > GEMV_MAX_M:
             raise ValueError(f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'")
-        bk = _fit_block_k(64, p.group_size, act_order)
-        bn = 64
+        base = CONFIGS["gemv"]
+        bk = _fit_block_k(base.block_k, p.group_size, act_order)
         # Enough programs to cover the SMs about twice, each split keeping >= 4 K tiles, and the
         # fp32 workspace traffic (write + read, 8·split·M·N bytes) within 1/8 of the weight bytes
         # (K·N·bits/8): split <= K·bits / (512·M).
-        n_tiles = triton.cdiv(p.N, bn)
+        n_tiles = triton.cdiv(p.N, base.block_n)
         k_tiles = p.K // bk
         budget = p.K * bits // (512 * max(p.M, 1))
         split = max(1, min(triton.cdiv(2 * sm_count, n_tiles), k_tiles // 4, budget, 16))
-        return KernelConfig("gemv", 16, bn, bk, num_warps=4, num_stages=3, split_k=split)
+        return replace(base, block_k=bk, split_k=split)
     if kind != "gemm":
         raise ValueError(f"kind={kind!r} is not a kernel: use 'gemm' or 'gemv'")
     if p.M <= 64:
-        bm = 32 if p.M <= 32 else 64
-        return KernelConfig("gemm", bm, 64, _fit_block_k(64, p.group_size, act_order), num_warps=4, num_stages=3)
-    # BLOCK_K 32 keeps a stage (x 8 KiB + int32 codes 16 KiB) small enough for 3 stages on sm_80.
-    return KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3)
+        base = CONFIGS["gemm-M32" if p.M <= 32 else "gemm-M64"]
+        return replace(base, block_k=_fit_block_k(base.block_k, p.group_size, act_order))
+    return CONFIGS["gemm-M128+"]
 
 
 def _split_plan(K: int, block_k: int, split_k: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant for real NVIDIA targets without a GPU, and report registers.
 
-    python -m tsq_vllm.kernels.compile_check [--arch 80 90] [--quick] [--jobs 2] [--out FILE]
+    python -m tools.compile_check [--arch 80 90] [--quick] [--jobs 2] [--out FILE]
 
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs the whole pipeline
 (TTIR → TTGIR → LLVM → PTX → cubin) with the ptxas shipped in the triton wheel; no driver is
@@ -9,7 +9,8 @@ needed. Registers and spills come from ptxas' own `-v` report, which Triton prin
 
 The signature mirrors what the JIT specializes at run time for contiguous checkpoint tensors:
 unit strides become constexpr 1, pointers, sizes and leading strides carry divisibility-by-16.
-Variants: kernel kind (gemv, gemm at the small-prefill and large-prefill block sizes) × bits ×
+Variants: kernel kind (gemv, gemm at the small-prefill and large-prefill block sizes of the
+kernel's own `triton_kernels.CONFIGS`) × bits ×
 group size × activation dtype, act-order variants per kind × bits × dtype, and the split-K
 reduction. Exit status 1 if any variant fails to compile.
 """
@@ -35,12 +36,9 @@ __all__ = [
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 DTYPES = ("fp16", "bf16")
-# (label, kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): what pick_config launches.
-SHAPES = (
-    ("gemv", "gemv", 16, 64, 64, 4, 3),
-    ("gemm-M64", "gemm", 64, 64, 64, 4, 3),
-    ("gemm-M128+", "gemm", 128, 128, 32, 8, 3),
-)
+# The shape classes of `triton_kernels.CONFIGS` compiled here (gemm-M32 differs from gemm-M64
+# only in BLOCK_M and is covered by it).
+LABELS = ("gemv", "gemm-M64", "gemm-M128+")
 
 
 @dataclass(frozen=True)
@@ -76,14 +74,19 @@ class Result:
 def variants(quick: bool = False) -> list[Variant]:
     """All variants, or with `quick` a subset that still covers every kernel, 3-bit straddles,
     act-order and both dtypes."""
+    from tsq_vllm.kernels import triton_kernels as tk
+
     out = []
-    for label, kind, bm, bn, bk, w, s in SHAPES:
+    for label in LABELS:
+        c = tk.CONFIGS[label]
+        shape = (c.block_m, c.block_n)
         for bits in BITS:
             for dtype in DTYPES:
                 for group in GROUPS:
-                    k = bk if group % bk == 0 else 32  # as _fit_block_k
-                    out.append(Variant(label, kind, bits, group, dtype, False, bm, bn, k, w, s))
-                out.append(Variant(label, kind, bits, 128, dtype, True, bm, bn, 32, w, s))
+                    k = tk._fit_block_k(c.block_k, group, False)
+                    out.append(Variant(label, c.kind, bits, group, dtype, False, *shape, k, c.num_warps, c.num_stages))
+                k = tk._fit_block_k(c.block_k, 128, True)
+                out.append(Variant(label, c.kind, bits, 128, dtype, True, *shape, k, c.num_warps, c.num_stages))
     for dtype in DTYPES:
         out.append(Variant("reduce", "reduce", 0, 0, dtype, False, 0, 0, 0, 4, 3))
     if quick:
@@ -97,7 +100,7 @@ def variants(quick: bool = False) -> list[Variant]:
 
 
 def _signature(v: Variant):
-    from . import triton_kernels as tk
+    from tsq_vllm.kernels import triton_kernels as tk
 
     act = "fp16" if v.dtype == "fp16" else "bf16"
     if v.kind == "reduce":
@@ -178,7 +181,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import triton_kernels as tk
+    from tsq_vllm.kernels import triton_kernels as tk
 
     t0 = time.perf_counter()
     try:
