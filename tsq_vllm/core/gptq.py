@@ -50,7 +50,7 @@ def gptq_quantize(
     Hinv = inverse_hessian_factor(H)
     codes = torch.zeros(N, K, dtype=torch.float32)
     loss = 0.0
-    scale = grid.scale.float()  # [N, n_g]
+    scale = grid.scale.float()  # [N, n_groups]
     zero = grid.zero.float()
 
     for i1 in range(0, K, block_size):

@@ -22,7 +22,7 @@ __all__ = ["Grid", "clip_grid", "fit_grid", "quantize_codes", "dequantize_codes"
 
 
 class Grid:
-    """Per-(row, group) scales and integer zeros: scale [N, n_g] float32, zero [N, n_g] int64."""
+    """Per-(row, group) scales and integer zeros: scale [N, n_groups] float32, zero [N, n_groups] int64."""
 
     def __init__(self, scale: torch.Tensor, zero: torch.Tensor, bits: int):
         self.scale, self.zero, self.bits = scale, zero, bits
@@ -36,16 +36,16 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = W.shape
     if k % group_size:
         raise ValueError(f"in_features={k} is not a multiple of group_size={group_size}")
-    return W.reshape(n, k // group_size, group_size)  # [N, n_g, g]
+    return W.reshape(n, k // group_size, group_size)  # [N, n_groups, g]
 
 
 def fit_grid(
     Wg: torch.Tensor, bits: int, *, sym: bool, beta: float | torch.Tensor = 1.0, zero_min: int = 0
 ) -> Grid:
-    """Scale and zero that map the (β-shrunk) range of each group [N, n_g, g] onto the codes."""
+    """Scale and zero that map the (β-shrunk) range of each group [N, n_groups, g] onto the codes."""
     maxq = (1 << bits) - 1
     # The range always contains 0 so that exact zeros stay representable.
-    xmin = Wg.amin(-1).clamp(max=0) * beta  # [N, n_g]
+    xmin = Wg.amin(-1).clamp(max=0) * beta  # [N, n_groups]
     xmax = Wg.amax(-1).clamp(min=0) * beta
     if sym:
         xmax = torch.maximum(-xmin, xmax)
@@ -76,9 +76,9 @@ def clip_grid(points: int = 100, lowest: float = 0.2) -> torch.Tensor:
 
 
 def _group_error(D: torch.Tensor, Hb: torch.Tensor | None, norm: float) -> torch.Tensor:
-    """Error of each (group, row) from deviations D = q − w [n_g, N, g]."""
+    """Error of each (group, row) from deviations D = q − w [n_groups, N, g]."""
     if Hb is None:
-        return D.abs_().pow_(norm).sum(-1)  # [n_g, N]
+        return D.abs_().pow_(norm).sum(-1)  # [n_groups, N]
     # dᵀ H_ii d for every row at once: one [N, g] @ [g, g] product per group.
     return torch.bmm(D, Hb).mul_(D).sum(-1)
 
@@ -87,7 +87,7 @@ def _candidate_error(Wg, bits, sym, beta, zero_min, Hb, norm, chunk: int = 256):
     """Grid and error of one clip ratio (scalar or per (group, row)), rows in cache-sized chunks."""
     cand = fit_grid(Wg, bits, sym=sym, beta=beta, zero_min=zero_min)
     maxq = (1 << bits) - 1
-    s, z = cand.scale[..., None], cand.zero[..., None].float()  # [n_g, N, 1]
+    s, z = cand.scale[..., None], cand.zero[..., None].float()  # [n_groups, N, 1]
     errs = []
     for r in range(0, Wg.shape[1], chunk):
         w, sc, zc = Wg[:, r : r + chunk], s[:, r : r + chunk], z[:, r : r + chunk]
@@ -121,15 +121,15 @@ def search_grid(
         return fit_grid(_grouped(W.float(), group_size), bits, sym=sym, zero_min=zero_min)
     if method not in ("mse", "hessian"):
         raise ValueError(f"scale search method={method!r}: use 'minmax', 'mse' or 'hessian'")
-    # Group-major layout [n_g, N, g] makes the per-group H_ii products plain batched GEMMs.
-    Wg = _grouped(W.float(), group_size).transpose(0, 1).contiguous()  # [n_g, N, g]
+    # Group-major layout [n_groups, N, g] makes the per-group H_ii products plain batched GEMMs.
+    Wg = _grouped(W.float(), group_size).transpose(0, 1).contiguous()  # [n_groups, N, g]
     Hb = None
     if method == "hessian":
         if H is None:
             raise ValueError("the hessian scale search (stage 1) needs H")
-        n_g = Wg.shape[0]
-        idx = torch.arange(n_g * group_size).reshape(n_g, group_size)  # [n_g, g]
-        Hb = H.float()[idx[:, :, None], idx[:, None, :]]  # [n_g, g, g] diagonal blocks
+        n_groups = Wg.shape[0]
+        idx = torch.arange(n_groups * group_size).reshape(n_groups, group_size)  # [n_groups, g]
+        Hb = H.float()[idx[:, :, None], idx[:, None, :]]  # [n_groups, g, g] diagonal blocks
     betas = clip_grid(points)
     step = 1 if coarse is None else max(1, points // coarse)
 
@@ -151,6 +151,6 @@ def search_grid(
         center = best_idx.clone()
         for offset in [o for o in range(1 - step, step) if o]:
             consider((center + offset).clamp(0, points - 1))
-    best.scale = best.scale.transpose(0, 1).contiguous()  # [N, n_g]
+    best.scale = best.scale.transpose(0, 1).contiguous()  # [N, n_groups]
     best.zero = best.zero.transpose(0, 1).contiguous()
     return best

@@ -131,15 +131,15 @@ def _block_layout(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | 
     block_group[j] the group whose scales serve block j; None when no such layout exists
     (a group whose column count is not a multiple of group_size).
     """
-    k_in = g_idx.numel()
-    if group_size not in _INT4_GROUP_SIZES or k_in % group_size:
+    K = g_idx.numel()
+    if group_size not in _INT4_GROUP_SIZES or K % group_size:
         return None
     g = g_idx.long()
     order = torch.argsort(g, stable=True)
     blocks = g[order].view(-1, group_size)
     if not bool((blocks == blocks[:, :1]).all()):
         return None
-    perm = None if torch.equal(order, torch.arange(k_in)) else order
+    perm = None if torch.equal(order, torch.arange(K)) else order
     return perm, blocks[:, 0].contiguous()
 
 
@@ -165,7 +165,7 @@ def prepare_cpu_linear(
         raise ValueError(f"act_dtype={act_dtype} is not supported: use float16, bfloat16 or float32")
     layer.check_g_idx()
     bits, group_size = layer.bits, layer.group_size
-    k_in, n_out = layer.K, layer.N
+    K, N = layer.K, layer.N
 
     chosen = path or select_cpu_path(bits, act_dtype)
     if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
@@ -175,7 +175,7 @@ def prepare_cpu_linear(
         # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
         w = layer.dequantize(dtype=torch.float32)
         return CPUQuantizedLinear(
-            path="dense", in_features=k_in, out_features=n_out, act_dtype=act_dtype,
+            path="dense", in_features=K, out_features=N, act_dtype=act_dtype,
             group_size=group_size, weight=w.t().contiguous().to(act_dtype),
         )
 
@@ -183,7 +183,7 @@ def prepare_cpu_linear(
     codes, zeros = layer.unpack()
     if perm is not None:
         codes = codes.index_select(0, perm)
-    n_pad = -n_out % _INT4_N_ALIGN
+    n_pad = -N % _INT4_N_ALIGN
     s = F.pad(layer.scales.float().index_select(0, block_group), (0, n_pad))  # [K/G, N_pad]
     z = F.pad(zeros.float().index_select(0, block_group), (0, n_pad))
     codes_nk = F.pad(codes.t(), (0, 0, 0, n_pad))  # [N_pad, K]; padded columns decode to 0
@@ -206,6 +206,6 @@ def prepare_cpu_linear(
         planes = (_int4_plane(codes_nk >> 4), _int4_plane(codes_nk & 15))
         tables = (table(16 * s, s * (136 - z)), table(s, torch.zeros_like(s)))
     return CPUQuantizedLinear(
-        path=chosen, in_features=k_in, out_features=n_out, act_dtype=act_dtype,
+        path=chosen, in_features=K, out_features=N, act_dtype=act_dtype,
         group_size=group_size, perm=perm, planes=planes, scale_zeros=tables,
     )

@@ -229,16 +229,16 @@ class TsqLinearMethod(LinearMethodBase):
         **extra_weight_attrs: Any,
     ) -> None:
         cfg = self.quant_config.spec
-        bits, group = cfg.bits, cfg.group_size
+        bits, group_size = cfg.bits, cfg.group_size
         tp_size = int(getattr(layer, "tp_size", 1))
-        check_partition(self.prefix, bits, group, input_size, input_size_per_partition,
+        check_partition(self.prefix, bits, group_size, input_size, input_size_per_partition,
                         list(output_partition_sizes), tp_size)
         weight_loader: Callable[..., None] | None = extra_weight_attrs.get("weight_loader")
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
         row_parallel = k_local != input_size
         replicate = row_parallel and cfg.desc_act
-        n_groups = (input_size if replicate else k_local) // group
+        n_groups = (input_size if replicate else k_local) // group_size
         pack = Fraction(32, bits)
         # fp16 holds the checkpoint's fp16 scales exactly; fp32 models keep them in fp32.
         scale_dtype = torch.float32 if params_dtype == torch.float32 else torch.float16
@@ -262,11 +262,11 @@ class TsqLinearMethod(LinearMethodBase):
             scales = _ShardedScales(data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader)
         g_idx = _GIdx(data=torch.empty(k_local, dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
 
-        hint = f"{bits}-bit, group_size {group}, in_features={input_size}"
+        hint = f"{bits}-bit, group_size {group_size}, in_features={input_size}"
         specs: dict[str, tuple[Any, int, Fraction | None, bool]] = {
             "qweight": (qweight, input_size * bits // 32, Fraction(1), True),
-            "qzeros": (qzeros, input_size // group, pack, True),
-            "scales": (scales, input_size // group, Fraction(1), False),
+            "qzeros": (qzeros, input_size // group_size, pack, True),
+            "scales": (scales, input_size // group_size, Fraction(1), False),
             "g_idx": (g_idx, input_size, None, True),
         }
         for name, (param, rows, out_pack, is_int) in specs.items():
