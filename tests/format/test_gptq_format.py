@@ -1,8 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsq_vllm.format import CheckpointQuantConfig, pack_linear
+from tsq_vllm.format import CheckpointQuantConfig, GPTQLayer, check_linear_shape, pack_linear
+
+from ..kernels.layers import make_layer
 
 
 def _random_layer(bits, group_size, N=64, K=128, seed=0, zero_min=1):
@@ -81,3 +85,72 @@ def test_config_round_trip_and_gptq_tools_keys():
 def test_config_rejects(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         CheckpointQuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize("K,N,bits,group_size,match", [
+    (128, 64, 5, 32, r"bits=5 is not supported"),
+    (128, 64, 4, 48, r"group_size=48 is not a multiple of 32"),
+    (96, 64, 4, 64, r"in_features=96 is not a multiple of group_size=64: pick a group size that divides 96"),
+    (128, 16, 3, 32, r"out_features=16 is not a multiple of 32, which 3-bit GPTQ packing needs"),
+    (128, 8, 2, 32, r"out_features=8 is not a multiple of 16, which 2-bit"),
+    (128, 4, 4, 32, r"out_features=4 is not a multiple of 8, which 4-bit"),
+])
+def test_check_linear_shape_rejects(K, N, bits, group_size, match):
+    with pytest.raises(ValueError, match=match):
+        check_linear_shape(K, N, bits, group_size)
+
+
+@pytest.mark.parametrize("K,N,bits,group_size", [(128, 32, 3, 32), (96, 16, 2, 32), (256, 8, 4, 128), (64, 4, 8, 64)])
+def test_check_linear_shape_accepts(K, N, bits, group_size):
+    check_linear_shape(K, N, bits, group_size)
+
+
+def test_is_sequential_and_drop():
+    seq = make_layer(128, 32, 4, 32).stored
+    assert seq.is_sequential and seq.drop_sequential_g_idx().g_idx is None
+    assert replace(seq, g_idx=None).is_sequential
+    act = make_layer(128, 32, 4, 32, act_order=True).stored
+    assert not act.is_sequential and act.drop_sequential_g_idx() is act
+
+
+def _bad(layer, **change):
+    t = layer.stored
+    args = dict(qweight=t.qweight, qzeros=t.qzeros, scales=t.scales, g_idx=None, bits=4, group_size=32)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(bits=5), ValueError, r"bits=5 .*use one of"),
+    (dict(qweight=torch.zeros(16, 64)), TypeError, r"qweight has dtype torch.float32.*int32"),
+    (dict(qweight=torch.zeros(15, 64, dtype=torch.int32)), ValueError, r"qweight has shape \(15, 64\).*in_features=120 is not a multiple of group_size=32"),
+    (dict(qzeros=torch.zeros(4, 4, dtype=torch.int32)), ValueError, r"qzeros has shape \(4, 4\).*\[4, 8\]"),
+    (dict(scales=torch.ones(3, 64, dtype=torch.float16)), ValueError, r"3 groups for K=128"),
+    (dict(scales=torch.ones(4, 64, dtype=torch.int32)), TypeError, r"scales has dtype torch.int32"),
+    (dict(scales=torch.ones(4, 32, dtype=torch.float16)), ValueError, r"scales has shape \(4, 32\).*N=64"),
+    (dict(g_idx=torch.zeros(64, dtype=torch.int32)), ValueError, r"g_idx has shape \(64,\).*\[128\]"),
+    (dict(g_idx=torch.zeros(128)), TypeError, r"g_idx has dtype torch.float32"),
+    (dict(bits=3), ValueError, r"qweight has shape \(16, 64\): 3-bit"),
+    (dict(group_size=48), ValueError, r"group_size=48 is not a multiple of 32"),
+    (dict(group_size=256), ValueError, r"in_features=128 is not a multiple of group_size=256"),
+    (dict(checkpoint_format="awq"), ValueError, r"checkpoint_format='awq'"),
+])
+def test_layer_validation_messages(change, error, match):
+    layer = make_layer(128, 64, 4, 32)
+    with pytest.raises(error, match=match):
+        GPTQLayer(**_bad(layer, **change))
+
+
+def test_validation_n_not_word_aligned():
+    t = make_layer(64, 32, 3, 32).stored
+    with pytest.raises(ValueError, match=r"out_features=20 is not a multiple of 32, which 3-bit"):
+        GPTQLayer(t.qweight[:, :20], t.qzeros, t.scales[:, :20], None, bits=3, group_size=32)
+
+
+def test_g_idx_range_is_checked_on_request():
+    t = make_layer(64, 32, 4, 32).stored
+    bad = replace(t, g_idx=t.g_idx + 10)  # shapes are fine, values are not
+    with pytest.raises(ValueError, match=r"g_idx spans \[10, 11\] but there are 2 groups"):
+        bad.check_g_idx()
+
+

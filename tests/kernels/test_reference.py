@@ -63,41 +63,6 @@ def test_v1_largest_zero_point():
     assert torch.equal(y, torch.full((1, N), -13.0))
 
 
-def test_is_sequential_and_drop():
-    seq = make_layer(128, 32, 4, 32).stored
-    assert seq.is_sequential and seq.drop_sequential_g_idx().g_idx is None
-    assert replace(seq, g_idx=None).is_sequential
-    act = make_layer(128, 32, 4, 32, act_order=True).stored
-    assert not act.is_sequential and act.drop_sequential_g_idx() is act
-
-
-def _bad(layer, **change):
-    t = layer.stored
-    args = dict(qweight=t.qweight, qzeros=t.qzeros, scales=t.scales, g_idx=None, bits=4, group_size=32)
-    args.update(change)
-    return args
-
-
-@pytest.mark.parametrize("change,error,match", [
-    (dict(bits=5), ValueError, r"bits=5 .*use one of"),
-    (dict(qweight=torch.zeros(16, 64)), TypeError, r"qweight has dtype torch.float32.*int32"),
-    (dict(qweight=torch.zeros(15, 64, dtype=torch.int32)), ValueError, r"qweight has shape \(15, 64\).*K a multiple of 32"),
-    (dict(qzeros=torch.zeros(4, 4, dtype=torch.int32)), ValueError, r"qzeros has shape \(4, 4\).*\[4, 8\]"),
-    (dict(scales=torch.ones(3, 64, dtype=torch.float16)), ValueError, r"3 groups for K=128"),
-    (dict(scales=torch.ones(4, 64, dtype=torch.int32)), TypeError, r"scales has dtype torch.int32"),
-    (dict(scales=torch.ones(4, 32, dtype=torch.float16)), ValueError, r"scales has shape \(4, 32\).*N=64"),
-    (dict(g_idx=torch.zeros(64, dtype=torch.int32)), ValueError, r"g_idx has shape \(64,\).*\[128\]"),
-    (dict(g_idx=torch.zeros(128)), TypeError, r"g_idx has dtype torch.float32"),
-    (dict(bits=3), ValueError, r"qweight has shape \(16, 64\): 3-bit"),
-    (dict(group_size=48), ValueError, r"group_size=48 does not split K=128"),
-    (dict(checkpoint_format="awq"), ValueError, r"checkpoint_format='awq'"),
-])
-def test_layer_validation_messages(change, error, match):
-    layer = make_layer(128, 64, 4, 32)
-    with pytest.raises(error, match=match):
-        GPTQLayer(**_bad(layer, **change))
-
-
 @pytest.mark.parametrize("x,error,match", [
     (torch.randn(2, 100), ValueError, r"x has K=100 input features but the layer takes K=128"),
     (torch.randn(2, 96), ValueError, r"K=96 .*qweight has shape \(16, 64\).*x matches"),
@@ -108,19 +73,6 @@ def test_input_validation_messages(x, error, match):
     layer = make_layer(128, 64, 4, 32)
     with pytest.raises(error, match=match):
         dequant_matmul(x, layer.gptq)
-
-
-def test_validation_n_not_word_aligned():
-    t = make_layer(64, 32, 3, 32).stored
-    with pytest.raises(ValueError, match=r"N=20 at 3 bits"):
-        GPTQLayer(t.qweight[:, :20], t.qzeros, t.scales[:, :20], None, bits=3, group_size=32)
-
-
-def test_g_idx_range_is_checked_on_request():
-    t = make_layer(64, 32, 4, 32).stored
-    bad = replace(t, g_idx=t.g_idx + 10)  # shapes are fine, values are not
-    with pytest.raises(ValueError, match=r"g_idx spans \[10, 11\] but there are 2 groups"):
-        bad.check_g_idx()
 
 
 def test_bad_backend():

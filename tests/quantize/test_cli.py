@@ -45,7 +45,7 @@ BAD = {
     "group does not divide": (
         lambda root, tiny: ["--model", str(_bad_model(root, "h96", hidden=96, intermediate=192, heads=3, kv_heads=1)),
                             "--group-size", "64", "--calib", f"text:{tiny}/calib.txt"],
-        "in_features=96 is not a multiple of --group-size 64: pick a group size that divides 96",
+        "in_features=96 is not a multiple of group_size=64: pick a group size that divides 96",
     ),
     "int3 needs multiples of 32": (
         lambda root, tiny: ["--model", str(_bad_model(root, "kv16", heads=8, kv_heads=1)), "--bits", "3",

@@ -217,7 +217,7 @@ def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
     bad = dict(good)
     bad[f"{prefix}.qweight"] = good[f"{prefix}.qweight"][:-1].contiguous()
     save_file(bad, out / "model.safetensors")
-    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}: qweight has shape \(15, 256\)"):
+    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}: qweight has shape \(15, 256\) \(K=120, N=256 at 4 bits\)"):
         tsq_vllm.load_quantized(out)
 
     bad = {k: v for k, v in good.items() if k != f"{prefix}.g_idx"}

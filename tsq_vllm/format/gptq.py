@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .packing import check_bits, pack, unpack
+from .packing import check_bits, pack, run_length, unpack
 
-__all__ = ["CHECKPOINT_FORMATS", "GPTQLayer", "TENSOR_NAMES", "pack_linear", "zero_offset"]
+__all__ = ["CHECKPOINT_FORMATS", "GPTQLayer", "TENSOR_NAMES", "check_linear_shape", "pack_linear", "zero_offset"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # The tensors a checkpoint stores per quantized linear, `<prefix>.<name>`.
@@ -39,6 +39,28 @@ def zero_offset(checkpoint_format: str) -> int:
             f"checkpoint_format={checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
         )
     return 1 if checkpoint_format == "gptq" else 0
+
+
+def check_linear_shape(K: int, N: int, bits: int, group_size: int) -> None:
+    """Whether a linear of in_features K and out_features N can be stored at `bits`, `group_size`.
+
+    The one statement of the layout's size rules: groups of a multiple of 32 columns (whole
+    packing runs for every width, and the kernels' K tile) that split K, and N a whole number of
+    packing runs because qzeros packs along N. Callers add where the sizes came from.
+    """
+    check_bits(bits)
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"group_size={group_size} is not a multiple of 32: use 32, 64 or 128")
+    if K % group_size:
+        raise ValueError(
+            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size that divides {K}"
+        )
+    run = run_length(bits)
+    if N % run:
+        raise ValueError(
+            f"out_features={N} is not a multiple of {run}, which {bits}-bit GPTQ packing needs "
+            f"({run} codes fill whole int32 words): use another bits setting"
+        )
 
 
 @dataclass(frozen=True)
@@ -95,17 +117,16 @@ class GPTQLayer:
                 f"scales has dtype {self.scales.dtype}, shape {tuple(self.scales.shape)}: expected fp16 [K/G, N]"
             )
         rows, N = self.qweight.shape
-        if (rows * 32) % bits or (rows * 32 // bits) % 32:
+        if (rows * 32) % bits:
             raise ValueError(
                 f"qweight has shape {tuple(self.qweight.shape)}: {bits}-bit codes need [K*{bits}/32, N] "
-                f"with K a multiple of 32 (whole packing runs); check bits"
+                f"rows for a whole K; check bits"
             )
         K = self.K
-        if G <= 0 or G % 32 or K % G:
-            raise ValueError(
-                f"group_size={G} does not split K={K} into groups of a multiple of 32 columns: use "
-                "a group size in (32, 64, 128) that divides K"
-            )
+        try:
+            check_linear_shape(K, N, bits, G)
+        except ValueError as e:
+            raise ValueError(f"qweight has shape {tuple(self.qweight.shape)} (K={K}, N={N} at {bits} bits): {e}") from None
         n_groups = self.n_groups
         if self.scales.shape[1] != N:
             raise ValueError(
@@ -117,11 +138,6 @@ class GPTQLayer:
             raise ValueError(
                 f"scales has {n_groups} groups for K={K}: expected K / group_size = {K // G} groups "
                 f"of {G}; re-quantize, or check group_size"
-            )
-        if (N * bits) % 32:
-            raise ValueError(
-                f"N={N} at {bits} bits does not fill whole int32 words in qzeros (N*bits % 32 != 0): "
-                "pad N to a multiple of 32"
             )
         if tuple(self.qzeros.shape) != (n_groups, N * bits // 32):
             raise ValueError(

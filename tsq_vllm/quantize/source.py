@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..format.packing import run_length
+from ..format.gptq import check_linear_shape
 
 __all__ = [
     "ModelSource",
@@ -167,22 +167,12 @@ def check_quantizable(config: Any, bits: int, group_size: int) -> int:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     stack_name, layers = find_decoder_layers(skeleton)
-    run = run_length(bits)
     count = 0
     for i, layer in enumerate(layers):
         for name, lin in decoder_linears(layer).items():
-            full = f"{stack_name}.{i}.{name}"
-            k, n = lin.in_features, lin.out_features
-            if k % group_size:
-                raise ValueError(
-                    f"{full}: in_features={k} is not a multiple of --group-size {group_size}: "
-                    f"pick a group size that divides {k}"
-                )
-            for what, size in (("in_features", k), ("out_features", n)):
-                if size % run:
-                    raise ValueError(
-                        f"{full}: {what}={size} is not a multiple of {run}, which {bits}-bit GPTQ packing "
-                        f"needs ({run} codes fill whole int32 words): use another --bits"
-                    )
+            try:
+                check_linear_shape(lin.in_features, lin.out_features, bits, group_size)
+            except ValueError as e:
+                raise ValueError(f"{stack_name}.{i}.{name}: {e}") from None
             count += 1
     return count

@@ -32,7 +32,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from ..format.gptq import TENSOR_NAMES, GPTQLayer
+from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape
 from ..format.packing import run_length
 from ..kernels.cpu import prepare_cpu_linear
 
@@ -173,38 +173,30 @@ def check_partition(
     output_partition_sizes: list[int],
     tp_size: int,
 ) -> None:
-    """Raise a ValueError unless every shard of this layer is whole packing runs / groups."""
+    """Raise a ValueError unless the layer, and every tensor-parallel shard of it, can be stored.
+
+    The whole layer must fit the layout (`check_linear_shape`); shards must then hold whole
+    groups (row-parallel) and whole packing runs of qzeros (column-parallel).
+    """
+    try:
+        for size in output_partition_sizes:
+            check_linear_shape(input_size, size * tp_size, bits, group_size)
+    except ValueError as e:
+        raise ValueError(f"{prefix}: {e}; the checkpoint does not match its quantization_config") from None
     run = run_length(bits)
-    if input_size % group_size:
+    if input_size_per_partition != input_size and input_size_per_partition % group_size:
         raise ValueError(
-            f"{prefix}: in_features={input_size} is not a multiple of group_size={group_size}; "
-            f"the checkpoint does not match its quantization_config"
-        )
-    row_parallel = input_size_per_partition != input_size
-    need_k = max(group_size, run) if row_parallel else run
-    if input_size_per_partition % need_k:
-        if row_parallel:
-            raise ValueError(
-                f"{prefix}: tensor-parallel size {tp_size} splits in_features={input_size} into "
-                f"shards of {input_size_per_partition}, not a multiple of {need_k} (row-parallel "
-                f"shards must hold whole groups of {group_size} and whole {bits}-bit packing runs "
-                f"of {run}); use a tensor-parallel size that divides {input_size // need_k}"
-            )
-        raise ValueError(
-            f"{prefix}: in_features={input_size} is not a multiple of {run}, the {bits}-bit "
-            f"packing run; the checkpoint does not match its quantization_config"
+            f"{prefix}: tensor-parallel size {tp_size} splits in_features={input_size} into "
+            f"shards of {input_size_per_partition}, not a multiple of {group_size} (row-parallel "
+            f"shards must hold whole groups of {group_size}); use a tensor-parallel size that "
+            f"divides {input_size // group_size}"
         )
     for size in output_partition_sizes:
         if size % run:
-            if tp_size > 1:
-                raise ValueError(
-                    f"{prefix}: tensor-parallel size {tp_size} splits an output of "
-                    f"{size * tp_size} into shards of {size}, not a multiple of {run} ({bits}-bit "
-                    f"zero points pack {run} values per run); use a smaller tensor-parallel size"
-                )
             raise ValueError(
-                f"{prefix}: out_features={size} is not a multiple of {run}, the {bits}-bit "
-                f"packing run of qzeros; the checkpoint cannot be {bits}-bit GPTQ"
+                f"{prefix}: tensor-parallel size {tp_size} splits an output of "
+                f"{size * tp_size} into shards of {size}, not a multiple of {run} ({bits}-bit "
+                f"zero points pack {run} values per run); use a smaller tensor-parallel size"
             )
 
 
