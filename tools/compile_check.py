@@ -10,7 +10,7 @@ needed. Registers and spills come from ptxas' own `-v` report, which Triton prin
 The signature mirrors what the JIT specializes at run time for contiguous checkpoint tensors:
 unit strides become constexpr 1, pointers, sizes and leading strides carry divisibility-by-16.
 Variants: kernel kind (gemv, gemm at the small-prefill and large-prefill block sizes of the
-kernel's own `triton_kernels.CONFIGS`) × bits ×
+kernel's own `tsq_vllm.kernels.configs.CONFIGS`) × bits ×
 group size × activation dtype, act-order variants per kind × bits × dtype, and the split-K
 reduction. Exit status 1 if any variant fails to compile.
 """
@@ -36,7 +36,7 @@ __all__ = [
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 DTYPES = ("fp16", "bf16")
-# The shape classes of `triton_kernels.CONFIGS` compiled here (gemm-M32 differs from gemm-M64
+# The shape classes of `tsq_vllm.kernels.configs.CONFIGS` compiled here (gemm-M32 differs from gemm-M64
 # only in BLOCK_M and is covered by it).
 LABELS = ("gemv", "gemm-M64", "gemm-M128+")
 
@@ -74,18 +74,18 @@ class Result:
 def variants(quick: bool = False) -> list[Variant]:
     """All variants, or with `quick` a subset that still covers every kernel, 3-bit straddles,
     act-order and both dtypes."""
-    from tsq_vllm.kernels import triton_kernels as tk
+    from tsq_vllm.kernels.configs import CONFIGS, fit_block_k
 
     out = []
     for label in LABELS:
-        c = tk.CONFIGS[label]
+        c = CONFIGS[label]
         shape = (c.block_m, c.block_n)
         for bits in BITS:
             for dtype in DTYPES:
                 for group in GROUPS:
-                    k = tk._fit_block_k(c.block_k, group, False)
+                    k = fit_block_k(c.block_k, group, False)
                     out.append(Variant(label, c.kind, bits, group, dtype, False, *shape, k, c.num_warps, c.num_stages))
-                k = tk._fit_block_k(c.block_k, 128, True)
+                k = fit_block_k(c.block_k, 128, True)
                 out.append(Variant(label, c.kind, bits, 128, dtype, True, *shape, k, c.num_warps, c.num_stages))
     for dtype in DTYPES:
         out.append(Variant("reduce", "reduce", 0, 0, dtype, False, 0, 0, 0, 4, 3))

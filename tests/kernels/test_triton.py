@@ -79,7 +79,7 @@ def test_split_k_workspace(tk, split_k, act_order):
     layer = make_layer(K, N, 3, 32, act_order=act_order, seed=split_k)
     x = activations(4, K, torch.float16)
     cfg = tk.KernelConfig("gemv", 16, 64, 32, split_k=split_k)
-    _, splits = tk._split_plan(K, 32, split_k)
+    _, splits = tk.split_plan(K, 32, split_k)
     assert splits == split_k
     ws = torch.full((splits, 4, N), float("nan"))
     check_close(run(tk, x, layer, "gemv", config=cfg, workspace=ws), x, layer)

@@ -1,7 +1,14 @@
 """The GPTQ-compatible checkpoint format: bit packing, per-layer tensors, config."""
 
 from .config import QUANT_METHOD, SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
-from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer, check_linear_shape, pack_linear, zero_offset
+from .gptq import (
+    CHECKPOINT_FORMATS,
+    TENSOR_NAMES,
+    GPTQLayer,
+    check_linear_shape,
+    pack_linear,
+    zero_offset,
+)
 from .packing import SUPPORTED_BITS, pack, pack_factor, run_length, unpack
 
 __all__ = [

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from ..format.gptq import GPTQLayer
-from .reference import Problem, check_input
+from .configs import CONFIGS, GEMV_MAX_M, KernelConfig, fit_block_k, pick_config, split_plan
+from .reference import check_input
 
 __all__ = [
     "CONFIGS",
@@ -55,9 +56,6 @@ __all__ = [
     "launch",
     "dequant_matmul_triton",
 ]
-
-GEMV_MAX_M = 16  # decode batch sizes up to this take the split-K kernel
-
 
 # ----------------------------------------------------------------------------------------------
 # Decode helpers
@@ -217,31 +215,6 @@ def _splitk_reduce_kernel(ws_ptr, y_ptr, M, N, SPLIT_K, stride_ym, stride_yn, BL
 # Configurations
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """One launch configuration. `split_k` only applies to the GEMV kernel."""
-
-    kind: str  # "gemm" or "gemv"
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    split_k: int = 1
-    group_m: int = 8
-
-
-# The launch configurations `pick_config` chooses from, by shape class (BLOCK_K is then fitted to
-# the group size; the GEMV's split_k is planned per call). tools/compile_check.py compiles these.
-CONFIGS = {
-    "gemv": KernelConfig("gemv", 16, 64, 64, num_warps=4, num_stages=3),
-    "gemm-M32": KernelConfig("gemm", 32, 64, 64, num_warps=4, num_stages=3),
-    "gemm-M64": KernelConfig("gemm", 64, 64, 64, num_warps=4, num_stages=3),
-    # BLOCK_K 32 keeps a stage (x 8 KiB + int32 codes 16 KiB) small enough for 3 stages on sm_80.
-    "gemm-M128+": KernelConfig("gemm", 128, 128, 32, num_warps=8, num_stages=3),
-}
-
-
 def is_interpreted() -> bool:
     """True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1
     when the module was imported), so they run on CPU tensors."""
@@ -253,54 +226,9 @@ def autotune_enabled() -> bool:
     return os.environ.get("TSQ_TRITON_AUTOTUNE", "0") == "1" and not is_interpreted()
 
 
-def _fit_block_k(block_k: int, group_size: int, act_order: bool) -> int:
-    # A K tile must sit inside one group (fast path) and divide K; K and G are multiples of 32.
-    if act_order or group_size % block_k:
-        return 32
-    return block_k
-
-
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def pick_config(
-    p: Problem, act_order: bool, kind: str | None = None, sm_count: int = 132, bits: int = 4
-) -> KernelConfig:
-    """Block sizes per shape class: decode (M <= 16), small prefill (M <= 64), large prefill.
-
-    Heuristic: sized so registers and shared memory fit sm_80/sm_90 without loop spills (see
-    benchmarks/results/kernels_compile.md); not yet timed on a GPU.
-    """
-    kind = kind or ("gemv" if p.M <= GEMV_MAX_M else "gemm")
-    if kind == "gemv":
-        if p.M > GEMV_MAX_M:
-            raise ValueError(f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'")
-        base = CONFIGS["gemv"]
-        bk = _fit_block_k(base.block_k, p.group_size, act_order)
-        # Enough programs to cover the SMs about twice, each split keeping >= 4 K tiles, and the
-        # fp32 workspace traffic (write + read, 8·split·M·N bytes) within 1/8 of the weight bytes
-        # (K·N·bits/8): split <= K·bits / (512·M).
-        n_tiles = triton.cdiv(p.N, base.block_n)
-        k_tiles = p.K // bk
-        budget = p.K * bits // (512 * max(p.M, 1))
-        split = max(1, min(triton.cdiv(2 * sm_count, n_tiles), k_tiles // 4, budget, 16))
-        return replace(base, block_k=bk, split_k=split)
-    if kind != "gemm":
-        raise ValueError(f"kind={kind!r} is not a kernel: use 'gemm' or 'gemv'")
-    if p.M <= 64:
-        base = CONFIGS["gemm-M32" if p.M <= 32 else "gemm-M64"]
-        return replace(base, block_k=_fit_block_k(base.block_k, p.group_size, act_order))
-    return CONFIGS["gemm-M128+"]
-
-
-def _split_plan(K: int, block_k: int, split_k: int) -> tuple[int, int]:
-    """(K elements per split, number of splits) with every split a whole number of K tiles and
-    none empty."""
-    k_tiles = K // block_k
-    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles)))
-    return tiles_per_split * block_k, triton.cdiv(k_tiles, tiles_per_split)
 
 
 # Autotuning candidates (GPU only). BLOCK_K candidates that do not fit G or K are pruned per call.
@@ -394,7 +322,7 @@ def launch(
         config = pick_config(p, act_order, kind, sm_count=sms, bits=bits)
     elif kind is not None and config.kind != kind:
         raise ValueError(f"config is for {config.kind!r} but kind={kind!r}")
-    config = replace(config, block_k=_fit_block_k(config.block_k, p.group_size, act_order))
+    config = replace(config, block_k=fit_block_k(config.block_k, p.group_size, act_order))
     if p.K % config.block_k:
         raise ValueError(f"block_k={config.block_k} does not divide K={p.K}: use 32")
 
@@ -425,7 +353,7 @@ def launch(
         raise ValueError(f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'")
     # Splits are planned in units of 64 (any tuned BLOCK_K divides it) when autotuning.
     unit = 64 if autotune and p.K % 64 == 0 and (act_order or p.group_size % 64 == 0) else config.block_k
-    k_per_split, split = _split_plan(p.K, unit, config.split_k)
+    k_per_split, split = split_plan(p.K, unit, config.split_k)
     t_strides: tuple[int, ...]
     if split == 1:
         target, t_strides = out, (0, out.stride(0), out.stride(1))
