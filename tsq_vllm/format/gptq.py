@@ -63,7 +63,7 @@ def check_linear_shape(K: int, N: int, bits: int, group_size: int) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors would compare elementwise: identity instead
 class GPTQLayer:
     """The packed tensors of one linear layer, exactly as stored, with what it takes to read them.
 
