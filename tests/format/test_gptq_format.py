@@ -4,7 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsq_vllm.format import CheckpointQuantConfig, GPTQLayer, check_linear_shape, pack_linear
+from tsq_vllm.format import (
+    CheckpointQuantConfig,
+    GPTQLayer,
+    check_linear_shape,
+    pack_linear,
+    packed_shapes,
+)
 
 from ..kernels.layers import make_layer
 
@@ -30,6 +36,8 @@ def test_pack_linear_round_trip(bits, group_size, fmt):
     assert t.qzeros.shape == (K // group_size, N * bits // 32)
     assert t.scales.dtype == torch.float16 and t.scales.shape == (K // group_size, N)
     assert (t.K, t.N, t.n_groups, t.group_size) == (K, N, K // group_size, group_size)
+    stored = {k.split(".")[-1]: tuple(v.shape) for k, v in t.tensors("l").items()}
+    assert stored == packed_shapes(K, N, bits, K // group_size)
     got_codes, got_zeros = t.unpack()
     assert torch.equal(got_codes, codes.t().int())
     assert torch.equal(got_zeros, zeros.t().int())

@@ -23,6 +23,7 @@ __all__ = [
     "pack",
     "pack_factor",
     "pack_linear",
+    "packed_shapes",
     "run_length",
     "unpack",
     "zero_offset",

@@ -24,7 +24,9 @@ import torch
 
 from .packing import check_bits, pack, run_length, unpack
 
-__all__ = ["CHECKPOINT_FORMATS", "GPTQLayer", "TENSOR_NAMES", "check_linear_shape", "pack_linear", "zero_offset"]
+__all__ = [
+    "CHECKPOINT_FORMATS", "GPTQLayer", "TENSOR_NAMES", "check_linear_shape", "pack_linear", "packed_shapes", "zero_offset",
+]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # The tensors a checkpoint stores per quantized linear, `<prefix>.<name>`.
@@ -39,6 +41,16 @@ def zero_offset(checkpoint_format: str) -> int:
             f"checkpoint_format={checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
         )
     return 1 if checkpoint_format == "gptq" else 0
+
+
+def packed_shapes(K: int, N: int, bits: int, n_groups: int) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each tensor of a layer with K inputs, N outputs and n_groups groups."""
+    return {
+        "qweight": (K * bits // 32, N),
+        "qzeros": (n_groups, N * bits // 32),
+        "scales": (n_groups, N),
+        "g_idx": (K,),
+    }
 
 
 def check_linear_shape(K: int, N: int, bits: int, group_size: int) -> None:
@@ -139,16 +151,17 @@ class GPTQLayer:
                 f"scales has {n_groups} groups for K={K}: expected K / group_size = {K // G} groups "
                 f"of {G}; re-quantize, or check group_size"
             )
-        if tuple(self.qzeros.shape) != (n_groups, N * bits // 32):
+        shapes = packed_shapes(K, N, bits, n_groups)
+        if tuple(self.qzeros.shape) != shapes["qzeros"]:
             raise ValueError(
                 f"qzeros has shape {tuple(self.qzeros.shape)}: expected [K/G, N*bits/32] = "
-                f"[{n_groups}, {N * bits // 32}] for bits={bits}; check bits and group size"
+                f"{list(shapes['qzeros'])} for bits={bits}; check bits and group size"
             )
         tensors = [("qzeros", self.qzeros), ("scales", self.scales)]
         if self.g_idx is not None:
             if self.g_idx.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"g_idx has dtype {self.g_idx.dtype}: expected int32 (or int64)")
-            if tuple(self.g_idx.shape) != (K,):
+            if tuple(self.g_idx.shape) != shapes["g_idx"]:
                 raise ValueError(f"g_idx has shape {tuple(self.g_idx.shape)}: expected [K] = [{K}]")
             tensors.append(("g_idx", self.g_idx))
         for name, t in tensors:

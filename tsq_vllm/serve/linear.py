@@ -32,7 +32,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape
+from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape, packed_shapes
 from ..format.packing import run_length
 from ..kernels.cpu import prepare_cpu_linear
 
@@ -235,12 +235,13 @@ class TsqLinearMethod(LinearMethodBase):
         # fp16 holds the checkpoint's fp16 scales exactly; fp32 models keep them in fp32.
         scale_dtype = torch.float32 if params_dtype == torch.float32 else torch.float16
 
+        local = packed_shapes(k_local, n_local, bits, n_groups)
         qweight = _QWeight(
-            data=torch.empty(int(k_local / pack), n_local, dtype=torch.int32),
+            data=torch.empty(local["qweight"], dtype=torch.int32),
             input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack, weight_loader=weight_loader,
         )
-        zeros_data = torch.empty(n_groups, int(n_local / pack), dtype=torch.int32)
-        scales_data = torch.empty(n_groups, n_local, dtype=scale_dtype)
+        zeros_data = torch.empty(local["qzeros"], dtype=torch.int32)
+        scales_data = torch.empty(local["scales"], dtype=scale_dtype)
         if replicate:
             qzeros: _CheckedLoad = _ReplicatedZeros(
                 data=zeros_data, output_dim=1, packed_dim=1, packed_factor=pack, weight_loader=weight_loader
@@ -252,18 +253,20 @@ class TsqLinearMethod(LinearMethodBase):
                 weight_loader=weight_loader,
             )
             scales = _ShardedScales(data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader)
-        g_idx = _GIdx(data=torch.empty(k_local, dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
+        g_idx = _GIdx(data=torch.empty(local["g_idx"], dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
 
         hint = f"{bits}-bit, group_size {group_size}, in_features={input_size}"
-        specs: dict[str, tuple[Any, int, Fraction | None, bool]] = {
-            "qweight": (qweight, input_size * bits // 32, Fraction(1), True),
-            "qzeros": (qzeros, input_size // group_size, pack, True),
-            "scales": (scales, input_size // group_size, Fraction(1), False),
-            "g_idx": (g_idx, input_size, None, True),
+        # Rows of the whole checkpoint tensors (N is checked per shard as it arrives).
+        full_rows = {k: v[0] for k, v in packed_shapes(input_size, 0, bits, input_size // group_size).items()}
+        specs: dict[str, tuple[Any, Fraction | None, bool]] = {
+            "qweight": (qweight, Fraction(1), True),
+            "qzeros": (qzeros, pack, True),
+            "scales": (scales, Fraction(1), False),
+            "g_idx": (g_idx, None, True),
         }
-        for name, (param, rows, out_pack, is_int) in specs.items():
+        for name, (param, out_pack, is_int) in specs.items():
             param.tsq_name = f"{self.prefix}.{name}" if self.prefix else name
-            param.tsq_rows = rows
+            param.tsq_rows = full_rows[name]
             param.tsq_out_pack = out_pack
             param.tsq_int = is_int
             param.tsq_hint = hint
