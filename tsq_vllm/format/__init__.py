@@ -7,6 +7,7 @@ from .gptq import (
     GPTQLayer,
     check_linear_shape,
     pack_linear,
+    packed_shapes,
     zero_offset,
 )
 from .packing import SUPPORTED_BITS, pack, pack_factor, run_length, unpack
