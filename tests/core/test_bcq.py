@@ -31,8 +31,12 @@ def test_bc_encode_is_nearest_level(k):
     offset = torch.randn(50, generator=g)
     x = 3 * torch.randn(50, generator=g)
     got = bc_decode(bc_encode(x, alpha, offset), alpha, offset)
-    every = torch.stack([bc_decode(torch.tensor(p)[:, None].expand(k, 50), alpha, offset)
-                         for p in itertools.product((-1, 1), repeat=k)])  # [2^k, 50]
+    every = torch.stack(
+        [
+            bc_decode(torch.tensor(p)[:, None].expand(k, 50), alpha, offset)
+            for p in itertools.product((-1, 1), repeat=k)
+        ]
+    )  # [2^k, 50]
     assert torch.allclose((x - got).abs(), (x - every).abs().amin(0), atol=1e-6)
 
 
@@ -63,8 +67,13 @@ def _brute_force_cost(codes, h, group_size, k, b0):
     M = (1 << b0) - 1
     half = torch.arange(-M, M + 1, dtype=torch.float64) / 2
     alphas = torch.cartesian_prod(*([half] * k)).reshape(-1, k)
-    combos = torch.cat([alphas.repeat_interleave(2 * M + 1, 0),
-                        (torch.arange(2 * M + 1, dtype=torch.float64) / 2).repeat(len(alphas))[:, None]], 1)
+    combos = torch.cat(
+        [
+            alphas.repeat_interleave(2 * M + 1, 0),
+            (torch.arange(2 * M + 1, dtype=torch.float64) / 2).repeat(len(alphas))[:, None],
+        ],
+        1,
+    )
     signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=k)), dtype=torch.float64)
     levels = combos[:, :k] @ signs.t() + combos[:, k:]  # [T, 2^k]
     ok = ((levels == levels.round()) & (levels >= 0) & (levels <= M)).all(1)

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from tsq_vllm.core import damp_hessian, gptq_quantize, layer_objective, search_grid
-from tsq_vllm.core.gptqt import GPTQTSettings, Reexplore, gptq_quantize_levels, gptqt_convert
+from tsq_vllm.core.gptqt import (
+    GPTQTSettings,
+    Reexplore,
+    gptq_quantize_levels,
+    gptqt_convert,
+)
 
 from .test_stage2 import _streams
 
@@ -70,7 +75,7 @@ def test_reexploration_never_worse_on_the_layer_loss(k, b0, requantize, stage2, 
     R = R if with_r else None
     W = torch.randn(48, 256, generator=g)
     grid, codes, Hd = _first_pass(W, H, b0)
-    common = dict(R=R, H_damped=Hd)
+    common = {"R": R, "H_damped": Hd}
     none = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(k, requantize, reexplore=None), **common)
     rx = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(k, requantize, Reexplore(stage2=stage2)), **common)
     assert torch.equal(rx.codes, none.codes)  # re-exploration only moves scales
@@ -92,7 +97,7 @@ def test_grid_search_is_the_best_multiplier_per_group(layer, lowest, highest, po
     N, K = W.shape
     U = (base.codes - base.zero.repeat_interleave(G, 1)).double().reshape(N, -1, G)
     Wg = W.double().reshape(N, -1, G)
-    blocks = torch.stack([H[i:i + G, i:i + G] for i in range(0, K, G)]).double()
+    blocks = torch.stack([H[i : i + G, i : i + G] for i in range(0, K, G)]).double()
 
     def block_loss(scale):
         D = scale.double()[..., None] * U - Wg

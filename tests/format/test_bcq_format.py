@@ -5,7 +5,14 @@ from safetensors.torch import load_file, save_file
 from tsq_vllm.core import damp_hessian, gptq_quantize, search_grid
 from tsq_vllm.core.gptqt import GPTQTSettings, gptqt_convert
 from tsq_vllm.format import dequantize, pack_linear
-from tsq_vllm.format.bcq import BCQTensors, dequantize_bcq, pack_bcq, pack_planes, unpack_bcq, unpack_planes
+from tsq_vllm.format.bcq import (
+    BCQTensors,
+    dequantize_bcq,
+    pack_bcq,
+    pack_planes,
+    unpack_bcq,
+    unpack_planes,
+)
 
 from ..core.conftest import correlated_inputs
 
@@ -61,7 +68,10 @@ def test_dequantize_bcq_formula(k, with_g_idx):
         g_idx = col_group
     t = pack_bcq(signs, alpha, offset, g_idx)
     W = dequantize_bcq(t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx, dtype=torch.float32)  # [K, N]
-    expected = torch.einsum("ink,nki->nk", signs.double(), alpha.double()[:, col_group]) + offset.double()[:, col_group]
+    expected = (
+        torch.einsum("ink,nki->nk", signs.double(), alpha.double()[:, col_group])
+        + offset.double()[:, col_group]
+    )
     torch.testing.assert_close(W.double(), expected.t(), rtol=0, atol=1e-5)
     assert dequantize_bcq(t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx).dtype == torch.float16
 
@@ -102,11 +112,17 @@ def test_safetensors_round_trip(tmp_path, with_g_idx):
     t = pack_bcq(signs, alpha, offset, torch.arange(128) // 32 if with_g_idx else None)
     save_file(t.as_dict("layer"), tmp_path / "m.safetensors")
     back = load_file(tmp_path / "m.safetensors")
-    names = {"layer.bcq_bits", "layer.bcq_alpha", "layer.bcq_offset"} | ({"layer.g_idx"} if with_g_idx else set())
+    names = {"layer.bcq_bits", "layer.bcq_alpha", "layer.bcq_offset"} | (
+        {"layer.g_idx"} if with_g_idx else set()
+    )
     assert set(back) == names
-    t2 = BCQTensors(back["layer.bcq_bits"], back["layer.bcq_alpha"], back["layer.bcq_offset"], back.get("layer.g_idx"))
-    assert torch.equal(dequantize_bcq(t2.bcq_bits, t2.bcq_alpha, t2.bcq_offset, t2.g_idx),
-                       dequantize_bcq(t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx))
+    t2 = BCQTensors(
+        back["layer.bcq_bits"], back["layer.bcq_alpha"], back["layer.bcq_offset"], back.get("layer.g_idx")
+    )
+    assert torch.equal(
+        dequantize_bcq(t2.bcq_bits, t2.bcq_alpha, t2.bcq_offset, t2.g_idx),
+        dequantize_bcq(t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx),
+    )
 
 
 def test_rejects_bad_layers():

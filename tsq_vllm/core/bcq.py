@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -108,10 +108,12 @@ def check_bits(bits: int, base_bits: int) -> None:
     if base_bits not in BASE_BITS:
         raise ValueError(f"intermediate bits b0={base_bits} is not supported: use one of {BASE_BITS}")
     if not 1 <= bits < base_bits:
-        raise ValueError(f"binary-coding bits k={bits} must satisfy 1 <= k < b0={base_bits}: lower k or raise b0")
+        raise ValueError(
+            f"binary-coding bits k={bits} must satisfy 1 <= k < b0={base_bits}: lower k or raise b0"
+        )
 
 
-@lru_cache(maxsize=None)
+@cache
 def level_candidates(bits: int, base_bits: int) -> LevelCandidates:
     """The candidate table for k = `bits`, b₀ = `base_bits`, built once per pair."""
     check_bits(bits, base_bits)
@@ -163,7 +165,9 @@ def code_histogram(codes: torch.Tensor, h: torch.Tensor, group_size: int, base_b
     return torch.zeros(N, n_g, 1 << base_bits).scatter_add_(2, idx, src)
 
 
-def search_levels(hist: torch.Tensor, cand: LevelCandidates, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+def search_levels(
+    hist: torch.Tensor, cand: LevelCandidates, chunk: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best candidate index [*S] and its weighted squared code error [*S] for hist [*S, 2^b₀]."""
     flat = hist.reshape(-1, hist.shape[-1]).float()
     E = cand.error.t().contiguous()  # [M+1, C]
@@ -180,7 +184,7 @@ def search_levels(hist: torch.Tensor, cand: LevelCandidates, chunk: int = 1 << 2
 def map_codes(
     codes: torch.Tensor, best: torch.Tensor, cand: LevelCandidates, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [N, K] moved to the nearest level of their group's set best [N, n_g], and their signs [k, N, K]."""
+    """Codes [N, K] moved to the nearest level of their group's set `best` [N, n_g], and signs [k, N, K]."""
     N, K = codes.shape
     x = codes.long().reshape(N, K // group_size, group_size)
     mapped = cand.mapped[best].gather(2, x).reshape(N, K)
@@ -212,11 +216,22 @@ class BCQWeight:
         check_bits(self.bits, self.base_bits)
         N, K = self.codes.shape
         n_g = K // self.group_size
-        for name, shape in (("scale", (N, n_g)), ("zero", (N, n_g)), ("low", (N, n_g)),
-                            ("steps", (N, n_g, self.bits)), ("signs", (self.bits, N, K))):
+        for name, shape in (
+            ("scale", (N, n_g)),
+            ("zero", (N, n_g)),
+            ("low", (N, n_g)),
+            ("steps", (N, n_g, self.bits)),
+            ("signs", (self.bits, N, K)),
+        ):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"BCQWeight.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
-        if (self.steps < 0).any() or (self.low < 0).any() or (self.low + self.steps.sum(-1) > self.maxq).any():
+                raise ValueError(
+                    f"BCQWeight.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+                )
+        if (
+            (self.steps < 0).any()
+            or (self.low < 0).any()
+            or (self.low + self.steps.sum(-1) > self.maxq).any()
+        ):
             raise ValueError(f"BCQWeight levels must satisfy d >= 0, m >= 0 and m + sum(d) <= {self.maxq}")
         if not torch.equal(self._codes_from_signs(), self.codes.long()):
             raise ValueError("BCQWeight.codes disagree with low + sum(steps * (signs + 1) / 2)")
@@ -263,5 +278,3 @@ class BCQWeight:
         """W [N, K] = Σ_i (s α_i) b_i + s (c − z), the binary-coding reading (equal up to rounding)."""
         alpha = self._per_column(self.scaled_alpha()).movedim(-1, 0)  # [k, N, K]
         return bc_decode(self.signs, alpha, self._per_column(self.scaled_offset()))
-
-

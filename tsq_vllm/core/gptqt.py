@@ -21,7 +21,7 @@ pass: its grid (scale s, zero z [N, n_g]) and codes x [N, K]. Steps:
     coordinate descent) refines those scales, levels and codes frozen. The block loss ignores
     cross-group terms and stage 2 is monotone only from its own start, so a last per-row check
     keeps the un-explored scales of every row whose layer loss did not improve: re-exploration
-    is never worse than none on the layer loss Σ_n (q_n − w_n)ᵀ H (q_n − w_n) + 2 w_nᵀ R (q_n − w_n).
+    is never worse than none on the layer loss Σ_n (q_n − w_n)ᵀH(q_n − w_n) + 2 w_nᵀR(q_n − w_n).
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .bcq import BCQWeight, check_bits, code_histogram, level_candidates, map_codes, search_levels
+from .bcq import (
+    BCQWeight,
+    check_bits,
+    code_histogram,
+    level_candidates,
+    map_codes,
+    search_levels,
+)
 from .gptq import inverse_hessian_factor
 from .grid import Grid
 from .stage2 import layer_objective, refine_scales, scale_system
@@ -54,7 +61,9 @@ class Reexplore:
                 f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= 1 <= highest"
             )
         if self.points < 1 or self.stage2_sweeps < 1:
-            raise ValueError(f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, {self.stage2_sweeps}")
+            raise ValueError(
+                f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, {self.stage2_sweeps}"
+            )
 
     def multipliers(self) -> torch.Tensor:
         grid = torch.linspace(self.lowest, self.highest, self.points, dtype=torch.float64)
@@ -106,8 +115,9 @@ def reexplore_scales(
     best = torch.where(low < block_loss[unit], sigma.gather(0, arg[None])[0], s0)
     system = scale_system(W, U, H, R, group_size)
     if options.stage2:
-        best = refine_scales(W, U, best.float(), H, R, group_size, max_sweeps=options.stage2_sweeps,
-                             system=system).scale.double()
+        best = refine_scales(
+            W, U, best.float(), H, R, group_size, max_sweeps=options.stage2_sweeps, system=system
+        ).scale.double()
     before, after = _row_losses(system, s0), _row_losses(system, best)
     worse = after > before
     best = torch.where(worse[:, None], s0, best)
@@ -134,7 +144,13 @@ class GPTQTSettings:
 
 
 def gptq_quantize_levels(
-    W: torch.Tensor, H: torch.Tensor, grid: Grid, tables: torch.Tensor, group_size: int, *, block_size: int = 128
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: Grid,
+    tables: torch.Tensor,
+    group_size: int,
+    *,
+    block_size: int = 128,
 ) -> torch.Tensor:
     """Codes [N, K] of GPTQ with the two-step quantizer: b₀-bit grid, then tables [N, n_g, M+1].
 
@@ -192,15 +208,23 @@ def gptqt_convert(
             f"codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes {tuple(codes.shape)}"
         )
     if grid.scale.shape != (N, K // group_size) or grid.zero.shape != grid.scale.shape:
-        raise ValueError(f"grid scale/zero have shape {tuple(grid.scale.shape)}, expected [{N}, {K // group_size}]")
+        raise ValueError(
+            f"grid scale/zero have shape {tuple(grid.scale.shape)}, expected [{N}, {K // group_size}]"
+        )
     if codes.min() < 0 or codes.max() > grid.maxq:
-        raise ValueError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {grid.maxq}] for b0={grid.bits}")
+        raise ValueError(
+            f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {grid.maxq}] for b0={grid.bits}"
+        )
     H = H.float()
     cand = level_candidates(bits, grid.bits)
-    best, cost = search_levels(code_histogram(codes, torch.diagonal(H).clamp(min=0), group_size, grid.bits), cand)
+    best, cost = search_levels(
+        code_histogram(codes, torch.diagonal(H).clamp(min=0), group_size, grid.bits), cand
+    )
     if settings.requantize:
         Hd = H if H_damped is None else H_damped.float()
-        codes = gptq_quantize_levels(W, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size)
+        codes = gptq_quantize_levels(
+            W, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size
+        )
     new_codes, signs = map_codes(codes, best, cand, group_size)  # the identity on requantized codes
     stats = {"map_error": float(cost.double().sum())}
     scale = grid.scale.float()
@@ -210,5 +234,14 @@ def gptqt_convert(
         stats.update(more)
     else:
         stats["loss"] = layer_objective(W, scale.repeat_interleave(group_size, dim=1) * U, H, R)
-    return BCQWeight(new_codes, scale, grid.zero.long(), cand.low[best], cand.steps[best], signs,
-                     grid.bits, group_size, stats)
+    return BCQWeight(
+        new_codes,
+        scale,
+        grid.zero.long(),
+        cand.low[best],
+        cand.steps[best],
+        signs,
+        grid.bits,
+        group_size,
+        stats,
+    )

@@ -69,22 +69,35 @@ class BCQTensors:
 
     def __post_init__(self) -> None:
         if self.bcq_bits.dtype != torch.int32 or self.bcq_bits.ndim != 3:
-            raise ValueError(f"bcq_bits must be int32 [k, K/32, N], got {self.bcq_bits.dtype} {tuple(self.bcq_bits.shape)}")
+            raise ValueError(
+                f"bcq_bits must be int32 [k, K/32, N], got {self.bcq_bits.dtype} {tuple(self.bcq_bits.shape)}"
+            )
         k, n_words, N = self.bcq_bits.shape
         K = n_words * WORD
-        if not self.bcq_alpha.dtype.is_floating_point or self.bcq_alpha.ndim != 3 or self.bcq_alpha.shape[::2] != (k, N):
-            raise ValueError(f"bcq_alpha must be float [k={k}, n_g, N={N}], got {self.bcq_alpha.dtype} {tuple(self.bcq_alpha.shape)}")
+        if (
+            not self.bcq_alpha.dtype.is_floating_point
+            or self.bcq_alpha.ndim != 3
+            or self.bcq_alpha.shape[::2] != (k, N)
+        ):
+            raise ValueError(
+                f"bcq_alpha must be float [k={k}, n_g, N={N}], got {self.bcq_alpha.dtype} {tuple(self.bcq_alpha.shape)}"
+            )
         n_g = self.bcq_alpha.shape[1]
         if self.bcq_offset.shape != (n_g, N) or self.bcq_offset.dtype != self.bcq_alpha.dtype:
-            raise ValueError(f"bcq_offset must be {self.bcq_alpha.dtype} [n_g={n_g}, N={N}], got "
-                             f"{self.bcq_offset.dtype} {tuple(self.bcq_offset.shape)}")
+            raise ValueError(
+                f"bcq_offset must be {self.bcq_alpha.dtype} [n_g={n_g}, N={N}], got "
+                f"{self.bcq_offset.dtype} {tuple(self.bcq_offset.shape)}"
+            )
         if not (torch.isfinite(self.bcq_alpha).all() and torch.isfinite(self.bcq_offset).all()):
             raise ValueError("bcq_alpha / bcq_offset hold non-finite values: refusing an inconsistent layer")
         if self.g_idx is None:
             if n_g == 0 or K % n_g:
                 raise ValueError(f"without g_idx, n_g={n_g} groups must divide in_features={K}")
-        elif (self.g_idx.dtype != torch.int32 or self.g_idx.shape != (K,)
-              or (self.g_idx.numel() and (self.g_idx.min() < 0 or self.g_idx.max() >= n_g))):
+        elif (
+            self.g_idx.dtype != torch.int32
+            or self.g_idx.shape != (K,)
+            or (self.g_idx.numel() and (self.g_idx.min() < 0 or self.g_idx.max() >= n_g))
+        ):
             raise ValueError(f"g_idx must be int32 [K={K}] with values in [0, {n_g})")
 
     @property
@@ -115,10 +128,12 @@ def pack_bcq(
     signs [k, N, K] in {−1, +1}, alpha [N, n_g, k] (s · α_i), offset [N, n_g] (s · (c − z)),
     g_idx [K] or None for contiguous groups. Values that overflow `dtype` are refused.
     """
-    k, N, K = signs.shape
+    k, N, _ = signs.shape
     if alpha.shape[0] != N or alpha.shape[2:] != (k,) or offset.shape != alpha.shape[:2]:
-        raise ValueError(f"alpha {tuple(alpha.shape)} and offset {tuple(offset.shape)} must be [N={N}, n_g, k={k}] "
-                         f"and [N={N}, n_g]")
+        raise ValueError(
+            f"alpha {tuple(alpha.shape)} and offset {tuple(offset.shape)} must be [N={N}, n_g, k={k}] "
+            f"and [N={N}, n_g]"
+        )
     return BCQTensors(
         bcq_bits=pack_planes(signs),
         bcq_alpha=alpha.permute(2, 1, 0).to(dtype).contiguous(),  # [k, n_g, N]
@@ -129,8 +144,11 @@ def pack_bcq(
 
 def unpack_bcq(t: BCQTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of `pack_bcq`: signs int8 [k, N, K], alpha float32 [N, n_g, k], offset float32 [N, n_g]."""
-    return (unpack_planes(t.bcq_bits).transpose(1, 2).contiguous(),
-            t.bcq_alpha.float().permute(2, 1, 0).contiguous(), t.bcq_offset.float().t().contiguous())
+    return (
+        unpack_planes(t.bcq_bits).transpose(1, 2).contiguous(),
+        t.bcq_alpha.float().permute(2, 1, 0).contiguous(),
+        t.bcq_offset.float().t().contiguous(),
+    )
 
 
 def dequantize_bcq(
