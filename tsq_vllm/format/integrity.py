@@ -50,8 +50,8 @@ def read_header(path: Path) -> dict[str, Any]:
     except (TypeError, KeyError, IndexError, ValueError):
         raise ValueError(f"{path.name} has a malformed safetensors header (no data_offsets): {fix}") from None
     if 8 + n + end != size:
-        raise ValueError(f"{path.name} is {size} bytes but its header describes {8 + n + end}: the file is "
-                         f"{'truncated' if size < 8 + n + end else 'padded or corrupt'}: {fix}")
+        state = "truncated" if size < 8 + n + end else "padded or corrupt"
+        raise ValueError(f"{path.name} is {state}: it has {size} bytes but its header describes {8 + n + end}: {fix}")
     return tensors
 
 
