@@ -105,6 +105,9 @@ ROWS = {
                             "model.layers.1.self_attn.q_proj: the weight contains 4 NaN/inf value(s)"),
     "NaN embedding row": (lambda ws, w: _nan_embedding_row(ws), [], 1,
                           "model.layers.0.self_attn.q_proj: its calibration inputs contain NaN/inf"),
+    "NaN in lm_head (never run by calibration)": (
+        lambda ws, w: _edit_weights(ws, lambda s: s["lm_head.weight"][7, 0].fill_(float("nan"))), [], 1,
+        "lm_head.weight contains NaN/inf values, which are never written"),
 }
 
 
@@ -156,6 +159,25 @@ def test_full_disk_is_one_line_and_leaves_nothing(ws, capsys, monkeypatch):
     code, err = _run(capsys, ["--debug"])
     assert code == 1 and "Traceback" in err and "OSError: [Errno 28]" in err
     assert err.rstrip().splitlines()[-1].startswith(f"{PREFIX}No space left on device")
+    assert snapshot(ws) == before
+
+
+def test_non_finite_scales_from_the_quantizer_are_never_written(ws, capsys, monkeypatch):
+    import tsq_vllm.quantize.pipeline as pipeline
+
+    real = pipeline.quantize_weight
+
+    def broken(*a, **k):
+        qw = real(*a, **k)
+        qw.scales[0, 0] = float("nan")
+        return qw
+
+    monkeypatch.setattr(pipeline, "quantize_weight", broken)
+    before = snapshot(ws)
+    code, err = _run(capsys, [])
+    assert code == 1 and _error_lines(err) == [
+        f"{PREFIX}model.layers.0.self_attn.q_proj: quantizing gave 1 NaN/inf scale(s), which are never written: "
+        f"retry with --no-stage2 or a larger --damp"]
     assert snapshot(ws) == before
 
 
