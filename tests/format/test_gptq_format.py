@@ -80,3 +80,73 @@ def test_config_round_trip_and_gptq_tools_keys():
 def test_config_rejects(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         QuantizationConfig(**{field: value})
+
+
+def _bad(fn):
+    def make(bits, fmt):
+        codes, scales, zeros, g_idx = _random_layer(bits, 32, zero_min=1 if fmt == "gptq" else 0)
+        t = pack_linear(codes, scales, zeros, g_idx, bits, fmt)
+        fn(t, bits)
+        return t
+    return make
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("corrupt,msg", [
+    (lambda t, b: t.scales.view(-1)[7].fill_(float("nan")), r"L\.scales has 1 NaN/inf value\(s\)"),
+    (lambda t, b: t.scales.view(-1)[0].fill_(float("-inf")), r"L\.scales has 1 NaN/inf value\(s\)"),
+    (lambda t, b: setattr(t, "scales", t.scales.to(torch.int32)), r"L\.scales has dtype torch\.int32"),
+    (lambda t, b: setattr(t, "qweight", t.qweight[1:]), r"L\.qweight is torch\.int32"),
+    (lambda t, b: setattr(t, "qzeros", t.qzeros[:, 1:]), r"L\.qzeros is torch\.int32"),
+    (lambda t, b: t.g_idx.view(-1)[0].fill_(4), r"L\.g_idx has groups outside \[0, 4\)"),
+])
+def test_check_tensors_refuses(bits, fmt, corrupt, msg):
+    from tsq_vllm.format import check_tensors
+
+    good = _bad(lambda t, b: None)(bits, fmt)
+    check_tensors(good, bits, 32, fmt, "L", in_features=128, out_features=64)  # the intact layer passes
+    with pytest.raises(ValueError, match=msg):
+        check_tensors(_bad(corrupt)(bits, fmt), bits, 32, fmt, "L", in_features=128, out_features=64)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_check_tensors_range_of_zero_points_depends_on_the_format(bits):
+    """All-ones qzeros words decode to z = 2**bits - 1 in gptq_v2 (valid) and 2**bits in gptq (invalid)."""
+    from tsq_vllm.format import check_tensors
+
+    t = _bad(lambda t, b: t.qzeros.fill_(-1))(bits, "gptq_v2")
+    check_tensors(t, bits, 32, "gptq_v2", "L")
+    with pytest.raises(ValueError, match=rf"zero points in \[{1 << bits}, {1 << bits}\]"):
+        check_tensors(t, bits, 32, "gptq", "L")
+
+
+@pytest.mark.parametrize("missing", ["bits", "group_size"])
+def test_config_without_bits_or_group_size_is_an_error(missing):
+    d = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    del d[missing]
+    with pytest.raises(ValueError, match=f"quantization_config has no '{missing}'"):
+        QuantizationConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint_format", "gptq_v2"), ("bits", 3), ("group_size", 32),
+                                         ("sym", True)])
+def test_config_must_match_its_recorded_fingerprint(field, value):
+    fp = {"checkpoint_format": "gptq", "bits": 4, "group_size": 64, "sym": False, "files": {}}
+    QuantizationConfig(bits=4, group_size=64, tsq={"integrity": fp})
+    with pytest.raises(ValueError, match=f"{field}={value!r} differs from {field}={fp[field]!r} recorded"):
+        QuantizationConfig(**{"bits": 4, "group_size": 64, field: value, "tsq": {"integrity": fp}})
+
+
+def test_read_header_finds_truncation_and_padding(tmp_path):
+    from tsq_vllm.format.integrity import read_header
+
+    f = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(64), "b": torch.ones(3, 5)}, f)
+    assert {k: v["shape"] for k, v in read_header(f).items()} == {"a": [64], "b": [3, 5]}
+    data = f.read_bytes()
+    for content, msg in ((data[:-4], "is truncated"), (data + b"\0", "padded or corrupt"), (data[:5], "too short"),
+                         (b"\xff" * 8 + data[8:], "header claims")):
+        f.write_bytes(content)
+        with pytest.raises(ValueError, match=msg):
+            read_header(f)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .gptq import CHECKPOINT_FORMATS
+from .integrity import FINGERPRINT_FIELDS, INTEGRITY_KEY
 from .packing import SUPPORTED_BITS
 
 __all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "QuantizationConfig"]
@@ -55,6 +56,20 @@ class QuantizationConfig:
             raise ValueError(f"damp_percent={self.damp_percent} must lie in [0, 1)")
         if self.quant_method not in (QUANT_METHOD, "gptq"):
             raise ValueError(f"quant_method={self.quant_method!r}: expected 'tsq' or 'gptq'")
+        self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        """The format fields must be the ones the writer recorded: a flipped checkpoint_format loads wrong weights."""
+        block = self.tsq.get(INTEGRITY_KEY) if isinstance(self.tsq, dict) else None
+        if not isinstance(block, dict):
+            return  # other GPTQ tools record none: accepted unverified
+        for name in FINGERPRINT_FIELDS:
+            if name in block and block[name] != getattr(self, name):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} recorded in "
+                    f"tsq.integrity when the tensors were written: restore {name}={block[name]!r} "
+                    f"(the tensors were packed that way) or re-quantize"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,5 +84,10 @@ class QuantizationConfig:
             kwargs["checkpoint_format"] = d["format"]
         if "damp_percent" not in d:
             kwargs.pop("damp_percent", None)
-        kwargs["group_size"] = int(kwargs.get("group_size", cls.group_size))
+        for name in ("bits", "group_size"):
+            if name not in d:
+                # A default would decode every weight with the wrong layout, silently.
+                raise ValueError(f"quantization_config has no {name!r}: add the {name} the checkpoint was "
+                                 f"quantized with (e.g. \"{name}\": {getattr(cls, name)})")
+        kwargs["group_size"] = int(kwargs["group_size"])
         return cls(**kwargs)

@@ -21,7 +21,7 @@ import torch
 
 from .packing import check_bits, pack, unpack
 
-__all__ = ["CHECKPOINT_FORMATS", "GPTQTensors", "pack_linear", "unpack_linear", "dequantize"]
+__all__ = ["CHECKPOINT_FORMATS", "GPTQTensors", "check_tensors", "pack_linear", "unpack_linear", "dequantize"]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
@@ -45,6 +45,67 @@ class GPTQTensors:
 
     def as_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{k}": getattr(self, k) for k in ("qweight", "qzeros", "scales", "g_idx")}
+
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensors(
+    t: GPTQTensors,
+    bits: int,
+    group_size: int,
+    checkpoint_format: str,
+    where: str,
+    *,
+    in_features: int | None = None,
+    out_features: int | None = None,
+) -> None:
+    """Raise a one-line ValueError unless `t` is a loadable layer: dtypes, shapes, finite scales,
+    zero points in [0, 2**bits) after the format's offset, g_idx inside the groups.
+
+    Shapes are checked against each other, and against `in_features`/`out_features` (with
+    K / group_size groups) when given; without them the group count is taken from `scales`
+    (a tensor-parallel shard may hold every group of the layer).
+    """
+    check_bits(bits)
+    offset = _zero_offset(checkpoint_format)
+    fix = "re-quantize or re-download the checkpoint"
+    for name, dtypes in (("qweight", (torch.int32,)), ("qzeros", (torch.int32,)), ("scales", _SCALE_DTYPES),
+                         ("g_idx", (torch.int32, torch.int64))):
+        got = getattr(t, name)
+        if got.dtype not in dtypes:
+            raise ValueError(f"corrupt checkpoint: {where}.{name} has dtype {got.dtype}, expected "
+                             f"{' or '.join(str(d) for d in dtypes)}: {fix}")
+    k = int(t.g_idx.numel()) if in_features is None else in_features
+    n = int(t.scales.shape[-1]) if out_features is None else out_features
+    if (in_features is not None and k % group_size) or (k * bits) % 32 or (n * bits) % 32:
+        raise ValueError(f"corrupt checkpoint: {where} shape [{n}, {k}] cannot hold {bits}-bit group "
+                         f"{group_size} tensors: {fix}")
+    n_g = k // group_size if in_features is not None else int(t.scales.shape[0]) if t.scales.ndim == 2 else -1
+    expected = {"qweight": (k * bits // 32, n), "qzeros": (n_g, n * bits // 32), "scales": (n_g, n), "g_idx": (k,)}
+    for name, shape in expected.items():
+        got = getattr(t, name)
+        if tuple(got.shape) != shape:
+            raise ValueError(
+                f"corrupt checkpoint: {where}.{name} is {got.dtype} {list(got.shape)}, expected {list(shape)} "
+                f"for a {bits}-bit, group {group_size} layer with in_features={k}, out_features={n}; "
+                f"re-quantize or fix the config"
+            )
+    bad = int((~torch.isfinite(t.scales)).sum())
+    if bad:
+        raise ValueError(f"corrupt checkpoint: {where}.scales has {bad} NaN/inf value(s) of {t.scales.numel()}: "
+                         f"non-finite scales give garbage outputs; {fix}")
+    if t.qzeros.numel():
+        z = unpack(t.qzeros, bits, dim=1) + offset
+        lo, hi = int(z.min()), int(z.max())
+        if lo < 0 or hi >= 1 << bits:
+            raise ValueError(
+                f"corrupt checkpoint: {where}.qzeros decodes to zero points in [{lo}, {hi}] with "
+                f"checkpoint_format={checkpoint_format!r}, outside [0, {(1 << bits) - 1}] for {bits} bits: "
+                f"the checkpoint_format in the config is wrong or the file is corrupt; {fix}"
+            )
+    if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= n_g):
+        raise ValueError(f"corrupt checkpoint: {where}.g_idx has groups outside [0, {n_g}): {fix}")
 
 
 def pack_linear(

@@ -13,9 +13,9 @@ tensor from safetensors files only: pickled `.bin` weights are never opened.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,9 +24,12 @@ import torch
 from torch import nn
 
 from ..format.config import QUANT_METHOD, QuantizationConfig
-from ..format.gptq import GPTQTensors, dequantize
+from ..format.gptq import GPTQTensors, check_tensors, dequantize
+from ..format.integrity import INTEGRITY_KEY, fingerprint, verify_fingerprint
+from .output import check_output, new_sibling, write_manifest
 
-__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors"]
+__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors",
+           "check_output"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,29 +68,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}")
-
-
-def _check_packed(prefix: str, t: GPTQTensors, k: int, n: int, bits: int, group_size: int) -> None:
-    """Shapes and dtypes of one layer's tensors against its nn.Linear and the config."""
-    if k % group_size or (k * bits) % 32 or (n * bits) % 32:
-        raise ValueError(f"corrupt checkpoint: {prefix} shape [{n}, {k}] cannot hold {bits}-bit group {group_size} tensors")
-    n_g = k // group_size
-    expected = {
-        "qweight": ((k * bits // 32, n), (torch.int32,)),
-        "qzeros": ((n_g, n * bits // 32), (torch.int32,)),
-        "scales": ((n_g, n), (torch.float16, torch.bfloat16, torch.float32)),
-        "g_idx": ((k,), (torch.int32, torch.int64)),
-    }
-    for name, (shape, dtypes) in expected.items():
-        got = getattr(t, name)
-        if tuple(got.shape) != shape or got.dtype not in dtypes:
-            raise ValueError(
-                f"corrupt checkpoint: {prefix}.{name} is {got.dtype} {list(got.shape)}, expected "
-                f"{dtypes[0]} {list(shape)} for a {bits}-bit, group {group_size} layer with in_features={k}, "
-                f"out_features={n}; re-quantize or fix the config"
-            )
-    if t.g_idx.numel() and (int(t.g_idx.min()) < 0 or int(t.g_idx.max()) >= n_g):
-        raise ValueError(f"corrupt checkpoint: {prefix}.g_idx has groups outside [0, {n_g})")
 
 
 def _tied_targets(model: nn.Module) -> set[str]:
@@ -151,14 +131,6 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
     return names
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless asked to replace it."""
-    if output.exists() and not overwrite:
-        raise ValueError(f"--output {str(output)!r} already exists: pass --overwrite to replace it or pick another path")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {str(output)!r} is a file, not a directory: remove it or pick another path")
-
-
 def save_quantized(
     model: nn.Module,
     packed: dict[str, GPTQTensors],
@@ -175,7 +147,15 @@ def save_quantized(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(output, "partial")
     try:
-        _write_weights(checkpoint_tensors(model, packed), tmp, max_shard_bytes)
+        tensors = checkpoint_tensors(model, packed)
+        for key, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} contains NaN/inf values, which are never written: the source model is "
+                                 f"corrupt; re-download or re-export it")
+        files = _write_weights(tensors, tmp, max_shard_bytes)
+        # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
+        qconfig = dataclasses.replace(qconfig, tsq={**qconfig.tsq, INTEGRITY_KEY: fingerprint(
+            qconfig.to_dict(), [tmp / f for f in files])})
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig.to_dict()
         config.dtype = model.dtype  # what the unquantized tensors were written in
@@ -188,6 +168,7 @@ def save_quantized(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
         _normal_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
@@ -197,11 +178,7 @@ def save_quantized(
 
 
 def _sibling(path: Path, tag: str) -> Path:
-    """A new, hidden, uniquely named directory beside `path` (same filesystem, so renames are atomic)."""
-    # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary permissions.
-    d = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
-    d.mkdir()
-    return d
+    return new_sibling(path, tag)
 
 
 def _normal_permissions(directory: Path) -> None:
@@ -315,7 +292,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         if missing:
             raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
         t = GPTQTensors(*(tensors.pop(f"{prefix}.{n}") for n in _PACKED))
-        _check_packed(prefix, t, lin.in_features, lin.out_features, qc.bits, qc.group_size)
+        check_tensors(t, qc.bits, qc.group_size, qc.checkpoint_format, prefix,
+                      in_features=lin.in_features, out_features=lin.out_features)
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
             raise ValueError(f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}")
@@ -337,5 +315,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         raise ValueError(f"corrupt checkpoint: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if result.unexpected_keys:
         raise ValueError(f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config")
+    # Last, so that a more specific message above wins; checkpoints of other tools have no fingerprint.
+    verify_fingerprint(path, qc.tsq)
     model.tie_weights()
     return model.to(device).eval()

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
-from ..format.gptq import GPTQTensors
+from ..format.gptq import GPTQTensors, check_tensors
 from .layer import quantize_weight
 from .options import QuantizeOptions
 from .source import decoder_linears, find_decoder_layers
@@ -210,6 +210,23 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> list[li
     return list(groups.values())
 
 
+_NON_FINITE = {
+    "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; re-download or "
+              "re-export it",
+    "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it give non-finite "
+              "activations): the source model is corrupt; re-download or re-export it",
+    "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with --no-stage2 or a "
+              "larger --damp",
+}
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be written."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))
+
+
 def _log_linear(name: str, stats: dict[str, float]) -> None:
     before, after = stats["loss_gptq"], stats["loss"]
     change = (after - before) / abs(before) if before else 0.0
@@ -284,11 +301,14 @@ def quantize_model(
                     x_fp = None
                 acc.add(x, x_fp)
             H, R = acc.finalize()
+            _check_finite(f"{stack_name}.{i}.{first}", "inputs", H)
             # The core math runs on CPU tensors; only the forward passes use the compute device.
             H = H.cpu()
             R = R.cpu() if R is not None else None
             for name in group:
                 lin = linears[name]
+                full = f"{stack_name}.{i}.{name}"
+                _check_finite(full, "weight", lin.weight)
                 qw = quantize_weight(
                     lin.weight.detach().float().cpu(),
                     H,
@@ -306,9 +326,11 @@ def quantize_model(
                     clip_points=opts.clip_points,
                     zero_min=opts.zero_min,
                 )
-                full = f"{stack_name}.{i}.{name}"
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+                _check_finite(full, "scales", qw.scales)
                 result.packed[full] = qw.to_gptq(opts.checkpoint_format)
+                check_tensors(result.packed[full], opts.bits, opts.group_size, opts.checkpoint_format, full,
+                              in_features=lin.in_features, out_features=lin.out_features)
                 result.stats[full] = dict(qw.stats)
                 _log_linear(full, qw.stats)
         for b, call in enumerate(calls[i]):

@@ -31,6 +31,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
+from ..format.gptq import GPTQTensors, check_tensors
 from ..format.packing import run_length
 from ..kernels.cpu import prepare_cpu_linear
 
@@ -301,6 +302,9 @@ class TsqLinearMethod(LinearMethodBase):
                 f"checkpoint's g_idx is corrupt: re-export it"
             )
         g_idx = g_idx.to(torch.int32).contiguous()
+        # NaN scales or out-of-range zeros would serve empty or garbage text without any error.
+        check_tensors(GPTQTensors(layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx),
+                      cfg.bits, cfg.group_size, cfg.checkpoint_format, self.prefix)
         if _uses_cpu_path(layer):
             layer.tsq_cpu = prepare_cpu_linear(
                 layer.qweight.data, layer.qzeros.data, layer.scales.data, g_idx,
