@@ -162,3 +162,92 @@ def test_g_idx_range_is_checked_on_request():
         bad.check_g_idx()
 
 
+def _packed(bits, fmt, corrupt=None):
+    codes, scales, zeros, g_idx = _random_layer(bits, 32, zero_min=1 if fmt == "gptq" else 0)
+    t = pack_linear(codes, scales, zeros, g_idx, bits, fmt)
+    if corrupt is not None:
+        corrupt(t)  # in place: the layer is frozen, its tensors are not
+    return t
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("corrupt,msg", [
+    (lambda t: t.scales.view(-1)[7].fill_(float("nan")), r"^L\.scales has 1 NaN/inf value\(s\) of 256: "),
+    (lambda t: t.scales.view(-1)[0].fill_(float("-inf")), r"^L\.scales has 1 NaN/inf value\(s\)"),
+    (lambda t: t.g_idx.view(-1)[0].fill_(4), r"^L\.g_idx spans \[0, 4\] but there are 4 groups"),
+    (lambda t: t.g_idx.view(-1)[0].fill_(-1), r"^L\.g_idx spans \[-1, 3\] but there are 4 groups"),
+])
+def test_check_values_refuses(bits, fmt, corrupt, msg):
+    _packed(bits, fmt).check_values("L")  # the intact layer passes
+    with pytest.raises(ValueError, match=msg):
+        _packed(bits, fmt, corrupt).check_values("L")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_check_values_range_of_zero_points_depends_on_the_format(bits):
+    """All-ones qzeros words decode to z = 2**bits - 1 in gptq_v2 (valid) and 2**bits in gptq (invalid)."""
+    t = _packed(bits, "gptq_v2", lambda t: t.qzeros.fill_(-1))
+    t.check_values("L")
+    with pytest.raises(ValueError, match=rf"^L\.qzeros decodes to zero points in \[{1 << bits}, {1 << bits}\]"):
+        replace(t, checkpoint_format="gptq").check_values("L")
+
+
+def _stored(bits=4, fmt="gptq", **change):
+    t = _packed(bits, fmt)
+    return {**{n: getattr(t, n) for n in ("qweight", "qzeros", "scales", "g_idx")}, **change}
+
+
+@pytest.mark.parametrize("stored,shape,msg", [
+    (_stored(), (128, 64), None),
+    (_stored(g_idx=torch.arange(128) // 32), (128, 64), None),  # int64 g_idx (other GPTQ tools)
+    (_stored(scales=torch.ones(4, 64, dtype=torch.int32)), (128, 64), r"L: scales has dtype torch\.int32"),
+    (_stored(qweight=torch.zeros(15, 64, dtype=torch.int32)), (128, 64), r"L: qweight has shape \(15, 64\)"),
+    (_stored(qzeros=torch.zeros(4, 7, dtype=torch.int32)), (128, 64), r"L: qzeros has shape \(4, 7\)"),
+    (_stored(g_idx=torch.zeros(128)), (128, 64), r"L: g_idx has dtype torch\.float32"),
+    (_stored(), (128, 96), r"L holds a layer with K=128, N=64 at 4 bits, but the model's linear has "
+                           r"in_features=128, out_features=96"),
+    (_stored(scales=torch.full((4, 64), float("nan"), dtype=torch.float16)), (128, 64),
+     r"L\.scales has 256 NaN/inf value\(s\)"),
+])
+def test_config_read_layer_checks_the_whole_layer(stored, shape, msg):
+    """What both loaders call: construction (shapes, dtypes), the model's shape, then the values."""
+    qc = CheckpointQuantConfig(bits=4, group_size=32)
+    if msg is None:
+        layer = qc.read_layer(stored, "L", *shape)
+        assert (layer.K, layer.N, layer.g_idx.dtype) == (*shape, torch.int32)
+        return
+    with pytest.raises(ValueError, match=r"^corrupt checkpoint: " + msg) as e:
+        qc.read_layer(stored, "L", *shape)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("missing", ["bits", "group_size"])
+def test_config_without_bits_or_group_size_is_an_error(missing):
+    d = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    del d[missing]
+    with pytest.raises(ValueError, match=f"quantization_config has no '{missing}'"):
+        CheckpointQuantConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("field,value", [("checkpoint_format", "gptq_v2"), ("bits", 3), ("group_size", 32),
+                                         ("sym", True)])
+def test_config_must_match_its_recorded_fingerprint(field, value):
+    fp = {"checkpoint_format": "gptq", "bits": 4, "group_size": 64, "sym": False, "files": {}}
+    CheckpointQuantConfig(bits=4, group_size=64, tsq={"integrity": fp})
+    with pytest.raises(ValueError, match=f"{field}={value!r} differs from {field}={fp[field]!r} recorded"):
+        CheckpointQuantConfig(**{"bits": 4, "group_size": 64, field: value, "tsq": {"integrity": fp}})
+
+
+def test_read_header_finds_truncation_and_padding(tmp_path):
+    from tsq_vllm.format.integrity import read_header
+
+    f = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(64), "b": torch.ones(3, 5)}, f)
+    assert {k: v["shape"] for k, v in read_header(f).items()} == {"a": [64], "b": [3, 5]}
+    data = f.read_bytes()
+    for content, msg in ((data[:-4], "is truncated"), (data + b"\0", "padded or corrupt"), (data[:5], "too short"),
+                         (b"\xff" * 8 + data[8:], "header claims")):
+        f.write_bytes(content)
+        with pytest.raises(ValueError, match=msg):
+            read_header(f)

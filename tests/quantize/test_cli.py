@@ -58,8 +58,8 @@ BAD = {
         "is empty: give a file with text in it",
     ),
     "too little calibration": (
-        lambda root, tiny: ["--model", str(tiny), "--calib", f"text:{tiny}/calib.txt", "--seqlen", "100000"],
-        "fewer than --seqlen 100000",
+        lambda root, tiny: ["--model", str(tiny), "--calib", f"text:{root / 'short.txt'}"],
+        "fewer than --seqlen 32",
     ),
     "unknown flag": (lambda root, tiny: ["--model", str(tiny), "--frobnicate"], "unrecognized arguments: --frobnicate"),
 }
@@ -70,6 +70,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny, capsys, case):
     root = tmp_path / "inputs"
     root.mkdir()
     (root / "empty.txt").write_text(" \n\n")
+    (root / "short.txt").write_text("The city.")
     make_args, message = BAD[case]
     args = make_args(root, tiny)
     outdir = tmp_path / "outputs"
@@ -108,8 +109,10 @@ def test_failure_while_writing_leaves_nothing_and_keeps_the_old_checkpoint(tmp_p
     old = tmp_path / "old"
     old.mkdir()
     (old / "config.json").write_text("{}")
+    (old / "tsq_manifest.json").write_text('{"files": ["config.json"]}')  # a checkpoint this tool wrote
     assert main([*base, "--output", str(old), "--overwrite"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and (old / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", "tsq_manifest.json"]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

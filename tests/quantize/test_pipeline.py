@@ -199,10 +199,11 @@ def test_stage2_lowers_every_logged_loss(models, tmp_path):
 
 def test_overwrite_replaces_a_checkpoint_completely(models, tmp_path):
     out = tmp_path / "o"
-    run_quantization(opts_for(models["llama"], out, bits=4, group_size=32))
-    (out / "stale.txt").write_text("from an older run")
+    run_quantization(opts_for(models["llama"], out, bits=4, group_size=32, max_shard_size="100KB"))
+    assert (out / "model.safetensors.index.json").is_file()
     run_quantization(opts_for(models["llama"], out, bits=3, group_size=32, overwrite=True))
-    assert not (out / "stale.txt").exists()
+    # The old run's shards and index are gone: the directory holds exactly the new checkpoint.
+    assert not list(out.glob("model-*")) and not (out / "model.safetensors.index.json").exists()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no partial or old directories
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -247,3 +248,28 @@ def test_kernel_path_glue(vllm_ctx, monkeypatch, kind, act_order):
     monkeypatch.setattr(linear, "_uses_cpu_path", lambda layer: False)
     got, ref = _run_tp(kind, 3, 32, 2, act_order, torch.float32)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("corrupt,needle", [
+    (lambda t: t.scales.index_fill_(1, torch.tensor([5]), float("nan")), "scales has 4 NaN/inf value(s)"),
+    (lambda t: t.scales.fill_(float("inf")), "scales has 512 NaN/inf value(s)"),
+    (lambda t: t.qzeros.fill_(-1), "qzeros decodes to zero points in [16, 16]"),
+])
+def test_non_finite_or_out_of_range_tensors_are_refused_after_loading(vllm_ctx, corrupt, needle):
+    """A NaN scale would otherwise serve empty text with status 200."""
+    layer = _build("down", _config(4, 64), torch.float32)
+    t, _ = _ckpt(HIDDEN, INTER, 4, 64, False, seed=0)
+    corrupt(t)
+    _load(layer, [(None, t)])
+    with pytest.raises(ValueError, match=re.escape(f"model.layers.0.mlp.down_proj.{needle}")):
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def test_plugin_config_refuses_a_flipped_checkpoint_format():
+    from tsq_vllm.serve.config import TsqConfig
+
+    fp = {"checkpoint_format": "gptq", "bits": 4, "group_size": 64, "sym": False, "files": {}}
+    raw = {"quant_method": "tsq", "bits": 4, "group_size": 64, "tsq": {"integrity": fp}}
+    assert TsqConfig.from_config(raw).spec.checkpoint_format == "gptq"
+    with pytest.raises(ValueError, match="checkpoint_format='gptq_v2' differs from checkpoint_format='gptq'"):
+        TsqConfig.from_config({**raw, "checkpoint_format": "gptq_v2"})

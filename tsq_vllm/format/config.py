@@ -13,10 +13,14 @@ scales were found (stage settings, calibration data, tool version) and is opaque
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .gptq import CHECKPOINT_FORMATS
+import torch
+
+from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer
+from .integrity import FINGERPRINT_FIELDS, INTEGRITY_KEY
 from .packing import SUPPORTED_BITS
 
 __all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "CheckpointQuantConfig"]
@@ -55,9 +59,50 @@ class CheckpointQuantConfig:
             raise ValueError(f"damp_percent={self.damp_percent} must lie in [0, 1)")
         if self.quant_method not in (QUANT_METHOD, "gptq"):
             raise ValueError(f"quant_method={self.quant_method!r}: expected 'tsq' or 'gptq'")
+        self._check_fingerprint()
+
+    def _check_fingerprint(self) -> None:
+        """The format fields must be the ones the writer recorded: a flipped checkpoint_format loads wrong weights."""
+        block = self.tsq.get(INTEGRITY_KEY) if isinstance(self.tsq, dict) else None
+        if not isinstance(block, dict):
+            return  # other GPTQ tools record none: accepted unverified
+        for name in FINGERPRINT_FIELDS:
+            if name in block and block[name] != getattr(self, name):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} recorded in "
+                    f"tsq.integrity when the tensors were written: restore {name}={block[name]!r} "
+                    f"(the tensors were packed that way) or re-quantize"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def read_layer(self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int,
+                   out_features: int) -> GPTQLayer:
+        """The stored layer `prefix` (`tensors` by TENSOR_NAMES) of the model's linear of that shape,
+        checked whole, or one ValueError starting "corrupt checkpoint: " and naming the layer.
+
+        Both loaders (`load_quantized` and the launcher's pre-check) read layers through this, so a
+        checkpoint is refused with the same line wherever it is met.
+        """
+        qweight, qzeros, scales, g_idx = (tensors[name] for name in TENSOR_NAMES)
+        try:
+            layer = GPTQLayer(qweight, qzeros, scales, g_idx, self.bits, self.group_size, self.checkpoint_format)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt checkpoint: {prefix}: {e}") from None
+        if g_idx.dtype != torch.int32:  # other GPTQ tools store int64; the kernels take int32
+            layer = replace(layer, g_idx=g_idx.to(torch.int32))
+        if (layer.K, layer.N) != (in_features, out_features):
+            raise ValueError(
+                f"corrupt checkpoint: {prefix} holds a layer with K={layer.K}, N={layer.N} at "
+                f"{self.bits} bits, but the model's linear has in_features={in_features}, "
+                f"out_features={out_features}; re-quantize or fix the config"
+            )
+        try:
+            layer.check_values(prefix)
+        except ValueError as e:
+            raise ValueError(f"corrupt checkpoint: {e}") from None
+        return layer
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointQuantConfig:
@@ -69,5 +114,10 @@ class CheckpointQuantConfig:
             kwargs["checkpoint_format"] = d["format"]
         if "damp_percent" not in d:
             kwargs.pop("damp_percent", None)
-        kwargs["group_size"] = int(kwargs.get("group_size", cls.group_size))
+        for name in ("bits", "group_size"):
+            if name not in d:
+                # A default would decode every weight with the wrong layout, silently.
+                raise ValueError(f"quantization_config has no {name!r}: add the {name} the checkpoint was "
+                                 f"quantized with (e.g. \"{name}\": {getattr(cls, name)})")
+        kwargs["group_size"] = int(kwargs["group_size"])
         return cls(**kwargs)

@@ -171,14 +171,42 @@ class GPTQLayer:
                     "tensors on one device"
                 )
 
-    def check_g_idx(self) -> None:
-        """Every g_idx entry names a row of scales (reads the values: call once, at load)."""
+    def check_g_idx(self, where: str = "") -> None:
+        """Every g_idx entry names a row of scales (reads the values: call once, at load).
+
+        `where` (the layer's name) leads the message when given.
+        """
         g = self.g_idx
         if g is not None and g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
             raise ValueError(
-                f"g_idx spans [{int(g.min())}, {int(g.max())}] but there are {self.n_groups} "
-                f"groups of scales: the checkpoint's g_idx does not belong to these scales"
+                f"{where + '.' if where else ''}g_idx spans [{int(g.min())}, {int(g.max())}] but there are "
+                f"{self.n_groups} groups of scales: the checkpoint's g_idx does not belong to these scales"
             )
+
+    def check_values(self, where: str) -> None:
+        """The values a loader must not serve, as one line naming `where` (the layer): finite
+        scales, zero points in [0, 2**bits) after the format's offset, and g_idx (`check_g_idx`).
+
+        Shapes and dtypes hold by construction; this reads every value (and synchronizes on
+        CUDA), so it runs once: at load, and in the quantizer before writing.
+        """
+        fix = "re-quantize or re-download the checkpoint"
+        bad = int((~torch.isfinite(self.scales)).sum())
+        if bad:
+            raise ValueError(
+                f"{where}.scales has {bad} NaN/inf value(s) of {self.scales.numel()}: non-finite scales "
+                f"give garbage outputs; {fix}"
+            )
+        if self.qzeros.numel():
+            z = self.unpack_zeros()
+            lo, hi = int(z.min()), int(z.max())
+            if lo < 0 or hi >= 1 << self.bits:
+                raise ValueError(
+                    f"{where}.qzeros decodes to zero points in [{lo}, {hi}] with checkpoint_format="
+                    f"{self.checkpoint_format!r}, outside [0, {(1 << self.bits) - 1}] for {self.bits} bits: "
+                    f"the checkpoint_format in the config is wrong or the file is corrupt; {fix}"
+                )
+        self.check_g_idx(where)
 
     def sequential_g_idx(self) -> torch.Tensor:
         """k // group_size as int32 [K] on the layer's device: the order without act-order."""
@@ -200,9 +228,11 @@ class GPTQLayer:
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes [K, N] and zero points [n_groups, N] (true z, not z - 1), both int32."""
-        codes = unpack(self.qweight, self.bits, dim=0)
-        zeros = unpack(self.qzeros, self.bits, dim=1) + self.zero_offset
-        return codes, zeros
+        return unpack(self.qweight, self.bits, dim=0), self.unpack_zeros()
+
+    def unpack_zeros(self) -> torch.Tensor:
+        """Zero points [n_groups, N] (true z, not z - 1), int32."""
+        return unpack(self.qzeros, self.bits, dim=1) + self.zero_offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The reference decode: W [K, N] = scales[g_idx] * (codes - zeros[g_idx]), in `dtype`."""

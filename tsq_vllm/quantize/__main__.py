@@ -4,15 +4,18 @@
 
 Exit status: 0 only when the complete checkpoint is in place; 2 for bad input (one line on
 stderr, checked before any model weights are read); 1 when quantizing or writing fails. On any
-failure nothing is left at --output, and an existing checkpoint there is kept.
+failure nothing is left at --output, and an existing checkpoint there is kept. Ctrl-C exits 130,
+SIGTERM 143; --debug adds the traceback to a failure's one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -45,20 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
         # Choices are checked by QuantizeOptions, whose message names the fix; argparse's would not.
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
         p.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar, help=meta["help"])
+    p.add_argument("--debug", action="store_true", default=False,
+                   help="on failure, print the full traceback before the one-line error")
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C so the writer cleans up; exits 128 + the signal number."""
+
+
 def _interrupt(signum: int, _frame: Any) -> NoReturn:
-    raise KeyboardInterrupt
+    raise _Terminated(signum)
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _failure(e: BaseException, output: str) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"No space left on device while writing --output {output!r}: free some space or pick another path"
+    return _one_line(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    debug = False
     try:
-        opts = QuantizeOptions(**vars(build_parser().parse_args(argv)))
+        args = vars(build_parser().parse_args(argv))
+        debug = args.pop("debug")
+        opts = QuantizeOptions(**args)
     except ValueError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -73,14 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             s = run_quantization(opts, progress=True).summary
     except UsageError as e:
+        if debug:
+            traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+    except _Terminated as e:
+        print(f"{PROG}: terminated; nothing was written", file=sys.stderr)
+        return 128 + int(e.args[0] if e.args else signal.SIGTERM)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else is still one line; --debug shows where it came from
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_failure(e, opts.output)}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(

@@ -80,13 +80,28 @@ def check_text_source(spec: str) -> None:
         path = Path(spec[len("text:"):]).expanduser()
         if not path.is_file():
             raise ValueError(f"calibration text {str(path)!r} does not exist: pass --calib text:PATH with a UTF-8 file")
-        if not path.read_text(encoding="utf-8", errors="replace").strip():
+        if not _utf8_text(path).strip():
             raise ValueError(f"calibration text {str(path)!r} is empty: give a file with text in it")
     elif spec.startswith("hf:"):
         if importlib.util.find_spec("datasets") is None:
             raise ValueError(f"--calib {spec!r} needs the 'datasets' package: pip install datasets")
     else:
         raise ValueError(f"calibration source {spec!r}: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'")
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text; random bytes or a binary file would calibrate on noise, so they are refused."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}): pass a UTF-8 text file") from None
+    control = len(re.findall(r"[\x00-\x08\x0e-\x1f]", text))
+    if control > len(text) // 100:
+        raise ValueError(f"calibration text {str(path)!r} is binary data ({control} control characters in "
+                         f"{len(text)}): pass a UTF-8 text file")
+    return text
 
 
 def load_documents(spec: str, *, split: str = "calib") -> list[str]:

@@ -13,9 +13,9 @@ tensor from safetensors files only: pickled `.bin` weights are never opened.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,8 +26,11 @@ from torch import nn
 
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
+from ..format.integrity import INTEGRITY_KEY, fingerprint, verify_fingerprint
+from .output import check_output, new_sibling, write_manifest
 
-__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors"]
+__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors",
+           "check_output"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -128,14 +131,6 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
     return names
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless asked to replace it."""
-    if output.exists() and not overwrite:
-        raise ValueError(f"--output {str(output)!r} already exists: pass --overwrite to replace it or pick another path")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {str(output)!r} is a file, not a directory: remove it or pick another path")
-
-
 def save_quantized(
     model: Any,
     packed: dict[str, GPTQLayer],
@@ -152,7 +147,15 @@ def save_quantized(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(output, "partial")
     try:
-        _write_weights(checkpoint_tensors(model, packed), tmp, max_shard_bytes)
+        tensors = checkpoint_tensors(model, packed)
+        for key, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} contains NaN/inf values, which are never written: the source model is "
+                                 f"corrupt; re-download or re-export it")
+        files = _write_weights(tensors, tmp, max_shard_bytes)
+        # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
+        qconfig = dataclasses.replace(qconfig, tsq={**qconfig.tsq, INTEGRITY_KEY: fingerprint(
+            qconfig.to_dict(), [tmp / f for f in files])})
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig.to_dict()
         config.dtype = model.dtype  # what the unquantized tensors were written in
@@ -165,6 +168,7 @@ def save_quantized(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
         _normal_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
@@ -174,11 +178,7 @@ def save_quantized(
 
 
 def _sibling(path: Path, tag: str) -> Path:
-    """A new, hidden, uniquely named directory beside `path` (same filesystem, so renames are atomic)."""
-    # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary permissions.
-    d = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
-    d.mkdir()
-    return d
+    return new_sibling(path, tag)
 
 
 def _normal_permissions(directory: Path) -> None:
@@ -291,19 +291,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
         if missing:
             raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
-        qweight, qzeros, scales, g_idx = (tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES)
-        try:
-            layer = GPTQLayer(qweight, qzeros, scales, g_idx.to(torch.int32), qc.bits, qc.group_size,
-                              qc.checkpoint_format)
-            layer.check_g_idx()
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"corrupt checkpoint: {prefix}: {e}") from None
-        if (layer.K, layer.N) != (lin.in_features, lin.out_features):
-            raise ValueError(
-                f"corrupt checkpoint: {prefix} holds a layer with K={layer.K}, N={layer.N} at "
-                f"{qc.bits} bits, but the model's linear has in_features={lin.in_features}, "
-                f"out_features={lin.out_features}; re-quantize or fix the config"
-            )
+        layer = qc.read_layer({n: tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES}, prefix,
+                              lin.in_features, lin.out_features)
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
             raise ValueError(f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}")
@@ -323,5 +312,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         raise ValueError(f"corrupt checkpoint: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if result.unexpected_keys:
         raise ValueError(f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config")
+    # Last, so that a more specific message above wins; checkpoints of other tools have no fingerprint.
+    verify_fingerprint(path, qc.tsq)
     model.tie_weights()
     return model.to(device).eval()

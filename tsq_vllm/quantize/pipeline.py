@@ -42,6 +42,23 @@ class QuantizeResult:
     seconds: float = 0.0
 
 
+_NON_FINITE = {
+    "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; re-download or "
+              "re-export it",
+    "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it give non-finite "
+              "activations): the source model is corrupt; re-download or re-export it",
+    "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with --no-stage2 or a "
+              "larger --damp",
+}
+
+
+def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
+    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be written."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))
+
+
 def _log_linear(name: str, stats: dict[str, float]) -> None:
     before, after = stats["loss_gptq"], stats["loss"]
     change = (after - before) / abs(before) if before else 0.0
@@ -84,11 +101,15 @@ def quantize_model(
         linears = decoder_linears(layer)
         for group in streams.begin_layer(i, layer):
             H, R = streams.hessian(group[0])
+            _check_finite(f"{stack_name}.{i}.{group[0]}", "inputs", H)
             for name in group:
                 lin, full = linears[name], f"{stack_name}.{i}.{name}"
+                _check_finite(full, "weight", lin.weight)
                 qw = quantize_weight(lin.weight.detach().float().cpu(), H, scheme, R=R)
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+                _check_finite(full, "scales", qw.scales)
                 result.packed[full] = qw.to_gptq(opts.checkpoint_format)
+                result.packed[full].check_values(full)
                 result.stats[full] = dict(qw.stats)
                 _log_linear(full, qw.stats)
         streams.end_layer()

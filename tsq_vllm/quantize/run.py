@@ -52,20 +52,28 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
 
     from .calib import check_text_source, load_documents, sample_windows, tokenize_documents
     from .checkpoint import check_output, save_quantized
+    from .output import check_writable, remove_stale_partials
     from .pipeline import quantize_model
+    from .preflight import check_seqlen, check_source_files, protected_paths, warn_unservable
     from .source import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
 
     start = time.perf_counter()
     try:
-        check_output(opts.output_path, opts.overwrite)
         src = resolve_source(opts.model, opts.gguf_file)
+        check_output(opts.output_path, opts.overwrite, protected_paths(src))
+        remove_stale_partials(opts.output_path)
+        check_writable(opts.output_path)
         check_text_source(opts.calib)
-        n_linears = check_quantizable(load_config(src), opts.bits, opts.group_size)
+        config = load_config(src)
+        n_linears = check_quantizable(config, opts.bits, opts.group_size)
+        check_seqlen(config, opts.seqlen)
+        check_source_files(src, config)
         tokenizer = load_tokenizer(src)
         docs = load_documents(opts.calib, split="calib")
         windows = sample_windows(tokenize_documents(tokenizer, docs), opts.nsamples, opts.seqlen, opts.seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    warn_unservable(config)
     logger.info("model %s: %d decoder linears to quantize to %d bits, group %d",
                 src.label, n_linears, opts.bits, opts.group_size)
 

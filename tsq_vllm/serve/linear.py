@@ -299,6 +299,11 @@ class TsqLinearMethod(LinearMethodBase):
                     f"quantization_config says desc_act=false: set it to true"
                 ) from None
             raise ValueError(f"{self.prefix}: {e}; re-export the checkpoint") from None
+        try:
+            # NaN scales or out-of-range zeros would serve empty or garbage text without any error.
+            gptq.check_values(self.prefix)
+        except ValueError as e:
+            raise ValueError(f"corrupt checkpoint: {e}") from None
         if _uses_cpu_path(layer) or layer.tsq_replicated_groups:
             # Act-order on a row-parallel shard: the local columns index groups of the whole
             # layer, which the kernels cannot tile by group. Decode once into a dense weight.

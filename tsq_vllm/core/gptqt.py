@@ -1,0 +1,247 @@
+"""The GPTQT pipeline for one weight: critical points, a second GPTQ pass, scale re-exploration.
+
+Inputs: W [N, K], H = E[X Xᵀ] [K, K] (R = E[(X − X̃) Xᵀ] optional), and the first, b₀-bit GPTQ
+pass: its grid (scale s, zero z [N, n_g]) and codes x [N, K]. Steps:
+
+ 1. Critical points (`bcq.search_levels`): per (row, group) the admissible k-bit level set on
+    the integer axis minimizing Σ_j H_jj (x_j − ℓ*(x_j))².
+ 2. Requantization (on by default; the paper leaves the order open). Mapping x → ℓ*(x) after
+    GPTQ leaves the mapping error uncompensated, so a second GPTQ pass over W uses the
+    two-step quantizer with the level sets frozen:
+
+      q(w) = s (ℓ*(clamp(round(w / s) + z, 0, M)) − z)      linear to b₀ bits, then the level map
+
+    and GPTQ's error feedback spreads each column's total error, mapping included, over the
+    columns not yet quantized. Every code is still a level of its group's set. Off: x' = ℓ*(x).
+ 3. Scale re-exploration (`reexplore_scales`): with the codes frozen (u = x' − z), each group's
+    scale is multiplied by γ from a grid around 1 (0.8 … 1.2 and always 1), scored by the
+    stage-1 loss (q − w)ᵀ H_gg (q − w) on the g×g diagonal block H_gg. With frozen codes that loss
+    is a σ² − 2 b σ + c₀ in σ = γ s (a = uᵀH_gg u, b = uᵀH_gg w), so a grid point costs O(1)
+    once a and b are formed. Then, optionally, stage 2 (`refine_scales`: the full H and R,
+    coordinate descent) refines those scales, levels and codes frozen. The block loss ignores
+    cross-group terms and stage 2 is monotone only from its own start, so a last per-row check
+    keeps the un-explored scales of every row whose layer loss did not improve: re-exploration
+    is never worse than none on the layer loss Σ_n (q_n − w_n)ᵀH(q_n − w_n) + 2 w_nᵀR(q_n − w_n).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .bcq import (
+    BCQWeight,
+    check_bits,
+    code_histogram,
+    level_candidates,
+    map_codes,
+    search_levels,
+)
+from .gptq import inverse_hessian_factor
+from .grid import Grid
+from .stage2 import layer_objective, refine_scales, scale_system
+
+__all__ = ["GPTQTSettings", "Reexplore", "gptq_quantize_levels", "gptqt_convert", "reexplore_scales"]
+
+
+@dataclass(frozen=True)
+class Reexplore:
+    """Scale re-exploration: multipliers γ = linspace(lowest, highest, points) ∪ {1}, then stage 2."""
+
+    lowest: float = 0.8
+    highest: float = 1.2
+    points: int = 41
+    stage2: bool = True
+    stage2_sweeps: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lowest <= 1 <= self.highest:
+            raise ValueError(
+                f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= 1 <= highest"
+            )
+        if self.points < 1 or self.stage2_sweeps < 1:
+            raise ValueError(
+                f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, {self.stage2_sweeps}"
+            )
+
+    def multipliers(self) -> torch.Tensor:
+        grid = torch.linspace(self.lowest, self.highest, self.points, dtype=torch.float64)
+        # Rounding merges linspace's near-1 point with the exact 1 that must be a candidate.
+        return torch.cat([grid, torch.ones(1, dtype=torch.float64)]).round(decimals=12).unique()
+
+
+def _diagonal_blocks(H: torch.Tensor, group_size: int) -> torch.Tensor:
+    n_g = H.shape[0] // group_size
+    idx = torch.arange(n_g * group_size).reshape(n_g, group_size)
+    return H[idx[:, :, None], idx[:, None, :]]  # [n_g, g, g]
+
+
+def _row_losses(system: tuple[torch.Tensor, torch.Tensor, torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+    """Per-row layer loss sᵀAs − 2bᵀs + c [N] from stage 2's system."""
+    A, b, c = system
+    s = s.double()
+    return torch.einsum("ni,nij,nj->n", s, A, s) - 2 * (b * s).sum(-1) + c
+
+
+def reexplore_scales(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    scale: torch.Tensor,
+    H: torch.Tensor,
+    group_size: int,
+    options: Reexplore,
+    R: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Re-explored scales [N, n_g] for frozen integer weights U [N, K] = codes − zeros.
+
+    Returns the scales and stats: "loss_mapped" and "loss" (the layer loss with H and R before and
+    after), "rows_reverted" (rows that kept their scales because nothing improved their loss).
+    """
+    N, K = W.shape
+    n_g = K // group_size
+    Wg = W.double().reshape(N, n_g, group_size).transpose(0, 1)  # [n_g, N, g]
+    Ug = U.double().reshape(N, n_g, group_size).transpose(0, 1)
+    Hb = _diagonal_blocks(H.double(), group_size)
+    HU = torch.bmm(Ug, Hb)  # H_gg is symmetric, so rows of U H_gg serve both a and b
+    a = (Ug * HU).sum(-1).t()  # [N, n_g]
+    b = (Wg * HU).sum(-1).t()
+    s0 = scale.double()
+    sigma = options.multipliers()[:, None, None] * s0  # [P, N, n_g]
+    block_loss = a * sigma.square() - 2 * b * sigma  # c₀ = wᵀH_gg w is the same for every γ
+    low, arg = block_loss.min(0)
+    # Move only on a strict improvement: groups whose codes sit at the zero point keep s.
+    unit = int((options.multipliers() == 1).nonzero())
+    best = torch.where(low < block_loss[unit], sigma.gather(0, arg[None])[0], s0)
+    system = scale_system(W, U, H, R, group_size)
+    if options.stage2:
+        best = refine_scales(
+            W, U, best.float(), H, R, group_size, max_sweeps=options.stage2_sweeps, system=system
+        ).scale.double()
+    before, after = _row_losses(system, s0), _row_losses(system, best)
+    worse = after > before
+    best = torch.where(worse[:, None], s0, best)
+    stats = {
+        "loss_mapped": float(before.sum()),
+        "loss": float(torch.where(worse, before, after).sum()),
+        "rows_reverted": float(worse.sum()),
+    }
+    return best.float(), stats
+
+
+@dataclass(frozen=True)
+class GPTQTSettings:
+    """k = `bits` of binary coding; requantize: step 2 above; reexplore None skips step 3."""
+
+    bits: int = 3
+    requantize: bool = True
+    reexplore: Reexplore | None = field(default_factory=Reexplore)
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits < 1 or self.block_size < 1:
+            raise ValueError(f"GPTQT needs bits >= 1 and block_size >= 1, got {self.bits}, {self.block_size}")
+
+
+def gptq_quantize_levels(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: Grid,
+    tables: torch.Tensor,
+    group_size: int,
+    *,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Codes [N, K] of GPTQ with the two-step quantizer: b₀-bit grid, then tables [N, n_g, M+1].
+
+    The column loop of `core.gptq.gptq_quantize` (H damped, lazy block updates) with its rounding
+    replaced by table lookup; `tables[n, g, x]` is the level that code x of group g maps to.
+    """
+    W = W.float().clone()
+    N, K = W.shape
+    Hinv = inverse_hessian_factor(H)
+    codes = torch.zeros(N, K, dtype=torch.int64)
+    scale, zero = grid.scale.float(), grid.zero.float()
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = (i1 + i) // group_size
+            s, z, w = scale[:, g], zero[:, g], W1[:, i]
+            x = torch.clamp(torch.round(w / s) + z, 0, grid.maxq).long()
+            c = tables[:, g].gather(1, x[:, None])[:, 0]
+            codes[:, i1 + i] = c
+            err = (w - s * (c - z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes
+
+
+def gptqt_convert(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    grid: Grid,
+    group_size: int,
+    settings: GPTQTSettings,
+    *,
+    R: torch.Tensor | None = None,
+    H_damped: torch.Tensor | None = None,
+) -> BCQWeight:
+    """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ.
+
+    H [K, K] is the objective's Hessian: its diagonal weights the critical-point search, its
+    blocks and all of it (with R) score re-exploration. H_damped (default H) drives the second
+    GPTQ pass and must be positive definite. stats: "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the
+    first pass), "loss" (the layer loss of the result), and with re-exploration "loss_mapped"
+    (before it) and "rows_reverted" (see `reexplore_scales`).
+    """
+    bits = settings.bits
+    check_bits(bits, grid.bits)
+    N, K = W.shape
+    if K % group_size or H.shape != (K, K) or codes.shape != (N, K):
+        raise ValueError(
+            f"gptqt_convert needs W [N, K] with K a multiple of group_size={group_size}, H [K, K] and "
+            f"codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes {tuple(codes.shape)}"
+        )
+    if grid.scale.shape != (N, K // group_size) or grid.zero.shape != grid.scale.shape:
+        raise ValueError(
+            f"grid scale/zero have shape {tuple(grid.scale.shape)}, expected [{N}, {K // group_size}]"
+        )
+    if codes.min() < 0 or codes.max() > grid.maxq:
+        raise ValueError(
+            f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {grid.maxq}] for b0={grid.bits}"
+        )
+    H = H.float()
+    cand = level_candidates(bits, grid.bits)
+    best, cost = search_levels(
+        code_histogram(codes, torch.diagonal(H).clamp(min=0), group_size, grid.bits), cand
+    )
+    if settings.requantize:
+        Hd = H if H_damped is None else H_damped.float()
+        codes = gptq_quantize_levels(
+            W, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size
+        )
+    new_codes, signs = map_codes(codes, best, cand, group_size)  # the identity on requantized codes
+    stats = {"map_error": float(cost.double().sum())}
+    scale = grid.scale.float()
+    U = (new_codes - grid.zero.repeat_interleave(group_size, dim=1)).float()
+    if settings.reexplore is not None:
+        scale, more = reexplore_scales(W.float(), U, scale, H, group_size, settings.reexplore, R=R)
+        stats.update(more)
+    else:
+        stats["loss"] = layer_objective(W, scale.repeat_interleave(group_size, dim=1) * U, H, R)
+    return BCQWeight(
+        new_codes,
+        scale,
+        grid.zero.long(),
+        cand.low[best],
+        cand.steps[best],
+        signs,
+        grid.bits,
+        group_size,
+        stats,
+    )
