@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for threads in args.threads:
         torch.set_num_threads(threads)
+        load = os.getloadavg()[0]
         rows = [
             f"### {threads} torch thread{'s' if threads > 1 else ''}",
+            "",
+            f"1-minute load average at the start of this table: {load:.2f}; at its end: LOAD_END.",
             "",
             "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | int4 vs bf16 | wna16 vs bf16 "
             "| faster quantized path |",
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     + f" | {ms['bf16'] / ms['int4']:.2f}× | {ms['bf16'] / ms['wna16']:.2f}× "
                     f"| {'aten int4' if fast == 'int4' else 'wna16'} ({ms[slow] / ms[fast]:.2f}×) |"
                 )
-        tables.append("\n".join(rows))
+        tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))
     load_after = os.getloadavg()
     header = [
         f"# CPU linear paths, INT{args.bits} g{args.group_size}",
