@@ -86,7 +86,7 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
 
 def export_hf_model(hf_dir: Path, dtype) -> None:
     """The embedded SmolLM2 GGUF as a plain HF directory in `dtype` (kept if already there)."""
-    from tsq_vllm.quantize.source import load_model, load_tokenizer, resolve_source
+    from tsq_vllm.models import load_model, load_tokenizer, resolve_source
 
     if (hf_dir / "config.json").exists():
         return
@@ -104,8 +104,8 @@ def export_peer_inputs(work: Path, nsamples: int, seqlen: int, seed: int) -> tup
     import torch
     from safetensors.torch import save_file
 
-    from tsq_vllm.quantize.calib import load_documents, sample_windows, tokenize_documents
-    from tsq_vllm.quantize.source import load_tokenizer, resolve_source
+    from tsq_vllm.data import load_documents, sample_windows, tokenize_documents
+    from tsq_vllm.models import load_tokenizer, resolve_source
 
     hf_dir, calib = work / "smollm2-hf", work / f"calib-{nsamples}x{seqlen}-seed{seed}.safetensors"
     export_hf_model(hf_dir, torch.float32)

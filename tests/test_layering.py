@@ -147,5 +147,5 @@ def test_the_checker_sees_imports():
     """An oracle for the parser: known edges are found (relative, absolute and lazy imports)."""
     assert "tsq_vllm.format.gptq" in GRAPH["tsq_vllm.kernels.reference"]
     assert "tsq_vllm.serve.linear" in GRAPH["tsq_vllm.serve.config"]
-    assert "tsq_vllm.quantize.checkpoint" in GRAPH["tsq_vllm"]
+    assert "tsq_vllm.checkpoint.hf" in GRAPH["tsq_vllm"]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [{"a", "b"}]

@@ -50,8 +50,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
 
 def load_for_eval(model: str | None, gguf_file: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, description) for a quantized checkpoint or a full-precision source."""
-    from .quantize.checkpoint import load_quantized
-    from .quantize.source import load_model, load_tokenizer
+    from .checkpoint.hf import load_quantized
+    from .models import load_model, load_tokenizer
 
     target, qc = _resolve(model, gguf_file)
     if qc is not None:
@@ -64,8 +64,8 @@ def load_for_eval(model: str | None, gguf_file: str | None = None) -> tuple[nn.M
 
 def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
     """(checkpoint path, its CheckpointQuantConfig) for a quantized checkpoint, else (ModelSource, None)."""
-    from .quantize.checkpoint import read_quantization_config
-    from .quantize.source import resolve_source
+    from .checkpoint.config import read_quantization_config
+    from .models import resolve_source
 
     path = Path(model).expanduser() if model else None
     if path is not None and path.is_dir() and not gguf_file:
@@ -78,7 +78,7 @@ def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
 def evaluate(model: str | None, *, gguf_file: str | None = None, data: str = "wiki", seqlen: int = 512,
              max_tokens: int | None = 16384, batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
     """Load, tokenize the test text and measure perplexity; returns the JSON-ready result."""
-    from .quantize.calib import (
+    from .data import (
         check_text_source,
         contiguous_windows,
         load_documents,

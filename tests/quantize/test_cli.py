@@ -95,7 +95,7 @@ def test_existing_output_is_refused_and_kept(tmp_path, tiny, capsys):
 
 
 def test_failure_while_writing_leaves_nothing_and_keeps_the_old_checkpoint(tmp_path, tiny, capsys, monkeypatch):
-    from tsq_vllm.quantize import checkpoint
+    from tsq_vllm.checkpoint import hf as checkpoint
 
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")

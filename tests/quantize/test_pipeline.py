@@ -330,7 +330,7 @@ def test_fused_projections_and_reload(tmp_path):
     """Phi-3 fuses q/k/v and gate/up into one linear each: groups follow the modules, not names."""
     from transformers import AutoModelForCausalLM, Phi3Config
 
-    from tsq_vllm.quantize.checkpoint import save_quantized
+    from tsq_vllm.checkpoint.hf import save_quantized
     from tsq_vllm.quantize.pipeline import quantize_model
 
     torch.manual_seed(0)

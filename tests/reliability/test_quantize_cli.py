@@ -230,7 +230,7 @@ def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
         if marker:
             (d / ".tsq-partial").write_text(f"{pid}\n")
         partials[tag] = d
-    with caplog.at_level("INFO", logger="tsq_vllm.quantize"):
+    with caplog.at_level("INFO", logger="tsq_vllm"):
         code, err = _run(capsys, [])
     assert code == 0, err
     assert not partials["dead"].exists()

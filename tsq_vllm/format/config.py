@@ -20,13 +20,16 @@ from typing import Any
 import torch
 
 from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer
-from .integrity import FINGERPRINT_FIELDS, INTEGRITY_KEY
 from .packing import SUPPORTED_BITS
 
-__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "CheckpointQuantConfig"]
+__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "INTEGRITY_KEY", "FINGERPRINT_FIELDS", "CheckpointQuantConfig"]
 
 QUANT_METHOD = "tsq"
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# tsq.integrity (written by tsq_vllm.checkpoint.integrity) records these fields as packed, so that
+# a hand-edited one is caught here, without hashing the weight files.
+INTEGRITY_KEY = "integrity"
+FINGERPRINT_FIELDS = ("checkpoint_format", "bits", "group_size", "sym")
 
 
 @dataclass

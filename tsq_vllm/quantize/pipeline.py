@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..format.gptq import GPTQLayer
+from ..models import decoder_linears, find_decoder_layers
 from .layer import quantize_weight
 from .options import QuantizeOptions
-from .source import decoder_linears, find_decoder_layers
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
 __all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_model", "input_groups"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..format.integrity import read_header
-from .source import ModelSource
+from ..checkpoint.integrity import read_header
+from ..models import ModelSource
 
 __all__ = ["protected_paths", "check_seqlen", "check_source_files", "warn_unservable"]
 

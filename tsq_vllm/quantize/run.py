@@ -50,12 +50,12 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     """Validate, calibrate, quantize and write the checkpoint described by `opts`."""
     import tsq_vllm
 
-    from .calib import check_text_source, load_documents, sample_windows, tokenize_documents
-    from .checkpoint import check_output, save_quantized
-    from .output import check_writable, remove_stale_partials
+    from ..checkpoint.atomic import check_output, check_writable, remove_stale_partials
+    from ..checkpoint.hf import save_quantized
+    from ..data import check_text_source, load_documents, sample_windows, tokenize_documents
+    from ..models import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
     from .pipeline import quantize_model
     from .preflight import check_seqlen, check_source_files, protected_paths, warn_unservable
-    from .source import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
 
     start = time.perf_counter()
     try:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
-from .source import decoder_linears
+from ..models import decoder_linears
 
 __all__ = ["FP_CACHE_BYTES", "ActivationStreams", "input_groups"]
 

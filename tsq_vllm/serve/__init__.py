@@ -9,7 +9,7 @@ package does not depend on vLLM and `import tsq_vllm.serve` must work without it
 
 from __future__ import annotations
 
-from .checkpoint import parse_quant_config, read_checkpoint_config
+from ..checkpoint.config import parse_quant_config, read_checkpoint_config
 
 __all__ = ["register", "parse_quant_config", "read_checkpoint_config"]
 

@@ -11,7 +11,8 @@ import os
 import runpy
 import sys
 
-from .checkpoint import check_checkpoint_files, read_checkpoint_config
+from ..checkpoint.config import read_checkpoint_config
+from ..checkpoint.validate import check_checkpoint_files
 
 __all__ = ["main", "server_argv"]
 

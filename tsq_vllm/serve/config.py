@@ -20,8 +20,8 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizeMethodBase,
 )
 
+from ..checkpoint.config import SERVABLE_METHODS, parse_quant_config
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
-from .checkpoint import SERVABLE_METHODS, parse_quant_config
 from .linear import TsqLinearMethod
 
 if TYPE_CHECKING:

@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..format.config import FINGERPRINT_FIELDS, INTEGRITY_KEY
+
 __all__ = ["INTEGRITY_KEY", "FINGERPRINT_FIELDS", "read_header", "fingerprint", "verify_fingerprint"]
 
-INTEGRITY_KEY = "integrity"
-FINGERPRINT_FIELDS = ("checkpoint_format", "bits", "group_size", "sym")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
 

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["MANIFEST_NAME", "PARTIAL_MARKER", "check_output", "check_writable", "new_sibling",
-           "write_manifest", "remove_stale_partials"]
+           "write_manifest", "normal_permissions", "replace_dir", "remove_stale_partials"]
 
-logger = logging.getLogger("tsq_vllm.quantize")
+logger = logging.getLogger("tsq_vllm.checkpoint")
 
 MANIFEST_NAME = "tsq_manifest.json"
 PARTIAL_MARKER = ".tsq-partial"
@@ -111,6 +111,30 @@ def write_manifest(directory: Path) -> None:
     (directory / PARTIAL_MARKER).unlink(missing_ok=True)
     names = sorted(f.name for f in directory.iterdir())
     (directory / MANIFEST_NAME).write_text(json.dumps({"files": names}, indent=2) + "\n")
+
+
+def normal_permissions(directory: Path) -> None:
+    """Give every written file the umask's mode: safetensors creates its files owner-only (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory into place; an old `dst` is removed only after the move."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = new_sibling(dst, "old")
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

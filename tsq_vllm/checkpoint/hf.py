@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..format.config import QUANT_METHOD, CheckpointQuantConfig
+from ..format.config import INTEGRITY_KEY, CheckpointQuantConfig
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
-from ..format.integrity import INTEGRITY_KEY, fingerprint, verify_fingerprint
-from .output import check_output, new_sibling, write_manifest
+from .atomic import check_output, new_sibling, normal_permissions, replace_dir, write_manifest
+from .config import read_quantization_config
+from .integrity import fingerprint, verify_fingerprint
 
-__all__ = ["QuantLinear", "save_quantized", "load_quantized", "read_quantization_config", "checkpoint_tensors",
-           "check_output"]
+__all__ = ["QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -145,7 +144,7 @@ def save_quantized(
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(output, "partial")
+    tmp = new_sibling(output, "partial")
     try:
         tensors = checkpoint_tensors(model, packed)
         for key, value in tensors.items():
@@ -169,57 +168,12 @@ def save_quantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
-        _normal_permissions(tmp)
-        _replace_dir(tmp, output)
+        normal_permissions(tmp)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
-
-
-def _sibling(path: Path, tag: str) -> Path:
-    return new_sibling(path, tag)
-
-
-def _normal_permissions(directory: Path) -> None:
-    """Give every written file the umask's mode: safetensors creates its files owner-only (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory into place; an old `dst` is removed only after the move."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = _sibling(dst, "old")
-    os.replace(dst, old / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_quantization_config(path: str | Path) -> CheckpointQuantConfig | None:
-    """The checkpoint's quantization_config if it is a tsq or GPTQ checkpoint, else None."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        return None
-    try:
-        qc = json.loads(cfg_file.read_text()).get("quantization_config")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt checkpoint: {cfg_file} is not valid JSON ({e})") from e
-    if not isinstance(qc, dict) or qc.get("quant_method") not in (QUANT_METHOD, "gptq"):
-        return None
-    try:
-        return CheckpointQuantConfig.from_dict(qc)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"corrupt checkpoint: quantization_config in {cfg_file}: {e}") from e
 
 
 def _weight_files(path: Path) -> list[Path]:

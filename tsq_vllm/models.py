@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..format.gptq import check_linear_shape
+from .format.gptq import check_linear_shape
 
 __all__ = [
     "ModelSource",

@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tsq_vllm
+from tests.reliability.conftest import snapshot
+from tsq_vllm.checkpoint import check_checkpoint_files, read_checkpoint_config
 from tsq_vllm.serve.__main__ import main as serve_main
-from tsq_vllm.serve.checkpoint import check_checkpoint_files, read_checkpoint_config
-
-from .conftest import snapshot
 
 LAYER = "model.layers.1.mlp.up_proj"
 

@@ -1,0 +1,86 @@
+"""The launcher's pre-check of a checkpoint's files, without importing vLLM.
+
+The launcher must fail in one line before a minute-long engine start, so everything vLLM would
+otherwise crash on while loading is checked here from the safetensors headers and tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..format.config import CheckpointQuantConfig
+from ..format.gptq import TENSOR_NAMES
+from .hf import INDEX_NAME as _INDEX
+from .integrity import read_header, verify_fingerprint
+
+__all__ = ["check_checkpoint_files"]
+
+
+def _shard_names(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The weight files, and the index's tensor -> file map (empty without an index)."""
+    index = path / _INDEX
+    if not index.is_file():
+        return sorted(f.name for f in path.glob("*.safetensors")), {}
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values())), dict(weight_map)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} has no readable weight_map ({e}): re-export the checkpoint") from None
+
+
+def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every nn.Linear of the model config.json describes (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        config.quantization_config = None  # transformers would look for a "tsq" quantizer
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}/config.json does not describe a model transformers can build ({e}): "
+                         f"re-export the checkpoint") from None
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) -> None:
+    """Everything vLLM would otherwise crash on a minute into loading, as one ValueError: every shard
+    whole, every indexed tensor present, every quantized linear's tensors consistent with config.json
+    and `cfg` (shapes, dtypes, finite scales, zero points in range), and the recorded fingerprint."""
+    from safetensors import safe_open
+
+    path = Path(model_dir)
+    names, weight_map = _shard_names(path)
+    headers: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the checkpoint")
+        try:
+            headers[name] = read_header(path / name)
+        except ValueError as e:
+            raise ValueError(f"corrupt checkpoint: {path}/{e}") from None
+    location = {t: name for name, header in headers.items() for t in header}
+    for tensor, name in weight_map.items():
+        if location.get(tensor) != name:
+            raise ValueError(f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that file: "
+                             f"re-export the checkpoint")
+    linears = _linear_shapes(path)
+    prefixes = sorted(t[: -len(".qweight")] for t in location if t.endswith(".qweight"))
+    if not prefixes:
+        raise ValueError(f"corrupt checkpoint: {path} has no .qweight tensors: it is not GPTQ-packed")
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(safe_open(str(path / name), framework="pt")) for name in headers}
+        for prefix in prefixes:
+            missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in location]
+            if missing:
+                raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the checkpoint")
+            if prefix not in linears:
+                raise ValueError(f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of the "
+                                 f"model config.json describes: re-export the checkpoint")
+            stored = {n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}") for n in TENSOR_NAMES}
+            cfg.read_layer(stored, prefix, *linears[prefix])
+    verify_fingerprint(path, cfg.tsq)
