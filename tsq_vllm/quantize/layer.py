@@ -22,11 +22,16 @@ import torch
 from ..core.gptq import gptq_quantize
 from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
-from ..core.stage2 import layer_objective, objective, refine_scales, scale_system
+from ..core.stage2 import energy_match as match_energy
+from ..core.stage2 import layer_objective, output_stats, refine_scales, scale_system
 from ..format.gptq import GPTQTensors, pack_linear
 from ..format.packing import check_bits
 
-__all__ = ["QuantizedWeight", "quantize_weight"]
+__all__ = ["DEFAULT_ERROR_FEEDBACK_ALPHA", "DEFAULT_SCALE_BOX", "QuantizedWeight", "quantize_weight"]
+
+# Measured on SmolLM2-135M INT2/INT3 (benchmarks/results/stage2_variants.md).
+DEFAULT_ERROR_FEEDBACK_ALPHA = 1.0
+DEFAULT_SCALE_BOX = 2.0
 
 
 @dataclass
@@ -78,6 +83,10 @@ def quantize_weight(
     stage2_sweeps: int = 20,
     zero_min: int = 1,
     block_size: int = 128,
+    D: torch.Tensor | None = None,
+    error_feedback_alpha: float = DEFAULT_ERROR_FEEDBACK_ALPHA,
+    scale_box: float | None = DEFAULT_SCALE_BOX,
+    energy_match: bool = False,
 ) -> QuantizedWeight:
     """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 
@@ -88,8 +97,14 @@ def quantize_weight(
       maps every input column to its group (GPTQ `desc_act`).
     gptq: False rounds to nearest on the grid instead (the RTN baseline).
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
+    D: E[ΔX ΔXᵀ] (with R): makes the true eq. (7) and the FP output energy available to the stats.
+    error_feedback_alpha: weight of R in stage 2 (1: the paper's eq. (7), 0: R ignored).
+    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0 (None: unbounded).
+    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with R).
     stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
-      "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps".
+      "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps"; when the true eq. (7) is
+      known (no R, or R with D): "rel_error[_gptq]" = E‖QX − WX̃‖² / E‖WX̃‖² and
+      "energy_ratio[_gptq]" = E‖QX‖² / E‖WX̃‖², after and before stage 2.
     """
     check_bits(bits)
     N, K = W.shape
@@ -109,6 +124,10 @@ def quantize_weight(
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
     R = None if R is None else R.float()[perm][:, perm]
+    D = None if D is None else D.float()[perm][:, perm]
+    if energy_match and R is not None and D is None:
+        raise ValueError("energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it")
+    true_stats = R is None or D is not None
     Hd = damp_hessian(H, damp)
     Wq = W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
@@ -133,21 +152,35 @@ def quantize_weight(
     scale = grid.scale
     if stage2:
         # Stage 2 targets the true objective (undamped H); it needs no inverse.
-        system = scale_system(W, U, H, R, group_size)
-        res = refine_scales(W, U, grid.scale, H, R, group_size, max_sweeps=stage2_sweeps, system=system)
-        scale = _to_fp16(res.scale)
+        system = scale_system(W, U, H, R, group_size, D=D)
+        res = refine_scales(W, U, grid.scale, H, R, group_size, alpha=error_feedback_alpha, box=scale_box,
+                            max_sweeps=stage2_sweeps, system=system)
+        scale = _to_fp16(match_energy(system, res.scale) if energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
-        stats["loss_gptq"] = res.objective[0]
-        stats["loss"] = objective(*system, scale.double())
+        stats["loss_gptq"] = system.objective(grid.scale.double())
+        stats["loss"] = system.objective(scale.double())
+        if true_stats:
+            for key, s in (("_gptq", grid.scale), ("", scale)):
+                o = system.output_stats(s)
+                stats["rel_error" + key], stats["energy_ratio" + key] = o.rel_error, o.energy_ratio
     elif gptq:
         # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
-        D = scale[:, col_group] * U - Wq  # [N, K]
-        loss = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ D.square().sum(0))
+        dQ = scale[:, col_group] * U - Wq  # [N, K]
+        err_h = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0))
+        loss = err_h
         if R is not None:
-            loss += 2 * float(((W @ R) * D).sum())
+            loss += 2 * float(((W @ R) * dQ).sum())
         stats["loss_gptq"] = stats["loss"] = loss
+        if true_stats:
+            o = output_stats(W, scale[:, col_group] * U, H, R, D, err_h=err_h)  # H is 0 on dead inputs
+            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
+            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     else:
         stats["loss_gptq"] = stats["loss"] = layer_objective(W, scale[:, col_group] * U, H, R, dtype=torch.float32)
+        if true_stats:
+            o = output_stats(W, scale[:, col_group] * U, H, R, D)
+            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
+            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     stats["time_stage2"] = time.perf_counter() - t
 
     inv = torch.argsort(perm)

@@ -16,6 +16,7 @@ from typing import Any
 from ..format.config import SUPPORTED_GROUP_SIZES, QuantizationConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
+from .layer import DEFAULT_ERROR_FEEDBACK_ALPHA, DEFAULT_SCALE_BOX
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
@@ -62,6 +63,18 @@ class QuantizeOptions:
     error_feedback: bool = _opt(
         True, "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)"
     )
+    error_feedback_alpha: float = _opt(
+        DEFAULT_ERROR_FEEDBACK_ALPHA,
+        "weight of the error-feedback term R in stage 2: 1 is the paper's eq. (7), 0 ignores R",
+    )
+    scale_box: float = _opt(
+        DEFAULT_SCALE_BOX,
+        "stage 2 keeps every scale within [s0/B, B*s0] of its stage-1/GPTQ scale s0 > 0, so none changes "
+        "sign; 0 leaves the scales unbounded",
+    )
+    energy_match: bool = _opt(
+        False, "after stage 2, rescale each output row so its output energy equals the full-precision one"
+    )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt("minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES)
     mse_norm: float = _opt(2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)")
@@ -101,6 +114,10 @@ class QuantizeOptions:
             raise ValueError(f"--damp {self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal")
         if self.mse_norm <= 0:
             raise ValueError(f"--mse-norm {self.mse_norm} must be positive (2 is least squares)")
+        if not 0.0 <= self.error_feedback_alpha <= 1.0:
+            raise ValueError(f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the paper's R)")
+        if self.scale_box != 0 and not self.scale_box >= 1.0:
+            raise ValueError(f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval [s0/B, B*s0])")
         if not self.stage2:
             # R only enters stage 2: without it the full-precision stream would be wasted work, and
             # the config should record what was really used.
@@ -129,6 +146,9 @@ class QuantizeOptions:
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "error_feedback": self.error_feedback,
+                "error_feedback_alpha": self.error_feedback_alpha,
+                "scale_box": self.scale_box,
+                "energy_match": self.energy_match,
                 "gptq": self.gptq,
                 "scale_search": "hessian" if self.stage1 else self.scale_search,
                 "mse_norm": self.mse_norm,

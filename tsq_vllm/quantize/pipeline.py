@@ -211,12 +211,16 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> list[li
 
 
 def _log_linear(name: str, stats: dict[str, float]) -> None:
-    before, after = stats["loss_gptq"], stats["loss"]
-    change = (after - before) / abs(before) if before else 0.0
-    # The loss is eq. (7) without its constant E‖wᵀΔX‖², so with R it can go below zero.
+    # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² / E‖WX̃‖².
+    quality = ""
+    if "rel_error" in stats:
+        quality = (
+            f"rel error {stats['rel_error_gptq']:.4g} -> {stats['rel_error']:.4g}, output energy "
+            f"{stats['energy_ratio_gptq']:.3f} -> {stats['energy_ratio']:.3f} after stage 2; "
+        )
     logger.info(
-        "%s: eq.(7) loss %.6g -> %.6g after stage 2 (%+.2f%%); grid %.2fs, gptq %.2fs, stage2 %.2fs",
-        name, before, after, 100 * change, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
+        "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
+        name, quality, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
     )
 
 
@@ -287,6 +291,8 @@ def quantize_model(
             # The core math runs on CPU tensors; only the forward passes use the compute device.
             H = H.cpu()
             R = R.cpu() if R is not None else None
+            D = acc.finalize_delta()
+            D = D.cpu() if D is not None else None
             for name in group:
                 lin = linears[name]
                 qw = quantize_weight(
@@ -305,6 +311,10 @@ def quantize_model(
                     mse_norm=opts.mse_norm,
                     clip_points=opts.clip_points,
                     zero_min=opts.zero_min,
+                    D=D,
+                    error_feedback_alpha=opts.error_feedback_alpha,
+                    scale_box=opts.scale_box or None,
+                    energy_match=opts.energy_match,
                 )
                 full = f"{stack_name}.{i}.{name}"
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
