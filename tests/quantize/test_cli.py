@@ -31,6 +31,7 @@ def test_every_flag_of_the_issue_exists_and_has_help():
         "--model", "--gguf-file", "--bits", "--group-size", "--sym", "--act-order", "--calib", "--nsamples",
         "--seqlen", "--damp", "--no-stage1", "--no-stage2", "--no-error-feedback", "--scale-search",
         "--mse-norm", "--no-gptq", "--checkpoint-format", "--device", "--seed", "--output", "--overwrite",
+        "--error-feedback-alpha", "--scale-box", "--energy-match",
     ]
     for flag in wanted:
         assert flag in actions, flag
@@ -61,6 +62,14 @@ BAD = {
     "too little calibration": (
         lambda root, tiny: ["--model", str(tiny), "--calib", f"text:{tiny}/calib.txt", "--seqlen", "100000"],
         "fewer than --seqlen 100000",
+    ),
+    "alpha out of range": (
+        lambda root, tiny: ["--model", str(tiny), "--error-feedback-alpha", "1.5"],
+        "--error-feedback-alpha 1.5 must lie in [0, 1]",
+    ),
+    "box below one": (
+        lambda root, tiny: ["--model", str(tiny), "--scale-box", "0.5"],
+        "--scale-box 0.5 must be 0 (no box) or at least 1",
     ),
     "unknown flag": (lambda root, tiny: ["--model", str(tiny), "--frobnicate"], "unrecognized arguments: --frobnicate"),
 }

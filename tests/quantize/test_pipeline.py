@@ -277,6 +277,19 @@ def _llama(models):
     return AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
 
 
+def test_default_options_write_no_negative_scale(tmp_path):
+    """Few calibration tokens make unbounded stage 2 flip signs; the default box must prevent it."""
+    src = make_tiny_model(tmp_path / "m", "llama", layers=4)
+    negatives = {}
+    for name, kw in {"default": {}, "unbounded": dict(scale_box=0.0)}.items():
+        out = run_quantization(opts_for(src, tmp_path / name, bits=2, group_size=32, nsamples=2, seqlen=16, **kw)).output
+        t = load_file(out / "model.safetensors")
+        scales = [v.float() for k, v in t.items() if k.endswith(".scales")]
+        negatives[name] = sum(int((s <= 0).sum()) for s in scales)
+    assert negatives["default"] == 0
+    assert negatives["unbounded"] > 0  # the case is one where the box matters
+
+
 @pytest.mark.parametrize("build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"])
 def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
     """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.
@@ -292,7 +305,7 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     real = pipeline.quantize_weight
 
     def spy(W, H, **kw):
-        seen.append((H.clone(), kw["R"].clone()))
+        seen.append((H.clone(), kw["R"].clone(), kw["D"].clone()))
         return real(W, H, **kw)
 
     monkeypatch.setattr(pipeline, "quantize_weight", spy)
@@ -317,11 +330,12 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
 
     xq, xf = linear_inputs(model), linear_inputs(fp)
     assert len(seen) == len(names) == 14
-    for name, (H, R) in zip(names, seen):
+    for name, (H, R, D) in zip(names, seen):
         X, Xf = xq[name], xf[name]
         scale = float(H.abs().max())
         torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)
         torch.testing.assert_close(R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale)
+        torch.testing.assert_close(D.double(), (X - Xf).T @ (X - Xf) / len(X), rtol=1e-3, atol=1e-5 * scale)
     assert torch.count_nonzero(seen[0][1]) == 0  # layer 0 q/k/v: both streams are the embeddings
     assert float(seen[-1][1].abs().max()) > 1e-3 * float(seen[-1][0].abs().max())
 

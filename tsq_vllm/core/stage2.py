@@ -223,6 +223,10 @@ def energy_match(system: ScaleSystem, scale: torch.Tensor) -> torch.Tensor:
     return (scale.double() * gamma[:, None]).to(scale.dtype)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() * b.double()).sum())
+
+
 def output_stats(
     W: torch.Tensor,
     Q: torch.Tensor,
@@ -235,20 +239,22 @@ def output_stats(
     """`OutputStats` of the quantized weight Q [N, K] against W [N, K], directly from H, R, D.
 
     err_h: Σ (q − w)ᵀ H (q − w) when already known (GPTQ's own error sum), which saves the Q·H GEMM.
+    The GEMMs run in float32 (they are only for statistics), the reductions in float64.
     """
-    W, Q, H = W.double(), Q.double(), H.double()
+    W, Q, H = W.float(), Q.float(), H.float()
+    dQ = Q - W
     WH = W @ H
-    w_h_w, w_h_q = float((W * WH).sum()), float((Q * WH).sum())
+    w_h_w, w_h_q = _dot(W, WH), _dot(Q, WH)
     if err_h is None:
-        err_h = float(((Q - W) @ H * (Q - W)).sum())
+        err_h = _dot(dQ @ H, dQ)
     q_energy = err_h + 2 * w_h_q - w_h_w  # (q − w)ᵀH(q − w) = qᵀHq − 2wᵀHq + wᵀHw
     if R is None:
         return OutputStats(err_h, w_h_w, q_energy)
     if D is None:
         raise ValueError("the true eq. (7) needs D = E[ΔX ΔXᵀ] when R is given")
-    WR = W @ R.double()
-    w_r_w, w_r_dq = float((W * WR).sum()), float((WR * (Q - W)).sum())  # wᵀRw, wᵀR(q − w)
-    w_d_w = float((W * (W @ D.double())).sum())
+    WR = W @ R.float()
+    w_r_w, w_r_dq = _dot(W, WR), _dot(WR, dQ)  # wᵀRw, wᵀR(q − w)
+    w_d_w = _dot(W, W @ D.float())
     return OutputStats(err_h + 2 * w_r_dq + w_d_w, w_h_w - 2 * w_r_w + w_d_w, q_energy)
 
 
