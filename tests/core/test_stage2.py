@@ -153,12 +153,13 @@ def test_box_result_is_the_constrained_minimum_on_two_groups(alpha):
     res = refine_scales(W, U, grid.scale, H, R, 32, alpha=alpha, box=box, max_sweeps=500, rtol=0)
     sys = scale_system(W, U, H, R, 32)
     s0 = grid.scale.double()
-    bound = 0
+    bound = 0  # coordinates of the oracle's solution that lie on an edge of the box
     for n in range(W.shape[0]):
         want = _box_qp_oracle(sys.A[n], sys.b(alpha)[n], s0[n] / box, s0[n] * box)
         torch.testing.assert_close(res.scale[n].double(), want, rtol=1e-5, atol=1e-8)
-        bound += int(torch.isclose(want, s0[n] / box).any() or torch.isclose(want, s0[n] * box).any())
+        bound += int((torch.isclose(want, s0[n] / box) | torch.isclose(want, s0[n] * box)).sum())
     assert bound >= 10  # the oracle really exercised the box
+    assert res.at_bound == bound
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])

@@ -113,6 +113,7 @@ class ScaleSystem:
 class Stage2Result:
     scale: torch.Tensor  # [N, n_g]
     objective: list[float] = field(default_factory=list)  # L_α summed over rows, before sweep 1 and after each sweep
+    at_bound: int = 0  # scales that ended on an edge of the box
 
 
 def _grouped_sum(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -207,6 +208,8 @@ def refine_scales(
         before, after = result.objective[-2], result.objective[-1]
         if before - after <= rtol * abs(before):
             break
+    if box is not None:
+        result.at_bound = int((live & ((s <= lo) | (s >= hi))).sum())
     result.scale = s.float()
     return result
 

@@ -157,6 +157,7 @@ def quantize_weight(
                             max_sweeps=stage2_sweeps, system=system)
         scale = _to_fp16(match_energy(system, res.scale) if energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
+        stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
         stats["loss_gptq"] = system.objective(grid.scale.double())
         stats["loss"] = system.objective(scale.double())
         if true_stats:
