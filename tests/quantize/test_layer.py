@@ -91,3 +91,19 @@ def test_bad_arguments(kw, msg):
         quantize_weight(torch.randn(4, 64), torch.eye(64), **args)
     with pytest.raises(ValueError, match="H has shape"):
         quantize_weight(torch.randn(4, 64), torch.eye(32), bits=3, group_size=32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size):
+    from ..core.test_stage2 import _moments, _samples
+
+    X, Xt = _samples(K=256, T=4096, noise=0.5, seed=4)
+    H, R, D = (m.float() for m in _moments(X, Xt))
+    W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
+    kw = dict(bits=bits, group_size=group_size, stage1=False, stage2=False, R=R, D=D)
+    plain = quantize_weight(W, H, **kw)
+    gptaq = quantize_weight(W, H, gptaq_alpha=1.0, **kw)
+    err = lambda qw: float(((X @ qw.dequantize().double().t() - Xt @ W.double().t()) ** 2).mean(0).sum())  # noqa: E731
+    assert err(gptaq) < 0.9 * err(plain)
+    assert gptaq.stats["rel_error"] == pytest.approx(err(gptaq) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)
+    assert plain.stats["rel_error"] == pytest.approx(err(plain) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)

@@ -1,6 +1,6 @@
 """Pure tensor math: Hessian statistics, grids and scale searches, GPTQ, stage 2. No nn.Module."""
 
-from .gptq import gptq_quantize, inverse_hessian_factor
+from .gptq import asymmetric_target, gptq_quantize, inverse_hessian_factor
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
 from .hessian import HessianAccumulator, damp_hessian, dead_columns
 from .stage2 import (
@@ -20,6 +20,7 @@ __all__ = [
     "OutputStats",
     "ScaleSystem",
     "Stage2Result",
+    "asymmetric_target",
     "clip_grid",
     "damp_hessian",
     "dead_columns",

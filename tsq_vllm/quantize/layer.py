@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.gptq import gptq_quantize
+from ..core.gptq import asymmetric_target, gptq_quantize
 from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import energy_match as match_energy
@@ -87,6 +87,7 @@ def quantize_weight(
     error_feedback_alpha: float = DEFAULT_ERROR_FEEDBACK_ALPHA,
     scale_box: float | None = DEFAULT_SCALE_BOX,
     energy_match: bool = False,
+    gptaq_alpha: float = 0.0,
 ) -> QuantizedWeight:
     """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 
@@ -101,6 +102,7 @@ def quantize_weight(
     error_feedback_alpha: weight of R in stage 2 (1: the paper's eq. (7), 0: R ignored).
     scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0 (None: unbounded).
     energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with R).
+    gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
     stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
       "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps"; when the true eq. (7) is
       known (no R, or R with D): "rel_error[_gptq]" = E‖QX − WX̃‖² / E‖WX̃‖² and
@@ -129,7 +131,8 @@ def quantize_weight(
         raise ValueError("energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it")
     true_stats = R is None or D is not None
     Hd = damp_hessian(H, damp)
-    Wq = W.clone()
+    gptaq = gptaq_alpha > 0 and R is not None
+    Wq = asymmetric_target(W, Hd, R, gptaq_alpha) if gptaq else W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
     t = time.perf_counter()
@@ -164,7 +167,7 @@ def quantize_weight(
             for key, s in (("_gptq", grid.scale), ("", scale)):
                 o = system.output_stats(s)
                 stats["rel_error" + key], stats["energy_ratio" + key] = o.rel_error, o.energy_ratio
-    elif gptq:
+    elif gptq and not gptaq:
         # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
         dQ = scale[:, col_group] * U - Wq  # [N, K]
         err_h = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0))

@@ -75,6 +75,11 @@ class QuantizeOptions:
     energy_match: bool = _opt(
         False, "after stage 2, rescale each output row so its output energy equals the full-precision one"
     )
+    gptaq_alpha: float = _opt(
+        0.0,
+        "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best maps the "
+        "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off (GPTAQ uses 0.25)",
+    )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt("minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES)
     mse_norm: float = _opt(2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)")
@@ -118,8 +123,10 @@ class QuantizeOptions:
             raise ValueError(f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the paper's R)")
         if self.scale_box != 0 and not self.scale_box >= 1.0:
             raise ValueError(f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval [s0/B, B*s0])")
-        if not self.stage2:
-            # R only enters stage 2: without it the full-precision stream would be wasted work, and
+        if not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")
+        if not self.stage2 and self.gptaq_alpha == 0:
+            # R only enters stage 2 (and GPTAQ's target): without it the full-precision stream would be wasted work, and
             # the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
@@ -149,6 +156,7 @@ class QuantizeOptions:
                 "error_feedback_alpha": self.error_feedback_alpha,
                 "scale_box": self.scale_box,
                 "energy_match": self.energy_match,
+                "gptaq_alpha": self.gptaq_alpha,
                 "gptq": self.gptq,
                 "scale_search": "hessian" if self.stage1 else self.scale_search,
                 "mse_norm": self.mse_norm,

@@ -245,7 +245,7 @@ def quantize_model(
     start = time.perf_counter()
     device = torch.device(opts.device)
     stack_name, stack = find_decoder_layers(model)
-    use_r = opts.error_feedback and opts.stage2
+    use_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
     result = QuantizeResult(tokens=int(input_ids.numel()))
 
     hidden_q, calls = _record_layer_calls(model, stack, input_ids, opts.batch_size, device)
@@ -315,6 +315,7 @@ def quantize_model(
                     error_feedback_alpha=opts.error_feedback_alpha,
                     scale_box=opts.scale_box or None,
                     energy_match=opts.energy_match,
+                    gptaq_alpha=opts.gptaq_alpha,
                 )
                 full = f"{stack_name}.{i}.{name}"
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
