@@ -47,6 +47,12 @@ ROWS = [
     ("a1_box1.25", "both stages, alpha 1, box 1.25", ["--error-feedback-alpha", "1", "--scale-box", "1.25"]),
     ("gq0.25_a1_box2", "both stages, alpha 1, box 2, GPTAQ target 0.25",
      ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "1", "--scale-box", "2"]),
+    ("a0.5_box4", "both stages, alpha 0.5, box 4", ["--error-feedback-alpha", "0.5", "--scale-box", "4"]),
+    ("a0.5_box1.25", "both stages, alpha 0.5, box 1.25", ["--error-feedback-alpha", "0.5", "--scale-box", "1.25"]),
+    ("a0.5_box2_em", "both stages, alpha 0.5, box 2, energy-matched",
+     ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match"]),
+    ("gq0.25_a0.5_box2", "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
+     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"]),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
 ]
 FLAGS = {k: f for k, _, f in ROWS}
