@@ -107,3 +107,16 @@ def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size)
     assert err(gptaq) < 0.9 * err(plain)
     assert gptaq.stats["rel_error"] == pytest.approx(err(gptaq) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)
     assert plain.stats["rel_error"] == pytest.approx(err(plain) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)
+
+
+@pytest.mark.parametrize("box", [None, 2.0])
+def test_alpha_zero_ignores_r_and_alpha_moves_the_scales(box):
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    H, R = _streams(K=256, T=2048, noise=0.5)
+    no_r = quantize_weight(W, H, bits=2, group_size=32, scale_box=box)
+    a0 = quantize_weight(W, H, bits=2, group_size=32, R=R, error_feedback_alpha=0.0, scale_box=box)
+    a1 = quantize_weight(W, H, bits=2, group_size=32, R=R, error_feedback_alpha=1.0, scale_box=box)
+    assert torch.equal(a0.scales, no_r.scales) and torch.equal(a0.codes, no_r.codes)
+    assert not torch.equal(a1.scales, a0.scales)
+    for qw in (a0, a1):
+        assert qw.stats["loss"] <= qw.stats["loss_gptq"]  # the objective stage 2 minimized

@@ -103,7 +103,8 @@ def quantize_weight(
     scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0 (None: unbounded).
     energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with R).
     gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
-    stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
+    stats: "loss_gptq" and "loss" (eq. (7) with the undamped H and R weighted by error_feedback_alpha,
+      without its constant; before and after stage 2),
       "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps"; when the true eq. (7) is
       known (no R, or R with D): "rel_error[_gptq]" = E‖QX − WX̃‖² / E‖WX̃‖² and
       "energy_ratio[_gptq]" = E‖QX‖² / E‖WX̃‖², after and before stage 2.
@@ -161,8 +162,9 @@ def quantize_weight(
         scale = _to_fp16(match_energy(system, res.scale) if energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
         stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
-        stats["loss_gptq"] = system.objective(grid.scale.double())
-        stats["loss"] = system.objective(scale.double())
+        # The objective stage 2 minimizes: eq. (7) without its constant, R weighted by α.
+        stats["loss_gptq"] = system.objective(grid.scale.double(), error_feedback_alpha)
+        stats["loss"] = system.objective(scale.double(), error_feedback_alpha)
         if true_stats:
             for key, s in (("_gptq", grid.scale), ("", scale)):
                 o = system.output_stats(s)
