@@ -113,7 +113,8 @@ def summarize_linears(stats: dict[str, dict[str, float]]) -> dict[str, dict[str,
 
 def _box_share(lin: dict[str, dict[str, float]]) -> str:
     shares = {k: v["at_bound"] for k, v in lin.items() if "at_bound" in v}
-    return ", ".join(f"{k.split('_')[0]} {100 * v:.1f} %" for k, v in shares.items() if v > 0) or ("0" if shares else "")
+    shown = [f"{k.split('_')[0]} {100 * v:.1f} %" for k, v in shares.items() if v >= 0.0005]
+    return ", ".join(shown) or ("< 0.05 %" if shares else "")
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:
