@@ -126,8 +126,8 @@ class QuantizeOptions:
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")
         if not self.stage2 and self.gptaq_alpha == 0:
-            # R only enters stage 2 (and GPTAQ's target): without it the full-precision stream would be wasted work, and
-            # the config should record what was really used.
+            # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would be
+            # wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
 
