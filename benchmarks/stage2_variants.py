@@ -53,6 +53,8 @@ ROWS = [
      ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match"]),
     ("gq0.25_a0.5_box2", "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
      ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"]),
+    ("gq0.25_a0.25_box2", "both stages, alpha 0.25, box 2, GPTAQ target 0.25",
+     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"]),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
 ]
 FLAGS = {k: f for k, _, f in ROWS}
