@@ -33,25 +33,25 @@ RESULTS = ROOT / "benchmarks/results"
 
 # (key, label, extra `python -m tsq_vllm.quantize` flags), in order of priority.
 ROWS = [
-    ("a1_box2", "both stages, alpha 1, box 2", ["--error-feedback-alpha", "1", "--scale-box", "2"]),
-    ("a0.5_box2", "both stages, alpha 0.5, box 2", ["--error-feedback-alpha", "0.5", "--scale-box", "2"]),
-    ("a0_box2", "both stages, alpha 0, box 2", ["--error-feedback-alpha", "0", "--scale-box", "2"]),
-    ("a0.25_box2", "both stages, alpha 0.25, box 2", ["--error-feedback-alpha", "0.25", "--scale-box", "2"]),
+    ("a1_box2", "both stages, alpha 1, box 2", ["--error-feedback-alpha", "1", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0.5_box2", "both stages, alpha 0.5, box 2", ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0_box2", "both stages, alpha 0, box 2", ["--error-feedback-alpha", "0", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0.25_box2", "both stages, alpha 0.25, box 2", ["--error-feedback-alpha", "0.25", "--scale-box", "2", "--gptaq-alpha", "0"]),
     ("a1_box2_em", "both stages, alpha 1, box 2, energy-matched",
-     ["--error-feedback-alpha", "1", "--scale-box", "2", "--energy-match"]),
-    ("a1_nobox", "both stages, alpha 1, no box (the old default)", ["--error-feedback-alpha", "1", "--scale-box", "0"]),
+     ["--error-feedback-alpha", "1", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
+    ("a1_nobox", "both stages, alpha 1, no box (the old default)", ["--error-feedback-alpha", "1", "--scale-box", "0", "--gptaq-alpha", "0"]),
     ("s1", "GPTQ + stage 1", ["--no-stage2", "--gptaq-alpha", "0"]),
     ("gptq_mse", "GPTQ, MSE p=2.4 scales", ["--no-stage1", "--no-stage2", "--scale-search", "mse", "--mse-norm", "2.4",
                                              "--gptaq-alpha", "0"]),
     ("gptq", "GPTQ (min-max scales)", ["--no-stage1", "--no-stage2", "--gptaq-alpha", "0"]),
-    ("a1_box4", "both stages, alpha 1, box 4", ["--error-feedback-alpha", "1", "--scale-box", "4"]),
-    ("a1_box1.25", "both stages, alpha 1, box 1.25", ["--error-feedback-alpha", "1", "--scale-box", "1.25"]),
+    ("a1_box4", "both stages, alpha 1, box 4", ["--error-feedback-alpha", "1", "--scale-box", "4", "--gptaq-alpha", "0"]),
+    ("a1_box1.25", "both stages, alpha 1, box 1.25", ["--error-feedback-alpha", "1", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
     ("gq0.25_a1_box2", "both stages, alpha 1, box 2, GPTAQ target 0.25",
      ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "1", "--scale-box", "2"]),
-    ("a0.5_box4", "both stages, alpha 0.5, box 4", ["--error-feedback-alpha", "0.5", "--scale-box", "4"]),
-    ("a0.5_box1.25", "both stages, alpha 0.5, box 1.25", ["--error-feedback-alpha", "0.5", "--scale-box", "1.25"]),
+    ("a0.5_box4", "both stages, alpha 0.5, box 4", ["--error-feedback-alpha", "0.5", "--scale-box", "4", "--gptaq-alpha", "0"]),
+    ("a0.5_box1.25", "both stages, alpha 0.5, box 1.25", ["--error-feedback-alpha", "0.5", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
     ("a0.5_box2_em", "both stages, alpha 0.5, box 2, energy-matched",
-     ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match"]),
+     ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
     ("gq0.25_a0.5_box2", "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
      ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"]),
     ("gq0.25_a0.25_box2", "both stages, alpha 0.25, box 2, GPTAQ target 0.25",
@@ -139,6 +139,8 @@ def write_report(done: list[dict], path: Path, argv_note: str) -> None:
         "E‖QX − WX̃‖²/E‖WX̃‖² (the true eq. (7) over the FP output energy), after stage 2, for o_proj and "
         "down_proj. Quantize time is the quantization loop (no load or write). Box edge: mean share of "
         "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind."),
+        ("Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.5 --scale-box 2` "
+         "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it explicitly."),
         "",
     ]
     cells = sorted({(r["bits"], r["group_size"]) for r in done if r["row"] != "fp"})

@@ -41,9 +41,10 @@ def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
 def test_error_feedback_lowers_the_full_objective(bits, group_size):
     W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
     H, R = _streams(K=256, T=4096, noise=0.5)
-    with_r = quantize_weight(W, H, bits=bits, group_size=group_size, R=R)
-    without = quantize_weight(W, H, bits=bits, group_size=group_size)
-    # Same codes (R enters only stage 2), better scales for eq. (7).
+    kw = dict(bits=bits, group_size=group_size, error_feedback_alpha=1.0, gptaq_alpha=0.0)
+    with_r = quantize_weight(W, H, R=R, **kw)
+    without = quantize_weight(W, H, **kw)
+    # Same codes (without GPTAQ, R enters only stage 2), better scales for eq. (7).
     assert torch.equal(with_r.codes, without.codes)
     assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(W, without.dequantize(), H, R)
 
@@ -113,9 +114,10 @@ def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size)
 def test_alpha_zero_ignores_r_and_alpha_moves_the_scales(box):
     W = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
     H, R = _streams(K=256, T=2048, noise=0.5)
-    no_r = quantize_weight(W, H, bits=2, group_size=32, scale_box=box)
-    a0 = quantize_weight(W, H, bits=2, group_size=32, R=R, error_feedback_alpha=0.0, scale_box=box)
-    a1 = quantize_weight(W, H, bits=2, group_size=32, R=R, error_feedback_alpha=1.0, scale_box=box)
+    kw = dict(bits=2, group_size=32, scale_box=box, gptaq_alpha=0.0)
+    no_r = quantize_weight(W, H, **kw)
+    a0 = quantize_weight(W, H, R=R, error_feedback_alpha=0.0, **kw)
+    a1 = quantize_weight(W, H, R=R, error_feedback_alpha=1.0, **kw)
     assert torch.equal(a0.scales, no_r.scales) and torch.equal(a0.codes, no_r.codes)
     assert not torch.equal(a1.scales, a0.scales)
     for qw in (a0, a1):

@@ -27,11 +27,14 @@ from ..core.stage2 import layer_objective, output_stats, refine_scales, scale_sy
 from ..format.gptq import GPTQTensors, pack_linear
 from ..format.packing import check_bits
 
-__all__ = ["DEFAULT_ERROR_FEEDBACK_ALPHA", "DEFAULT_SCALE_BOX", "QuantizedWeight", "quantize_weight"]
+__all__ = [
+    "DEFAULT_ERROR_FEEDBACK_ALPHA", "DEFAULT_GPTAQ_ALPHA", "DEFAULT_SCALE_BOX", "QuantizedWeight", "quantize_weight",
+]
 
-# Measured on SmolLM2-135M INT2/INT3 (benchmarks/results/stage2_variants.md).
-DEFAULT_ERROR_FEEDBACK_ALPHA = 1.0
+# The best of the grid measured on SmolLM2-135M INT2 and INT3 g64 (benchmarks/results/stage2_variants.md).
+DEFAULT_ERROR_FEEDBACK_ALPHA = 0.5
 DEFAULT_SCALE_BOX = 2.0
+DEFAULT_GPTAQ_ALPHA = 0.25
 
 
 @dataclass
@@ -87,7 +90,7 @@ def quantize_weight(
     error_feedback_alpha: float = DEFAULT_ERROR_FEEDBACK_ALPHA,
     scale_box: float | None = DEFAULT_SCALE_BOX,
     energy_match: bool = False,
-    gptaq_alpha: float = 0.0,
+    gptaq_alpha: float = DEFAULT_GPTAQ_ALPHA,
 ) -> QuantizedWeight:
     """Quantize W [N_out, K_in] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 

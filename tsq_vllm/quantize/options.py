@@ -16,7 +16,7 @@ from typing import Any
 from ..format.config import SUPPORTED_GROUP_SIZES, QuantizationConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
-from .layer import DEFAULT_ERROR_FEEDBACK_ALPHA, DEFAULT_SCALE_BOX
+from .layer import DEFAULT_ERROR_FEEDBACK_ALPHA, DEFAULT_GPTAQ_ALPHA, DEFAULT_SCALE_BOX
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
@@ -76,7 +76,7 @@ class QuantizeOptions:
         False, "after stage 2, rescale each output row so its output energy equals the full-precision one"
     )
     gptaq_alpha: float = _opt(
-        0.0,
+        DEFAULT_GPTAQ_ALPHA,
         "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best maps the "
         "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off (GPTAQ uses 0.25)",
     )
