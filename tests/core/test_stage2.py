@@ -130,7 +130,7 @@ def test_wide_box_equals_unconstrained(layer, with_r):
 
 def _box_qp_oracle(A, b, lo, hi):
     """argmin sᵀAs − 2bᵀs over the 2-D box [lo, hi], by enumerating the KKT candidates."""
-    f = lambda s: float(s @ A @ s - 2 * b @ s)  # noqa: E731
+    f = lambda s: float(s @ A @ s - 2 * b @ s)
     cands = [torch.linalg.solve(A, b)]
     for i in range(2):
         j = 1 - i

@@ -104,7 +104,7 @@ def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size)
     kw = dict(bits=bits, group_size=group_size, stage1=False, stage2=False, R=R, D=D)
     plain = quantize_weight(W, H, **kw)
     gptaq = quantize_weight(W, H, gptaq_alpha=1.0, **kw)
-    err = lambda qw: float(((X @ qw.dequantize().double().t() - Xt @ W.double().t()) ** 2).mean(0).sum())  # noqa: E731
+    err = lambda qw: float(((X @ qw.dequantize().double().t() - Xt @ W.double().t()) ** 2).mean(0).sum())
     assert err(gptaq) < 0.9 * err(plain)
     assert gptaq.stats["rel_error"] == pytest.approx(err(gptaq) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)
     assert plain.stats["rel_error"] == pytest.approx(err(plain) / float(((Xt @ W.double().t()) ** 2).mean(0).sum()), rel=1e-3)
