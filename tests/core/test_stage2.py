@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from tsq_vllm.core import damp_hessian, gptq_quantize, layer_objective, refine_scales, search_grid
+from tsq_vllm.core import (
+    damp_hessian,
+    energy_match,
+    gptq_quantize,
+    layer_objective,
+    output_stats,
+    refine_scales,
+    scale_system,
+    search_grid,
+)
 
 from .conftest import correlated_inputs
 
@@ -69,7 +78,6 @@ def test_zero_codes_keep_their_scale():
 
 # --- box constraint, damped error feedback, true eq. (7) statistics -------------------------------
 
-from tsq_vllm.core import energy_match, output_stats, scale_system  # noqa: E402
 
 
 def _samples(K=128, T=1024, noise=0.4, seed=0):
