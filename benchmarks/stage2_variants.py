@@ -138,8 +138,9 @@ def write_report(done: list[dict], path: Path, argv_note: str) -> None:
         ("Energy = median over the layer's linears of E‖QX‖²/E‖WX̃‖² (1 = the FP output energy); rel err = median "
         "E‖QX − WX̃‖²/E‖WX̃‖² (the true eq. (7) over the FP output energy), after stage 2, for o_proj and "
         "down_proj. Quantize time is the quantization loop (no load or write). Box edge: mean share of "
-        "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind."),
-        ("Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.5 --scale-box 2` "
+        "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind. Rows without the FP stream "
+        "(plain GPTQ) measure energy and error against WX instead of WX̃, so their columns are not comparable."),
+        ("Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.25 --scale-box 2` "
          "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it explicitly."),
         "",
     ]

@@ -16,7 +16,7 @@ __all__ = [
 
 SCALE_SEARCHES = ("minmax", "mse")
 # The best of the grid measured on SmolLM2-135M INT2 and INT3 g64 (benchmarks/results/stage2_variants.md).
-DEFAULT_ERROR_FEEDBACK_ALPHA = 0.5
+DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
 DEFAULT_SCALE_BOX = 2.0
 DEFAULT_GPTAQ_ALPHA = 0.25
 
