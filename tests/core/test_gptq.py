@@ -35,3 +35,19 @@ def test_not_positive_definite_is_a_clear_error():
     grid = search_grid(W, 4, 32, method="minmax")
     with pytest.raises(ValueError, match="raise damp"):
         gptq_quantize(W, -torch.eye(32), grid, 32)
+
+
+def test_asymmetric_target_is_the_least_squares_map_to_the_fp_outputs():
+    from tsq_vllm.core import asymmetric_target
+
+    from .test_stage2 import _moments, _samples
+
+    X, Xt = _samples(K=64, T=2048, noise=0.5)
+    H, R, _ = _moments(X, Xt)
+    W = torch.randn(24, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    # Oracle: argmin_W' Σ_t ‖W' x_t − W x̃_t‖², by least squares on the token matrices.
+    want = torch.linalg.lstsq(X, Xt @ W.t()).solution.t()
+    torch.testing.assert_close(asymmetric_target(W, H, R, 1.0), want, rtol=1e-6, atol=1e-8)
+    half = asymmetric_target(W, H, R, 0.5)
+    torch.testing.assert_close(half, 0.5 * (W + want), rtol=1e-6, atol=1e-8)  # linear in α
+    torch.testing.assert_close(asymmetric_target(W, H, R, 0.0), W)

@@ -48,3 +48,18 @@ def test_damping_and_dead_columns():
     live = torch.tensor([0, 1, 3, 4, 5])
     lam = 0.01 * torch.diagonal(H)[live].mean()
     torch.testing.assert_close(torch.diagonal(Hd)[live], torch.diagonal(H)[live] + lam)
+
+
+def test_delta_gram_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(2, 40, 8, generator=g)
+    X_fp = X + 0.3 * torch.randn(2, 40, 8, generator=g)
+    acc = HessianAccumulator(8, with_r=True)
+    for i in range(2):
+        for lo, hi in ((0, 13), (13, 40)):
+            acc.add(X[i, lo:hi], X_fp[i, lo:hi])
+    dX = (X - X_fp).reshape(-1, 8).double()
+    D = acc.finalize_delta()
+    torch.testing.assert_close(D.double(), dX.t() @ dX / 80, rtol=1e-5, atol=1e-6)
+    assert torch.equal(D, D.t())
+    assert HessianAccumulator(8).finalize_delta() is None  # no FP stream: nothing to track

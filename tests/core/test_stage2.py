@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from tsq_vllm.core import damp_hessian, gptq_quantize, layer_objective, refine_scales, search_grid
+from tsq_vllm.core import (
+    damp_hessian,
+    energy_match,
+    gptq_quantize,
+    layer_objective,
+    output_stats,
+    refine_scales,
+    scale_system,
+    search_grid,
+)
 
 from .conftest import correlated_inputs
 
@@ -65,3 +74,166 @@ def test_zero_codes_keep_their_scale():
     res = refine_scales(W, U, scale, torch.eye(64), None, 32)
     assert res.scale[1, 0] == 0.5
     assert torch.isfinite(res.scale).all()
+
+
+# --- box constraint, damped error feedback, true eq. (7) statistics -------------------------------
+
+
+
+def _samples(K=128, T=1024, noise=0.4, seed=0):
+    """Token matrices [T, K]: X̃ (full precision) and X = X̃ + ΔX, ΔX correlated with X̃."""
+    g = torch.Generator().manual_seed(seed + 11)
+    Xt = correlated_inputs(K, T, seed)
+    dX = noise * (Xt @ (torch.randn(K, K, generator=g) / K**0.5)) + 0.05 * torch.randn(T, K, generator=g)
+    return (Xt + dX).double(), Xt.double()
+
+
+def _moments(X, Xt):
+    dX = X - Xt
+    T = X.shape[0]
+    return X.t() @ X / T, dX.t() @ X / T, dX.t() @ dX / T
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("box", [1.25, 2.0, 4.0])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_box_keeps_scales_positive_and_loss_monotone(layer, alpha, box, bits, group_size):
+    W, _ = layer
+    H, R = _streams(noise=0.6)
+    grid, U, _ = _gptq_state(W, H, bits, group_size)
+    res = refine_scales(W, U, grid.scale, H, R, group_size, alpha=alpha, box=box, max_sweeps=10, rtol=0)
+    obj = res.objective
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(obj, obj[1:], strict=False))
+    s0 = grid.scale.double()
+    s = res.scale.double()
+    assert (s > 0).all()
+    assert (s >= s0 / box * (1 - 1e-6)).all() and (s <= s0 * box * (1 + 1e-6)).all()
+
+
+def test_unbounded_stage2_can_flip_signs_and_the_box_binds():
+    """The case the box exists for: strong error feedback drives some scales below zero."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(64, 256, generator=g)
+    H, R = _streams(noise=1.5, seed=2)
+    grid, U, _ = _gptq_state(W, H, 2, 32)
+    free = refine_scales(W, U, grid.scale, H, R, 32, max_sweeps=20)
+    boxed = refine_scales(W, U, grid.scale, H, R, 32, box=2.0, max_sweeps=20)
+    assert (free.scale < 0).any()
+    assert (boxed.scale > 0).all()
+    assert boxed.objective[-1] >= free.objective[-1]  # a constrained minimum cannot beat the free one
+
+
+@pytest.mark.parametrize("with_r", [False, True])
+def test_wide_box_equals_unconstrained(layer, with_r):
+    W, H = layer
+    R = None
+    if with_r:
+        H, R = _streams()
+    grid, U, _ = _gptq_state(W, H, 3, 64)
+    free = refine_scales(W, U, grid.scale, H, R, 64, max_sweeps=6, rtol=0)
+    wide = refine_scales(W, U, grid.scale, H, R, 64, box=1e6, max_sweeps=6, rtol=0)
+    assert torch.equal(free.scale, wide.scale)
+    assert free.objective == wide.objective
+
+
+def _box_qp_oracle(A, b, lo, hi):
+    """argmin sᵀAs − 2bᵀs over the 2-D box [lo, hi], by enumerating the KKT candidates."""
+    def f(s):
+        return float(s @ A @ s - 2 * b @ s)
+
+    cands = [torch.linalg.solve(A, b)]
+    for i in range(2):
+        j = 1 - i
+        for v in (lo[i], hi[i]):  # s_i fixed on an edge, s_j minimized on its interval
+            s = torch.empty(2, dtype=A.dtype)
+            s[i] = v
+            s[j] = torch.clamp((b[j] - A[j, i] * v) / A[j, j], lo[j], hi[j])
+            cands.append(s)
+    feasible = [s for s in cands if bool(((s >= lo - 1e-12) & (s <= hi + 1e-12)).all())]
+    return min(feasible, key=f)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_box_result_is_the_constrained_minimum_on_two_groups(alpha):
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(48, 64, generator=g)
+    H, R = _streams(K=64, T=512, noise=1.0, seed=3)
+    grid, U, _ = _gptq_state(W, H, 2, 32)
+    box = 1.05  # tight enough that the bounds bind on many rows
+    res = refine_scales(W, U, grid.scale, H, R, 32, alpha=alpha, box=box, max_sweeps=500, rtol=0)
+    sys = scale_system(W, U, H, R, 32)
+    s0 = grid.scale.double()
+    bound = 0  # coordinates of the oracle's solution that lie on an edge of the box
+    for n in range(W.shape[0]):
+        want = _box_qp_oracle(sys.A[n], sys.b(alpha)[n], s0[n] / box, s0[n] * box)
+        torch.testing.assert_close(res.scale[n].double(), want, rtol=1e-5, atol=1e-8)
+        bound += int((torch.isclose(want, s0[n] / box) | torch.isclose(want, s0[n] * box)).sum())
+    assert bound >= 10  # the oracle really exercised the box
+    assert res.at_bound == bound
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_damped_error_feedback_converges_to_the_damped_normal_equations(layer, alpha):
+    W, _ = layer
+    H, R = _streams()
+    grid, U, _ = _gptq_state(W, H, 3, 64)
+    res = refine_scales(W, U, grid.scale, H, R, 64, alpha=alpha, max_sweeps=400, rtol=0)
+    # Independent oracle: solve A s = Σ_k u_kᵀ[(H − αRᵀ)w] per row with a dense solver.
+    Hd, Rd, Ud, Wd = H.double(), R.double(), U.double(), W.double()
+    n_g = 256 // 64
+    Ug = torch.zeros(W.shape[0], 256, n_g, dtype=torch.float64)  # column i = u_i in group i's slots
+    for i in range(n_g):
+        Ug[:, i * 64 : (i + 1) * 64, i] = Ud[:, i * 64 : (i + 1) * 64]
+    A = Ug.transpose(1, 2) @ Hd @ Ug
+    b = torch.einsum("nki,nk->ni", Ug, Wd @ (Hd - alpha * Rd))
+    want = torch.linalg.solve(A, b)
+    torch.testing.assert_close(res.scale.double(), want, rtol=1e-4, atol=1e-7)
+    if alpha == 0:
+        no_r = refine_scales(W, U, grid.scale, H, None, 64, max_sweeps=400, rtol=0)
+        torch.testing.assert_close(res.scale, no_r.scale)
+
+
+@pytest.mark.parametrize("with_r", [False, True])
+def test_output_stats_match_token_level_errors(with_r):
+    X, Xt = _samples()
+    if not with_r:
+        Xt = X
+    H, R, D = _moments(X, Xt)
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 128, generator=g, dtype=torch.float64)
+    grid, U, col = _gptq_state(W.float(), H.float(), 2, 32)
+    Q = (grid.scale[:, col] * U).double()
+    loss = float(((X @ Q.t() - Xt @ W.t()) ** 2).sum() / X.shape[0])  # E‖QX − WX̃‖², summed over rows
+    fp = float(((Xt @ W.t()) ** 2).sum() / X.shape[0])
+    qe = float(((X @ Q.t()) ** 2).sum() / X.shape[0])
+    Rr, Dr = (R, D) if with_r else (None, None)
+    for st in (output_stats(W, Q, H, Rr, Dr), scale_system(W, U, H, Rr, 32, D=Dr).output_stats(grid.scale)):
+        assert st.loss == pytest.approx(loss, rel=1e-5)
+        assert st.fp_energy == pytest.approx(fp, rel=1e-5)
+        assert st.q_energy == pytest.approx(qe, rel=1e-5)
+        assert st.rel_error == pytest.approx(loss / fp, rel=1e-5)
+        assert st.energy_ratio == pytest.approx(qe / fp, rel=1e-5)
+    err_h = float((((Q - W) @ H) * (Q - W)).sum())
+    assert output_stats(W, Q, H, Rr, Dr, err_h=err_h).q_energy == pytest.approx(qe, rel=1e-5)
+
+
+def test_energy_match_restores_each_rows_fp_energy():
+    X, Xt = _samples(seed=1)
+    H, R, D = (m.float() for m in _moments(X, Xt))
+    W = torch.randn(32, 128, generator=torch.Generator().manual_seed(8))
+    grid, U, col = _gptq_state(W, H, 2, 32)
+    sys = scale_system(W, U, H, R, 32, D=D)
+    res = refine_scales(W, U, grid.scale, H, R, 32, box=4.0, system=sys)
+    s = energy_match(sys, res.scale)
+    Q = (s[:, col] * U).double()
+    per_row_q = ((X @ Q.t()) ** 2).mean(0)  # [N]
+    per_row_fp = ((Xt @ W.double().t()) ** 2).mean(0)
+    torch.testing.assert_close(per_row_q, per_row_fp, rtol=1e-4, atol=0)
+    assert (s > 0).all()
+    ratio = s.double() / res.scale.double()
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))  # one factor per row
+
+
+def test_box_below_one_is_an_error():
+    with pytest.raises(ValueError, match="at least 1"):
+        refine_scales(torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 1), torch.eye(4), None, 4, box=0.5)

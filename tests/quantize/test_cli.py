@@ -30,6 +30,7 @@ def test_every_flag_of_the_issue_exists_and_has_help():
         "--model", "--gguf-file", "--bits", "--group-size", "--sym", "--act-order", "--calib", "--nsamples",
         "--seqlen", "--damp", "--no-stage1", "--no-stage2", "--no-error-feedback", "--scale-search",
         "--mse-norm", "--no-gptq", "--checkpoint-format", "--device", "--seed", "--output", "--overwrite",
+        "--error-feedback-alpha", "--scale-box", "--energy-match",
     ]
     for flag in wanted:
         assert flag in actions, flag
@@ -60,6 +61,14 @@ BAD = {
     "too little calibration": (
         lambda root, tiny: ["--model", str(tiny), "--calib", f"text:{root / 'short.txt'}"],
         "fewer than --seqlen 32",
+    ),
+    "alpha out of range": (
+        lambda root, tiny: ["--model", str(tiny), "--error-feedback-alpha", "1.5"],
+        "--error-feedback-alpha 1.5 must lie in [0, 1]",
+    ),
+    "box below one": (
+        lambda root, tiny: ["--model", str(tiny), "--scale-box", "0.5"],
+        "--scale-box 0.5 must be 0 (no box) or at least 1",
     ),
     "unknown flag": (lambda root, tiny: ["--model", str(tiny), "--frobnicate"], "unrecognized arguments: --frobnicate"),
 }
@@ -127,7 +136,7 @@ def test_module_entry_point_writes_a_checkpoint_and_exits_0(tmp_path, tiny):
                 "--bits", "4", "--group-size", "32", *FAST], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith(f"wrote {out}: 14 linears")
-    assert "model.layers.1.mlp.down_proj: eq.(7) loss" in res.stderr  # per-linear INFO log
+    assert "model.layers.1.mlp.down_proj: rel error" in res.stderr  # per-linear INFO log
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

@@ -40,9 +40,10 @@ def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
 def test_error_feedback_lowers_the_full_objective(bits, group_size):
     W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
     H, R = _streams(K=256, T=4096, noise=0.5)
-    with_r = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size), R=R)
-    without = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size))
-    # Same codes (R enters only stage 2), better scales for eq. (7).
+    scheme = LayerScheme(bits=bits, group_size=group_size, error_feedback_alpha=1.0, gptaq_alpha=0.0)
+    with_r = quantize_weight(W, H, scheme, R=R)
+    without = quantize_weight(W, H, scheme)
+    # Same codes (without GPTAQ, R enters only stage 2), better scales for eq. (7).
     assert torch.equal(with_r.codes, without.codes)
     assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(W, without.dequantize(), H, R)
 
@@ -107,3 +108,61 @@ def test_options_build_the_scheme():
     opts = QuantizeOptions(output="x", bits=4, group_size=128, sym=True, stage1=False, checkpoint_format="gptq_v2")
     s = opts.layer_scheme()
     assert (s.bits, s.group_size, s.sym, s.stage1, s.zero_min, s.grid_method) == (4, 128, True, False, 0, "minmax")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(error_feedback_alpha=1.5), r"--error-feedback-alpha 1.5 must lie in \[0, 1\]"),
+    (dict(error_feedback_alpha=-0.1), "--error-feedback-alpha -0.1"),
+    (dict(scale_box=0.5), r"--scale-box 0.5 must be 0 \(no box\) or at least 1"),
+    (dict(gptaq_alpha=2.0), r"--gptaq-alpha 2.0 must lie in \[0, 1\]"),
+])
+def test_scheme_rejects_stage2_variants(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        LayerScheme(**(dict(bits=3, group_size=32) | kw))
+
+
+def test_options_carry_the_stage2_variants_into_the_scheme():
+    from tsq_vllm.quantize import QuantizeOptions
+
+    opts = QuantizeOptions(output="x", error_feedback_alpha=0.75, scale_box=0.0, energy_match=True, gptaq_alpha=0.1)
+    s = opts.layer_scheme()
+    assert (s.error_feedback_alpha, s.scale_box, s.energy_match, s.gptaq_alpha) == (0.75, 0.0, True, 0.1)
+
+
+def test_energy_match_needs_d_with_r():
+    W, (H, R) = torch.randn(8, 64), _streams(K=64, T=256)
+    with pytest.raises(ValueError, match="energy_match needs D"):
+        quantize_weight(W, H, LayerScheme(bits=3, group_size=32, energy_match=True), R=R)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size):
+    from ..core.test_stage2 import _moments, _samples
+
+    X, Xt = _samples(K=256, T=4096, noise=0.5, seed=4)
+    H, R, D = (m.float() for m in _moments(X, Xt))
+    W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
+    kw = dict(bits=bits, group_size=group_size, stage1=False, stage2=False)
+    plain = quantize_weight(W, H, LayerScheme(**kw), R=R, D=D)
+    gptaq = quantize_weight(W, H, LayerScheme(gptaq_alpha=1.0, **kw), R=R, D=D)
+    def err(qw):
+        return float(((X @ qw.dequantize().double().t() - Xt @ W.double().t()) ** 2).mean(0).sum())
+
+    fp = float(((Xt @ W.double().t()) ** 2).mean(0).sum())
+    assert err(gptaq) < 0.9 * err(plain)
+    assert gptaq.stats["rel_error"] == pytest.approx(err(gptaq) / fp, rel=1e-3)
+    assert plain.stats["rel_error"] == pytest.approx(err(plain) / fp, rel=1e-3)
+
+
+@pytest.mark.parametrize("box", [0.0, 2.0])
+def test_alpha_zero_ignores_r_and_alpha_moves_the_scales(box):
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    H, R = _streams(K=256, T=2048, noise=0.5)
+    kw = dict(bits=2, group_size=32, scale_box=box, gptaq_alpha=0.0)
+    no_r = quantize_weight(W, H, LayerScheme(**kw))
+    a0 = quantize_weight(W, H, LayerScheme(error_feedback_alpha=0.0, **kw), R=R)
+    a1 = quantize_weight(W, H, LayerScheme(error_feedback_alpha=1.0, **kw), R=R)
+    assert torch.equal(a0.scales, no_r.scales) and torch.equal(a0.codes, no_r.codes)
+    assert not torch.equal(a1.scales, a0.scales)
+    for qw in (a0, a1):
+        assert qw.stats["loss"] <= qw.stats["loss_gptq"]  # the objective stage 2 minimized

@@ -157,7 +157,8 @@ def test_ablation_switches_change_the_checkpoint(models, tmp_path):
     src = models["llama"]
     runs = {
         "full": {},
-        "no_stage2": dict(stage2=False),
+        "no_stage2": dict(stage2=False, gptaq_alpha=0.0),
+        "no_stage2_gptaq": dict(stage2=False),
         "no_r": dict(error_feedback=False),
         "no_stage1": dict(stage1=False, stage2=False),
         "rtn": dict(stage1=False, stage2=False, gptq=False),
@@ -179,6 +180,11 @@ def test_ablation_switches_change_the_checkpoint(models, tmp_path):
     assert not set(first) & set(differs(full, no2, "qweight"))
     assert differs(full, no2, "scales") == prefixes
     assert tsq["stage2"] is False and tsq["error_feedback"] is False
+    # GPTAQ (on by default) still needs the FP stream without stage 2, and changes later codes.
+    no2_gq, tsq = t["no_stage2_gptaq"]
+    assert tsq["error_feedback"] is True and tsq["gptaq_alpha"] > 0
+    assert not set(first) & set(differs(no2, no2_gq, "qweight"))  # R = 0 in layer 0's q/k/v
+    assert "model.layers.1.mlp.down_proj" in differs(no2, no2_gq, "qweight")
     # R is zero for the first layer's q/k/v (both streams are the embeddings), nonzero after.
     no_r, tsq = t["no_r"]
     changed = differs(full, no_r, "scales")
@@ -277,6 +283,20 @@ def _llama(models):
     return AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
 
 
+def test_default_options_write_no_negative_scale(tmp_path):
+    """Few calibration tokens make the paper's unbounded stage 2 flip signs; the default box prevents it."""
+    src = make_tiny_model(tmp_path / "m", "llama", layers=4)
+    paper = dict(error_feedback_alpha=1.0, gptaq_alpha=0.0)
+    negatives = {}
+    for name, kw in {"default": {}, "paper, boxed": paper, "paper": dict(paper, scale_box=0.0)}.items():
+        out = run_quantization(opts_for(src, tmp_path / name, bits=2, group_size=32, nsamples=2, seqlen=16, **kw)).output
+        t = load_file(out / "model.safetensors")
+        scales = [v.float() for k, v in t.items() if k.endswith(".scales")]
+        negatives[name] = sum(int((s <= 0).sum()) for s in scales)
+    assert negatives["default"] == negatives["paper, boxed"] == 0
+    assert negatives["paper"] > 0  # the case is one where the box matters
+
+
 @pytest.mark.parametrize("build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"])
 def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
     """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.
@@ -291,9 +311,9 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     seen = []
     real = pipeline.quantize_weight
 
-    def spy(W, H, scheme, R=None):
-        seen.append((H.clone(), R.clone()))
-        return real(W, H, scheme, R=R)
+    def spy(W, H, scheme, R=None, D=None):
+        seen.append((H.clone(), R.clone(), D.clone()))
+        return real(W, H, scheme, R=R, D=D)
 
     monkeypatch.setattr(pipeline, "quantize_weight", spy)
     fp, model = build(models), build(models)
@@ -317,11 +337,12 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
 
     xq, xf = linear_inputs(model), linear_inputs(fp)
     assert len(seen) == len(names) == 14
-    for name, (H, R) in zip(names, seen, strict=False):
+    for name, (H, R, D) in zip(names, seen, strict=True):
         X, Xf = xq[name], xf[name]
         scale = float(H.abs().max())
         torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)
         torch.testing.assert_close(R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale)
+        torch.testing.assert_close(D.double(), (X - Xf).T @ (X - Xf) / len(X), rtol=1e-3, atol=1e-5 * scale)
     assert torch.count_nonzero(seen[0][1]) == 0  # layer 0 q/k/v: both streams are the embeddings
     assert float(seen[-1][1].abs().max()) > 1e-3 * float(seen[-1][0].abs().max())
 

@@ -1,23 +1,36 @@
 """Pure tensor math: Hessian statistics, grids and scale searches, GPTQ, stage 2. No nn.Module."""
 
-from .gptq import gptq_quantize, inverse_hessian_factor
+from .gptq import asymmetric_target, gptq_quantize, inverse_hessian_factor
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
 from .hessian import HessianAccumulator, damp_hessian, dead_columns
-from .stage2 import Stage2Result, layer_objective, objective, refine_scales, scale_system
+from .stage2 import (
+    OutputStats,
+    ScaleSystem,
+    Stage2Result,
+    energy_match,
+    layer_objective,
+    output_stats,
+    refine_scales,
+    scale_system,
+)
 
 __all__ = [
     "Grid",
     "HessianAccumulator",
+    "OutputStats",
+    "ScaleSystem",
     "Stage2Result",
+    "asymmetric_target",
     "clip_grid",
     "damp_hessian",
     "dead_columns",
     "dequantize_codes",
+    "energy_match",
     "fit_grid",
     "gptq_quantize",
     "inverse_hessian_factor",
     "layer_objective",
-    "objective",
+    "output_stats",
     "quantize_codes",
     "refine_scales",
     "scale_system",

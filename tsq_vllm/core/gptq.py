@@ -20,7 +20,7 @@ import torch
 
 from .grid import Grid
 
-__all__ = ["gptq_quantize", "inverse_hessian_factor"]
+__all__ = ["asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
 
 
 def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,22 @@ def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
         )
     Hinv = torch.cholesky_inverse(L)
     return torch.linalg.cholesky(Hinv, upper=True).float()
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """W' = W − α·W R H⁻¹ [N, K]: GPTAQ's asymmetric calibration (arXiv 2504.02692) as a target.
+
+    With R = E[ΔX Xᵀ], the weight whose outputs on the quantized stream X best match W's on the FP
+    stream X̃ is w'ᵀ = wᵀE[X̃Xᵀ]H⁻¹ = wᵀ(H − R)H⁻¹, and E‖qᵀX − wᵀX̃‖² = (q − w')ᵀH(q − w') + const.
+    So GPTQ (and its grid search) run on W' minimize the FP-stream error, and the codes — not only
+    the scales — absorb it. α < 1 damps the correction (GPTAQ's reference code uses 0.25).
+    H must be the damped Hessian (positive definite).
+    """
+    L, info = torch.linalg.cholesky_ex(H.double())
+    if int(info):
+        raise ValueError("H is not positive definite even after damping: raise damp (e.g. 0.05)")
+    WR = W.double() @ R.double()  # [N, K]: rows wᵀR
+    return (W.double() - alpha * torch.cholesky_solve(WR.t(), L).t()).to(W.dtype)
 
 
 def gptq_quantize(

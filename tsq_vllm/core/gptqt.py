@@ -40,7 +40,7 @@ from .bcq import (
 )
 from .gptq import inverse_hessian_factor
 from .grid import Grid
-from .stage2 import layer_objective, refine_scales, scale_system
+from .stage2 import ScaleSystem, layer_objective, refine_scales, scale_system
 
 __all__ = ["GPTQTSettings", "Reexplore", "gptq_quantize_levels", "gptqt_convert", "reexplore_scales"]
 
@@ -77,11 +77,9 @@ def _diagonal_blocks(H: torch.Tensor, group_size: int) -> torch.Tensor:
     return H[idx[:, :, None], idx[:, None, :]]  # [n_g, g, g]
 
 
-def _row_losses(system: tuple[torch.Tensor, torch.Tensor, torch.Tensor], s: torch.Tensor) -> torch.Tensor:
-    """Per-row layer loss sᵀAs − 2bᵀs + c [N] from stage 2's system."""
-    A, b, c = system
-    s = s.double()
-    return torch.einsum("ni,nij,nj->n", s, A, s) - 2 * (b * s).sum(-1) + c
+def _row_losses(system: ScaleSystem, s: torch.Tensor) -> torch.Tensor:
+    """Per-row layer loss sᵀAs − 2bᵀs + c [N] from stage 2's system (the paper's eq. (7), α = 1)."""
+    return system.row_objective(s.double())
 
 
 def reexplore_scales(

@@ -3,6 +3,8 @@
   H = E[X Xᵀ]              from the inputs X that reach the layer through the already quantized
                            preceding layers (what the quantized model will really see)
   R = E[(X − X̃) Xᵀ]       with X̃ the same tokens' inputs in the full-precision model
+  D = E[(X − X̃)(X − X̃)ᵀ]  tracked with R: the constant of eq. (7) and the FP output energy
+                           wᵀE[X̃X̃ᵀ]w = wᵀ(H − R − Rᵀ + D)w, which the per-linear log reports
 
 Both are K×K with K = in_features. Accumulation is a running mean in float64, so the result does
 not depend on how the tokens were batched beyond rounding, and large token counts do not overflow.
@@ -16,13 +18,14 @@ __all__ = ["HessianAccumulator", "damp_hessian", "dead_columns"]
 
 
 class HessianAccumulator:
-    """Running means of X Xᵀ and, when the full-precision stream is given, (X − X̃) Xᵀ."""
+    """Running means of X Xᵀ and, when the full-precision stream is given, ΔX Xᵀ and ΔX ΔXᵀ."""
 
     def __init__(self, in_features: int, *, with_r: bool = False, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.count = 0
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.R = torch.zeros_like(self.H) if with_r else None
+        self.D = torch.zeros_like(self.H) if with_r else None
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same tokens."""
@@ -33,11 +36,12 @@ class HessianAccumulator:
         total = self.count + t
         # Running mean: H ← H·n/(n+t) + XᵀX/(n+t).
         self.H.mul_(self.count / total).addmm_(x.t(), x, alpha=1.0 / total)
-        if self.R is not None:
+        if self.R is not None and self.D is not None:
             if x_fp is None:
                 raise ValueError("this accumulator tracks R: pass the full-precision inputs x_fp too")
             dx = x - x_fp.reshape(-1, self.in_features).to(self.H)  # [T, K]
             self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
+            self.D.mul_(self.count / total).addmm_(dx.t(), dx, alpha=1.0 / total)
         self.count = total
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,6 +51,14 @@ class HessianAccumulator:
         H = 0.5 * (self.H + self.H.t())
         R = None if self.R is None else self.R.float()
         return H.float(), R
+
+    def finalize_delta(self) -> torch.Tensor | None:
+        """D = E[ΔX ΔXᵀ] in float32 (symmetrized), or None when the FP stream is not tracked."""
+        if self.D is None:
+            return None
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer: D is undefined")
+        return (0.5 * (self.D + self.D.t())).float()
 
 
 def dead_columns(H: torch.Tensor) -> torch.Tensor:

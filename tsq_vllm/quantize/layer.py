@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.gptq import gptq_quantize
+from ..core.gptq import asymmetric_target, gptq_quantize
 from ..core.grid import quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
-from ..core.stage2 import layer_objective, objective, refine_scales, scale_system
+from ..core.stage2 import energy_match as match_energy
+from ..core.stage2 import layer_objective, output_stats, refine_scales, scale_system
 from ..format.gptq import GPTQLayer, pack_linear
 from .scheme import LayerScheme
 
@@ -61,21 +62,30 @@ def _to_fp16(s: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_weight(
-    W: torch.Tensor, H: torch.Tensor, scheme: LayerScheme, R: torch.Tensor | None = None
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: LayerScheme,
+    R: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize W [N, K] given H = E[X Xᵀ] [K, K] (and R = E[(X − X̃) Xᵀ] for stage 2).
 
     `scheme` says which steps run and how (see `LayerScheme`).
-    stats: "loss_gptq" and "loss" (eq. (7) with the undamped H, before and after stage 2),
-      "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps".
+    D: E[ΔX ΔXᵀ] (with R): makes the true eq. (7) and the FP output energy available to the stats.
+    stats: "loss_gptq" and "loss" (eq. (7) with the undamped H and R weighted by
+      `scheme.error_feedback_alpha`, without its constant; before and after stage 2),
+      "time_grid", "time_gptq", "time_stage2" in seconds, "stage2_sweeps", "stage2_at_bound";
+      when the true eq. (7) is known (no R, or R with D): "rel_error[_gptq]" = E‖QX − WX̃‖² / E‖WX̃‖²
+      and "energy_ratio[_gptq]" = E‖QX‖² / E‖WX̃‖², after and before stage 2.
     """
     s = scheme
     bits, group_size = s.bits, s.group_size
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}")
-    if R is not None and R.shape != (K, K):
-        raise ValueError(f"R has shape {tuple(R.shape)}, expected [{K}, {K}]")
+    for name, M in (("R", R), ("D", D)):
+        if M is not None and M.shape != (K, K):
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
     if K % group_size:
         raise ValueError(
             f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
@@ -88,8 +98,13 @@ def quantize_weight(
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
     R = None if R is None else R.float()[perm][:, perm]
+    D = None if D is None else D.float()[perm][:, perm]
+    if s.energy_match and R is not None and D is None:
+        raise ValueError("energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it")
+    true_stats = R is None or D is not None
     Hd = damp_hessian(H, s.damp)
-    Wq = W.clone()
+    gptaq = s.gptaq_alpha > 0 and R is not None
+    Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha) if R is not None and gptaq else W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
     t = time.perf_counter()
@@ -111,21 +126,37 @@ def quantize_weight(
     scale = grid.scale
     if s.stage2:
         # Stage 2 targets the true objective (undamped H); it needs no inverse.
-        system = scale_system(W, U, H, R, group_size)
-        res = refine_scales(W, U, grid.scale, H, R, group_size, max_sweeps=s.stage2_sweeps, system=system)
-        scale = _to_fp16(res.scale)
+        system = scale_system(W, U, H, R, group_size, D=D)
+        res = refine_scales(W, U, grid.scale, H, R, group_size, alpha=s.error_feedback_alpha,
+                            box=s.scale_box or None, max_sweeps=s.stage2_sweeps, system=system)
+        scale = _to_fp16(match_energy(system, res.scale) if s.energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
-        stats["loss_gptq"] = res.objective[0]
-        stats["loss"] = objective(*system, scale.double())
-    elif s.gptq:
+        stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
+        # The objective stage 2 minimizes: eq. (7) without its constant, R weighted by α.
+        stats["loss_gptq"] = system.objective(grid.scale.double(), s.error_feedback_alpha)
+        stats["loss"] = system.objective(scale.double(), s.error_feedback_alpha)
+        if true_stats:
+            for key, sc in (("_gptq", grid.scale), ("", scale)):
+                o = system.output_stats(sc)
+                stats["rel_error" + key], stats["energy_ratio" + key] = o.rel_error, o.energy_ratio
+    elif s.gptq and not gptaq:
         # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
-        D = scale[:, col_group] * U - Wq  # [N, K]
-        loss = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ D.square().sum(0))
+        dQ = scale[:, col_group] * U - Wq  # [N, K]
+        err_h = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0))
+        loss = err_h
         if R is not None:
-            loss += 2 * float(((W @ R) * D).sum())
+            loss += 2 * float(((W @ R) * dQ).sum())
         stats["loss_gptq"] = stats["loss"] = loss
+        if true_stats:
+            o = output_stats(W, scale[:, col_group] * U, H, R, D, err_h=err_h)  # H is 0 on dead inputs
+            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
+            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     else:
         stats["loss_gptq"] = stats["loss"] = layer_objective(W, scale[:, col_group] * U, H, R, dtype=torch.float32)
+        if true_stats:
+            o = output_stats(W, scale[:, col_group] * U, H, R, D)
+            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
+            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     stats["time_stage2"] = time.perf_counter() - t
 
     inv = torch.argsort(perm)

@@ -16,7 +16,13 @@ from typing import Any
 from ..format.config import SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
-from .scheme import SCALE_SEARCHES, LayerScheme
+from .scheme import (
+    DEFAULT_ERROR_FEEDBACK_ALPHA,
+    DEFAULT_GPTAQ_ALPHA,
+    DEFAULT_SCALE_BOX,
+    SCALE_SEARCHES,
+    LayerScheme,
+)
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
@@ -62,6 +68,23 @@ class QuantizeOptions:
     error_feedback: bool = _opt(
         True, "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)"
     )
+    error_feedback_alpha: float = _opt(
+        DEFAULT_ERROR_FEEDBACK_ALPHA,
+        "weight of the error-feedback term R in stage 2: 1 is the paper's eq. (7), 0 ignores R",
+    )
+    scale_box: float = _opt(
+        DEFAULT_SCALE_BOX,
+        "stage 2 keeps every scale within [s0/B, B*s0] of its stage-1/GPTQ scale s0 > 0, so none changes "
+        "sign; 0 leaves the scales unbounded",
+    )
+    energy_match: bool = _opt(
+        False, "after stage 2, rescale each output row so its output energy equals the full-precision one"
+    )
+    gptaq_alpha: float = _opt(
+        DEFAULT_GPTAQ_ALPHA,
+        "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best maps the "
+        "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off (GPTAQ uses 0.25)",
+    )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt("minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES)
     mse_norm: float = _opt(2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)")
@@ -95,9 +118,9 @@ class QuantizeOptions:
         for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1)):
             if getattr(self, name) < lo:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}")
-        if not self.stage2:
-            # R only enters stage 2: without it the full-precision stream would be wasted work, and
-            # the config should record what was really used.
+        if not self.stage2 and self.gptaq_alpha == 0:
+            # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would be
+            # wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
@@ -126,6 +149,10 @@ class QuantizeOptions:
             mse_norm=self.mse_norm,
             clip_points=self.clip_points,
             zero_min=self.zero_min,
+            error_feedback_alpha=self.error_feedback_alpha,
+            scale_box=self.scale_box,
+            energy_match=self.energy_match,
+            gptaq_alpha=self.gptaq_alpha,
         )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
@@ -141,6 +168,10 @@ class QuantizeOptions:
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "error_feedback": self.error_feedback,
+                "error_feedback_alpha": self.error_feedback_alpha,
+                "scale_box": self.scale_box,
+                "energy_match": self.energy_match,
+                "gptaq_alpha": self.gptaq_alpha,
                 "gptq": self.gptq,
                 "scale_search": "hessian" if self.stage1 else self.scale_search,
                 "mse_norm": self.mse_norm,

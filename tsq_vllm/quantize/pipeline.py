@@ -60,12 +60,16 @@ def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
 
 
 def _log_linear(name: str, stats: dict[str, float]) -> None:
-    before, after = stats["loss_gptq"], stats["loss"]
-    change = (after - before) / abs(before) if before else 0.0
-    # The loss is eq. (7) without its constant E‖wᵀΔX‖², so with R it can go below zero.
+    # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² / E‖WX̃‖².
+    quality = ""
+    if "rel_error" in stats:
+        quality = (
+            f"rel error {stats['rel_error_gptq']:.4g} -> {stats['rel_error']:.4g}, output energy "
+            f"{stats['energy_ratio_gptq']:.3f} -> {stats['energy_ratio']:.3f} after stage 2; "
+        )
     logger.info(
-        "%s: eq.(7) loss %.6g -> %.6g after stage 2 (%+.2f%%); grid %.2fs, gptq %.2fs, stage2 %.2fs",
-        name, before, after, 100 * change, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
+        "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
+        name, quality, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
     )
 
 
@@ -90,7 +94,7 @@ def quantize_model(
     device = torch.device(opts.device)
     scheme = opts.layer_scheme()
     stack_name, stack = find_decoder_layers(model)
-    with_r = opts.error_feedback and opts.stage2
+    with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
     streams = ActivationStreams(model, stack, input_ids, batch_size=opts.batch_size, device=device,
                                 with_fp=with_r, fp_cache_bytes=fp_cache_bytes)
     result = QuantizeResult(tokens=streams.tokens)
@@ -100,12 +104,14 @@ def quantize_model(
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
         for group in streams.begin_layer(i, layer):
-            H, R = streams.hessian(group[0])
-            _check_finite(f"{stack_name}.{i}.{group[0]}", "inputs", H)
+            m = streams.hessian(group[0])
+            for t in (m.H, m.R, m.D):
+                if t is not None:
+                    _check_finite(f"{stack_name}.{i}.{group[0]}", "inputs", t)
             for name in group:
                 lin, full = linears[name], f"{stack_name}.{i}.{name}"
                 _check_finite(full, "weight", lin.weight)
-                qw = quantize_weight(lin.weight.detach().float().cpu(), H, scheme, R=R)
+                qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
                 _check_finite(full, "scales", qw.scales)
                 result.packed[full] = qw.to_gptq(opts.checkpoint_format)

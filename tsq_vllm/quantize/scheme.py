@@ -10,9 +10,15 @@ from dataclasses import dataclass
 
 from ..format.packing import check_bits
 
-__all__ = ["SCALE_SEARCHES", "LayerScheme"]
+__all__ = [
+    "DEFAULT_ERROR_FEEDBACK_ALPHA", "DEFAULT_GPTAQ_ALPHA", "DEFAULT_SCALE_BOX", "SCALE_SEARCHES", "LayerScheme",
+]
 
 SCALE_SEARCHES = ("minmax", "mse")
+# The best of the grid measured on SmolLM2-135M INT2 and INT3 g64 (benchmarks/results/stage2_variants.md).
+DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
+DEFAULT_SCALE_BOX = 2.0
+DEFAULT_GPTAQ_ALPHA = 0.25
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,10 @@ class LayerScheme:
     gptq: False rounds to nearest on the grid instead (the RTN baseline).
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
     damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
+    error_feedback_alpha: weight of R in stage 2 (1: the paper's eq. (7), 0: R ignored).
+    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0; 0 leaves them unbounded.
+    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with R).
+    gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
     """
 
     bits: int
@@ -42,6 +52,10 @@ class LayerScheme:
     zero_min: int = 1
     stage2_sweeps: int = 20
     block_size: int = 128
+    error_feedback_alpha: float = DEFAULT_ERROR_FEEDBACK_ALPHA
+    scale_box: float = DEFAULT_SCALE_BOX
+    energy_match: bool = False
+    gptaq_alpha: float = DEFAULT_GPTAQ_ALPHA
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -58,6 +72,16 @@ class LayerScheme:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.zero_min not in (0, 1):
             raise ValueError(f"zero_min={self.zero_min} must be 0 (gptq_v2) or 1 (gptq v1 stores z - 1)")
+        if not 0.0 <= self.error_feedback_alpha <= 1.0:
+            raise ValueError(
+                f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the paper's R)"
+            )
+        if self.scale_box != 0 and not self.scale_box >= 1.0:
+            raise ValueError(
+                f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval [s0/B, B*s0])"
+            )
+        if not 0.0 <= self.gptaq_alpha <= 1.0:
+            raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")
 
     @property
     def grid_method(self) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,9 +30,18 @@ from torch import nn
 from ..core.hessian import HessianAccumulator
 from ..models import decoder_linears
 
-__all__ = ["FP_CACHE_BYTES", "ActivationStreams", "input_groups"]
+__all__ = ["FP_CACHE_BYTES", "ActivationStreams", "InputMoments", "input_groups"]
 
 FP_CACHE_BYTES = 2 * 2**30
+
+
+class InputMoments(NamedTuple):
+    """Second moments of one linear's input [K, K]: H = E[X Xᵀ]; with the FP stream also
+    R = E[(X − X̃) Xᵀ] (stage 2's error feedback) and D = E[ΔX ΔXᵀ] (the true eq. (7) and FP energy)."""
+
+    H: torch.Tensor
+    R: torch.Tensor | None
+    D: torch.Tensor | None
 
 
 class _Stop(Exception):
@@ -229,8 +238,8 @@ class ActivationStreams:
                 self._fp_layer = copy.deepcopy(layer)
         return self.groups
 
-    def hessian(self, first: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """H (and R with the FP stream) of the input of linear `first`, on CPU."""
+    def hessian(self, first: str) -> InputMoments:
+        """H (and R, D with the FP stream) of the input of linear `first`, on CPU."""
         layer = self._layer
         assert layer is not None, "begin_layer first"
         lin = decoder_linears(layer)[first]
@@ -246,8 +255,9 @@ class ActivationStreams:
                 x_fp = None
             acc.add(x, x_fp)
         H, R = acc.finalize()
+        D = acc.finalize_delta()
         # The core math runs on CPU tensors; only the forward passes use the compute device.
-        return H.cpu(), (R.cpu() if R is not None else None)
+        return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
 
     def end_layer(self) -> None:
         """Replay the (now quantized) layer, and its FP copy, into the next layer's inputs."""

