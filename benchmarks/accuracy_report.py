@@ -6,14 +6,15 @@ from pathlib import Path
 
 __all__ = ["write_report"]
 
-ROWS = ["rtn", "gptq", "gptq_s1", "gptq_s2", "tsq", "tsq_noR", "gptqmodel", "gptqmodel_mse"]
+ROWS = ["rtn", "gptq", "gptq_s1", "gptq_s2", "tsq", "tsq_noR", "default", "gptqmodel", "gptqmodel_mse"]
 LABELS = {
     "rtn": "RTN (min-max, no GPTQ)",
     "gptq": "GPTQ (min-max scales)",
     "gptq_s1": "GPTQ + stage 1",
     "gptq_s2": "GPTQ + stage 2",
-    "tsq": "GPTQ + stage 1 + stage 2",
+    "tsq": "GPTQ + stage 1 + stage 2 (paper: R, no box)",
     "tsq_noR": "GPTQ + stage 1 + stage 2, no R",
+    "default": "tsq default (GPTAQ 0.25, R 0.25, box 2)",
     "gptqmodel": "GPTQModel 7.7 defaults",
     "gptqmodel_mse": "GPTQModel 7.7 mse=2.4",
 }
@@ -66,7 +67,7 @@ def _plot(res: dict, cells: list[tuple[int, int]], fp: float, png: Path) -> None
 
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 4.2), squeeze=False)
     colors = {"rtn": "#bbbbbb", "gptq": "#7f7f7f", "gptq_s1": "#9ecae1", "gptq_s2": "#6baed6", "tsq": "#08519c",
-              "tsq_noR": "#3182bd", "gptqmodel": "#fdae6b", "gptqmodel_mse": "#e6550d"}
+              "tsq_noR": "#3182bd", "default": "#2ca25f", "gptqmodel": "#fdae6b", "gptqmodel_mse": "#e6550d"}
     for ax, (bits, gs) in zip(axes[0], cells, strict=False):
         keys = [k for k in ROWS if (bits, gs, k) in res]
         ppl = [res[(bits, gs, k)]["eval"]["ppl"] for k in keys]
