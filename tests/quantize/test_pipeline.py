@@ -297,6 +297,21 @@ def test_default_options_write_no_negative_scale(tmp_path):
     assert negatives["paper"] > 0  # the case is one where the box matters
 
 
+@pytest.mark.parametrize("boxed", [True, False], ids=["boxed", "unbounded"])
+def test_negative_scales_refused_unless_the_ablation_asked_for_them(boxed, caplog):
+    from tsq_vllm.quantize.pipeline import _check_positive
+
+    scales = torch.tensor([[0.5, -0.25], [0.0, 1.0]])
+    _check_positive("l", scales.abs(), boxed=boxed)  # positive (and an fp16-underflow 0): accepted
+    if boxed:
+        with pytest.raises(ValueError, match=r"^l: 1 of 4 scales are negative although stage 2 kept them"):
+            _check_positive("l", scales, boxed=True)
+    else:
+        with caplog.at_level("WARNING", logger="tsq_vllm.quantize"):
+            _check_positive("l", scales, boxed=False)
+        assert "1 of 4 scales are negative (--scale-box 0" in caplog.text
+
+
 @pytest.mark.parametrize("build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"])
 def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
     """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.

@@ -59,6 +59,24 @@ def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))
 
 
+def _check_positive(name: str, scales: torch.Tensor, boxed: bool) -> None:
+    """The paper requires s > 0; the scale box guarantees it, so a negative one there is a bug.
+
+    (A scale that fp16 rounds to 0 belongs to a group of weights below fp16's range: harmless.)
+
+    Only the unbounded ablation (--scale-box 0) may flip a scale's sign: that is written, with a
+    warning, because it is what the ablation measures.
+    """
+    bad = int((scales < 0).sum())
+    if not bad:
+        return
+    if boxed:
+        raise ValueError(f"{name}: {bad} of {scales.numel()} scales are negative although stage 2 "
+                         f"kept them in its box: this is a bug; retry with --no-stage2 and report it")
+    logger.warning("%s: %d of %d scales are negative (--scale-box 0 leaves stage 2 unbounded)",
+                   name, bad, scales.numel())
+
+
 def _log_linear(name: str, stats: dict[str, float]) -> None:
     # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² / E‖WX̃‖².
     quality = ""
@@ -114,6 +132,7 @@ def quantize_model(
                 qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
                 lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
                 _check_finite(full, "scales", qw.scales)
+                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
                 result.packed[full] = qw.to_gptq(opts.checkpoint_format)
                 result.packed[full].check_values(full)
                 result.stats[full] = dict(qw.stats)
