@@ -59,7 +59,11 @@ ORDER = [k for k, _, _ in TSQ_ROWS + PEER_ROWS]
 
 
 def _shell(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(str(ROOT) + "/", "")
+    return (
+        " ".join(shlex.quote(c) for c in cmd)
+        .replace(sys.executable, "python")
+        .replace(str(ROOT) + "/", "")
+    )
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT) -> float:
@@ -84,7 +88,10 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
     job = run_quantization(opts, progress=False)
     stats = job.result.stats.values()
-    out = {**job.summary, **{k: sum(s[k] for s in stats) for k in ("time_grid", "time_gptq", "time_stage2")}}
+    out = {
+        **job.summary,
+        **{k: sum(s[k] for s in stats) for k in ("time_grid", "time_gptq", "time_stage2")},
+    }
     Path(stats_json).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -116,25 +123,40 @@ def export_peer_inputs(work: Path, nsamples: int, seqlen: int, seed: int) -> tup
     export_hf_model(hf_dir, torch.float32)
     tok = load_tokenizer(resolve_source("smollm2"))
     if not calib.exists():
-        windows = sample_windows(tokenize_documents(tok, load_documents("wiki", split="calib")), nsamples, seqlen, seed)
+        windows = sample_windows(
+            tokenize_documents(tok, load_documents("wiki", split="calib")), nsamples, seqlen, seed
+        )
         save_file({"input_ids": windows.contiguous()}, str(calib))
     return hf_dir, calib
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (same for every row)")
+    p.add_argument(
+        "--nsamples", type=int, default=32, help="calibration windows (same for every row)"
+    )
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--eval-tokens", type=int, default=16384, help="wiki test tokens to evaluate")
     p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="bit widths")
     p.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32], help="group sizes")
-    p.add_argument("--rows", nargs="+", default=RUN_ORDER + [k for k, _, _ in PEER_ROWS], choices=ORDER,
-                   help="which rows to run")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=RUN_ORDER + [k for k, _, _ in PEER_ROWS],
+        choices=ORDER,
+        help="which rows to run",
+    )
     p.add_argument("--workdir", default="/tmp/tsq-accuracy", help="checkpoints and logs")
-    p.add_argument("--results", default=str(RESULTS / "accuracy.jsonl"), help="JSON lines, one per finished row")
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from --results")
+    p.add_argument(
+        "--results",
+        default=str(RESULTS / "accuracy.jsonl"),
+        help="JSON lines, one per finished row",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="only rewrite the report from --results"
+    )
     p.add_argument("--worker", metavar="STATS_JSON", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args()
     if args.worker:
@@ -143,34 +165,70 @@ def main() -> int:
     from accuracy_report import write_report  # benchmarks/ is on sys.path as the script's directory
 
     results = Path(args.results)
-    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = (
+        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    )
     if args.report_only:
         write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
+    calib = [
+        "--calib",
+        "wiki",
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+    ]
     ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
-    setup = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-             "eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen}
+    setup = {
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "eval_tokens": args.eval_tokens,
+        "eval_seqlen": args.eval_seqlen,
+    }
 
     def have(bits: int | None, gs: int | None, row: str) -> bool:
-        return any(r["bits"] == bits and r["group_size"] == gs and r["row"] == row and r["setup"] == setup for r in done)
+        return any(
+            r["bits"] == bits and r["group_size"] == gs and r["row"] == row and r["setup"] == setup
+            for r in done
+        )
 
     def record(entry: dict) -> None:
-        entry = {**entry, "setup": setup, "load": os.getloadavg()[0],
-                 "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": _machine()}
+        entry = {
+            **entry,
+            "setup": setup,
+            "load": os.getloadavg()[0],
+            "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+            "machine": _machine(),
+        }
         done.append(entry)
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
         ppl = entry["eval"]["ppl"]
-        print(f"{entry['row']:>14} bits={entry['bits']} g={entry['group_size']}: ppl {ppl:.3f}, "
-              f"quantize {entry.get('quantize_seconds', 0):.0f}s", flush=True)
+        print(
+            f"{entry['row']:>14} bits={entry['bits']} g={entry['group_size']}: ppl {ppl:.3f}, "
+            f"quantize {entry.get('quantize_seconds', 0):.0f}s",
+            flush=True,
+        )
 
     def evaluate(model: str, tag: str) -> dict:
         out = work / f"{tag}.eval.json"
-        cmd = [sys.executable, "-m", "tsq_vllm.eval", "--model", model, *ev, "--output-json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tsq_vllm.eval",
+            "--model",
+            model,
+            *ev,
+            "--output-json",
+            str(out),
+        ]
         _run(cmd, work / f"{tag}.eval.log")
         return {**json.loads(out.read_text()), "command": _shell(cmd)}
 
@@ -178,9 +236,14 @@ def main() -> int:
         record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate("smollm2", "fp")})
     peers = [r for r in PEER_ROWS if r[0] in args.rows]
     if peers and not PEER_PY.exists():
-        print(f"skipping peer rows: {PEER_PY} not found (run bash benchmarks/setup_gptqmodel.sh)", flush=True)
+        print(
+            f"skipping peer rows: {PEER_PY} not found (run bash benchmarks/setup_gptqmodel.sh)",
+            flush=True,
+        )
         peers = []
-    hf_dir, calib_file = export_peer_inputs(work, args.nsamples, args.seqlen, args.seed) if peers else (None, None)
+    hf_dir, calib_file = (
+        export_peer_inputs(work, args.nsamples, args.seqlen, args.seed) if peers else (None, None)
+    )
     for bits in args.bits:
         for gs in args.group_sizes:
             for key in [k for k in RUN_ORDER if k in args.rows]:
@@ -188,33 +251,84 @@ def main() -> int:
                     continue
                 tag = f"int{bits}-g{gs}-{key}"
                 flags = dict((k, f) for k, _, f in TSQ_ROWS)[key]
-                qargs = ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *calib, *flags,
-                         "--output", str(work / tag), "--overwrite"]
+                qargs = [
+                    "--model",
+                    "smollm2",
+                    "--bits",
+                    str(bits),
+                    "--group-size",
+                    str(gs),
+                    *calib,
+                    *flags,
+                    "--output",
+                    str(work / tag),
+                    "--overwrite",
+                ]
                 stats = work / f"{tag}.stats.json"
-                wall = _run([sys.executable, __file__, "--worker", str(stats), "--", *qargs], work / f"{tag}.quantize.log")
-                record({"row": key, "bits": bits, "group_size": gs, "process_seconds": wall,
+                wall = _run(
+                    [sys.executable, __file__, "--worker", str(stats), "--", *qargs],
+                    work / f"{tag}.quantize.log",
+                )
+                record(
+                    {
+                        "row": key,
+                        "bits": bits,
+                        "group_size": gs,
+                        "process_seconds": wall,
                         **json.loads(stats.read_text()),
                         "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
-                        "eval": evaluate(str(work / tag), tag)})
+                        "eval": evaluate(str(work / tag), tag),
+                    }
+                )
             for key, _, flags in peers:
                 if have(bits, gs, key):
                     continue
                 tag = f"int{bits}-g{gs}-{key}"
                 stats = work / f"{tag}.stats.json"
-                cmd = [str(PEER_PY), str(ROOT / "benchmarks/gptqmodel_peer.py"), "--model", str(hf_dir),
-                       "--calib", str(calib_file), "--bits", str(bits), "--group-size", str(gs), *flags,
-                       "--output", str(work / tag), "--stats-json", str(stats)]
+                cmd = [
+                    str(PEER_PY),
+                    str(ROOT / "benchmarks/gptqmodel_peer.py"),
+                    "--model",
+                    str(hf_dir),
+                    "--calib",
+                    str(calib_file),
+                    "--bits",
+                    str(bits),
+                    "--group-size",
+                    str(gs),
+                    *flags,
+                    "--output",
+                    str(work / tag),
+                    "--stats-json",
+                    str(stats),
+                ]
                 env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
-                wall = _run(cmd, work / f"{tag}.quantize.log", env=env, cwd=work)  # it writes logs/ in cwd
-                record({"row": key, "bits": bits, "group_size": gs, "process_seconds": wall,
-                        **json.loads(stats.read_text()), "command": "GPTQMODEL_CPU_WORKERS=2 " + _shell(cmd),
-                        "eval": evaluate(str(work / tag), tag)})
+                wall = _run(
+                    cmd, work / f"{tag}.quantize.log", env=env, cwd=work
+                )  # it writes logs/ in cwd
+                record(
+                    {
+                        "row": key,
+                        "bits": bits,
+                        "group_size": gs,
+                        "process_seconds": wall,
+                        **json.loads(stats.read_text()),
+                        "command": "GPTQMODEL_CPU_WORKERS=2 " + _shell(cmd),
+                        "eval": evaluate(str(work / tag), tag),
+                    }
+                )
     return 0
 
 
 def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 

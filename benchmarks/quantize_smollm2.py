@@ -29,7 +29,11 @@ CONFIGS = [
     ("tsq", "GPTQ + stage 1 + stage 2 (with R)", []),
 ]
 ABLATIONS = [
-    ("gptq-mse", "plain GPTQ, MSE scale search p=2.4 (GPTQModel's best)", ["--no-stage1", "--no-stage2", "--scale-search", "mse", "--mse-norm", "2.4"]),
+    (
+        "gptq-mse",
+        "plain GPTQ, MSE scale search p=2.4 (GPTQModel's best)",
+        ["--no-stage1", "--no-stage2", "--scale-search", "mse", "--mse-norm", "2.4"],
+    ),
     ("stage1", "GPTQ + stage 1", ["--no-stage2"]),
     ("stage12-noR", "GPTQ + stage 1 + stage 2 without R", ["--no-error-feedback"]),
 ]
@@ -46,7 +50,11 @@ def run(cmd: list[str], log: Path) -> tuple[float, float, int]:
 
 
 def shell(cmd: list[str]) -> str:
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    env = (
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+        if "OMP_NUM_THREADS" in os.environ
+        else ""
+    )
     return env + " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
 
 
@@ -63,26 +71,62 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--eval-tokens", type=int, default=16384, help="wiki test tokens to evaluate")
     p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
-    p.add_argument("--ablations", action="store_true", help="also run GPTQ+MSE 2.4, stage 1 only, stages without R")
-    p.add_argument("--workdir", default="/tmp/tsq-bench-smollm2", help="where checkpoints and logs go")
-    p.add_argument("--output", default=str(ROOT / "benchmarks/results/quantize_smollm2.md"), help="markdown report")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run GPTQ+MSE 2.4, stage 1 only, stages without R",
+    )
+    p.add_argument(
+        "--workdir", default="/tmp/tsq-bench-smollm2", help="where checkpoints and logs go"
+    )
+    p.add_argument(
+        "--output",
+        default=str(ROOT / "benchmarks/results/quantize_smollm2.md"),
+        help="markdown report",
+    )
     args = p.parse_args()
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    common = ["--model", "smollm2", "--bits", "3", "--group-size", "64", "--calib", "wiki",
-              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--overwrite"]
+    common = [
+        "--model",
+        "smollm2",
+        "--bits",
+        "3",
+        "--group-size",
+        "64",
+        "--calib",
+        "wiki",
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        "0",
+        "--overwrite",
+    ]
     ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
     load_before = os.getloadavg()
     rows, commands = [], []
 
     def evaluate(key: str, model: str) -> dict:
-        cmd = [py, "-m", "tsq_vllm.eval", "--model", model, *ev, "--output-json", str(work / f"{key}.eval.json")]
+        cmd = [
+            py,
+            "-m",
+            "tsq_vllm.eval",
+            "--model",
+            model,
+            *ev,
+            "--output-json",
+            str(work / f"{key}.eval.json"),
+        ]
         commands.append(shell(cmd))
         wall, rss, rc = run(cmd, work / f"{key}.eval.log")
         if rc:
-            raise SystemExit(f"evaluation of {key} failed (exit {rc}): see {work / f'{key}.eval.log'}")
+            raise SystemExit(
+                f"evaluation of {key} failed (exit {rc}): see {work / f'{key}.eval.log'}"
+            )
         res = json.loads((work / f"{key}.eval.json").read_text())
         return {**res, "eval_wall": wall, "eval_rss": rss}
 
@@ -94,14 +138,22 @@ def main() -> int:
         commands.append(shell(cmd))
         wall, rss, rc = run(cmd, work / f"{key}.quantize.log")
         if rc:
-            raise SystemExit(f"quantization {key} failed (exit {rc}): see {work / f'{key}.quantize.log'}")
+            raise SystemExit(
+                f"quantization {key} failed (exit {rc}): see {work / f'{key}.quantize.log'}"
+            )
         rows.append((key, label, wall, rss, evaluate(key, str(out))))
-        print(f"{key}: ppl {rows[-1][4]['ppl']:.3f}, quantize {wall:.0f}s, peak RSS {rss:.0f} MiB", flush=True)
+        print(
+            f"{key}: ppl {rows[-1][4]['ppl']:.3f}, quantize {wall:.0f}s, peak RSS {rss:.0f} MiB",
+            flush=True,
+        )
 
     by_key = {r[0]: r[4]["ppl"] for r in rows}
     gap = by_key["tsq"] - by_key["gptq"]
-    verdict = (f"met: both stages {by_key['tsq']:.3f} < plain GPTQ {by_key['gptq']:.3f} ({gap:+.3f})" if gap < 0
-               else f"missed by {gap:.3f} ppl: both stages {by_key['tsq']:.3f} vs plain GPTQ {by_key['gptq']:.3f}")
+    verdict = (
+        f"met: both stages {by_key['tsq']:.3f} < plain GPTQ {by_key['gptq']:.3f} ({gap:+.3f})"
+        if gap < 0
+        else f"missed by {gap:.3f} ppl: both stages {by_key['tsq']:.3f} vs plain GPTQ {by_key['gptq']:.3f}"
+    )
     lines = [
         "# SmolLM2-135M INT3 g64: two-stage vs plain GPTQ",
         "",
@@ -122,8 +174,10 @@ def main() -> int:
         delta = "" if key == "fp" else f"{res['ppl'] - fp['ppl']:+.3f}"
         qwall = "" if wall is None else f"{wall:.0f}"
         qrss = "" if rss is None else f"{rss:.0f}"
-        lines.append(f"| {key} | {label} | {res['ppl']:.3f} | {delta} | {qwall} | {qrss} | "
-                     f"{res['eval_wall']:.0f} | {res['eval_rss']:.0f} |")
+        lines.append(
+            f"| {key} | {label} | {res['ppl']:.3f} | {delta} | {qwall} | {qrss} | "
+            f"{res['eval_wall']:.0f} | {res['eval_rss']:.0f} |"
+        )
     lines += ["", "Commands, in the order run:", "", "```", *commands, "```", ""]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines))

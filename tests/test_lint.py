@@ -1,5 +1,5 @@
-"""The README's test command enforces lint and types: `ruff check` on the repository and `mypy`
-on the package (settings in pyproject.toml)."""
+"""The README's test command enforces lint, formatting and types: `ruff check` and `ruff format
+--check` on the repository, `mypy` on the package (settings in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ def _tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("command", [["check", "."]], ids=["check"])
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])
 def test_ruff(command):
-    r = subprocess.run([_tool("ruff"), *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [_tool("ruff"), *command], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
 
 

@@ -30,7 +30,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 __all__ = [
-    "Variant", "Result", "variants", "compile_variant", "loop_spills", "run", "to_markdown", "summary", "main",
+    "Variant",
+    "Result",
+    "variants",
+    "compile_variant",
+    "loop_spills",
+    "run",
+    "to_markdown",
+    "summary",
+    "main",
 ]
 
 BITS = (2, 3, 4, 8)
@@ -84,14 +92,32 @@ def variants(quick: bool = False) -> list[Variant]:
             for dtype in DTYPES:
                 for group in GROUPS:
                     k = fit_block_k(c.block_k, group, False)
-                    out.append(Variant(label, c.kind, bits, group, dtype, False, *shape, k, c.num_warps, c.num_stages))
+                    out.append(
+                        Variant(
+                            label,
+                            c.kind,
+                            bits,
+                            group,
+                            dtype,
+                            False,
+                            *shape,
+                            k,
+                            c.num_warps,
+                            c.num_stages,
+                        )
+                    )
                 k = fit_block_k(c.block_k, 128, True)
-                out.append(Variant(label, c.kind, bits, 128, dtype, True, *shape, k, c.num_warps, c.num_stages))
+                out.append(
+                    Variant(
+                        label, c.kind, bits, 128, dtype, True, *shape, k, c.num_warps, c.num_stages
+                    )
+                )
     for dtype in DTYPES:
         out.append(Variant("reduce", "reduce", 0, 0, dtype, False, 0, 0, 0, 4, 3))
     if quick:
         out = [
-            v for v in out
+            v
+            for v in out
             if v.kind == "reduce"
             or (v.bits == 3 and v.group == 128 and v.dtype == "bf16")
             or (v.bits == 4 and v.group == 32 and v.dtype == "fp16" and not v.act_order)
@@ -105,34 +131,74 @@ def _signature(v: Variant):
     act = "fp16" if v.dtype == "fp16" else "bf16"
     if v.kind == "reduce":
         fn = tk._splitk_reduce_kernel
-        sig = {"ws_ptr": "*fp32", "y_ptr": f"*{act}", "M": "i32", "N": "i32", "SPLIT_K": "i32",
-               "stride_ym": "i32", "stride_yn": "constexpr", "BLOCK": "constexpr"}
+        sig = {
+            "ws_ptr": "*fp32",
+            "y_ptr": f"*{act}",
+            "M": "i32",
+            "N": "i32",
+            "SPLIT_K": "i32",
+            "stride_ym": "i32",
+            "stride_yn": "constexpr",
+            "BLOCK": "constexpr",
+        }
         const = {"stride_yn": 1, "BLOCK": 1024}
         div16 = ["ws_ptr", "y_ptr", "N", "stride_ym"]
         return fn, sig, const, div16
     fn = tk._gemm_kernel if v.kind == "gemm" else tk._gemv_kernel
     out_t = act if v.kind == "gemm" else "fp32"  # the GEMV writes the fp32 split-K workspace
-    sig = {"x_ptr": f"*{act}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16",
-           "g_ptr": "*i32", ("y_ptr" if v.kind == "gemm" else "out_ptr"): f"*{out_t}",
-           "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    sig = {
+        "x_ptr": f"*{act}",
+        "qw_ptr": "*i32",
+        "qz_ptr": "*i32",
+        "s_ptr": "*fp16",
+        "g_ptr": "*i32",
+        ("y_ptr" if v.kind == "gemm" else "out_ptr"): f"*{out_t}",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "M_BUCKET": "i32",
+    }
     if v.kind == "gemv":
         sig["K_PER_SPLIT"] = "i32"
     unit = {"stride_xk", "stride_qn", "stride_zn", "stride_sn", "stride_yn", "stride_on"}
-    strides = ["stride_xm", "stride_xk", "stride_qk", "stride_qn", "stride_zg", "stride_zn",
-               "stride_sg", "stride_sn"]
-    strides += ["stride_ym", "stride_yn"] if v.kind == "gemm" else ["stride_os", "stride_om", "stride_on"]
+    strides = [
+        "stride_xm",
+        "stride_xk",
+        "stride_qk",
+        "stride_qn",
+        "stride_zg",
+        "stride_zn",
+        "stride_sg",
+        "stride_sn",
+    ]
+    strides += (
+        ["stride_ym", "stride_yn"] if v.kind == "gemm" else ["stride_os", "stride_om", "stride_on"]
+    )
     for name in strides:
         sig[name] = "constexpr" if name in unit else "i32"
     const = {name: 1 for name in strides if name in unit}
-    meta = {"BITS": v.bits, "GROUP_SIZE": v.group, "ZERO_OFFSET": 1, "ACT_ORDER": v.act_order,
-            "DOT_F32": False, "BLOCK_M": v.block_m, "BLOCK_N": v.block_n, "BLOCK_K": v.block_k}
+    meta = {
+        "BITS": v.bits,
+        "GROUP_SIZE": v.group,
+        "ZERO_OFFSET": 1,
+        "ACT_ORDER": v.act_order,
+        "DOT_F32": False,
+        "BLOCK_M": v.block_m,
+        "BLOCK_N": v.block_n,
+        "BLOCK_K": v.block_k,
+    }
     if v.kind == "gemm":
         meta["GROUP_M"] = 8
     for name, value in meta.items():
         sig[name] = "constexpr"
         const[name] = value
-    div16 = [n for n, t in sig.items() if t.startswith("*")] + ["N", "K", "stride_xm", "stride_qk",
-                                                                  "stride_sg"]
+    div16 = [n for n, t in sig.items() if t.startswith("*")] + [
+        "N",
+        "K",
+        "stride_xm",
+        "stride_qk",
+        "stride_sg",
+    ]
     div16 += ["stride_ym"] if v.kind == "gemm" else ["K_PER_SPLIT", "stride_os", "stride_om"]
     return fn, sig, const, div16
 
@@ -161,7 +227,9 @@ def loop_spills(cubin: bytes) -> int | None:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
-            sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run(
+                [tool, "-sass", f.name], capture_output=True, text=True, check=True
+            ).stdout
     except Exception:
         return None
     insts = [(int(a, 16), text.strip()) for a, text in _SASS_INST.findall(sass)]
@@ -171,7 +239,8 @@ def loop_spills(cubin: bytes) -> int | None:
         if m and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
     return sum(
-        1 for addr, text in insts
+        1
+        for addr, text in insts
         if re.search(r"\b(LDL|STL)\b", text) and any(lo <= addr <= hi for lo, hi in loops)
     )
 
@@ -192,19 +261,28 @@ def compile_variant(v: Variant, arch: int) -> Result:
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         log = io.StringIO()
-        with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log), \
-                warnings.catch_warnings():
+        with (
+            triton.knobs.nvidia.scope(),
+            triton.knobs.compilation.scope(),
+            contextlib.redirect_stdout(log),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             triton.knobs.nvidia.dump_ptxas_log = True
             triton.knobs.compilation.always_compile = True
-            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                    options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+            kernel = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+            )
         text = log.getvalue()
         regs = _PTXAS["registers"].search(text)
         spills = _PTXAS["spills"].search(text)
         stack = _PTXAS["stack"].search(text)
         return Result(
-            v, arch, True,
+            v,
+            arch,
+            True,
             registers=int(regs.group(1)) if regs else None,
             spill_stores=int(spills.group(1)) if spills else None,
             spill_loads=int(spills.group(2)) if spills else None,
@@ -258,16 +336,25 @@ def summary(results: list[Result]) -> str:
     spilled = [r for r in ok if (r.spill_stores or 0) + (r.spill_loads or 0) > 0]
     in_loop = [r for r in ok if r.loop_spills]
     unknown = [r for r in ok if r.loop_spills is None]
-    lines = [f"{len(ok)}/{len(results)} variants compiled; {len(spilled)} spill some bytes; "
-             f"{len(in_loop)} have spill instructions inside a loop"
-             + (f" ({len(unknown)} not disassembled)" if unknown else "") + "."]
+    lines = [
+        f"{len(ok)}/{len(results)} variants compiled; {len(spilled)} spill some bytes; "
+        f"{len(in_loop)} have spill instructions inside a loop"
+        + (f" ({len(unknown)} not disassembled)" if unknown else "")
+        + "."
+    ]
     for r in spilled:
         v = r.variant
-        lines.append(f"- spills: {v.label} {v.bits}-bit g{v.group} {v.dtype}{' act-order' if v.act_order else ''} "
-                     f"sm_{r.arch}: {r.spill_stores}/{r.spill_loads} B st/ld, {r.loop_spills} in loops")
+        lines.append(
+            f"- spills: {v.label} {v.bits}-bit g{v.group} {v.dtype}{' act-order' if v.act_order else ''} "
+            f"sm_{r.arch}: {r.spill_stores}/{r.spill_loads} B st/ld, {r.loop_spills} in loops"
+        )
     for arch in sorted({r.arch for r in results}):
         for label in dict.fromkeys(r.variant.label for r in results):
-            regs = [r.registers for r in ok if r.arch == arch and r.variant.label == label and r.registers]
+            regs = [
+                r.registers
+                for r in ok
+                if r.arch == arch and r.variant.label == label and r.registers
+            ]
             if regs:
                 lines.append(f"- sm_{arch} {label}: registers {min(regs)}–{max(regs)}")
     return "\n".join(lines)

@@ -77,16 +77,22 @@ def check_text_source(spec: str) -> None:
     if spec == "wiki":
         wiki_data_path()
     elif spec.startswith("text:"):
-        path = Path(spec[len("text:"):]).expanduser()
+        path = Path(spec[len("text:") :]).expanduser()
         if not path.is_file():
-            raise ValueError(f"calibration text {str(path)!r} does not exist: pass --calib text:PATH with a UTF-8 file")
+            raise ValueError(
+                f"calibration text {str(path)!r} does not exist: pass --calib text:PATH with a UTF-8 file"
+            )
         if not _utf8_text(path).strip():
-            raise ValueError(f"calibration text {str(path)!r} is empty: give a file with text in it")
+            raise ValueError(
+                f"calibration text {str(path)!r} is empty: give a file with text in it"
+            )
     elif spec.startswith("hf:"):
         if importlib.util.find_spec("datasets") is None:
             raise ValueError(f"--calib {spec!r} needs the 'datasets' package: pip install datasets")
     else:
-        raise ValueError(f"calibration source {spec!r}: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'")
+        raise ValueError(
+            f"calibration source {spec!r}: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'"
+        )
 
 
 def _utf8_text(path: Path) -> str:
@@ -95,12 +101,16 @@ def _utf8_text(path: Path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                         f"{e.start}): pass a UTF-8 text file") from None
+        raise ValueError(
+            f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+            f"{e.start}): pass a UTF-8 text file"
+        ) from None
     control = len(re.findall(r"[\x00-\x08\x0e-\x1f]", text))
     if control > len(text) // 100:
-        raise ValueError(f"calibration text {str(path)!r} is binary data ({control} control characters in "
-                         f"{len(text)}): pass a UTF-8 text file")
+        raise ValueError(
+            f"calibration text {str(path)!r} is binary data ({control} control characters in "
+            f"{len(text)}): pass a UTF-8 text file"
+        )
     return text
 
 
@@ -110,7 +120,7 @@ def load_documents(spec: str, *, split: str = "calib") -> list[str]:
     if spec == "wiki":
         docs = wiki_documents(split)
     elif spec.startswith("text:"):
-        text = Path(spec[len("text:"):]).expanduser().read_text(encoding="utf-8", errors="replace")
+        text = Path(spec[len("text:") :]).expanduser().read_text(encoding="utf-8", errors="replace")
         docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     else:
         docs = _hf_documents(spec, "test" if split == "test" else "train")
@@ -122,10 +132,12 @@ def load_documents(spec: str, *, split: str = "calib") -> list[str]:
 def _hf_documents(spec: str, split: str) -> list[str]:
     import datasets
 
-    name, _, config = spec[len("hf:"):].partition(":")
+    name, _, config = spec[len("hf:") :].partition(":")
     ds = datasets.load_dataset(name, config or None, split=split)
     if "text" not in ds.column_names:
-        raise ValueError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names}): pick a text dataset")
+        raise ValueError(
+            f"dataset {name!r} has no 'text' column (columns: {ds.column_names}): pick a text dataset"
+        )
     return [t.strip() for t in ds["text"] if t and t.strip()]
 
 
@@ -138,7 +150,11 @@ def tokenize_documents(tokenizer: Any, docs: Sequence[str]) -> torch.Tensor:
     ids: list[int] = []
     batch = 256
     for i in range(0, len(docs), batch):
-        enc = tokenizer([d + _DOC_SEPARATOR for d in docs[i : i + batch]], add_special_tokens=False, verbose=False)
+        enc = tokenizer(
+            [d + _DOC_SEPARATOR for d in docs[i : i + batch]],
+            add_special_tokens=False,
+            verbose=False,
+        )
         for row in enc["input_ids"]:
             ids.extend(row)
     return torch.tensor(ids, dtype=torch.long)
@@ -156,7 +172,9 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])  # [nsamples, seqlen]
 
 
-def contiguous_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+def contiguous_windows(
+    ids: torch.Tensor, seqlen: int, max_tokens: int | None = None
+) -> torch.Tensor:
     """Non-overlapping windows [n, seqlen] from the start of the stream, at most `max_tokens` tokens."""
     total = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     n = total // seqlen

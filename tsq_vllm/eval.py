@@ -33,22 +33,33 @@ PROG = "python -m tsq_vllm.eval"
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
-               device: str | torch.device = "cpu") -> dict[str, float]:
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
     """Mean next-token NLL and perplexity of `model` over token windows [n, L]."""
     nll_sum, count = 0.0, 0
     for b0 in range(0, windows.shape[0], batch_size):
         ids = windows[b0 : b0 + batch_size].to(device)  # [b, L]
         logits = model(input_ids=ids, use_cache=False).logits  # [b, L, V]
-        for row, target in zip(logits, ids, strict=True):  # one window at a time keeps the fp32 copy small
+        for row, target in zip(
+            logits, ids, strict=True
+        ):  # one window at a time keeps the fp32 copy small
             # Position t predicts token t + 1; the last position has no target.
-            nll_sum += float(nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
+            nll_sum += float(
+                nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum")
+            )
             count += target.numel() - 1
     nll = nll_sum / count
     return {"nll": nll, "ppl": math.exp(nll), "tokens": count}
 
 
-def load_for_eval(model: str | None, gguf_file: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_for_eval(
+    model: str | None, gguf_file: str | None = None
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, description) for a quantized checkpoint or a full-precision source."""
     from .checkpoint.hf import load_quantized
     from .models import load_model, load_tokenizer
@@ -59,7 +70,11 @@ def load_for_eval(model: str | None, gguf_file: str | None = None) -> tuple[nn.M
 
         info = {"model": str(target), "kind": qc.quant_method, "quantization_config": qc.to_dict()}
         return load_quantized(target), AutoTokenizer.from_pretrained(target), info
-    return load_model(target), load_tokenizer(target), {"model": target.label, "kind": "fp", "quantization_config": None}
+    return (
+        load_model(target),
+        load_tokenizer(target),
+        {"model": target.label, "kind": "fp", "quantization_config": None},
+    )
 
 
 def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
@@ -75,8 +90,16 @@ def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
     return resolve_source(model, gguf_file), None
 
 
-def evaluate(model: str | None, *, gguf_file: str | None = None, data: str = "wiki", seqlen: int = 512,
-             max_tokens: int | None = 16384, batch_size: int = 4, device: str = "cpu") -> dict[str, Any]:
+def evaluate(
+    model: str | None,
+    *,
+    gguf_file: str | None = None,
+    data: str = "wiki",
+    seqlen: int = 512,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Load, tokenize the test text and measure perplexity; returns the JSON-ready result."""
     from .data import (
         check_text_source,
@@ -90,7 +113,9 @@ def evaluate(model: str | None, *, gguf_file: str | None = None, data: str = "wi
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be at least 1")
     if max_tokens is not None and max_tokens < seqlen:
-        raise ValueError(f"--max-tokens {max_tokens} is below --seqlen {seqlen}: raise it to fill one window")
+        raise ValueError(
+            f"--max-tokens {max_tokens} is below --seqlen {seqlen}: raise it to fill one window"
+        )
     _resolve(model, gguf_file)  # a bad path fails here, before the text is read
     check_text_source(data)
     docs = load_documents(data, split="test")
@@ -119,17 +144,32 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2",
-                   help="quantized checkpoint directory, HF model directory or id, .gguf file, or 'smollm2'")
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="quantized checkpoint directory, HF model directory or id, .gguf file, or 'smollm2'",
+    )
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's directory")
-    p.add_argument("--data", default="wiki",
-                   help="'wiki' (test split of the built-in Wikipedia leads), 'text:PATH' or 'hf:NAME[:CONFIG]' (its test split)")
+    p.add_argument(
+        "--data",
+        default="wiki",
+        help="'wiki' (test split of the built-in Wikipedia leads), 'text:PATH' or 'hf:NAME[:CONFIG]' (its test split)",
+    )
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
-    p.add_argument("--max-tokens", type=int, default=16384, help="evaluate at most this many tokens (0: all)")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="windows per forward pass; quantized layers are decoded once per pass")
+    p.add_argument(
+        "--max-tokens", type=int, default=16384, help="evaluate at most this many tokens (0: all)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="windows per forward pass; quantized layers are decoded once per pass",
+    )
     p.add_argument("--device", default="cpu", help="device to evaluate on, e.g. cpu or cuda:0")
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
     return p
@@ -141,8 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     try:
-        res = evaluate(args.model, gguf_file=args.gguf_file, data=args.data, seqlen=args.seqlen,
-                       max_tokens=args.max_tokens or None, batch_size=args.batch_size, device=args.device)
+        res = evaluate(
+            args.model,
+            gguf_file=args.gguf_file,
+            data=args.data,
+            seqlen=args.seqlen,
+            max_tokens=args.max_tokens or None,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except (ValueError, RuntimeError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1

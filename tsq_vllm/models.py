@@ -74,7 +74,9 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSour
     if path.is_dir():
         if gguf_file:
             if not (path / gguf_file).is_file():
-                raise ValueError(f"--gguf-file {gguf_file!r} is not a file in {str(path)!r}: check the name")
+                raise ValueError(
+                    f"--gguf-file {gguf_file!r} is not a file in {str(path)!r}: check the name"
+                )
             return ModelSource(str(path), gguf_file, label=str(path / gguf_file))
         if not (path / "config.json").is_file():
             raise ValueError(
@@ -85,7 +87,9 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSour
     if path.exists():
         raise ValueError(f"--model {model!r} is neither a model directory nor a .gguf file")
     if model.startswith(("/", ".", "~")) or not _HUB_ID.match(model):
-        raise ValueError(f"--model {model!r} does not exist: pass an existing model directory or a Hugging Face id")
+        raise ValueError(
+            f"--model {model!r} does not exist: pass an existing model directory or a Hugging Face id"
+        )
     return ModelSource(model, gguf_file, label=model)
 
 

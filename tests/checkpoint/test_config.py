@@ -13,7 +13,12 @@ from tsq_vllm.checkpoint import read_checkpoint_config, read_quantization_config
 QC = {"quant_method": "gptq", "bits": 3, "group_size": 64, "sym": True}
 
 
-def _write(d: Path, config: object | None = None, quantize_config: object | None = None, weights: bool = True) -> Path:
+def _write(
+    d: Path,
+    config: object | None = None,
+    quantize_config: object | None = None,
+    weights: bool = True,
+) -> Path:
     d.mkdir()
     for name, content in (("config.json", config), ("quantize_config.json", quantize_config)):
         if content is not None:
@@ -26,7 +31,11 @@ def _write(d: Path, config: object | None = None, quantize_config: object | None
 # name: (config.json, quantize_config.json, bits read or None for "not a checkpoint")
 FOUND = {
     "config.json quantization_config": ({"quantization_config": QC}, None, 3),
-    "config.json wins over quantize_config.json": ({"quantization_config": QC}, {**QC, "bits": 4}, 3),
+    "config.json wins over quantize_config.json": (
+        {"quantization_config": QC},
+        {**QC, "bits": 4},
+        3,
+    ),
     "quantize_config.json fallback (GPTQ tools)": ({"model_type": "llama"}, QC, 3),
     "fallback without quant_method (older GPTQ tools)": ({}, {"bits": 2, "group_size": 32}, 2),
     "full-precision model": ({"model_type": "llama"}, None, None),
@@ -52,7 +61,11 @@ def test_reader_without_config_json_is_none(tmp_path):
 CORRUPT = {
     "config.json not JSON": ("{not json", None, "config.json is not valid JSON"),
     "quantize_config.json not JSON": ({}, "{", "quantize_config.json is not valid JSON"),
-    "no bits": ({"quantization_config": {"quant_method": "tsq", "group_size": 64}}, None, "has no 'bits'"),
+    "no bits": (
+        {"quantization_config": {"quant_method": "tsq", "group_size": 64}},
+        None,
+        "has no 'bits'",
+    ),
     "bits 5": ({"quantization_config": {**QC, "bits": 5}}, None, "bits"),
 }
 
@@ -70,8 +83,18 @@ def test_corrupt_config_is_one_line_for_both(tmp_path, name):
 # name: (config.json, quantize_config.json, weights present, text of the strict form's error)
 NOT_SERVABLE = {
     "no quantization config": ({"model_type": "llama"}, None, True, "not a tsq/GPTQ checkpoint"),
-    "another method": ({"quantization_config": {"quant_method": "awq"}}, None, True, "quant_method='awq'"),
-    "lm_head quantized": ({"quantization_config": {**QC, "lm_head": True}}, None, True, "lm_head=true"),
+    "another method": (
+        {"quantization_config": {"quant_method": "awq"}},
+        None,
+        True,
+        "quant_method='awq'",
+    ),
+    "lm_head quantized": (
+        {"quantization_config": {**QC, "lm_head": True}},
+        None,
+        True,
+        "lm_head=true",
+    ),
     "no safetensors": ({"quantization_config": QC}, None, False, r"no \*.safetensors"),
 }
 

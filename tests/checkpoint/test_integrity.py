@@ -20,12 +20,15 @@ def test_read_header_lists_the_tensors(written):
     assert {k: v["shape"] for k, v in read_header(written).items()} == {"a": [64], "b": [3, 5]}
 
 
-@pytest.mark.parametrize("damage,msg", [
-    (lambda d: d[:-4], "is truncated"),
-    (lambda d: d + b"\0", "padded or corrupt"),
-    (lambda d: d[:5], "too short"),
-    (lambda d: b"\xff" * 8 + d[8:], "header claims"),
-])
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        (lambda d: d[:-4], "is truncated"),
+        (lambda d: d + b"\0", "padded or corrupt"),
+        (lambda d: d[:5], "too short"),
+        (lambda d: b"\xff" * 8 + d[8:], "header claims"),
+    ],
+)
 def test_read_header_finds_truncation_and_padding(written, damage, msg):
     written.write_bytes(damage(written.read_bytes()))
     with pytest.raises(ValueError, match=msg):

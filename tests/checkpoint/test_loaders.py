@@ -51,13 +51,16 @@ def _config(d: Path, **changes) -> None:
 def _set(name: str, value):
     def edit(s):
         s[f"{LAYER}.{name}"] = value(s[f"{LAYER}.{name}"]).contiguous()
+
     return edit
 
 
 def _extra_index(d: Path) -> None:
     names = list(load_file(str(d / "model.safetensors")))
     weight_map = {n: "model.safetensors" for n in [*names, "model.layers.9.mlp.up_proj.qweight"]}
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
 
 def _truncate(d: Path) -> None:
@@ -66,37 +69,81 @@ def _truncate(d: Path) -> None:
 
 
 def _nudge_scales(s):
-    s[f"{LAYER}.scales"] = (s[f"{LAYER}.scales"] * 1.01).contiguous()  # finite, right shape: only the hash knows
+    s[f"{LAYER}.scales"] = (
+        s[f"{LAYER}.scales"] * 1.01
+    ).contiguous()  # finite, right shape: only the hash knows
 
 
 # name: (corrupt(dir), text in load_quantized's error, text in the launcher's one line)
 ROWS = {
-    "NaN in scales": (lambda d: _tensors(d, _set("scales", lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))),
-                      f"{LAYER}.scales has 4 NaN/inf value(s) of 1024", None),
-    "inf in scales": (lambda d: _tensors(d, _set("scales", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))),
-                      f"{LAYER}.scales has 256 NaN/inf value(s)", None),
-    "zero points out of range": (lambda d: _tensors(d, _set("qzeros", lambda t: torch.full_like(t, -1))),
-                                 "qzeros decodes to zero points in [16, 16]", None),
-    "scales stored as int32": (lambda d: _tensors(d, _set("scales", lambda t: t.to(torch.int32))),
-                               f"corrupt checkpoint: {LAYER}: scales has dtype torch.int32", None),
-    "qweight one row short": (lambda d: _tensors(d, _set("qweight", lambda t: t[:-1])),
-                              f"corrupt checkpoint: {LAYER}: qweight has shape (15, 256) (K=120, N=256 at 4 bits)",
-                              None),
-    "checkpoint_format flipped to gptq_v2": (lambda d: _qconfig(d, checkpoint_format="gptq_v2"),
-                                             "checkpoint_format='gptq_v2' differs from checkpoint_format='gptq' "
-                                             "recorded in tsq.integrity", None),
-    "bits edited": (lambda d: _qconfig(d, bits=8), "bits=8 differs from bits=4 recorded in tsq.integrity", None),
-    "scales changed after writing": (lambda d: _tensors(d, _nudge_scales),
-                                     "differs from the sha256 recorded when it was written", None),
-    "group_size missing": (lambda d: _qconfig(d, group_size=None), "quantization_config has no 'group_size'", None),
-    "wrong hidden_size in config.json": (lambda d: _config(d, hidden_size=96),
-                                         "corrupt checkpoint: model.layers.0.mlp.down_proj holds a layer with K=256, "
-                                         "N=128 at 4 bits, but the model's linear has in_features=256, "
-                                         "out_features=96", None),
-    "truncated shard": (_truncate, "corrupt checkpoint: cannot read model.safetensors",
-                        "model.safetensors is truncated"),
-    "index names a tensor no shard holds": (_extra_index, None, "model.layers.9.mlp.up_proj.qweight, which "
-                                            "model.safetensors.index.json puts in model.safetensors, is not in that file"),
+    "NaN in scales": (
+        lambda d: _tensors(
+            d, _set("scales", lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))
+        ),
+        f"{LAYER}.scales has 4 NaN/inf value(s) of 1024",
+        None,
+    ),
+    "inf in scales": (
+        lambda d: _tensors(
+            d, _set("scales", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
+        ),
+        f"{LAYER}.scales has 256 NaN/inf value(s)",
+        None,
+    ),
+    "zero points out of range": (
+        lambda d: _tensors(d, _set("qzeros", lambda t: torch.full_like(t, -1))),
+        "qzeros decodes to zero points in [16, 16]",
+        None,
+    ),
+    "scales stored as int32": (
+        lambda d: _tensors(d, _set("scales", lambda t: t.to(torch.int32))),
+        f"corrupt checkpoint: {LAYER}: scales has dtype torch.int32",
+        None,
+    ),
+    "qweight one row short": (
+        lambda d: _tensors(d, _set("qweight", lambda t: t[:-1])),
+        f"corrupt checkpoint: {LAYER}: qweight has shape (15, 256) (K=120, N=256 at 4 bits)",
+        None,
+    ),
+    "checkpoint_format flipped to gptq_v2": (
+        lambda d: _qconfig(d, checkpoint_format="gptq_v2"),
+        "checkpoint_format='gptq_v2' differs from checkpoint_format='gptq' "
+        "recorded in tsq.integrity",
+        None,
+    ),
+    "bits edited": (
+        lambda d: _qconfig(d, bits=8),
+        "bits=8 differs from bits=4 recorded in tsq.integrity",
+        None,
+    ),
+    "scales changed after writing": (
+        lambda d: _tensors(d, _nudge_scales),
+        "differs from the sha256 recorded when it was written",
+        None,
+    ),
+    "group_size missing": (
+        lambda d: _qconfig(d, group_size=None),
+        "quantization_config has no 'group_size'",
+        None,
+    ),
+    "wrong hidden_size in config.json": (
+        lambda d: _config(d, hidden_size=96),
+        "corrupt checkpoint: model.layers.0.mlp.down_proj holds a layer with K=256, "
+        "N=128 at 4 bits, but the model's linear has in_features=256, "
+        "out_features=96",
+        None,
+    ),
+    "truncated shard": (
+        _truncate,
+        "corrupt checkpoint: cannot read model.safetensors",
+        "model.safetensors is truncated",
+    ),
+    "index names a tensor no shard holds": (
+        _extra_index,
+        None,
+        "model.layers.9.mlp.up_proj.qweight, which "
+        "model.safetensors.index.json puts in model.safetensors, is not in that file",
+    ),
 }
 
 
@@ -112,7 +159,9 @@ def test_corrupt_checkpoint_is_refused(ckpt, capsys, row):
     capsys.readouterr()
     assert serve_main([str(ckpt), "--port", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and (serve_text or load_text) in err, err
+    assert (
+        err.count("\n") == 1 and err.startswith("error: ") and (serve_text or load_text) in err
+    ), err
     assert snapshot(ckpt) == before
 
 
@@ -127,7 +176,9 @@ def test_other_tools_checkpoints_are_accepted_unverified(tiny, tmp_path):
     from tests.serve.conftest import write_rtn_checkpoint
 
     d = write_rtn_checkpoint(tiny, tmp_path / "rtn", 4, 32, quant_method="gptq")
-    assert "integrity" not in json.loads((d / "config.json").read_text())["quantization_config"].get("tsq", {})
+    assert "integrity" not in json.loads((d / "config.json").read_text())[
+        "quantization_config"
+    ].get("tsq", {})
     tsq_vllm.load_quantized(d)
     check_checkpoint_files(d, read_checkpoint_config(d))
 
@@ -138,8 +189,13 @@ def test_written_fingerprint_names_format_and_every_weight_file(written):
     qc = json.loads((written / "config.json").read_text())["quantization_config"]
     fp = qc["tsq"]["integrity"]
     assert {k: fp[k] for k in ("checkpoint_format", "bits", "group_size", "sym")} == {
-        k: qc[k] for k in ("checkpoint_format", "bits", "group_size", "sym")}
-    assert fp["files"] == {"model.safetensors": hashlib.sha256((written / "model.safetensors").read_bytes()).hexdigest()}
+        k: qc[k] for k in ("checkpoint_format", "bits", "group_size", "sym")
+    }
+    assert fp["files"] == {
+        "model.safetensors": hashlib.sha256(
+            (written / "model.safetensors").read_bytes()
+        ).hexdigest()
+    }
     assert json.loads((written / "quantize_config.json").read_text()) == qc
 
 

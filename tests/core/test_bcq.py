@@ -44,7 +44,11 @@ def test_bc_encode_is_nearest_level(k):
 def test_candidates_are_admissible_and_tables_exact(k, b0):
     cand = level_candidates(k, b0)
     M = (1 << b0) - 1
-    assert (cand.low >= 0).all() and (cand.steps >= 0).all() and (cand.low + cand.steps.sum(1) <= M).all()
+    assert (
+        (cand.low >= 0).all()
+        and (cand.steps >= 0).all()
+        and (cand.low + cand.steps.sum(1) <= M).all()
+    )
     assert (cand.steps[:, :-1] >= cand.steps[:, 1:]).all()
     beta = torch.tensor(list(itertools.product((0, 1), repeat=k)))  # [2^k, k]
     levels = cand.low[:, None] + cand.steps @ beta.t()  # [C, 2^k], all integer levels in [0, M]

@@ -25,7 +25,9 @@ def test_gptq_beats_rtn_and_is_block_size_invariant(layer, block_size):
     # Lazy batching reorders float sums only: codes agree except for rare ties.
     assert (codes != ref).float().mean() < 1e-3
     # GPTQ's error sum is the damped layer objective, exactly.
-    assert loss == pytest.approx(layer_objective(W, s * (codes - z), damp_hessian(H, 0.01)), rel=1e-4)
+    assert loss == pytest.approx(
+        layer_objective(W, s * (codes - z), damp_hessian(H, 0.01)), rel=1e-4
+    )
     rtn = quantize_codes(W, s, z, 3)
     assert layer_objective(W, s * (codes - z), H) < 0.8 * layer_objective(W, s * (rtn - z), H)
 

@@ -76,8 +76,12 @@ def test_reexploration_never_worse_on_the_layer_loss(k, b0, requantize, stage2, 
     W = torch.randn(48, 256, generator=g)
     grid, codes, Hd = _first_pass(W, H, b0)
     common = {"R": R, "H_damped": Hd}
-    none = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(k, requantize, reexplore=None), **common)
-    rx = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(k, requantize, Reexplore(stage2=stage2)), **common)
+    none = gptqt_convert(
+        W, H, codes, grid, G, GPTQTSettings(k, requantize, reexplore=None), **common
+    )
+    rx = gptqt_convert(
+        W, H, codes, grid, G, GPTQTSettings(k, requantize, Reexplore(stage2=stage2)), **common
+    )
     assert torch.equal(rx.codes, none.codes)  # re-exploration only moves scales
     before, after = _row_losses(W, none.dequantize(), H, R), _row_losses(W, rx.dequantize(), H, R)
     assert (after <= before + 1e-5 * before.abs()).all()
@@ -118,7 +122,11 @@ def test_deterministic(layer):
     grid, codes, Hd = _first_pass(W, H, 4)
     a = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(3), H_damped=Hd)
     b = gptqt_convert(W, H, codes, grid, G, GPTQTSettings(3), H_damped=Hd)
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.signs, b.signs)
+    assert (
+        torch.equal(a.codes, b.codes)
+        and torch.equal(a.scale, b.scale)
+        and torch.equal(a.signs, b.signs)
+    )
 
 
 def test_bad_inputs(layer):

@@ -9,7 +9,9 @@ def _group_losses(W, grid, H, group_size):
     col = torch.arange(K) // group_size
     s, z = grid.scale[:, col], grid.zero[:, col]
     D = (dequantize_codes(quantize_codes(W, s, z, grid.bits), s, z) - W).reshape(N, -1, group_size)
-    blocks = torch.stack([H[i:i + group_size, i:i + group_size] for i in range(0, K, group_size)])
+    blocks = torch.stack(
+        [H[i : i + group_size, i : i + group_size] for i in range(0, K, group_size)]
+    )
     return torch.einsum("nig,igh,nih->ni", D, blocks, D)  # [N, n_g]
 
 
@@ -19,17 +21,26 @@ def _group_losses(W, grid, H, group_size):
 def test_stage1_beats_minmax_and_mse_on_hessian_blocks(layer, bits, group_size, sym):
     W, H = layer
     kw = dict(sym=sym, zero_min=1, coarse=None)  # exhaustive: every search sees the same candidates
-    s1 = _group_losses(W, search_grid(W, bits, group_size, method="hessian", H=H, **kw), H, group_size)
+    s1 = _group_losses(
+        W, search_grid(W, bits, group_size, method="hessian", H=H, **kw), H, group_size
+    )
     mm = _group_losses(W, search_grid(W, bits, group_size, method="minmax", **kw), H, group_size)
     mse = _group_losses(W, search_grid(W, bits, group_size, method="mse", **kw), H, group_size)
-    mse24 = _group_losses(W, search_grid(W, bits, group_size, method="mse", norm=2.4, **kw), H, group_size)
+    mse24 = _group_losses(
+        W, search_grid(W, bits, group_size, method="mse", norm=2.4, **kw), H, group_size
+    )
     # Every candidate of the other searches is a candidate of stage 1, so it is never worse ...
     tol = 1e-4 * mm.abs().max()
     assert (s1 <= mm + tol).all() and (s1 <= mse + tol).all() and (s1 <= mse24 + tol).all()
     # ... and on correlated inputs it is clearly better in total.
     assert s1.sum() < 0.97 * mse.sum() and s1.sum() < 0.97 * mse24.sum() and s1.sum() < mm.sum()
     # The default coarse-to-fine search (28 evaluations instead of 100) loses almost nothing.
-    fast = _group_losses(W, search_grid(W, bits, group_size, method="hessian", H=H, sym=sym, zero_min=1), H, group_size)
+    fast = _group_losses(
+        W,
+        search_grid(W, bits, group_size, method="hessian", H=H, sym=sym, zero_min=1),
+        H,
+        group_size,
+    )
     assert fast.sum() < 1.01 * s1.sum()
 
 

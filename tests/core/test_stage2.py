@@ -26,7 +26,9 @@ def _streams(K=256, T=2048, noise=0.3, seed=0):
     """Full-precision inputs X̃, and quantized-stream inputs X = X̃ + ΔX with ΔX correlated to X̃."""
     g = torch.Generator().manual_seed(seed + 7)
     Xt = correlated_inputs(K, T, seed)
-    dX = noise * (Xt @ (torch.randn(K, K, generator=g) / K**0.5)) + 0.05 * torch.randn(T, K, generator=g)
+    dX = noise * (Xt @ (torch.randn(K, K, generator=g) / K**0.5)) + 0.05 * torch.randn(
+        T, K, generator=g
+    )
     X = Xt + dX
     return X.t() @ X / T, dX.t() @ X / T
 
@@ -79,12 +81,13 @@ def test_zero_codes_keep_their_scale():
 # --- box constraint, damped error feedback, true eq. (7) statistics -------------------------------
 
 
-
 def _samples(K=128, T=1024, noise=0.4, seed=0):
     """Token matrices [T, K]: X̃ (full precision) and X = X̃ + ΔX, ΔX correlated with X̃."""
     g = torch.Generator().manual_seed(seed + 11)
     Xt = correlated_inputs(K, T, seed)
-    dX = noise * (Xt @ (torch.randn(K, K, generator=g) / K**0.5)) + 0.05 * torch.randn(T, K, generator=g)
+    dX = noise * (Xt @ (torch.randn(K, K, generator=g) / K**0.5)) + 0.05 * torch.randn(
+        T, K, generator=g
+    )
     return (Xt + dX).double(), Xt.double()
 
 
@@ -101,7 +104,9 @@ def test_box_keeps_scales_positive_and_loss_monotone(layer, alpha, box, bits, gr
     W, _ = layer
     H, R = _streams(noise=0.6)
     grid, U, _ = _gptq_state(W, H, bits, group_size)
-    res = refine_scales(W, U, grid.scale, H, R, group_size, alpha=alpha, box=box, max_sweeps=10, rtol=0)
+    res = refine_scales(
+        W, U, grid.scale, H, R, group_size, alpha=alpha, box=box, max_sweeps=10, rtol=0
+    )
     obj = res.objective
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(obj, obj[1:], strict=False))
     s0 = grid.scale.double()
@@ -120,7 +125,9 @@ def test_unbounded_stage2_can_flip_signs_and_the_box_binds():
     boxed = refine_scales(W, U, grid.scale, H, R, 32, box=2.0, max_sweeps=20)
     assert (free.scale < 0).any()
     assert (boxed.scale > 0).all()
-    assert boxed.objective[-1] >= free.objective[-1]  # a constrained minimum cannot beat the free one
+    assert (
+        boxed.objective[-1] >= free.objective[-1]
+    )  # a constrained minimum cannot beat the free one
 
 
 @pytest.mark.parametrize("with_r", [False, True])
@@ -138,6 +145,7 @@ def test_wide_box_equals_unconstrained(layer, with_r):
 
 def _box_qp_oracle(A, b, lo, hi):
     """argmin sᵀAs − 2bᵀs over the 2-D box [lo, hi], by enumerating the KKT candidates."""
+
     def f(s):
         return float(s @ A @ s - 2 * b @ s)
 
@@ -203,11 +211,16 @@ def test_output_stats_match_token_level_errors(with_r):
     W = torch.randn(40, 128, generator=g, dtype=torch.float64)
     grid, U, col = _gptq_state(W.float(), H.float(), 2, 32)
     Q = (grid.scale[:, col] * U).double()
-    loss = float(((X @ Q.t() - Xt @ W.t()) ** 2).sum() / X.shape[0])  # E‖QX − WX̃‖², summed over rows
+    loss = float(
+        ((X @ Q.t() - Xt @ W.t()) ** 2).sum() / X.shape[0]
+    )  # E‖QX − WX̃‖², summed over rows
     fp = float(((Xt @ W.t()) ** 2).sum() / X.shape[0])
     qe = float(((X @ Q.t()) ** 2).sum() / X.shape[0])
     Rr, Dr = (R, D) if with_r else (None, None)
-    for st in (output_stats(W, Q, H, Rr, Dr), scale_system(W, U, H, Rr, 32, D=Dr).output_stats(grid.scale)):
+    for st in (
+        output_stats(W, Q, H, Rr, Dr),
+        scale_system(W, U, H, Rr, 32, D=Dr).output_stats(grid.scale),
+    ):
         assert st.loss == pytest.approx(loss, rel=1e-5)
         assert st.fp_energy == pytest.approx(fp, rel=1e-5)
         assert st.q_energy == pytest.approx(qe, rel=1e-5)
@@ -236,4 +249,6 @@ def test_energy_match_restores_each_rows_fp_energy():
 
 def test_box_below_one_is_an_error():
     with pytest.raises(ValueError, match="at least 1"):
-        refine_scales(torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 1), torch.eye(4), None, 4, box=0.5)
+        refine_scales(
+            torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 1), torch.eye(4), None, 4, box=0.5
+        )

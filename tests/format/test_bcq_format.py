@@ -67,7 +67,9 @@ def test_dequantize_bcq_formula(k, with_g_idx):
         col_group = col_group[torch.randperm(128, generator=torch.Generator().manual_seed(2))]
         g_idx = col_group
     t = pack_bcq(signs, alpha, offset, g_idx)
-    W = dequantize_bcq(t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx, dtype=torch.float32)  # [K, N]
+    W = dequantize_bcq(
+        t.bcq_bits, t.bcq_alpha, t.bcq_offset, t.g_idx, dtype=torch.float32
+    )  # [K, N]
     expected = (
         torch.einsum("ink,nki->nk", signs.double(), alpha.double()[:, col_group])
         + offset.double()[:, col_group]
@@ -101,7 +103,9 @@ def test_bcq_decode_equals_the_b0_bit_gptq_decode(k, b0, G):
     # moves its term by at most 2^-11 of its size, which bounds the gap element by element.
     a = bw.scaled_alpha().abs().sum(-1) + bw.scaled_offset().abs()  # [N, n_g]
     u = (bw.codes - bw.zero.repeat_interleave(G, 1)).abs().float()
-    bound = 2**-11 * (a.repeat_interleave(G, 1) + bw.scale.abs().repeat_interleave(G, 1) * u).t()  # [K, N]
+    bound = (
+        2**-11 * (a.repeat_interleave(G, 1) + bw.scale.abs().repeat_interleave(G, 1) * u).t()
+    )  # [K, N]
     assert ((bcq - gptq).abs() <= bound + 1e-7).all()
     assert ((bcq - bw.dequantize().t()).abs() <= bound + 1e-7).all()
 
@@ -117,7 +121,10 @@ def test_safetensors_round_trip(tmp_path, with_g_idx):
     )
     assert set(back) == names
     t2 = BCQTensors(
-        back["layer.bcq_bits"], back["layer.bcq_alpha"], back["layer.bcq_offset"], back.get("layer.g_idx")
+        back["layer.bcq_bits"],
+        back["layer.bcq_alpha"],
+        back["layer.bcq_offset"],
+        back.get("layer.g_idx"),
     )
     assert torch.equal(
         dequantize_bcq(t2.bcq_bits, t2.bcq_alpha, t2.bcq_offset, t2.g_idx),

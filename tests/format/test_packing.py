@@ -50,7 +50,9 @@ def test_golden_words(bits, values, words, dim):
 def test_matches_bit_stream_reference(bits):
     g = torch.Generator().manual_seed(bits)
     values = torch.randint(0, 1 << bits, (4 * run_length(bits),), generator=g).tolist()
-    assert pack(torch.tensor(values)[:, None], bits).flatten().tolist() == _stream_pack(values, bits)
+    assert pack(torch.tensor(values)[:, None], bits).flatten().tolist() == _stream_pack(
+        values, bits
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

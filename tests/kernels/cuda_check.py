@@ -30,10 +30,14 @@ def main() -> int:
     assert torch.cuda.is_available() and not tk.is_interpreted()
     cases = 0
     for kind, bits, group, dtype, act in itertools.product(
-        ["gemm", "gemv"], [2, 3, 4, 8], [32, 64, 128], [torch.float16, torch.bfloat16], [False, True]
+        ["gemm", "gemv"],
+        [2, 3, 4, 8],
+        [32, 64, 128],
+        [torch.float16, torch.bfloat16],
+        [False, True],
     ):
         layer = make_layer(512, 160, bits, group, act_order=act, seed=bits * 7 + group)
-        for M in ([1, 3, 16] if kind == "gemv" else [17, 64, 130]):
+        for M in [1, 3, 16] if kind == "gemv" else [17, 64, 130]:
             x = activations(M, 512, dtype, seed=M)
             check_close(_launch(x, layer, kind), x, layer)
             cases += 1

@@ -28,16 +28,22 @@ class Layer:
 
     def on(self, device: str) -> GPTQLayer:
         g = self.gptq
-        return replace(g, qweight=g.qweight.to(device), qzeros=g.qzeros.to(device), scales=g.scales.to(device),
-                       g_idx=None if g.g_idx is None else g.g_idx.to(device))
+        return replace(
+            g,
+            qweight=g.qweight.to(device),
+            qzeros=g.qzeros.to(device),
+            scales=g.scales.to(device),
+            g_idx=None if g.g_idx is None else g.g_idx.to(device),
+        )
 
     def weight(self) -> torch.Tensor:
         """W [K, N] in fp32, from the reference decode."""
         return self.stored.dequantize(dtype=torch.float32)
 
 
-def make_layer(K: int, N: int, bits: int, G: int, *, act_order: bool = False, fmt: str = "gptq",
-               seed: int = 0) -> Layer:
+def make_layer(
+    K: int, N: int, bits: int, G: int, *, act_order: bool = False, fmt: str = "gptq", seed: int = 0
+) -> Layer:
     gen = torch.Generator().manual_seed(seed)
     n_g = K // G
     codes = torch.randint(0, 2**bits, (N, K), generator=gen)
@@ -64,7 +70,9 @@ def check_close(y: torch.Tensor, x: torch.Tensor, layer: Layer) -> None:
     rounding plus (for the GEMM) rounding W to the activation dtype."""
     ref = x.float() @ layer.weight()
     assert y.shape == ref.shape and y.dtype == x.dtype
-    assert torch.isfinite(y).all(), f"{(~torch.isfinite(y)).sum().item()} non-finite outputs (unwritten tile?)"
+    assert torch.isfinite(y).all(), (
+        f"{(~torch.isfinite(y)).sum().item()} non-finite outputs (unwritten tile?)"
+    )
     tol = 2e-3 if x.dtype == torch.float16 else 1.2e-2
     err = (y.float() - ref).abs().max().item()
     scale = ref.abs().max().item()

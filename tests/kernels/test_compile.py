@@ -17,7 +17,11 @@ def test_compile_for_sm80_and_sm90():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run(
         [sys.executable, "-m", "tools.compile_check", "--quick", "--arch", "80", "90"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert r.returncode == 0, f"compile check failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "sm_" in ln]

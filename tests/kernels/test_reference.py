@@ -59,16 +59,21 @@ def test_v1_largest_zero_point():
     scales = torch.ones(1, N, dtype=torch.float16)
     x = torch.zeros(1, K)
     x[0, 0] = 1
-    y = dequant_matmul_reference(x, GPTQLayer(qweight, qzeros, scales, None, bits=bits, group_size=G))
+    y = dequant_matmul_reference(
+        x, GPTQLayer(qweight, qzeros, scales, None, bits=bits, group_size=G)
+    )
     assert torch.equal(y, torch.full((1, N), -13.0))
 
 
-@pytest.mark.parametrize("x,error,match", [
-    (torch.randn(2, 100), ValueError, r"x has K=100 input features but the layer takes K=128"),
-    (torch.randn(2, 96), ValueError, r"K=96 .*qweight has shape \(16, 64\).*x matches"),
-    (torch.randint(0, 3, (2, 128)), TypeError, r"x has dtype torch.int64"),
-    (torch.randn(()), ValueError, r"expected \[\.\.\., K\]"),
-])
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(2, 100), ValueError, r"x has K=100 input features but the layer takes K=128"),
+        (torch.randn(2, 96), ValueError, r"K=96 .*qweight has shape \(16, 64\).*x matches"),
+        (torch.randint(0, 3, (2, 128)), TypeError, r"x has dtype torch.int64"),
+        (torch.randn(()), ValueError, r"expected \[\.\.\., K\]"),
+    ],
+)
 def test_input_validation_messages(x, error, match):
     layer = make_layer(128, 64, 4, 32)
     with pytest.raises(error, match=match):
@@ -96,7 +101,9 @@ def test_custom_op_cpu_fake_and_compile():
     ref = dequant_matmul_reference(x, layer.gptq)
     assert torch.equal(dequant_matmul_op(x, layer.gptq), ref)
     torch.library.opcheck(op, (x, *op_args(layer.gptq)))
-    torch.library.opcheck(op, (x, *op_args(replace(layer.gptq, g_idx=None, checkpoint_format="gptq_v2"))))
+    torch.library.opcheck(
+        op, (x, *op_args(replace(layer.gptq, g_idx=None, checkpoint_format="gptq_v2")))
+    )
 
     def f(x):
         return dequant_matmul_op(x, layer.gptq) * 2
@@ -113,5 +120,7 @@ def test_import_has_no_side_effects():
         "assert 'tsq_vllm.kernels.triton_kernels' not in sys.modules"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr

@@ -47,7 +47,9 @@ def test_act_order(tk, kind, bits, dtype):
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["seq", "act"])
-@pytest.mark.parametrize("kind,M", [("gemm", m) for m in (1, 3, 16, 17, 33)] + [("gemv", m) for m in (1, 3, 16)])
+@pytest.mark.parametrize(
+    "kind,M", [("gemm", m) for m in (1, 3, 16, 17, 33)] + [("gemv", m) for m in (1, 3, 16)]
+)
 def test_batch_sizes(tk, kind, M, act_order):
     layer = make_layer(K, N, 3, 64, act_order=act_order, seed=M)
     x = activations(M, K, torch.float16 if M % 2 else torch.bfloat16, seed=M)

@@ -24,7 +24,9 @@ from tsq_vllm.kernels.wna16 import (
     wna16_unavailable_reason,
 )
 
-needs_op = pytest.mark.skipif(not wna16_available(), reason=f"cpu_gemm_wna16 unavailable: {wna16_unavailable_reason()}")
+needs_op = pytest.mark.skipif(
+    not wna16_available(), reason=f"cpu_gemm_wna16 unavailable: {wna16_unavailable_reason()}"
+)
 
 K = 384  # splits into groups of 32, 64 and 128
 # N per bits: a multiple of 32 and one that only fits the packing run (padded to 32 by the backend).
@@ -33,7 +35,9 @@ GRID = [(b, n) for b in (2, 3, 4) for n in N_CASES[b]]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _layer(N: int, bits: int, G: int, fmt: str, *, exact: bool, act_order: bool = False, seed: int = 0) -> GPTQLayer:
+def _layer(
+    N: int, bits: int, G: int, fmt: str, *, exact: bool, act_order: bool = False, seed: int = 0
+) -> GPTQLayer:
     gen = torch.Generator().manual_seed(seed)
     n_g = K // G
     codes = torch.randint(0, 2**bits, (N, K), generator=gen)
@@ -55,7 +59,11 @@ def _layer(N: int, bits: int, G: int, fmt: str, *, exact: bool, act_order: bool 
 
 def _x(M: int, dtype: torch.dtype, *, exact: bool, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(-4, 5, (M, K), generator=gen).float() if exact else torch.randn(M, K, generator=gen)
+    x = (
+        torch.randint(-4, 5, (M, K), generator=gen).float()
+        if exact
+        else torch.randn(M, K, generator=gen)
+    )
     return x.to(dtype)
 
 
@@ -87,7 +95,9 @@ def test_exact(bits, N, G, fmt, M):
     y = prepare_wna16(t)(x)
     ref, _ = _reference(x, t)
     assert y.shape == (M, N) and y.dtype == torch.bfloat16
-    assert torch.equal(y, ref.bfloat16()), f"{(y != ref.bfloat16()).sum().item()} of {y.numel()} outputs differ"
+    assert torch.equal(y, ref.bfloat16()), (
+        f"{(y != ref.bfloat16()).sum().item()} of {y.numel()} outputs differ"
+    )
 
 
 @needs_op
@@ -153,7 +163,11 @@ def test_input_dtype_round_trip():
 def test_prepared_sizes():
     t = _layer(48, 2, 64, "gptq", exact=True)
     p = prepare_wna16(t)
-    assert p.n_pad == 64 and tuple(p.qweight.shape) == (4, 2 * K) and tuple(p.zeros.shape) == (K // 64, 8)
+    assert (
+        p.n_pad == 64
+        and tuple(p.qweight.shape) == (4, 2 * K)
+        and tuple(p.zeros.shape) == (K // 64, 8)
+    )
     assert p.nbytes() == 4 * 2 * K * 4 + (K // 64) * 8 * 4 + (K // 64) * 64 * 2
 
 
@@ -198,14 +212,23 @@ def test_refuses_act_order_without_whole_groups():
     G = 64
     g_idx = torch.arange(K) // G
     g_idx[G - 1] = 1  # group 0 now has G - 1 columns, group 1 has G + 1
-    t = pack_linear(torch.randint(0, 8, (64, K)), torch.ones(64, K // G), torch.full((64, K // G), 4), g_idx, 3, "gptq")
+    t = pack_linear(
+        torch.randint(0, 8, (64, K)),
+        torch.ones(64, K // G),
+        torch.full((64, K // G), 4),
+        g_idx,
+        3,
+        "gptq",
+    )
     _refused(t, torch.bfloat16, "act-order g_idx")
 
 
 @needs_op
 def test_refuses_non_cpu_layer():
     t = _layer(64, 4, 64, "gptq", exact=True)
-    meta = replace(t, qweight=t.qweight.to("meta"), qzeros=t.qzeros.to("meta"), scales=t.scales.to("meta"))
+    meta = replace(
+        t, qweight=t.qweight.to("meta"), qzeros=t.qzeros.to("meta"), scales=t.scales.to("meta")
+    )
     ok, reason = can_implement(meta, torch.bfloat16)
     assert not ok and "meta" in reason
 
@@ -224,6 +247,11 @@ def test_available_where_vllm_loads_its_avx512_build():
     """vLLM's CPU platform loads a kernel library with cpu_gemm_wna16 on x86 CPUs with AVX-512 (its
     AVX2 build lacks it): there the backend must be found, so the tests above cannot skip silently."""
     pytest.importorskip("vllm")
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.cpu._is_avx512_supported():
-        pytest.skip("not an x86 CPU with AVX-512: vLLM loads its AVX2 build, which has no cpu_gemm_wna16")
+    if (
+        platform.machine().lower() not in ("x86_64", "amd64")
+        or not torch.cpu._is_avx512_supported()
+    ):
+        pytest.skip(
+            "not an x86 CPU with AVX-512: vLLM loads its AVX2 build, which has no cpu_gemm_wna16"
+        )
     assert wna16_available(), wna16_unavailable_reason()

@@ -40,18 +40,24 @@ def test_each_stage_lowers_the_layer_loss(correlated_layer, bits, group_size):
 def test_error_feedback_lowers_the_full_objective(bits, group_size):
     W = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
     H, R = _streams(K=256, T=4096, noise=0.5)
-    scheme = LayerScheme(bits=bits, group_size=group_size, error_feedback_alpha=1.0, gptaq_alpha=0.0)
+    scheme = LayerScheme(
+        bits=bits, group_size=group_size, error_feedback_alpha=1.0, gptaq_alpha=0.0
+    )
     with_r = quantize_weight(W, H, scheme, R=R)
     without = quantize_weight(W, H, scheme)
     # Same codes (without GPTAQ, R enters only stage 2), better scales for eq. (7).
     assert torch.equal(with_r.codes, without.codes)
-    assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(W, without.dequantize(), H, R)
+    assert layer_objective(W, with_r.dequantize(), H, R) < layer_objective(
+        W, without.dequantize(), H, R
+    )
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, group_size, act_order):
+def test_packed_tensors_decode_to_the_quantized_weight(
+    correlated_layer, bits, group_size, act_order
+):
     W, H = correlated_layer
     qw = quantize_weight(W, H, LayerScheme(bits=bits, group_size=group_size, act_order=act_order))
     t = qw.to_gptq("gptq")
@@ -66,7 +72,9 @@ def test_packed_tensors_decode_to_the_quantized_weight(correlated_layer, bits, g
 def test_act_order_changes_grouping_and_helps(correlated_layer):
     W, H = correlated_layer
     plain = quantize_weight(W, H, LayerScheme(bits=3, group_size=64, stage1=False, stage2=False))
-    ordered = quantize_weight(W, H, LayerScheme(bits=3, group_size=64, stage1=False, stage2=False, act_order=True))
+    ordered = quantize_weight(
+        W, H, LayerScheme(bits=3, group_size=64, stage1=False, stage2=False, act_order=True)
+    )
     assert not torch.equal(ordered.g_idx, plain.g_idx)
     assert layer_objective(W, ordered.dequantize(), H) < layer_objective(W, plain.dequantize(), H)
 
@@ -78,7 +86,9 @@ def test_dead_inputs_and_v1_zero_points():
     qw = quantize_weight(W, X.t() @ X / 512, LayerScheme(bits=2, group_size=32))
     assert (qw.zeros >= 1).all()
     assert torch.isfinite(qw.dequantize()).all()
-    assert qw.codes[:, 5].eq(qw.zeros[:, 0]).all()  # a dead input's weight is zeroed, quantized exactly
+    assert (
+        qw.codes[:, 5].eq(qw.zeros[:, 0]).all()
+    )  # a dead input's weight is zeroed, quantized exactly
 
 
 def test_bad_shapes():
@@ -88,15 +98,18 @@ def test_bad_shapes():
         quantize_weight(torch.randn(4, 64), torch.eye(32), LayerScheme(bits=3, group_size=32))
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(bits=5), "bits=5"),
-    (dict(group_size=0), "group_size=0"),
-    (dict(scale_search="awq"), "scale_search='awq'"),
-    (dict(damp=1.0), r"damp=1.0 must lie in \[0, 1\)"),
-    (dict(mse_norm=0.0), "mse_norm=0.0"),
-    (dict(clip_points=0), "clip_points=0"),
-    (dict(zero_min=2), "zero_min=2"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(bits=5), "bits=5"),
+        (dict(group_size=0), "group_size=0"),
+        (dict(scale_search="awq"), "scale_search='awq'"),
+        (dict(damp=1.0), r"damp=1.0 must lie in \[0, 1\)"),
+        (dict(mse_norm=0.0), "mse_norm=0.0"),
+        (dict(clip_points=0), "clip_points=0"),
+        (dict(zero_min=2), "zero_min=2"),
+    ],
+)
 def test_scheme_rejects(kw, msg):
     with pytest.raises(ValueError, match=msg):
         LayerScheme(**(dict(bits=3, group_size=32) | kw))
@@ -105,17 +118,29 @@ def test_scheme_rejects(kw, msg):
 def test_options_build_the_scheme():
     from tsq_vllm.quantize import QuantizeOptions
 
-    opts = QuantizeOptions(output="x", bits=4, group_size=128, sym=True, stage1=False, checkpoint_format="gptq_v2")
+    opts = QuantizeOptions(
+        output="x", bits=4, group_size=128, sym=True, stage1=False, checkpoint_format="gptq_v2"
+    )
     s = opts.layer_scheme()
-    assert (s.bits, s.group_size, s.sym, s.stage1, s.zero_min, s.grid_method) == (4, 128, True, False, 0, "minmax")
+    assert (s.bits, s.group_size, s.sym, s.stage1, s.zero_min, s.grid_method) == (
+        4,
+        128,
+        True,
+        False,
+        0,
+        "minmax",
+    )
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(error_feedback_alpha=1.5), r"--error-feedback-alpha 1.5 must lie in \[0, 1\]"),
-    (dict(error_feedback_alpha=-0.1), "--error-feedback-alpha -0.1"),
-    (dict(scale_box=0.5), r"--scale-box 0.5 must be 0 \(no box\) or at least 1"),
-    (dict(gptaq_alpha=2.0), r"--gptaq-alpha 2.0 must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(error_feedback_alpha=1.5), r"--error-feedback-alpha 1.5 must lie in \[0, 1\]"),
+        (dict(error_feedback_alpha=-0.1), "--error-feedback-alpha -0.1"),
+        (dict(scale_box=0.5), r"--scale-box 0.5 must be 0 \(no box\) or at least 1"),
+        (dict(gptaq_alpha=2.0), r"--gptaq-alpha 2.0 must lie in \[0, 1\]"),
+    ],
+)
 def test_scheme_rejects_stage2_variants(kw, msg):
     with pytest.raises(ValueError, match=msg):
         LayerScheme(**(dict(bits=3, group_size=32) | kw))
@@ -124,9 +149,16 @@ def test_scheme_rejects_stage2_variants(kw, msg):
 def test_options_carry_the_stage2_variants_into_the_scheme():
     from tsq_vllm.quantize import QuantizeOptions
 
-    opts = QuantizeOptions(output="x", error_feedback_alpha=0.75, scale_box=0.0, energy_match=True, gptaq_alpha=0.1)
+    opts = QuantizeOptions(
+        output="x", error_feedback_alpha=0.75, scale_box=0.0, energy_match=True, gptaq_alpha=0.1
+    )
     s = opts.layer_scheme()
-    assert (s.error_feedback_alpha, s.scale_box, s.energy_match, s.gptaq_alpha) == (0.75, 0.0, True, 0.1)
+    assert (s.error_feedback_alpha, s.scale_box, s.energy_match, s.gptaq_alpha) == (
+        0.75,
+        0.0,
+        True,
+        0.1,
+    )
 
 
 def test_energy_match_needs_d_with_r():
@@ -145,6 +177,7 @@ def test_gptaq_target_lowers_the_fp_stream_error_of_plain_gptq(bits, group_size)
     kw = dict(bits=bits, group_size=group_size, stage1=False, stage2=False)
     plain = quantize_weight(W, H, LayerScheme(**kw), R=R, D=D)
     gptaq = quantize_weight(W, H, LayerScheme(gptaq_alpha=1.0, **kw), R=R, D=D)
+
     def err(qw):
         return float(((X @ qw.dequantize().double().t() - Xt @ W.double().t()) ** 2).mean(0).sum())
 

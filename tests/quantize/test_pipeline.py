@@ -36,8 +36,15 @@ def models(tmp_path_factory):
 
 
 def opts_for(model_dir: Path, output: Path, **kw) -> QuantizeOptions:
-    base = dict(model=str(model_dir), output=str(output), calib=f"text:{model_dir}/calib.txt",
-                nsamples=8, seqlen=64, batch_size=4, clip_points=20)
+    base = dict(
+        model=str(model_dir),
+        output=str(output),
+        calib=f"text:{model_dir}/calib.txt",
+        nsamples=8,
+        seqlen=64,
+        batch_size=4,
+        clip_points=20,
+    )
     return QuantizeOptions(**{**base, **kw})
 
 
@@ -71,7 +78,11 @@ def linear_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def read_checkpoint(out: Path) -> dict[str, torch.Tensor]:
     index = out / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(load_file(out / f))
@@ -98,13 +109,17 @@ def test_end_to_end(models, tmp_path, name, kw):
     source = load_file(src / "model.safetensors")
     for prefix in prefixes:
         assert f"{prefix}.weight" not in tensors
-        assert (f"{prefix}.bias" in tensors) == (f"{prefix}.bias" in source)  # qwen2 has q/k/v biases
+        assert (f"{prefix}.bias" in tensors) == (
+            f"{prefix}.bias" in source
+        )  # qwen2 has q/k/v biases
         assert tensors[f"{prefix}.scales"].dtype == torch.float16
         W = reference_weight(tensors, prefix, bits, fmt)
         in_memory = job.model.get_submodule(prefix).weight  # in the model's dtype
         torch.testing.assert_close(in_memory, W.to(in_memory.dtype), rtol=0, atol=0)
         if not kw.get("act_order"):
-            assert torch.equal(tensors[f"{prefix}.g_idx"].long(), torch.arange(W.shape[1]) // kw["group_size"])
+            assert torch.equal(
+                tensors[f"{prefix}.g_idx"].long(), torch.arange(W.shape[1]) // kw["group_size"]
+            )
     for key, value in source.items():  # embeddings, norms, lm_head: untouched, in their dtype
         if key.rpartition(".")[0] not in prefixes:
             assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
@@ -115,7 +130,9 @@ def test_end_to_end(models, tmp_path, name, kw):
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file(), f
     if "max_shard_size" in kw:
-        assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+        assert (out / "model.safetensors.index.json").is_file() and len(
+            list(out.glob("model-*.safetensors"))
+        ) > 1
 
     reloaded = tsq_vllm.load_quantized(out)
     ids = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -142,15 +159,31 @@ def test_same_seed_same_bytes_other_seed_other_bytes(models, tmp_path):
 
 def test_tsq_block_records_the_run(models, tmp_path):
     src = models["llama"]
-    out = run_quantization(opts_for(src, tmp_path / "o", bits=4, group_size=32, seed=7, damp=0.02)).output
+    out = run_quantization(
+        opts_for(src, tmp_path / "o", bits=4, group_size=32, seed=7, damp=0.02)
+    ).output
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
-        "quant_method": "tsq", "bits": 4, "group_size": 32, "sym": False, "desc_act": False, "checkpoint_format": "gptq"}
+    assert {
+        k: qc[k]
+        for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")
+    } == {
+        "quant_method": "tsq",
+        "bits": 4,
+        "group_size": 32,
+        "sym": False,
+        "desc_act": False,
+        "checkpoint_format": "gptq",
+    }
     assert qc["damp_percent"] == 0.02
     tsq = qc["tsq"]
     assert tsq["stage1"] is True and tsq["stage2"] is True and tsq["error_feedback"] is True
     assert tsq["scale_search"] == "hessian" and tsq["version"] == tsq_vllm.__version__
-    assert tsq["calibration"] == {"dataset": f"text:{src}/calib.txt", "nsamples": 8, "seqlen": 64, "seed": 7}
+    assert tsq["calibration"] == {
+        "dataset": f"text:{src}/calib.txt",
+        "nsamples": 8,
+        "seqlen": 64,
+        "seed": 7,
+    }
 
 
 def test_ablation_switches_change_the_checkpoint(models, tmp_path):
@@ -166,7 +199,10 @@ def test_ablation_switches_change_the_checkpoint(models, tmp_path):
     t = {}
     for name, kw in runs.items():
         out = run_quantization(opts_for(src, tmp_path / name, **kw)).output
-        t[name] = (load_file(out / "model.safetensors"), json.loads((out / "config.json").read_text())["quantization_config"]["tsq"])
+        t[name] = (
+            load_file(out / "model.safetensors"),
+            json.loads((out / "config.json").read_text())["quantization_config"]["tsq"],
+        )
     full, _ = t["full"]
     prefixes = linear_prefixes(full)
 
@@ -188,7 +224,10 @@ def test_ablation_switches_change_the_checkpoint(models, tmp_path):
     # R is zero for the first layer's q/k/v (both streams are the embeddings), nonzero after.
     no_r, tsq = t["no_r"]
     changed = differs(full, no_r, "scales")
-    assert "model.layers.0.self_attn.q_proj" not in changed and "model.layers.1.mlp.down_proj" in changed
+    assert (
+        "model.layers.0.self_attn.q_proj" not in changed
+        and "model.layers.1.mlp.down_proj" in changed
+    )
     assert tsq["error_feedback"] is False
     no1, tsq = t["no_stage1"]
     assert differs(no2, no1, "scales") and tsq["scale_search"] == "minmax"
@@ -224,7 +263,10 @@ def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
     bad = dict(good)
     bad[f"{prefix}.qweight"] = good[f"{prefix}.qweight"][:-1].contiguous()
     save_file(bad, out / "model.safetensors")
-    with pytest.raises(ValueError, match=rf"corrupt checkpoint: {prefix}: qweight has shape \(15, 256\) \(K=120, N=256 at 4 bits\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"corrupt checkpoint: {prefix}: qweight has shape \(15, 256\) \(K=120, N=256 at 4 bits\)",
+    ):
         tsq_vllm.load_quantized(out)
 
     bad = {k: v for k, v in good.items() if k != f"{prefix}.g_idx"}
@@ -271,9 +313,18 @@ def _gemma3_sliding_then_full():
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=8,
-                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    cfg = Gemma3TextConfig(
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -288,8 +339,14 @@ def test_default_options_write_no_negative_scale(tmp_path):
     src = make_tiny_model(tmp_path / "m", "llama", layers=4)
     paper = dict(error_feedback_alpha=1.0, gptaq_alpha=0.0)
     negatives = {}
-    for name, kw in {"default": {}, "paper, boxed": paper, "paper": dict(paper, scale_box=0.0)}.items():
-        out = run_quantization(opts_for(src, tmp_path / name, bits=2, group_size=32, nsamples=2, seqlen=16, **kw)).output
+    for name, kw in {
+        "default": {},
+        "paper, boxed": paper,
+        "paper": dict(paper, scale_box=0.0),
+    }.items():
+        out = run_quantization(
+            opts_for(src, tmp_path / name, bits=2, group_size=32, nsamples=2, seqlen=16, **kw)
+        ).output
         t = load_file(out / "model.safetensors")
         scales = [v.float() for k, v in t.items() if k.endswith(".scales")]
         negatives[name] = sum(int((s <= 0).sum()) for s in scales)
@@ -304,7 +361,9 @@ def test_negative_scales_refused_unless_the_ablation_asked_for_them(boxed, caplo
     scales = torch.tensor([[0.5, -0.25], [0.0, 1.0]])
     _check_positive("l", scales.abs(), boxed=boxed)  # positive (and an fp16-underflow 0): accepted
     if boxed:
-        with pytest.raises(ValueError, match=r"^l: 1 of 4 scales are negative although stage 2 kept them"):
+        with pytest.raises(
+            ValueError, match=r"^l: 1 of 4 scales are negative although stage 2 kept them"
+        ):
             _check_positive("l", scales, boxed=True)
     else:
         with caplog.at_level("WARNING", logger="tsq_vllm.quantize"):
@@ -312,7 +371,9 @@ def test_negative_scales_refused_unless_the_ablation_asked_for_them(boxed, caplo
         assert "1 of 4 scales are negative (--scale-box 0" in caplog.text
 
 
-@pytest.mark.parametrize("build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"]
+)
 def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
     """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.
 
@@ -333,14 +394,18 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     monkeypatch.setattr(pipeline, "quantize_weight", spy)
     fp, model = build(models), build(models)
     ids = torch.randint(0, 384, (8, 32), generator=torch.Generator().manual_seed(0))
-    result = pipeline.quantize_model(model, ids, opts_for(models["llama"], models["llama"] / "unused"))
+    result = pipeline.quantize_model(
+        model, ids, opts_for(models["llama"], models["llama"] / "unused")
+    )
     names = list(result.packed)  # in the order the pipeline quantized them
 
     def linear_inputs(m):
         xs = {}
         hooks = [
             m.get_submodule(n).register_forward_pre_hook(
-                lambda _m, a, n=n: xs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double())  # [T, K]
+                lambda _m, a, n=n: xs.__setitem__(
+                    n, a[0].reshape(-1, a[0].shape[-1]).double()
+                )  # [T, K]
             )
             for n in names
         ]
@@ -356,8 +421,12 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
         X, Xf = xq[name], xf[name]
         scale = float(H.abs().max())
         torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)
-        torch.testing.assert_close(R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale)
-        torch.testing.assert_close(D.double(), (X - Xf).T @ (X - Xf) / len(X), rtol=1e-3, atol=1e-5 * scale)
+        torch.testing.assert_close(
+            R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale
+        )
+        torch.testing.assert_close(
+            D.double(), (X - Xf).T @ (X - Xf) / len(X), rtol=1e-3, atol=1e-5 * scale
+        )
     assert torch.count_nonzero(seen[0][1]) == 0  # layer 0 q/k/v: both streams are the embeddings
     assert float(seen[-1][1].abs().max()) > 1e-3 * float(seen[-1][0].abs().max())
 
@@ -370,17 +439,36 @@ def test_fused_projections_and_reload(tmp_path):
     from tsq_vllm.quantize.pipeline import quantize_model
 
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    cfg = Phi3Config(
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
     opts = opts_for(tmp_path, tmp_path / "out", bits=4, group_size=32)
     result = quantize_model(model, ids, opts)
-    assert sorted({n.rsplit(".", 1)[1] for n in result.packed}) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    out = save_quantized(model, result.packed, opts.quantization_config(model_source="phi3", tool_version="t"),
-                         opts.output)
+    assert sorted({n.rsplit(".", 1)[1] for n in result.packed}) == [
+        "down_proj",
+        "gate_up_proj",
+        "o_proj",
+        "qkv_proj",
+    ]
+    out = save_quantized(
+        model,
+        result.packed,
+        opts.quantization_config(model_source="phi3", tool_version="t"),
+        opts.output,
+    )
     with torch.no_grad():
-        torch.testing.assert_close(tsq_vllm.load_quantized(out)(input_ids=ids).logits, model(input_ids=ids).logits)
+        torch.testing.assert_close(
+            tsq_vllm.load_quantized(out)(input_ids=ids).logits, model(input_ids=ids).logits
+        )
 
 
 def test_recomputing_the_fp_stream_gives_the_same_result_as_keeping_it(models):
@@ -393,7 +481,9 @@ def test_recomputing_the_fp_stream_gives_the_same_result_as_keeping_it(models):
     opts = opts_for(src, src / "unused")
     ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(3))
     kept, recomputed = (
-        quantize_model(AutoModelForCausalLM.from_pretrained(src).eval(), ids, opts, fp_cache_bytes=budget)
+        quantize_model(
+            AutoModelForCausalLM.from_pretrained(src).eval(), ids, opts, fp_cache_bytes=budget
+        )
         for budget in (2**30, 0)
     )
     assert list(kept.packed) == list(recomputed.packed)

@@ -12,7 +12,18 @@ import pytest
 
 from tests.helpers import make_tiny_model, single_thread
 
-FAST = ["--nsamples", "4", "--seqlen", "32", "--clip-points", "10", "--bits", "4", "--group-size", "32"]
+FAST = [
+    "--nsamples",
+    "4",
+    "--seqlen",
+    "32",
+    "--clip-points",
+    "10",
+    "--bits",
+    "4",
+    "--group-size",
+    "32",
+]
 
 _one_thread = pytest.fixture(autouse=True, scope="package")(single_thread)
 
@@ -22,7 +33,11 @@ def snapshot(root: Path) -> dict[str, str]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() and not p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+        out[rel] = (
+            "dir"
+            if p.is_dir() and not p.is_symlink()
+            else hashlib.sha256(p.read_bytes()).hexdigest()
+        )
     return out
 
 
@@ -44,7 +59,12 @@ def written(tiny, tmp_path_factory) -> Path:
     from tsq_vllm.quantize.__main__ import main
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-int4"
-    assert main(["--model", str(tiny), "--calib", f"text:{tiny}/calib.txt", "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            ["--model", str(tiny), "--calib", f"text:{tiny}/calib.txt", "--output", str(out), *FAST]
+        )
+        == 0
+    )
     return out
 
 

@@ -34,13 +34,17 @@ def _edit_weights(ws: Path, edit) -> None:
 def _nan_embedding_row(ws: Path) -> None:
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(ws / "model")((ws / "model" / "calib.txt").read_text())["input_ids"]
+    ids = AutoTokenizer.from_pretrained(ws / "model")((ws / "model" / "calib.txt").read_text())[
+        "input_ids"
+    ]
     common = max(set(ids), key=ids.count)  # surely in every calibration window
     _edit_weights(ws, lambda s: s["model.embed_tokens.weight"][common].fill_(float("nan")))
 
 
 def _nan_weight(ws: Path) -> None:
-    _edit_weights(ws, lambda s: s["model.layers.1.self_attn.q_proj.weight"][3, 5:9].fill_(float("inf")))
+    _edit_weights(
+        ws, lambda s: s["model.layers.1.self_attn.q_proj.weight"][3, 5:9].fill_(float("inf"))
+    )
 
 
 def _config(ws: Path, **changes) -> None:
@@ -65,49 +69,134 @@ def _truncate(f: Path, keep: float = 0.6) -> None:
 
 # name: (setup(ws, written) -> None, extra argv, exit status, text the one error line contains)
 ROWS = {
-    "output is the source model": (None, ["--output", "model", "--overwrite"], 2, "source model directory"),
-    "output inside the source model": (None, ["--output", "model/int4"], 2, "source model directory"),
+    "output is the source model": (
+        None,
+        ["--output", "model", "--overwrite"],
+        2,
+        "source model directory",
+    ),
+    "output inside the source model": (
+        None,
+        ["--output", "model/int4"],
+        2,
+        "source model directory",
+    ),
     "output contains the source model": (
         lambda ws, w: (ws / "models").mkdir() or shutil.move(ws / "model", ws / "models" / "m"),
-        ["--model", "models/m", "--calib", "text:models/m/calib.txt", "--output", "models", "--overwrite"],
-        2, "source model directory"),
+        [
+            "--model",
+            "models/m",
+            "--calib",
+            "text:models/m/calib.txt",
+            "--output",
+            "models",
+            "--overwrite",
+        ],
+        2,
+        "source model directory",
+    ),
     "output is the GGUF file's directory": (
         lambda ws, w: (ws / "g").mkdir() or (ws / "g" / "m.gguf").write_bytes(b"GGUF" + bytes(60)),
-        ["--model", "g/m.gguf", "--output", "g", "--overwrite"], 2, "source model directory"),
-    "output is the working directory": (None, ["--output", ".", "--overwrite"], 2, "is the working directory"),
-    "output is a parent of the working directory": (None, ["--output", "..", "--overwrite"], 2,
-                                                    "is the working directory or one of its parents"),
-    "output holds user files": (lambda ws, w: _user_files(ws), ["--output", "notes", "--overwrite"], 2,
-                                "holds files this tool did not write"),
+        ["--model", "g/m.gguf", "--output", "g", "--overwrite"],
+        2,
+        "source model directory",
+    ),
+    "output is the working directory": (
+        None,
+        ["--output", ".", "--overwrite"],
+        2,
+        "is the working directory",
+    ),
+    "output is a parent of the working directory": (
+        None,
+        ["--output", "..", "--overwrite"],
+        2,
+        "is the working directory or one of its parents",
+    ),
+    "output holds user files": (
+        lambda ws, w: _user_files(ws),
+        ["--output", "notes", "--overwrite"],
+        2,
+        "holds files this tool did not write",
+    ),
     "tsq checkpoint plus a user file": (
         lambda ws, w: (_copy_written(ws, w) / "README.mine").write_text("my notes"),
-        ["--output", "ck", "--overwrite"], 2, "holds files this tool did not write"),
+        ["--output", "ck", "--overwrite"],
+        2,
+        "holds files this tool did not write",
+    ),
     "tsq checkpoint plus a subdirectory": (
-        lambda ws, w: (_copy_written(ws, w) / "eval").mkdir(), ["--output", "ck", "--overwrite"], 2,
-        "holds files this tool did not write"),
-    "existing output without --overwrite": (lambda ws, w: _copy_written(ws, w), ["--output", "ck"], 2,
-                                            "already exists: pass --overwrite"),
-    "output parent is a file": (lambda ws, w: (ws / "afile").write_text("x"), ["--output", "afile/out"], 2,
-                                "cannot be written"),
+        lambda ws, w: (_copy_written(ws, w) / "eval").mkdir(),
+        ["--output", "ck", "--overwrite"],
+        2,
+        "holds files this tool did not write",
+    ),
+    "existing output without --overwrite": (
+        lambda ws, w: _copy_written(ws, w),
+        ["--output", "ck"],
+        2,
+        "already exists: pass --overwrite",
+    ),
+    "output parent is a file": (
+        lambda ws, w: (ws / "afile").write_text("x"),
+        ["--output", "afile/out"],
+        2,
+        "cannot be written",
+    ),
     "calibration text is random bytes": (
-        lambda ws, w: (ws / "noise.txt").write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator()
-                                                                   .manual_seed(0), dtype=torch.uint8).numpy().tobytes()),
-        ["--calib", "text:noise.txt"], 2, "is not UTF-8 text"),
-    "calibration text is binary": (lambda ws, w: (ws / "bin.txt").write_bytes(b"ab\x00\x01\x02cd" * 500),
-                                   ["--calib", "text:bin.txt"], 2, "is binary data"),
-    "--seqlen above max_position_embeddings": (None, ["--seqlen", "1024"], 2,
-                                               "--seqlen 1024 exceeds the model's max_position_embeddings=512"),
-    "truncated source model.safetensors": (lambda ws, w: _truncate(ws / "model" / "model.safetensors"), [], 2,
-                                           "model.safetensors is truncated"),
-    "wrong hidden_size in config.json": (lambda ws, w: _config(ws, hidden_size=96), [], 2,
-                                         "config.json does not match the weights"),
-    "NaN/inf in a weight": (lambda ws, w: _nan_weight(ws), [], 1,
-                            "model.layers.1.self_attn.q_proj: the weight contains 4 NaN/inf value(s)"),
-    "NaN embedding row": (lambda ws, w: _nan_embedding_row(ws), [], 1,
-                          "model.layers.0.self_attn.q_proj: its calibration inputs contain NaN/inf"),
+        lambda ws, w: (ws / "noise.txt").write_bytes(
+            torch.randint(
+                0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+            )
+            .numpy()
+            .tobytes()
+        ),
+        ["--calib", "text:noise.txt"],
+        2,
+        "is not UTF-8 text",
+    ),
+    "calibration text is binary": (
+        lambda ws, w: (ws / "bin.txt").write_bytes(b"ab\x00\x01\x02cd" * 500),
+        ["--calib", "text:bin.txt"],
+        2,
+        "is binary data",
+    ),
+    "--seqlen above max_position_embeddings": (
+        None,
+        ["--seqlen", "1024"],
+        2,
+        "--seqlen 1024 exceeds the model's max_position_embeddings=512",
+    ),
+    "truncated source model.safetensors": (
+        lambda ws, w: _truncate(ws / "model" / "model.safetensors"),
+        [],
+        2,
+        "model.safetensors is truncated",
+    ),
+    "wrong hidden_size in config.json": (
+        lambda ws, w: _config(ws, hidden_size=96),
+        [],
+        2,
+        "config.json does not match the weights",
+    ),
+    "NaN/inf in a weight": (
+        lambda ws, w: _nan_weight(ws),
+        [],
+        1,
+        "model.layers.1.self_attn.q_proj: the weight contains 4 NaN/inf value(s)",
+    ),
+    "NaN embedding row": (
+        lambda ws, w: _nan_embedding_row(ws),
+        [],
+        1,
+        "model.layers.0.self_attn.q_proj: its calibration inputs contain NaN/inf",
+    ),
     "NaN in lm_head (never run by calibration)": (
-        lambda ws, w: _edit_weights(ws, lambda s: s["lm_head.weight"][7, 0].fill_(float("nan"))), [], 1,
-        "lm_head.weight contains NaN/inf values, which are never written"),
+        lambda ws, w: _edit_weights(ws, lambda s: s["lm_head.weight"][7, 0].fill_(float("nan"))),
+        [],
+        1,
+        "lm_head.weight contains NaN/inf values, which are never written",
+    ),
 }
 
 
@@ -122,7 +211,9 @@ def ws(tmp_path, tiny, monkeypatch) -> Path:
 
 def _run(capsys, argv: list[str]) -> tuple[int, str]:
     capsys.readouterr()
-    code = main(["--model", "model", "--calib", "text:model/calib.txt", "--output", "out", *FAST, *argv])
+    code = main(
+        ["--model", "model", "--calib", "text:model/calib.txt", "--output", "out", *FAST, *argv]
+    )
     return code, capsys.readouterr().err
 
 
@@ -154,7 +245,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(ws, capsys, monkeypatch):
     before = snapshot(ws)
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [
-        f"{PREFIX}No space left on device while writing --output 'out': free some space or pick another path"]
+        f"{PREFIX}No space left on device while writing --output 'out': free some space or pick another path"
+    ]
     assert snapshot(ws) == before
     code, err = _run(capsys, ["--debug"])
     assert code == 1 and "Traceback" in err and "OSError: [Errno 28]" in err
@@ -177,11 +269,14 @@ def test_non_finite_scales_from_the_quantizer_are_never_written(ws, capsys, monk
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [
         f"{PREFIX}model.layers.0.self_attn.q_proj: quantizing gave 1 NaN/inf scale(s), which are never written: "
-        f"retry with --no-stage2 or a larger --damp"]
+        f"retry with --no-stage2 or a larger --damp"
+    ]
     assert snapshot(ws) == before
 
 
-@pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize(
+    "sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
 def test_signals_exit_128_plus_signal(ws, capsys, monkeypatch, sig, status, word):
     import tsq_vllm.quantize.__main__ as cli
 
@@ -191,7 +286,9 @@ def test_signals_exit_128_plus_signal(ws, capsys, monkeypatch, sig, status, word
 
     monkeypatch.setattr(cli, "run_quantization", killed)
     code, err = _run(capsys, [])
-    assert code == status and err.strip().splitlines() == [f"python -m tsq_vllm.quantize: {word}; nothing was written"]
+    assert code == status and err.strip().splitlines() == [
+        f"python -m tsq_vllm.quantize: {word}; nothing was written"
+    ]
 
 
 def test_overwrite_replaces_tool_written_and_empty_dirs_only(ws, written, capsys):
@@ -200,10 +297,17 @@ def test_overwrite_replaces_tool_written_and_empty_dirs_only(ws, written, capsys
     for target in ("ck", "empty"):
         code, err = _run(capsys, ["--output", target, "--overwrite", "--bits", "3"])
         assert code == 0, err
-        assert json.loads((ws / target / "config.json").read_text())["quantization_config"]["bits"] == 3
+        assert (
+            json.loads((ws / target / "config.json").read_text())["quantization_config"]["bits"]
+            == 3
+        )
     manifest = json.loads((ck / "tsq_manifest.json").read_text())["files"]
     assert sorted(p.name for p in ck.iterdir()) == sorted([*manifest, "tsq_manifest.json"])
-    assert sorted(p.name for p in ws.iterdir()) == ["ck", "empty", "model"]  # no partial or old siblings
+    assert sorted(p.name for p in ws.iterdir()) == [
+        "ck",
+        "empty",
+        "model",
+    ]  # no partial or old siblings
 
 
 def test_checkpoint_from_before_the_manifest_may_be_overwritten(ws, written, capsys):
@@ -221,8 +325,12 @@ def test_checkpoint_from_before_the_manifest_may_be_overwritten(ws, written, cap
 def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
     dead, live = dead_pid(), os.getpid()
     partials = {}
-    for tag, pid, marker in (("dead", dead, True), ("live", live, True), ("unmarked", dead, False),
-                             ("other", dead, True)):
+    for tag, pid, marker in (
+        ("dead", dead, True),
+        ("live", live, True),
+        ("unmarked", dead, False),
+        ("other", dead, True),
+    ):
         name = "other" if tag == "other" else "out"
         d = ws / f".{name}.{pid}.{os.urandom(4).hex()}.partial"
         d.mkdir()
@@ -234,7 +342,9 @@ def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
         code, err = _run(capsys, [])
     assert code == 0, err
     assert not partials["dead"].exists()
-    assert partials["live"].exists() and partials["unmarked"].exists() and partials["other"].exists()
+    assert (
+        partials["live"].exists() and partials["unmarked"].exists() and partials["other"].exists()
+    )
     said = [r.getMessage() for r in caplog.records if "partial" in r.getMessage()]
     assert said == [f"removed 1 partial checkpoint(s) left by killed runs: {partials['dead']}"]
     assert ".tsq-partial" not in {p.name for p in (ws / "out").iterdir()}
@@ -251,4 +361,5 @@ def test_unservable_architecture_is_one_warning(caplog):
         assert caplog.records == []
         warn_unservable(SimpleNamespace(architectures=["FrobnicatorForCausalLM"]))
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-        f"vLLM {__import__('vllm').__version__} cannot serve architecture FrobnicatorForCausalLM"]
+        f"vLLM {__import__('vllm').__version__} cannot serve architecture FrobnicatorForCausalLM"
+    ]

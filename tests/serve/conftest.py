@@ -23,7 +23,9 @@ LINEAR_RE = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "serve: starts vLLM engines (about a minute each); select with -m serve")
+    config.addinivalue_line(
+        "markers", "serve: starts vLLM engines (about a minute each); select with -m serve"
+    )
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, act_order: bool, seed: int = 0):
@@ -50,8 +52,15 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, act_order: bool, s
     return codes, scales, zeros.to(torch.int32), g_idx
 
 
-def write_rtn_checkpoint(src: Path, dst: Path, bits: int, group_size: int, *, act_order: bool = False,
-                         quant_method: str = "tsq") -> Path:
+def write_rtn_checkpoint(
+    src: Path,
+    dst: Path,
+    bits: int,
+    group_size: int,
+    *,
+    act_order: bool = False,
+    quant_method: str = "tsq",
+) -> Path:
     """Quantize every decoder linear of the model in `src` to a GPTQ checkpoint in `dst`."""
     dst.mkdir(parents=True, exist_ok=True)
     state = load_file(str(src / "model.safetensors"))
@@ -62,7 +71,9 @@ def write_rtn_checkpoint(src: Path, dst: Path, bits: int, group_size: int, *, ac
             continue
         prefix = name[: -len(".weight")]
         # Layers reading the same input (q/k/v, gate/up) share one activation order, as in GPTQ.
-        shared_input = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
+        shared_input = re.sub(
+            r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix)
+        )
         seed = sum(map(ord, shared_input)) * 7919 % 100003
         codes, scales, zeros, g_idx = rtn_quantize(t, bits, group_size, act_order, seed=seed)
         for key, value in pack_linear(codes, scales, zeros, g_idx, bits).tensors(prefix).items():
@@ -91,8 +102,15 @@ def dequantized_state(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
             continue
         if name.endswith(".qweight"):
             p = name[: -len(".qweight")]
-            layer = GPTQLayer(t, state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"], bits,
-                              group_size=group_size, checkpoint_format=fmt)
+            layer = GPTQLayer(
+                t,
+                state[f"{p}.qzeros"],
+                state[f"{p}.scales"],
+                state[f"{p}.g_idx"],
+                bits,
+                group_size=group_size,
+                checkpoint_format=fmt,
+            )
             w = layer.dequantize(dtype=torch.float32)
             out[f"{p}.weight"] = w.t().contiguous()
         else:
@@ -100,7 +118,9 @@ def dequantized_state(ckpt: Path, bits: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_greedy(src: Path, ckpt: Path, bits: int, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+def reference_greedy(
+    src: Path, ckpt: Path, bits: int, prompts: list[list[int]], n_new: int
+) -> list[list[int]]:
     """Greedy continuations from transformers (fp32) with the checkpoint's dequantized weights."""
     from transformers import AutoModelForCausalLM
 
@@ -114,7 +134,7 @@ def reference_greedy(src: Path, ckpt: Path, bits: int, prompts: list[list[int]],
             for _ in range(n_new):
                 nxt = model(ids).logits[0, -1].argmax()
                 ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            outs.append(ids[0, len(prompt):].tolist())
+            outs.append(ids[0, len(prompt) :].tolist())
     return outs
 
 

@@ -33,13 +33,22 @@ def run_job(job: dict, tp: int) -> dict:
         # One process for TP 1: no separate worker to spawn and import vLLM into.
         distributed_executor_backend="uni" if tp == 1 else "mp",
     )
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
-                            logprobs=0 if job.get("logprobs") else None)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=job["max_tokens"],
+        ignore_eos=True,
+        logprobs=0 if job.get("logprobs") else None,
+    )
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False
+    )
     result: dict = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     if job.get("logprobs"):
         result["logprobs"] = [
-            [step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=False)]
+            [
+                step[tok].logprob
+                for step, tok in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=False)
+            ]
             for o in outs
         ]
     del llm, outs

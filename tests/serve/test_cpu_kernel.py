@@ -11,12 +11,20 @@ from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear, select_cpu_path
 
 pytestmark = pytest.mark.skipif(
-    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="torch without the CPU int4 matmul"
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+    reason="torch without the CPU int4 matmul",
 )
 
 
-def _layer(bits: int, group: int, n_out: int = 96, k_in: int = 256, act_order: bool = False, seed: int = 0,
-           fmt: str = "gptq"):
+def _layer(
+    bits: int,
+    group: int,
+    n_out: int = 96,
+    k_in: int = 256,
+    act_order: bool = False,
+    seed: int = 0,
+    fmt: str = "gptq",
+):
     g = torch.Generator().manual_seed(seed)
     n_g = k_in // group
     codes = torch.randint(0, 1 << bits, (n_out, k_in), generator=g)
@@ -31,7 +39,9 @@ def _layer(bits: int, group: int, n_out: int = 96, k_in: int = 256, act_order: b
     return pack_linear(codes, scales, zeros, g_idx, bits, fmt)
 
 
-def _check(t, bits: int, group: int, dtype: torch.dtype, m: int = 5, fmt: str = "gptq", **kw) -> str:
+def _check(
+    t, bits: int, group: int, dtype: torch.dtype, m: int = 5, fmt: str = "gptq", **kw
+) -> str:
     assert (t.bits, t.group_size, t.checkpoint_format) == (bits, group, fmt)
     w = t.dequantize(dtype=torch.float32)  # [K, N]
     lin = prepare_cpu_linear(t, act_dtype=dtype, **kw)
@@ -51,12 +61,16 @@ def _check(t, bits: int, group: int, dtype: torch.dtype, m: int = 5, fmt: str = 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"]
+)
 @pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
 def test_fast_path_matches_reference(bits, group, dtype, act_order):
     path = _check(_layer(bits, group, act_order=act_order, seed=bits * group), bits, group, dtype)
     assert path == select_cpu_path(bits, dtype)
-    expected = {2: "int4", 3: "int4", 4: "int4", 8: "int4x2"}[bits] if dtype == torch.bfloat16 else "dense"
+    expected = (
+        {2: "int4", 3: "int4", 4: "int4", 8: "int4x2"}[bits] if dtype == torch.bfloat16 else "dense"
+    )
     assert path == expected
 
 

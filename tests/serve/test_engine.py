@@ -49,28 +49,58 @@ def _run_worker(jobs: list[dict], tmp: Path, tp: int = 1, timeout: int = 420) ->
     if tp > 1:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "tests.serve.llm_worker", str(jobs_file), "--tp", str(tp)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=f, text=True, timeout=timeout)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(results) == len(jobs), f"worker exit {proc.returncode}; log tail:\n{log.read_text()[-3000:]}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.serve.llm_worker", str(jobs_file), "--tp", str(tp)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            timeout=timeout,
+        )
+    results = [
+        json.loads(line[len("RESULT ") :])
+        for line in proc.stdout.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert len(results) == len(jobs), (
+        f"worker exit {proc.returncode}; log tail:\n{log.read_text()[-3000:]}"
+    )
     return results
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def checkpoints(
+    tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     root = tmp_path_factory.mktemp("ckpt")
     ck = {
-        "llama-2bit-g64-actorder": (tiny_llama, write_rtn_checkpoint(tiny_llama, root / "l2", 2, 64, act_order=True), 2),
-        "llama-3bit-g32-actorder": (tiny_llama, write_rtn_checkpoint(tiny_llama, root / "l3", 3, 32, act_order=True), 3),
+        "llama-2bit-g64-actorder": (
+            tiny_llama,
+            write_rtn_checkpoint(tiny_llama, root / "l2", 2, 64, act_order=True),
+            2,
+        ),
+        "llama-3bit-g32-actorder": (
+            tiny_llama,
+            write_rtn_checkpoint(tiny_llama, root / "l3", 3, 32, act_order=True),
+            3,
+        ),
         # A plain GPTQ checkpoint (quant_method "gptq"), served through --quantization tsq.
-        "qwen2-4bit-g128-gptq": (tiny_qwen2, write_rtn_checkpoint(tiny_qwen2, root / "q4", 4, 128, quant_method="gptq"), 4),
+        "qwen2-4bit-g128-gptq": (
+            tiny_qwen2,
+            write_rtn_checkpoint(tiny_qwen2, root / "q4", 4, 128, quant_method="gptq"),
+            4,
+        ),
     }
     return ck
 
 
 @pytest.fixture(scope="module")
 def references(checkpoints: dict) -> dict:
-    return {name: reference_greedy(src, ck, bits, _prompts(src), N_NEW) for name, (src, ck, bits) in checkpoints.items()}
+    return {
+        name: reference_greedy(src, ck, bits, _prompts(src), N_NEW)
+        for name, (src, ck, bits) in checkpoints.items()
+    }
 
 
 def _corrupt(src_ckpt: Path, dst: Path, edit) -> Path:
@@ -101,19 +131,37 @@ def offline(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     _, q4, _ = checkpoints["qwen2-4bit-g128-gptq"]
     bad = {
         "bits-mismatch": _corrupt(q4, tmp / "bad_bits", lambda d: _set_bits(d, 3)),
-        "missing-tensor": _corrupt(l3, tmp / "bad_missing", lambda d: _drop_tensor(d, "model.layers.1.self_attn.k_proj.scales")),
+        "missing-tensor": _corrupt(
+            l3,
+            tmp / "bad_missing",
+            lambda d: _drop_tensor(d, "model.layers.1.self_attn.k_proj.scales"),
+        ),
     }
-    jobs = [{"name": n, "model": str(ck), "prompts": _prompts(src), "max_tokens": N_NEW}
-            for n, (src, ck, _) in checkpoints.items()]
-    jobs.append({"name": "bf16", "model": str(l3), "prompts": _prompts(l3), "max_tokens": N_NEW,
-                 "dtype": "bfloat16", "logprobs": True})
-    jobs += [{"name": n, "model": str(d), "prompts": [[5, 6]], "max_tokens": 1} for n, d in bad.items()]
+    jobs = [
+        {"name": n, "model": str(ck), "prompts": _prompts(src), "max_tokens": N_NEW}
+        for n, (src, ck, _) in checkpoints.items()
+    ]
+    jobs.append(
+        {
+            "name": "bf16",
+            "model": str(l3),
+            "prompts": _prompts(l3),
+            "max_tokens": N_NEW,
+            "dtype": "bfloat16",
+            "logprobs": True,
+        }
+    )
+    jobs += [
+        {"name": n, "model": str(d), "prompts": [[5, 6]], "max_tokens": 1} for n, d in bad.items()
+    ]
     results = _run_worker(jobs, tmp)
     return {job["name"]: res for job, res in zip(jobs, results, strict=False)}
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["llama-2bit-g64-actorder", "llama-3bit-g32-actorder", "qwen2-4bit-g128-gptq"])
+@pytest.mark.parametrize(
+    "name", ["llama-2bit-g64-actorder", "llama-3bit-g32-actorder", "qwen2-4bit-g128-gptq"]
+)
 def test_offline_greedy_matches_transformers(offline, references, name):
     assert "error" not in offline[name], offline[name]
     assert offline[name]["tokens"] == references[name]
@@ -138,10 +186,19 @@ def test_bf16_int4_path_logprobs_match_fp32_reference(offline, checkpoints):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name,needle", [
-    ("bits-mismatch", r"\.(qweight|qzeros): checkpoint tensor has shape \(\d+, \d+\), expected .*wrong bits"),
-    ("missing-tensor", r"model\.layers\.1\.self_attn\.k_proj\.scales missing from the checkpoint"),
-])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        (
+            "bits-mismatch",
+            r"\.(qweight|qzeros): checkpoint tensor has shape \(\d+, \d+\), expected .*wrong bits",
+        ),
+        (
+            "missing-tensor",
+            r"model\.layers\.1\.self_attn\.k_proj\.scales missing from the checkpoint",
+        ),
+    ],
+)
 def test_corrupt_checkpoint_fails_at_load(offline, name, needle):
     assert re.search(needle, offline[name].get("error", "")), offline[name]
 
@@ -149,7 +206,9 @@ def test_corrupt_checkpoint_fails_at_load(offline, name, needle):
 @pytest.mark.timeout(900)
 def test_tensor_parallel_2_matches_tp1(offline, checkpoints, tmp_path):
     src, ck, _ = checkpoints["llama-3bit-g32-actorder"]
-    (res,) = _run_worker([{"model": str(ck), "prompts": _prompts(src), "max_tokens": N_NEW}], tmp_path, tp=2)
+    (res,) = _run_worker(
+        [{"model": str(ck), "prompts": _prompts(src), "max_tokens": N_NEW}], tmp_path, tp=2
+    )
     assert res.get("tokens") == offline["llama-3bit-g32-actorder"]["tokens"], res
 
 
@@ -162,15 +221,33 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
     ck = write_rtn_checkpoint(tiny_llama, tmp / "l4", 4, 32, act_order=True)
     env = {**os.environ, **ENV}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the async server runs its engine in a child process
-    cmd = [sys.executable, "-m", "tsq_vllm.serve", str(ck), "--host", "127.0.0.1", "--enforce-eager",
-           "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "8",
-           "--distributed-executor-backend", "uni", "--served-model-name", "tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tsq_vllm.serve",
+        str(ck),
+        "--host",
+        "127.0.0.1",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--dtype",
+        "float32",
+        "--max-num-seqs",
+        "8",
+        "--distributed-executor-backend",
+        "uni",
+        "--served-model-name",
+        "tiny",
+    ]
     with ServerProcess(cmd, tmp / "server.log", env=env, cwd=REPO, timeout=400) as srv:
         yield srv.base_url, ck, tiny_llama
 
 
 def _ids(tokens: list[str]) -> list[int]:
-    return [int(t.split(":", 1)[1]) for t in tokens]  # "token_id:123" with return_tokens_as_token_ids
+    return [
+        int(t.split(":", 1)[1]) for t in tokens
+    ]  # "token_id:123" with return_tokens_as_token_ids
 
 
 @pytest.mark.timeout(900)
@@ -189,12 +266,19 @@ def test_http_completions_and_chat_match_transformers(server):
     ref_completion, ref_chat = reference_greedy(src, ck, 4, [prompt, chat_prompt], 12)
 
     extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
-    comp = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
-                                     extra_body=extra)
+    comp = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=1, extra_body=extra
+    )
     assert _ids(comp.choices[0].logprobs.tokens) == ref_completion
 
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
-                                          logprobs=True, extra_body=extra)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        extra_body=extra,
+    )
     assert _ids([c.token for c in chat.choices[0].logprobs.content]) == ref_chat
 
 
@@ -212,11 +296,16 @@ def test_http_malformed_requests_get_4xx_and_server_keeps_serving(server):
     ]
     for i, body in enumerate(bad_bodies):
         path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
-        req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            base + path, data=body, headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=60)
         assert 400 <= e.value.code < 500, (i, e.value.code)
-    ok = urllib.request.Request(base + "/v1/completions", data=b'{"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3}',
-                                headers={"Content-Type": "application/json"})
+    ok = urllib.request.Request(
+        base + "/v1/completions",
+        data=b'{"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3}',
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(ok, timeout=60) as r:
         assert r.status == 200 and json.loads(r.read())["choices"][0]["text"] is not None

@@ -49,14 +49,20 @@ def test_healthy_server_is_reachable_and_its_group_is_stopped(tmp_path):
         pgid = srv.proc.pid
     assert srv.proc.poll() is not None
     deadline = time.monotonic() + 10
-    while _live_members(pgid) and time.monotonic() < deadline:  # the forked child dies by SIGTERM too
+    while (
+        _live_members(pgid) and time.monotonic() < deadline
+    ):  # the forked child dies by SIGTERM too
         time.sleep(0.1)
     assert _live_members(pgid) == []
 
 
 def test_server_that_exits_fails_with_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)exited with status 3.*boom"):
-        ServerProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "log", timeout=60)
+        ServerProcess(
+            [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+            tmp_path / "log",
+            timeout=60,
+        )
 
 
 def test_silent_server_times_out_and_is_killed(tmp_path):

@@ -1,10 +1,10 @@
 """Checkpoint I/O: GPTQ-layout checkpoint directories on disk (layout: docs/format.md).
 
-  atomic      the --output directory: overwrite rules, temporary sibling, rename, manifest, cleanup
-  hf          save_quantized / load_quantized (transformers model <-> safetensors shards), QuantLinear
-  config      read_quantization_config (the one reader), read_checkpoint_config (strict, for serving)
-  integrity   safetensors headers and the sha256 fingerprint of the weight files
-  validate    check_checkpoint_files, the launcher's pre-check of every shard and packed tensor
+atomic      the --output directory: overwrite rules, temporary sibling, rename, manifest, cleanup
+hf          save_quantized / load_quantized (transformers model <-> safetensors shards), QuantLinear
+config      read_quantization_config (the one reader), read_checkpoint_config (strict, for serving)
+integrity   safetensors headers and the sha256 fingerprint of the weight files
+validate    check_checkpoint_files, the launcher's pre-check of every shard and packed tensor
 """
 
 from .config import (

@@ -18,8 +18,17 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["MANIFEST_NAME", "PARTIAL_MARKER", "check_output", "check_writable", "new_sibling",
-           "write_manifest", "normal_permissions", "replace_dir", "remove_stale_partials"]
+__all__ = [
+    "MANIFEST_NAME",
+    "PARTIAL_MARKER",
+    "check_output",
+    "check_writable",
+    "new_sibling",
+    "write_manifest",
+    "normal_permissions",
+    "replace_dir",
+    "remove_stale_partials",
+]
 
 logger = logging.getLogger("tsq_vllm.checkpoint")
 
@@ -60,22 +69,32 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[Path] = ()) 
     shown = str(output)
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
-        raise ValueError(f"--output {shown!r} is the working directory or one of its parents: a checkpoint "
-                         f"needs a directory of its own; name a new one such as ./model-tsq")
+        raise ValueError(
+            f"--output {shown!r} is the working directory or one of its parents: a checkpoint "
+            f"needs a directory of its own; name a new one such as ./model-tsq"
+        )
     for p in protected:
         src = Path(p).expanduser().resolve()
         if out == src or out in src.parents or src in out.parents:
-            raise ValueError(f"--output {shown!r} is, contains or lies inside the source model directory "
-                             f"{str(src)!r}: the source must stay untouched; write to a separate directory")
+            raise ValueError(
+                f"--output {shown!r} is, contains or lies inside the source model directory "
+                f"{str(src)!r}: the source must stay untouched; write to a separate directory"
+            )
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
-        raise ValueError(f"--output {shown!r} already exists: pass --overwrite to replace it or pick another path")
+        raise ValueError(
+            f"--output {shown!r} already exists: pass --overwrite to replace it or pick another path"
+        )
     if out.is_symlink() or not out.is_dir():
-        raise ValueError(f"--output {shown!r} is a file, not a directory: remove it or pick another path")
+        raise ValueError(
+            f"--output {shown!r} is a file, not a directory: remove it or pick another path"
+        )
     if any(out.iterdir()) and not _tool_written(out):
-        raise ValueError(f"--output {shown!r} holds files this tool did not write: --overwrite replaces only "
-                         f"an empty directory or a tsq checkpoint; move them away or pick another path")
+        raise ValueError(
+            f"--output {shown!r} holds files this tool did not write: --overwrite replaces only "
+            f"an empty directory or a tsq checkpoint; move them away or pick another path"
+        )
 
 
 def check_writable(output: Path) -> None:
@@ -88,8 +107,10 @@ def check_writable(output: Path) -> None:
     try:
         probe.mkdir()
     except OSError as e:
-        raise ValueError(f"--output {str(output)!r} cannot be written ({e.strerror or e} at {anchor}): pick a "
-                         f"writable location") from None
+        raise ValueError(
+            f"--output {str(output)!r} cannot be written ({e.strerror or e} at {anchor}): pick a "
+            f"writable location"
+        ) from None
     probe.rmdir()
 
 
@@ -166,6 +187,9 @@ def remove_stale_partials(output: Path) -> list[Path]:
             shutil.rmtree(d)
             removed.append(d)
     if removed:
-        logger.warning("removed %d partial checkpoint(s) left by killed runs: %s",
-                       len(removed), ", ".join(str(d) for d in removed))
+        logger.warning(
+            "removed %d partial checkpoint(s) left by killed runs: %s",
+            len(removed),
+            ", ".join(str(d) for d in removed),
+        )
     return removed

@@ -17,7 +17,12 @@ from typing import Any
 
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
 
-__all__ = ["SERVABLE_METHODS", "parse_quant_config", "read_quantization_config", "read_checkpoint_config"]
+__all__ = [
+    "SERVABLE_METHODS",
+    "parse_quant_config",
+    "read_quantization_config",
+    "read_checkpoint_config",
+]
 
 # `--quantization tsq` serves our own checkpoints and plain GPTQ ones (same tensor layout).
 SERVABLE_METHODS = (QUANT_METHOD, "gptq")
@@ -28,7 +33,9 @@ def _method(raw: dict[str, Any]) -> str:
     return str(raw.get("quant_method", QUANT_METHOD)).lower()
 
 
-def parse_quant_config(raw: dict[str, Any], where: str = "quantization_config") -> CheckpointQuantConfig:
+def parse_quant_config(
+    raw: dict[str, Any], where: str = "quantization_config"
+) -> CheckpointQuantConfig:
     """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad field."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(raw).__name__}")
@@ -43,7 +50,9 @@ def parse_quant_config(raw: dict[str, Any], where: str = "quantization_config") 
             f"{where} has lm_head=true: tsq serves lm_head unquantized; re-quantize with lm_head=false"
         )
     dynamic = raw.get("dynamic") or {}
-    overrides = [p for p in dynamic if not str(p).startswith("-:")] if isinstance(dynamic, dict) else []
+    overrides = (
+        [p for p in dynamic if not str(p).startswith("-:")] if isinstance(dynamic, dict) else []
+    )
     if overrides:
         raise ValueError(
             f"{where} has per-module overrides in 'dynamic' ({overrides[0]!r}, ...): tsq needs one "
@@ -63,7 +72,9 @@ def _load_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt checkpoint: {file} is not valid JSON ({e}): re-export the checkpoint") from None
+        raise ValueError(
+            f"corrupt checkpoint: {file} is not valid JSON ({e}): re-export the checkpoint"
+        ) from None
 
 
 def _raw_config(path: Path) -> tuple[Any, str] | None:
@@ -111,5 +122,7 @@ def read_checkpoint_config(model_dir: str | Path) -> CheckpointQuantConfig:
     # Not read_quantization_config's None: a foreign method or lm_head=true gets its own message.
     cfg = parse_quant_config(*found)
     if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path} has no *.safetensors weights: tsq reads safetensors checkpoints only")
+        raise ValueError(
+            f"{path} has no *.safetensors weights: tsq reads safetensors checkpoints only"
+        )
     return cfg

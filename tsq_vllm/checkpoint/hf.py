@@ -46,16 +46,29 @@ class QuantLinear(nn.Module):
     def __init__(self, layer: GPTQLayer, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = layer.K, layer.N
-        self.bits, self.group_size, self.checkpoint_format = layer.bits, layer.group_size, layer.checkpoint_format
-        for name, t in zip(TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx), strict=True):
+        self.bits, self.group_size, self.checkpoint_format = (
+            layer.bits,
+            layer.group_size,
+            layer.checkpoint_format,
+        )
+        for name, t in zip(
+            TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx), strict=True
+        ):
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @property
     def layer(self) -> GPTQLayer:
         """The buffers as a `GPTQLayer` (they follow the module across devices)."""
-        return GPTQLayer(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size,
-                         self.checkpoint_format)
+        return GPTQLayer(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            self.checkpoint_format,
+        )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W in nn.Linear orientation [N, K]."""
@@ -65,8 +78,10 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}"
+        )
 
 
 def _tied_targets(model: Any) -> set[str]:
@@ -149,12 +164,19 @@ def save_quantized(
         tensors = checkpoint_tensors(model, packed)
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{key} contains NaN/inf values, which are never written: the source model is "
-                                 f"corrupt; re-download or re-export it")
+                raise ValueError(
+                    f"{key} contains NaN/inf values, which are never written: the source model is "
+                    f"corrupt; re-download or re-export it"
+                )
         files = _write_weights(tensors, tmp, max_shard_bytes)
         # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
-        qconfig = dataclasses.replace(qconfig, tsq={**qconfig.tsq, INTEGRITY_KEY: fingerprint(
-            qconfig.to_dict(), [tmp / f for f in files])})
+        qconfig = dataclasses.replace(
+            qconfig,
+            tsq={
+                **qconfig.tsq,
+                INTEGRITY_KEY: fingerprint(qconfig.to_dict(), [tmp / f for f in files]),
+            },
+        )
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig.to_dict()
         config.dtype = model.dtype  # what the unquantized tensors were written in
@@ -202,7 +224,9 @@ def _read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"corrupt checkpoint: cannot read {f.name} ({e}); re-download or re-quantize") from e
+            raise ValueError(
+                f"corrupt checkpoint: cannot read {f.name} ({e}); re-download or re-quantize"
+            ) from e
     return tensors
 
 
@@ -224,7 +248,9 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a directory")
     qc = read_quantization_config(path)
     if qc is None:
-        raise ValueError(f"{str(path)!r} is not a quantized checkpoint: config.json has no tsq/gptq quantization_config")
+        raise ValueError(
+            f"{str(path)!r} is not a quantized checkpoint: config.json has no tsq/gptq quantization_config"
+        )
     tensors = _read_tensors(_weight_files(path))
     config = AutoConfig.from_pretrained(path)
     # transformers would look for a quantizer named "tsq"; the linears are swapped in below instead.
@@ -241,17 +267,27 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         except AttributeError:
             lin = None
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this model")
+            raise ValueError(
+                f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this model"
+            )
         missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
         if missing:
             raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
-        layer = qc.read_layer({n: tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES}, prefix,
-                              lin.in_features, lin.out_features)
+        layer = qc.read_layer(
+            {n: tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES},
+            prefix,
+            lin.in_features,
+            lin.out_features,
+        )
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
-            raise ValueError(f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}")
+            raise ValueError(
+                f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}"
+            )
         if bias is not None and tuple(bias.shape) != (lin.out_features,):
-            raise ValueError(f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected [{lin.out_features}]")
+            raise ValueError(
+                f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected [{lin.out_features}]"
+            )
         quant = QuantLinear(layer, None if bias is None else bias.to(lin.bias.dtype))
         model.set_submodule(prefix, quant)
 
@@ -263,9 +299,13 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     tied = _tied_targets(model)
     missing = [k for k in result.missing_keys if not k.startswith(quantized) and k not in tied]
     if missing:
-        raise ValueError(f"corrupt checkpoint: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"corrupt checkpoint: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
     if result.unexpected_keys:
-        raise ValueError(f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config")
+        raise ValueError(
+            f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config"
+        )
     # Last, so that a more specific message above wins; checkpoints of other tools have no fingerprint.
     verify_fingerprint(path, qc.tsq)
     model.tie_weights()

@@ -22,7 +22,13 @@ from typing import Any
 
 from ..format.config import FINGERPRINT_FIELDS, INTEGRITY_KEY
 
-__all__ = ["INTEGRITY_KEY", "FINGERPRINT_FIELDS", "read_header", "fingerprint", "verify_fingerprint"]
+__all__ = [
+    "INTEGRITY_KEY",
+    "FINGERPRINT_FIELDS",
+    "read_header",
+    "fingerprint",
+    "verify_fingerprint",
+]
 
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
@@ -34,25 +40,35 @@ def read_header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ValueError(f"{path.name} is {size} bytes, too short for a safetensors header: {fix}")
+            raise ValueError(
+                f"{path.name} is {size} bytes, too short for a safetensors header: {fix}"
+            )
         (n,) = struct.unpack("<Q", raw)
         if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"{path.name} is truncated or not safetensors: its header claims {n} bytes "
-                             f"but the file has {size}: {fix}")
+            raise ValueError(
+                f"{path.name} is truncated or not safetensors: its header claims {n} bytes "
+                f"but the file has {size}: {fix}"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path.name} has an unreadable safetensors header ({e}): {fix}") from None
+            raise ValueError(
+                f"{path.name} has an unreadable safetensors header ({e}): {fix}"
+            ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has an unreadable safetensors header: {fix}")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        raise ValueError(f"{path.name} has a malformed safetensors header (no data_offsets): {fix}") from None
+        raise ValueError(
+            f"{path.name} has a malformed safetensors header (no data_offsets): {fix}"
+        ) from None
     if 8 + n + end != size:
         state = "truncated" if size < 8 + n + end else "padded or corrupt"
-        raise ValueError(f"{path.name} is {state}: it has {size} bytes but its header describes {8 + n + end}: {fix}")
+        raise ValueError(
+            f"{path.name} is {state}: it has {size} bytes but its header describes {8 + n + end}: {fix}"
+        )
     return tensors
 
 
@@ -66,7 +82,10 @@ def _sha256(path: Path) -> str:
 
 def fingerprint(fields: dict[str, Any], files: Iterable[Path]) -> dict[str, Any]:
     """The `integrity` block for weight `files` packed with the format `fields`."""
-    return {**{k: fields[k] for k in FINGERPRINT_FIELDS}, "files": {f.name: _sha256(f) for f in sorted(files)}}
+    return {
+        **{k: fields[k] for k in FINGERPRINT_FIELDS},
+        "files": {f.name: _sha256(f) for f in sorted(files)},
+    }
 
 
 def verify_fingerprint(directory: Path, tsq: dict[str, Any] | None) -> bool:
@@ -77,9 +96,13 @@ def verify_fingerprint(directory: Path, tsq: dict[str, Any] | None) -> bool:
     for name, digest in sorted(block["files"].items()):
         f = directory / name
         if not f.is_file():
-            raise ValueError(f"corrupt checkpoint: {name}, recorded in quantization_config.tsq.integrity, is "
-                             f"missing from {directory}: re-download or re-quantize")
+            raise ValueError(
+                f"corrupt checkpoint: {name}, recorded in quantization_config.tsq.integrity, is "
+                f"missing from {directory}: re-download or re-quantize"
+            )
         if _sha256(f) != digest:
-            raise ValueError(f"corrupt checkpoint: {f} differs from the sha256 recorded when it was written "
-                             f"(quantization_config.tsq.integrity): re-download or re-quantize")
+            raise ValueError(
+                f"corrupt checkpoint: {f} differs from the sha256 recorded when it was written "
+                f"(quantization_config.tsq.integrity): re-download or re-quantize"
+            )
     return True

@@ -28,7 +28,9 @@ def _shard_names(path: Path) -> tuple[list[str], dict[str, str]]:
         weight_map = json.loads(index.read_text())["weight_map"]
         return sorted(set(weight_map.values())), dict(weight_map)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index} has no readable weight_map ({e}): re-export the checkpoint") from None
+        raise ValueError(
+            f"{index} has no readable weight_map ({e}): re-export the checkpoint"
+        ) from None
 
 
 def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
@@ -42,9 +44,15 @@ def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}/config.json does not describe a model transformers can build ({e}): "
-                         f"re-export the checkpoint") from None
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        raise ValueError(
+            f"{path}/config.json does not describe a model transformers can build ({e}): "
+            f"re-export the checkpoint"
+        ) from None
+    return {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
 
 
 def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) -> None:
@@ -58,7 +66,9 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
     headers: dict[str, dict[str, Any]] = {}
     for name in names:
         if not (path / name).is_file():
-            raise ValueError(f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the checkpoint")
+            raise ValueError(
+                f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the checkpoint"
+            )
         try:
             headers[name] = read_header(path / name)
         except ValueError as e:
@@ -66,21 +76,35 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
     location = {t: name for name, header in headers.items() for t in header}
     for tensor, name in weight_map.items():
         if location.get(tensor) != name:
-            raise ValueError(f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that file: "
-                             f"re-export the checkpoint")
+            raise ValueError(
+                f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that file: "
+                f"re-export the checkpoint"
+            )
     linears = _linear_shapes(path)
     prefixes = sorted(t[: -len(".qweight")] for t in location if t.endswith(".qweight"))
     if not prefixes:
-        raise ValueError(f"corrupt checkpoint: {path} has no .qweight tensors: it is not GPTQ-packed")
+        raise ValueError(
+            f"corrupt checkpoint: {path} has no .qweight tensors: it is not GPTQ-packed"
+        )
     with contextlib.ExitStack() as stack:
-        files = {name: stack.enter_context(safe_open(str(path / name), framework="pt")) for name in headers}
+        files = {
+            name: stack.enter_context(safe_open(str(path / name), framework="pt"))
+            for name in headers
+        }
         for prefix in prefixes:
             missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in location]
             if missing:
-                raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the checkpoint")
+                raise ValueError(
+                    f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the checkpoint"
+                )
             if prefix not in linears:
-                raise ValueError(f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of the "
-                                 f"model config.json describes: re-export the checkpoint")
-            stored = {n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}") for n in TENSOR_NAMES}
+                raise ValueError(
+                    f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of the "
+                    f"model config.json describes: re-export the checkpoint"
+                )
+            stored = {
+                n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}")
+                for n in TENSOR_NAMES
+            }
             cfg.read_layer(stored, prefix, *linears[prefix])
     verify_fingerprint(path, cfg.tsq)

@@ -106,7 +106,9 @@ class LevelCandidates:
 
 def check_bits(bits: int, base_bits: int) -> None:
     if base_bits not in BASE_BITS:
-        raise ValueError(f"intermediate bits b0={base_bits} is not supported: use one of {BASE_BITS}")
+        raise ValueError(
+            f"intermediate bits b0={base_bits} is not supported: use one of {BASE_BITS}"
+        )
     if not 1 <= bits < base_bits:
         raise ValueError(
             f"binary-coding bits k={bits} must satisfy 1 <= k < b0={base_bits}: lower k or raise b0"
@@ -144,7 +146,9 @@ def level_candidates(bits: int, base_bits: int) -> LevelCandidates:
     key = 2 * diff.abs() + (diff > 0).long()
     pattern = key.argmin(-1)  # [C, M+1]
     mapped = levels.gather(1, pattern)
-    return LevelCandidates(bits, base_bits, low, steps, mapped, pattern, (x - mapped).square().float())
+    return LevelCandidates(
+        bits, base_bits, low, steps, mapped, pattern, (x - mapped).square().float()
+    )
 
 
 def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +160,9 @@ def _first_occurrence(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return uniq[order], first[order]
 
 
-def code_histogram(codes: torch.Tensor, h: torch.Tensor, group_size: int, base_bits: int) -> torch.Tensor:
+def code_histogram(
+    codes: torch.Tensor, h: torch.Tensor, group_size: int, base_bits: int
+) -> torch.Tensor:
     """hist [N, n_g, 2^b₀]: Σ of h_j [K] over the columns j of each group holding each code."""
     N, K = codes.shape
     n_g = K // group_size
@@ -232,7 +238,9 @@ class BCQWeight:
             or (self.low < 0).any()
             or (self.low + self.steps.sum(-1) > self.maxq).any()
         ):
-            raise ValueError(f"BCQWeight levels must satisfy d >= 0, m >= 0 and m + sum(d) <= {self.maxq}")
+            raise ValueError(
+                f"BCQWeight levels must satisfy d >= 0, m >= 0 and m + sum(d) <= {self.maxq}"
+            )
         if not torch.equal(self._codes_from_signs(), self.codes.long()):
             raise ValueError("BCQWeight.codes disagree with low + sum(steps * (signs + 1) / 2)")
 

@@ -35,7 +35,9 @@ def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(Hinv, upper=True).float()
 
 
-def asymmetric_target(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def asymmetric_target(
+    W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """W' = W − α·W R H⁻¹ [N, K]: GPTAQ's asymmetric calibration (arXiv 2504.02692) as a target.
 
     With R = E[ΔX Xᵀ], the weight whose outputs on the quantized stream X best match W's on the FP

@@ -42,7 +42,13 @@ from .gptq import inverse_hessian_factor
 from .grid import Grid
 from .stage2 import ScaleSystem, layer_objective, refine_scales, scale_system
 
-__all__ = ["GPTQTSettings", "Reexplore", "gptq_quantize_levels", "gptqt_convert", "reexplore_scales"]
+__all__ = [
+    "GPTQTSettings",
+    "Reexplore",
+    "gptq_quantize_levels",
+    "gptqt_convert",
+    "reexplore_scales",
+]
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,9 @@ class GPTQTSettings:
 
     def __post_init__(self) -> None:
         if self.bits < 1 or self.block_size < 1:
-            raise ValueError(f"GPTQT needs bits >= 1 and block_size >= 1, got {self.bits}, {self.block_size}")
+            raise ValueError(
+                f"GPTQT needs bits >= 1 and block_size >= 1, got {self.bits}, {self.block_size}"
+            )
 
 
 def gptq_quantize_levels(

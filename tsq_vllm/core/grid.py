@@ -59,7 +59,9 @@ def fit_grid(
     return Grid(scale, zero, bits)
 
 
-def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_codes(
+    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Round-to-nearest codes for W under a grid whose scale/zero broadcast against W."""
     return torch.clamp(torch.round(W / scale) + zero, 0, (1 << bits) - 1)
 

@@ -20,7 +20,9 @@ __all__ = ["HessianAccumulator", "damp_hessian", "dead_columns"]
 class HessianAccumulator:
     """Running means of X Xᵀ and, when the full-precision stream is given, ΔX Xᵀ and ΔX ΔXᵀ."""
 
-    def __init__(self, in_features: int, *, with_r: bool = False, device: torch.device | str = "cpu"):
+    def __init__(
+        self, in_features: int, *, with_r: bool = False, device: torch.device | str = "cpu"
+    ):
         self.in_features = in_features
         self.count = 0
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
@@ -38,7 +40,9 @@ class HessianAccumulator:
         self.H.mul_(self.count / total).addmm_(x.t(), x, alpha=1.0 / total)
         if self.R is not None and self.D is not None:
             if x_fp is None:
-                raise ValueError("this accumulator tracks R: pass the full-precision inputs x_fp too")
+                raise ValueError(
+                    "this accumulator tracks R: pass the full-precision inputs x_fp too"
+                )
             dx = x - x_fp.reshape(-1, self.in_features).to(self.H)  # [T, K]
             self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
             self.D.mul_(self.count / total).addmm_(dx.t(), dx, alpha=1.0 / total)

@@ -116,7 +116,9 @@ class ScaleSystem:
 @dataclass
 class Stage2Result:
     scale: torch.Tensor  # [N, n_g]
-    objective: list[float] = field(default_factory=list)  # L_α summed over rows, before sweep 1 and after each sweep
+    objective: list[float] = field(
+        default_factory=list
+    )  # L_α summed over rows, before sweep 1 and after each sweep
     at_bound: int = 0  # scales that ended on an edge of the box
 
 
@@ -144,7 +146,9 @@ def scale_system(
     W, U, H = W.float(), U.float(), H.float()
     WH = W @ H  # [N, K]: rows are (H w)ᵀ
     sys = ScaleSystem(
-        A=torch.empty(0), b_h=_grouped_sum(U * WH, group_size).double(), w_h_w=(W * WH).sum(-1).double()
+        A=torch.empty(0),
+        b_h=_grouped_sum(U * WH, group_size).double(),
+        w_h_w=(W * WH).sum(-1).double(),
     )
     if R is not None:
         WR = W @ R.float()  # rows are (Rᵀ w)ᵀ
@@ -188,7 +192,9 @@ def refine_scales(
     (A_ii = 0) have no effect on q and keep their scale.
     """
     if box is not None and not box >= 1.0:
-        raise ValueError(f"scale box {box} must be at least 1 (the interval [s0/box, box*s0]), or None for no box")
+        raise ValueError(
+            f"scale box {box} must be at least 1 (the interval [s0/box, box*s0]), or None for no box"
+        )
     sys = system if system is not None else scale_system(W, U, H, R, group_size)
     A, b = sys.A, sys.b(alpha)
     s = scale.double().clone()
@@ -226,7 +232,9 @@ def energy_match(system: ScaleSystem, scale: torch.Tensor) -> torch.Tensor:
     q = system.q_energy(scale.double())
     fp = system.fp_energy()
     ok = (q > 0) & (fp > 0)
-    gamma = torch.where(ok, (fp.clamp(min=0) / torch.where(ok, q, torch.ones_like(q))).sqrt(), torch.ones_like(q))
+    gamma = torch.where(
+        ok, (fp.clamp(min=0) / torch.where(ok, q, torch.ones_like(q))).sqrt(), torch.ones_like(q)
+    )
     return (scale.double() * gamma[:, None]).to(scale.dtype)
 
 

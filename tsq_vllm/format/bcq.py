@@ -34,7 +34,9 @@ WORD = 32
 
 def _check_k(K: int) -> None:
     if K % WORD:
-        raise ValueError(f"in_features={K} is not a multiple of {WORD}: BCQ packs 32 inputs per int32 word")
+        raise ValueError(
+            f"in_features={K} is not a multiple of {WORD}: BCQ packs 32 inputs per int32 word"
+        )
 
 
 def pack_planes(signs: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,9 @@ def pack_planes(signs: torch.Tensor) -> torch.Tensor:
 def unpack_planes(bcq_bits: torch.Tensor) -> torch.Tensor:
     """bcq_bits int32 [k, K / 32, N] to signs int8 [k, K, N] in {−1, +1}."""
     if bcq_bits.dtype != torch.int32 or bcq_bits.ndim != 3:
-        raise TypeError(f"bcq_bits must be int32 [k, K/32, N], got {bcq_bits.dtype} {tuple(bcq_bits.shape)}")
+        raise TypeError(
+            f"bcq_bits must be int32 [k, K/32, N], got {bcq_bits.dtype} {tuple(bcq_bits.shape)}"
+        )
     k, n_words, N = bcq_bits.shape
     w = bcq_bits.to(torch.int64) & 0xFFFFFFFF
     bits = (w[:, :, None, :] >> torch.arange(WORD)[:, None]) & 1  # [k, K/32, 32, N]
@@ -89,7 +93,9 @@ class BCQTensors:
                 f"{self.bcq_offset.dtype} {tuple(self.bcq_offset.shape)}"
             )
         if not (torch.isfinite(self.bcq_alpha).all() and torch.isfinite(self.bcq_offset).all()):
-            raise ValueError("bcq_alpha / bcq_offset hold non-finite values: refusing an inconsistent layer")
+            raise ValueError(
+                "bcq_alpha / bcq_offset hold non-finite values: refusing an inconsistent layer"
+            )
         if self.g_idx is None:
             if n_g == 0 or K % n_g:
                 raise ValueError(f"without g_idx, n_g={n_g} groups must divide in_features={K}")
@@ -113,7 +119,9 @@ class BCQTensors:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The checkpoint entries `<prefix>.bcq_bits`, ... (g_idx only when stored)."""
-        names = ("bcq_bits", "bcq_alpha", "bcq_offset") + (("g_idx",) if self.g_idx is not None else ())
+        names = ("bcq_bits", "bcq_alpha", "bcq_offset") + (
+            ("g_idx",) if self.g_idx is not None else ()
+        )
         return {f"{prefix}.{n}": getattr(self, n).contiguous() for n in names}
 
 

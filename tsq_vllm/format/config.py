@@ -22,7 +22,13 @@ import torch
 from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer
 from .packing import SUPPORTED_BITS
 
-__all__ = ["QUANT_METHOD", "SUPPORTED_GROUP_SIZES", "INTEGRITY_KEY", "FINGERPRINT_FIELDS", "CheckpointQuantConfig"]
+__all__ = [
+    "QUANT_METHOD",
+    "SUPPORTED_GROUP_SIZES",
+    "INTEGRITY_KEY",
+    "FINGERPRINT_FIELDS",
+    "CheckpointQuantConfig",
+]
 
 QUANT_METHOD = "tsq"
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -80,8 +86,9 @@ class CheckpointQuantConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def read_layer(self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int,
-                   out_features: int) -> GPTQLayer:
+    def read_layer(
+        self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int, out_features: int
+    ) -> GPTQLayer:
         """The stored layer `prefix` (`tensors` by TENSOR_NAMES) of the model's linear of that shape,
         checked whole, or one ValueError starting "corrupt checkpoint: " and naming the layer.
 
@@ -90,7 +97,9 @@ class CheckpointQuantConfig:
         """
         qweight, qzeros, scales, g_idx = (tensors[name] for name in TENSOR_NAMES)
         try:
-            layer = GPTQLayer(qweight, qzeros, scales, g_idx, self.bits, self.group_size, self.checkpoint_format)
+            layer = GPTQLayer(
+                qweight, qzeros, scales, g_idx, self.bits, self.group_size, self.checkpoint_format
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(f"corrupt checkpoint: {prefix}: {e}") from None
         if g_idx.dtype != torch.int32:  # other GPTQ tools store int64; the kernels take int32
@@ -120,7 +129,9 @@ class CheckpointQuantConfig:
         for name in ("bits", "group_size"):
             if name not in d:
                 # A default would decode every weight with the wrong layout, silently.
-                raise ValueError(f"quantization_config has no {name!r}: add the {name} the checkpoint was "
-                                 f"quantized with (e.g. \"{name}\": {getattr(cls, name)})")
+                raise ValueError(
+                    f"quantization_config has no {name!r}: add the {name} the checkpoint was "
+                    f'quantized with (e.g. "{name}": {getattr(cls, name)})'
+                )
         kwargs["group_size"] = int(kwargs["group_size"])
         return cls(**kwargs)

@@ -25,7 +25,13 @@ import torch
 from .packing import check_bits, pack, run_length, unpack
 
 __all__ = [
-    "CHECKPOINT_FORMATS", "GPTQLayer", "TENSOR_NAMES", "check_linear_shape", "pack_linear", "packed_shapes", "zero_offset",
+    "CHECKPOINT_FORMATS",
+    "GPTQLayer",
+    "TENSOR_NAMES",
+    "check_linear_shape",
+    "pack_linear",
+    "packed_shapes",
+    "zero_offset",
 ]
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -121,7 +127,9 @@ class GPTQLayer:
         zero_offset(self.checkpoint_format)
         for name, t in (("qweight", self.qweight), ("qzeros", self.qzeros)):
             if t.dtype != torch.int32:
-                raise TypeError(f"{name} has dtype {t.dtype}: GPTQ packs codes into int32 words; load it as int32")
+                raise TypeError(
+                    f"{name} has dtype {t.dtype}: GPTQ packs codes into int32 words; load it as int32"
+                )
             if t.dim() != 2:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}: expected a 2-D packed tensor")
         if self.scales.dtype not in _SCALE_DTYPES or self.scales.dim() != 2:
@@ -138,7 +146,9 @@ class GPTQLayer:
         try:
             check_linear_shape(K, N, bits, G)
         except ValueError as e:
-            raise ValueError(f"qweight has shape {tuple(self.qweight.shape)} (K={K}, N={N} at {bits} bits): {e}") from None
+            raise ValueError(
+                f"qweight has shape {tuple(self.qweight.shape)} (K={K}, N={N} at {bits} bits): {e}"
+            ) from None
         n_groups = self.n_groups
         if self.scales.shape[1] != N:
             raise ValueError(
@@ -210,7 +220,9 @@ class GPTQLayer:
 
     def sequential_g_idx(self) -> torch.Tensor:
         """k // group_size as int32 [K] on the layer's device: the order without act-order."""
-        return torch.arange(self.K, device=self.qweight.device, dtype=torch.int32) // self.group_size
+        return (
+            torch.arange(self.K, device=self.qweight.device, dtype=torch.int32) // self.group_size
+        )
 
     @property
     def full_g_idx(self) -> torch.Tensor:
@@ -220,7 +232,9 @@ class GPTQLayer:
     @property
     def is_sequential(self) -> bool:
         """True when g_idx is k // G (no act-order). Reads the values: on CUDA it synchronizes."""
-        return self.g_idx is None or bool(torch.equal(self.g_idx.long(), self.sequential_g_idx().long()))
+        return self.g_idx is None or bool(
+            torch.equal(self.g_idx.long(), self.sequential_g_idx().long())
+        )
 
     def drop_sequential_g_idx(self) -> GPTQLayer:
         """This layer with g_idx None when it is sequential, so kernels take the faster path."""
@@ -266,7 +280,9 @@ def pack_linear(
     offset = zero_offset(checkpoint_format)
     N, K = codes.shape
     if scales.shape != zeros.shape or scales.shape[0] != N:
-        raise ValueError(f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [N={N}, n_groups]")
+        raise ValueError(
+            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [N={N}, n_groups]"
+        )
     z = zeros.to(torch.int64) - offset
     if z.numel() and int(z.min()) < 0:
         raise ValueError(

@@ -62,7 +62,9 @@ def pick_config(
     kind = kind or ("gemv" if p.M <= GEMV_MAX_M else "gemm")
     if kind == "gemv":
         if p.M > GEMV_MAX_M:
-            raise ValueError(f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'")
+            raise ValueError(
+                f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'"
+            )
         base = CONFIGS["gemv"]
         bk = fit_block_k(base.block_k, p.group_size, act_order)
         # Enough programs to cover the SMs about twice, each split keeping >= 4 K tiles, and the

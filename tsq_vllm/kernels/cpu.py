@@ -124,7 +124,9 @@ class CPUQuantizedLinear:
         return y
 
 
-def _block_layout(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+def _block_layout(
+    g_idx: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Regroup the K columns into blocks of `group_size` columns that share one group.
 
     Returns (perm, block_group): perm is the column order (None if the identity) and
@@ -145,7 +147,9 @@ def _block_layout(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | 
 
 def _int4_plane(codes_nk: torch.Tensor) -> torch.Tensor:
     """aten's CPU int4 pack of codes [N_pad, K] in [0, 16)."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.to(torch.int32).contiguous(), 1)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes_nk.to(torch.int32).contiguous(), 1
+    )
 
 
 def prepare_cpu_linear(
@@ -162,21 +166,29 @@ def prepare_cpu_linear(
     if path is not None and path not in CPU_PATHS:
         raise ValueError(f"path={path!r} is not a CPU path: use one of {CPU_PATHS} or None")
     if act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"act_dtype={act_dtype} is not supported: use float16, bfloat16 or float32")
+        raise ValueError(
+            f"act_dtype={act_dtype} is not supported: use float16, bfloat16 or float32"
+        )
     layer.check_g_idx()
     bits, group_size = layer.bits, layer.group_size
     K, N = layer.K, layer.N
 
     chosen = path or select_cpu_path(bits, act_dtype)
     if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
-        raise ValueError(f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' for 8")
+        raise ValueError(
+            f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' for 8"
+        )
     layout = None if chosen == "dense" else _block_layout(layer.full_g_idx, group_size)
     if layout is None:
         # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
         w = layer.dequantize(dtype=torch.float32)
         return CPUQuantizedLinear(
-            path="dense", in_features=K, out_features=N, act_dtype=act_dtype,
-            group_size=group_size, weight=w.t().contiguous().to(act_dtype),
+            path="dense",
+            in_features=K,
+            out_features=N,
+            act_dtype=act_dtype,
+            group_size=group_size,
+            weight=w.t().contiguous().to(act_dtype),
         )
 
     perm, block_group = layout
@@ -206,6 +218,12 @@ def prepare_cpu_linear(
         planes = (_int4_plane(codes_nk >> 4), _int4_plane(codes_nk & 15))
         tables = (table(16 * s, s * (136 - z)), table(s, torch.zeros_like(s)))
     return CPUQuantizedLinear(
-        path=chosen, in_features=K, out_features=N, act_dtype=act_dtype,
-        group_size=group_size, perm=perm, planes=planes, scale_zeros=tables,
+        path=chosen,
+        in_features=K,
+        out_features=N,
+        act_dtype=act_dtype,
+        group_size=group_size,
+        perm=perm,
+        planes=planes,
+        scale_zeros=tables,
     )

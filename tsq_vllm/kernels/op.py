@@ -34,7 +34,9 @@ def _triton(x: torch.Tensor, layer: GPTQLayer) -> torch.Tensor:
     return dequant_matmul_triton(x, layer)
 
 
-def dequant_matmul(x: torch.Tensor, layer: GPTQLayer, *, backend: str | None = None) -> torch.Tensor:
+def dequant_matmul(
+    x: torch.Tensor, layer: GPTQLayer, *, backend: str | None = None
+) -> torch.Tensor:
     """y [..., N] = x [..., K] · W, W [K, N] decoded per group from the layer's GPTQ tensors.
 
     A layer whose g_idx is None takes the fast path (drop a sequential g_idx at load time with
@@ -81,7 +83,9 @@ def register_op() -> Any:
 
         @_dequant_matmul.register_kernel("cuda")
         def _cuda(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):
-            return _triton(x, GPTQLayer(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format))
+            return _triton(
+                x, GPTQLayer(qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format)
+            )
 
         @_dequant_matmul.register_fake
         def _fake(x, qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format):
@@ -93,8 +97,15 @@ def register_op() -> Any:
 
 def op_args(layer: GPTQLayer) -> tuple[Any, ...]:
     """The layer as the custom op's arguments after x."""
-    return (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.group_size,
-            layer.checkpoint_format)
+    return (
+        layer.qweight,
+        layer.qzeros,
+        layer.scales,
+        layer.g_idx,
+        layer.bits,
+        layer.group_size,
+        layer.checkpoint_format,
+    )
 
 
 def dequant_matmul_op(x: torch.Tensor, layer: GPTQLayer) -> torch.Tensor:

@@ -39,9 +39,13 @@ class Problem(NamedTuple):
 def check_input(x: torch.Tensor, layer: GPTQLayer) -> Problem:
     """Validate x [M, K] (already 2-D) against the layer: dtype, K and device. Returns the sizes."""
     if x.dim() != 2:
-        raise ValueError(f"x has shape {tuple(x.shape)}: expected [M, K] (flatten leading dims first)")
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}: expected [M, K] (flatten leading dims first)"
+        )
     if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}: use float16, bfloat16 or float32 (cast the activations)")
+        raise TypeError(
+            f"x has dtype {x.dtype}: use float16, bfloat16 or float32 (cast the activations)"
+        )
     M, K = x.shape
     if K != layer.K:
         raise ValueError(

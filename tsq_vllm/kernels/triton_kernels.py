@@ -69,7 +69,9 @@ def _unpack(ptrs, shift, next_word, mask, BITS: tl.constexpr):
     v = lo >> shift.to(tl.uint32)
     if BITS == 3:
         # Only shifts 30 and 31 straddle; `& 31` keeps the unused shift in range where shift = 0.
-        hi = tl.load(ptrs + next_word, mask=mask & (shift > 29), other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(ptrs + next_word, mask=mask & (shift > 29), other=0).to(
+            tl.uint32, bitcast=True
+        )
         v = v | (hi << ((32 - shift) & 31).to(tl.uint32))
     return (v & ((1 << BITS) - 1)).to(tl.int32)
 
@@ -83,7 +85,9 @@ def _load_codes(qw_ptr, offs_k, offs_n, n_mask, stride_qk, stride_qn, BITS: tl.c
 
 
 @triton.jit
-def _load_zeros(qz_ptr, row_off, offs_n, n_mask, stride_zn, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+def _load_zeros(
+    qz_ptr, row_off, offs_n, n_mask, stride_zn, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr
+):
     """z at group row offset `row_off` (a scalar, or [BLOCK_K, 1] with [1, BLOCK_N] offs_n)."""
     bit = offs_n * BITS
     ptrs = qz_ptr + row_off + (bit // 32) * stride_zn
@@ -91,13 +95,27 @@ def _load_zeros(qz_ptr, row_off, offs_n, n_mask, stride_zn, BITS: tl.constexpr, 
 
 
 @triton.jit
-def _act_order_weight(qz_ptr, s_ptr, g_ptr, q, offs_k, offs_n, n_mask,
-                      stride_zg, stride_zn, stride_sg, stride_sn,
-                      BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+def _act_order_weight(
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    q,
+    offs_k,
+    offs_n,
+    n_mask,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+):
     """W tile in fp32 when each row k has its own group g_idx[k]."""
     g = tl.load(g_ptr + offs_k)[:, None]
     s = tl.load(s_ptr + g * stride_sg + offs_n[None, :] * stride_sn, mask=n_mask[None, :], other=0)
-    z = _load_zeros(qz_ptr, g * stride_zg, offs_n[None, :], n_mask[None, :], stride_zn, BITS, ZERO_OFFSET)
+    z = _load_zeros(
+        qz_ptr, g * stride_zg, offs_n[None, :], n_mask[None, :], stride_zn, BITS, ZERO_OFFSET
+    )
     return (q - z).to(tl.float32) * s.to(tl.float32)
 
 
@@ -107,13 +125,35 @@ def _act_order_weight(qz_ptr, s_ptr, g_ptr, q, offs_k, offs_n, n_mask,
 
 @triton.jit
 def _gemm_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, y_ptr,
-    M, N, K, M_BUCKET,  # M_BUCKET (next power of 2 of M) is only an autotuning key
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-    stride_ym, stride_yn,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    ACT_ORDER: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # M_BUCKET (next power of 2 of M) is only an autotuning key
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    stride_ym,
+    stride_yn,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    ACT_ORDER: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -137,8 +177,21 @@ def _gemm_kernel(
         a = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0)
         q = _load_codes(qw_ptr, offs_k, offs_n, n_mask, stride_qk, stride_qn, BITS)
         if ACT_ORDER:
-            w = _act_order_weight(qz_ptr, s_ptr, g_ptr, q, offs_k, offs_n, n_mask,
-                                  stride_zg, stride_zn, stride_sg, stride_sn, BITS, ZERO_OFFSET)
+            w = _act_order_weight(
+                qz_ptr,
+                s_ptr,
+                g_ptr,
+                q,
+                offs_k,
+                offs_n,
+                n_mask,
+                stride_zg,
+                stride_zn,
+                stride_sg,
+                stride_sn,
+                BITS,
+                ZERO_OFFSET,
+            )
         else:
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0)
@@ -157,13 +210,36 @@ def _gemm_kernel(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
-    M, N, K, M_BUCKET, K_PER_SPLIT,
-    stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-    stride_os, stride_om, stride_on,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-    ACT_ORDER: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    K_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
+    stride_os,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    ACT_ORDER: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -183,8 +259,21 @@ def _gemv_kernel(
             a = a.to(tl.float32)
         q = _load_codes(qw_ptr, offs_k, offs_n, n_mask, stride_qk, stride_qn, BITS)
         if ACT_ORDER:
-            w = _act_order_weight(qz_ptr, s_ptr, g_ptr, q, offs_k, offs_n, n_mask,
-                                  stride_zg, stride_zn, stride_sg, stride_sn, BITS, ZERO_OFFSET)
+            w = _act_order_weight(
+                qz_ptr,
+                s_ptr,
+                g_ptr,
+                q,
+                offs_k,
+                offs_n,
+                n_mask,
+                stride_zg,
+                stride_zn,
+                stride_sg,
+                stride_sn,
+                BITS,
+                ZERO_OFFSET,
+            )
             acc = tl.dot(a, w.to(x_ptr.dtype.element_ty).to(a.dtype), acc)
         else:
             g = k0 // GROUP_SIZE
@@ -194,7 +283,9 @@ def _gemv_kernel(
             part = tl.dot(a, (q - z[None, :]).to(a.dtype))
             acc += part * s.to(tl.float32)[None, :]
 
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = (
+        out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -233,19 +324,33 @@ def _sm_count(device_index: int) -> int:
 
 # Autotuning candidates (GPU only). BLOCK_K candidates that do not fit G or K are pruned per call.
 _GEMM_TUNE = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
-    (128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3),
+    (32, 64, 64, 4, 3),
+    (64, 64, 64, 4, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 4, 3),
+    (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 2),
+    (128, 256, 32, 8, 3),
+    (256, 128, 32, 8, 3),
 ]
 _GEMV_TUNE = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (32, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 2)]
+    (32, 32, 4, 3),
+    (64, 32, 4, 3),
+    (64, 64, 4, 3),
+    (128, 32, 4, 3),
+    (128, 64, 8, 3),
+    (256, 32, 8, 2),
+]
 
 
 def _prune(configs, named_args, **kwargs):
     G, act = kwargs["GROUP_SIZE"], kwargs["ACT_ORDER"]
     k_step = named_args.get("K_PER_SPLIT", named_args["K"])  # every split must be whole K tiles
     keep = [
-        c for c in configs
-        if named_args["K"] % c.kwargs["BLOCK_K"] == 0 and k_step % c.kwargs["BLOCK_K"] == 0
+        c
+        for c in configs
+        if named_args["K"] % c.kwargs["BLOCK_K"] == 0
+        and k_step % c.kwargs["BLOCK_K"] == 0
         and (act or G % c.kwargs["BLOCK_K"] == 0)
     ]
     return keep or [c for c in configs if c.kwargs["BLOCK_K"] == 32][:1]
@@ -265,18 +370,23 @@ def _tuned(kind: str):
     prune = {"early_config_prune": _prune}
     if kind == "gemm":
         configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                num_warps=w,
+                num_stages=s,
+            )
             for bm, bn, bk, w, s in _GEMM_TUNE
         ]
-        return triton.autotune(configs, key=["M_BUCKET", "N", "K"], prune_configs_by=prune, do_bench=bench)(
-            _gemm_kernel
-        )
+        return triton.autotune(
+            configs, key=["M_BUCKET", "N", "K"], prune_configs_by=prune, do_bench=bench
+        )(_gemm_kernel)
     configs = [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in _GEMV_TUNE
     ]
-    return triton.autotune(configs, key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], prune_configs_by=prune,
-                           do_bench=bench)(_gemv_kernel)
+    return triton.autotune(
+        configs, key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], prune_configs_by=prune, do_bench=bench
+    )(_gemv_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +410,17 @@ def launch(
     [split_k, M, N] buffer of the GEMV (allocated when None).
     """
     p = check_input(x, layer)
-    qweight, qzeros, scales, g_idx, bits = layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits
+    qweight, qzeros, scales, g_idx, bits = (
+        layer.qweight,
+        layer.qzeros,
+        layer.scales,
+        layer.g_idx,
+        layer.bits,
+    )
     if x.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"x has dtype {x.dtype}: the Triton kernels take float16 or bfloat16 activations; cast x")
+        raise TypeError(
+            f"x has dtype {x.dtype}: the Triton kernels take float16 or bfloat16 activations; cast x"
+        )
     if x.device.type == "cpu" and not is_interpreted():
         raise RuntimeError(
             "the Triton kernels got CPU tensors but were not built by the interpreter: set "
@@ -311,7 +429,9 @@ def launch(
     if out is None:
         out = torch.empty(p.M, p.N, device=x.device, dtype=x.dtype)
     elif out.shape != (p.M, p.N) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)} on {out.device}: expected {x.dtype} [{p.M}, {p.N}]")
+        raise ValueError(
+            f"out is {out.dtype} {tuple(out.shape)} on {out.device}: expected {x.dtype} [{p.M}, {p.N}]"
+        )
     if p.M == 0 or p.N == 0:
         return out
     act_order = g_idx is not None
@@ -328,31 +448,72 @@ def launch(
 
     # The act-order pointer must be a tensor even when unused; qweight stands in.
     g_arg = g_idx if act_order else qweight
-    common = dict(BITS=bits, GROUP_SIZE=p.group_size, ZERO_OFFSET=layer.zero_offset, ACT_ORDER=act_order,
-                  DOT_F32=is_interpreted() and x.dtype == torch.bfloat16)
+    common = dict(
+        BITS=bits,
+        GROUP_SIZE=p.group_size,
+        ZERO_OFFSET=layer.zero_offset,
+        ACT_ORDER=act_order,
+        DOT_F32=is_interpreted() and x.dtype == torch.bfloat16,
+    )
     m_bucket = triton.next_power_of_2(max(p.M, 1))
-    strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0),
-               qzeros.stride(1), scales.stride(0), scales.stride(1))
+    strides = (
+        x.stride(0),
+        x.stride(1),
+        qweight.stride(0),
+        qweight.stride(1),
+        qzeros.stride(0),
+        qzeros.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+    )
 
     grid: Any  # a launch grid, or a callable of the autotuned meta-parameters
     args: tuple[Any, ...]
     if config.kind == "gemm":
-        args = (x, qweight, qzeros, scales, g_arg, out, p.M, p.N, p.K, m_bucket, *strides,
-                out.stride(0), out.stride(1))
+        args = (
+            x,
+            qweight,
+            qzeros,
+            scales,
+            g_arg,
+            out,
+            p.M,
+            p.N,
+            p.K,
+            m_bucket,
+            *strides,
+            out.stride(0),
+            out.stride(1),
+        )
         if autotune:
-            grid = lambda meta: (triton.cdiv(p.M, meta["BLOCK_M"]) * triton.cdiv(p.N, meta["BLOCK_N"]),)  # noqa: E731
+            grid = lambda meta: (
+                triton.cdiv(p.M, meta["BLOCK_M"]) * triton.cdiv(p.N, meta["BLOCK_N"]),
+            )  # noqa: E731
             _tuned("gemm")[grid](*args, **common)
         else:
             grid = (triton.cdiv(p.M, config.block_m) * triton.cdiv(p.N, config.block_n),)
-            _gemm_kernel[grid](*args, **common, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                               BLOCK_K=config.block_k, GROUP_M=config.group_m,
-                               num_warps=config.num_warps, num_stages=config.num_stages)
+            _gemm_kernel[grid](
+                *args,
+                **common,
+                BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k,
+                GROUP_M=config.group_m,
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
         return out
 
     if p.M > GEMV_MAX_M:
-        raise ValueError(f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'")
+        raise ValueError(
+            f"M={p.M} is too large for the GEMV kernel (M <= {GEMV_MAX_M}): use kind='gemm'"
+        )
     # Splits are planned in units of 64 (any tuned BLOCK_K divides it) when autotuning.
-    unit = 64 if autotune and p.K % 64 == 0 and (act_order or p.group_size % 64 == 0) else config.block_k
+    unit = (
+        64
+        if autotune and p.K % 64 == 0 and (act_order or p.group_size % 64 == 0)
+        else config.block_k
+    )
     k_per_split, split = split_plan(p.K, unit, config.split_k)
     t_strides: tuple[int, ...]
     if split == 1:
@@ -360,26 +521,56 @@ def launch(
     else:
         if workspace is None:
             workspace = torch.empty(split, p.M, p.N, device=x.device, dtype=torch.float32)
-        elif workspace.shape != (split, p.M, p.N) or workspace.dtype != torch.float32 or not workspace.is_contiguous():
-            raise ValueError(f"workspace is {workspace.dtype} {tuple(workspace.shape)}: expected contiguous "
-                             f"float32 [{split}, {p.M}, {p.N}]")
+        elif (
+            workspace.shape != (split, p.M, p.N)
+            or workspace.dtype != torch.float32
+            or not workspace.is_contiguous()
+        ):
+            raise ValueError(
+                f"workspace is {workspace.dtype} {tuple(workspace.shape)}: expected contiguous "
+                f"float32 [{split}, {p.M}, {p.N}]"
+            )
         target, t_strides = workspace, workspace.stride()
-    args = (x, qweight, qzeros, scales, g_arg, target, p.M, p.N, p.K, m_bucket, k_per_split, *strides, *t_strides)
+    args = (
+        x,
+        qweight,
+        qzeros,
+        scales,
+        g_arg,
+        target,
+        p.M,
+        p.N,
+        p.K,
+        m_bucket,
+        k_per_split,
+        *strides,
+        *t_strides,
+    )
     if autotune:
         grid = lambda meta: (triton.cdiv(p.N, meta["BLOCK_N"]), split)  # noqa: E731
         _tuned("gemv")[grid](*args, **common)
     else:
         grid = (triton.cdiv(p.N, config.block_n), split)
-        _gemv_kernel[grid](*args, **common, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
+        _gemv_kernel[grid](
+            *args,
+            **common,
+            BLOCK_M=16,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(p.M * p.N, block),)](
-            workspace, out, p.M, p.N, split, out.stride(0), out.stride(1), BLOCK=block)
+            workspace, out, p.M, p.N, split, out.stride(0), out.stride(1), BLOCK=block
+        )
     return out
 
 
-def dequant_matmul_triton(x: torch.Tensor, layer: GPTQLayer, *, kind: str | None = None) -> torch.Tensor:
+def dequant_matmul_triton(
+    x: torch.Tensor, layer: GPTQLayer, *, kind: str | None = None
+) -> torch.Tensor:
     """y [..., N] = x [..., K] · W on the Triton kernels (CUDA, or CPU under the interpreter)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

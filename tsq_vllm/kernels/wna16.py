@@ -102,7 +102,9 @@ def _isa_hint(act_dtype: torch.dtype) -> str | None:
     """The op's micro-GEMM for this CPU, as vLLM chooses it; None where this backend does not go."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686"):
-        return "amx" if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+        return (
+            "amx" if act_dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+        )
     if machine in ("aarch64", "arm64"):
         return "vec"
     return None
@@ -134,7 +136,10 @@ def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str |
     if reason is not None:
         return False, reason
     if act_dtype not in _ACT_DTYPES:
-        return False, f"activation dtype {act_dtype} is not supported by cpu_gemm_wna16: it takes bfloat16 or float16"
+        return (
+            False,
+            f"activation dtype {act_dtype} is not supported by cpu_gemm_wna16: it takes bfloat16 or float16",
+        )
     if _isa_hint(act_dtype) is None:
         return False, (
             f"CPU architecture {platform.machine()!r} has no cpu_gemm_wna16 path in this backend "
@@ -143,7 +148,10 @@ def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str |
     if layer.qweight.device.type != "cpu":
         return False, f"the layer is on {layer.qweight.device}: cpu_gemm_wna16 runs on CPU tensors"
     if layer.bits not in _BITS:
-        return False, f"bits={layer.bits} does not fit the kernel's 4-bit lanes: it serves bits {_BITS}"
+        return (
+            False,
+            f"bits={layer.bits} does not fit the kernel's 4-bit lanes: it serves bits {_BITS}",
+        )
     if layer.g_idx is not None and _block_layout(layer) is None:
         return False, (
             f"act-order g_idx does not regroup into whole blocks of group_size={layer.group_size} "
@@ -176,16 +184,28 @@ class WNA16Linear:
     def __post_init__(self) -> None:
         n_pad = self.scales.shape[1]
         if n_pad % _N_ALIGN or n_pad < self.N or self.K % _K_ALIGN:
-            raise ValueError(f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % 32 == 0")
-        if tuple(self.qweight.shape) != (n_pad // _N_BLOCK, 2 * self.K) or self.qweight.dtype != torch.int32:
+            raise ValueError(
+                f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % 32 == 0"
+            )
+        if (
+            tuple(self.qweight.shape) != (n_pad // _N_BLOCK, 2 * self.K)
+            or self.qweight.dtype != torch.int32
+        ):
             raise ValueError(
                 f"qweight {tuple(self.qweight.shape)} {self.qweight.dtype}: expected int32 "
                 f"[{n_pad // 16}, {2 * self.K}]"
             )
-        if tuple(self.zeros.shape) != (self.scales.shape[0], n_pad // 8) or self.zeros.dtype != torch.int32:
-            raise ValueError(f"zeros {tuple(self.zeros.shape)}: expected int32 [{self.scales.shape[0]}, {n_pad // 8}]")
+        if (
+            tuple(self.zeros.shape) != (self.scales.shape[0], n_pad // 8)
+            or self.zeros.dtype != torch.int32
+        ):
+            raise ValueError(
+                f"zeros {tuple(self.zeros.shape)}: expected int32 [{self.scales.shape[0]}, {n_pad // 8}]"
+            )
         if self.scales.dtype != self.act_dtype or self.act_dtype not in _ACT_DTYPES:
-            raise ValueError(f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 or fp16)")
+            raise ValueError(
+                f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 or fp16)"
+            )
 
     @property
     def n_pad(self) -> int:
@@ -214,7 +234,9 @@ class WNA16Linear:
             bias = F.pad(bias, (0, self.n_pad - self.N)) if padded else bias.contiguous()
         y = torch.empty(xa.shape[0], self.n_pad, dtype=self.act_dtype)
         if xa.shape[0]:
-            torch.ops._C.cpu_gemm_wna16(xa, self.qweight, y, self.scales, self.zeros, bias, 8, self.isa_hint)
+            torch.ops._C.cpu_gemm_wna16(
+                xa, self.qweight, y, self.scales, self.zeros, bias, 8, self.isa_hint
+            )
         if padded:
             y = y[:, : self.N]
         return y.to(x.dtype).reshape(*lead, self.N)
@@ -247,7 +269,12 @@ def prepare_wna16(layer: GPTQLayer, *, act_dtype: torch.dtype = torch.bfloat16) 
     assert hint is not None
     logger.debug(
         "cpu_gemm_wna16: %d-bit K=%d N=%d G=%d act-order=%s isa=%s",
-        layer.bits, K, N, G, perm is not None, hint,
+        layer.bits,
+        K,
+        N,
+        G,
+        perm is not None,
+        hint,
     )
     return WNA16Linear(
         qweight=qweight,

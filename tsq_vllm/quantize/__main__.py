@@ -34,22 +34,37 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI, generated from `QuantizeOptions` so every flag is a field and shares its help."""
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for name, default, meta in QuantizeOptions.field_specs():
         flag = flag_of(name, default)
         if isinstance(default, bool):
             # SUPPRESS: an absent switch leaves the field's own default, and --help does not print
             # "(default: True)" next to --no-stage1, which would read as "stage 1 is off".
-            p.add_argument(flag, dest=name, action="store_false" if default else "store_true",
-                           default=argparse.SUPPRESS, help=meta["help"])
+            p.add_argument(
+                flag,
+                dest=name,
+                action="store_false" if default else "store_true",
+                default=argparse.SUPPRESS,
+                help=meta["help"],
+            )
             continue
         kind = float if isinstance(default, float) else int if isinstance(default, int) else str
         choices = meta.get("choices")
         # Choices are checked by QuantizeOptions, whose message names the fix; argparse's would not.
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
-        p.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar, help=meta["help"])
-    p.add_argument("--debug", action="store_true", default=False,
-                   help="on failure, print the full traceback before the one-line error")
+        p.add_argument(
+            flag, dest=name, type=kind, default=default, metavar=metavar, help=meta["help"]
+        )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="on failure, print the full traceback before the one-line error",
+    )
     return p
 
 
@@ -80,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
 

@@ -52,8 +52,15 @@ class QuantizedWeight:
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
 
     def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQLayer:
-        return pack_linear(self.codes, self.scales, self.zeros, self.g_idx, self.bits, checkpoint_format,
-                           group_size=self.group_size)
+        return pack_linear(
+            self.codes,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            self.bits,
+            checkpoint_format,
+            group_size=self.group_size,
+        )
 
 
 def _to_fp16(s: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,9 @@ def quantize_weight(
     bits, group_size = s.bits, s.group_size
     N, K = W.shape
     if H.shape != (K, K):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}")
+        raise ValueError(
+            f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}"
+        )
     for name, M in (("R", R), ("D", D)):
         if M is not None and M.shape != (K, K):
             raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
@@ -94,13 +103,19 @@ def quantize_weight(
     stats: dict[str, float] = {}
     H = H.float()
     # Work in processing order, where groups are contiguous column ranges.
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if s.act_order else torch.arange(K)
+    perm = (
+        torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        if s.act_order
+        else torch.arange(K)
+    )
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
     R = None if R is None else R.float()[perm][:, perm]
     D = None if D is None else D.float()[perm][:, perm]
     if s.energy_match and R is not None and D is None:
-        raise ValueError("energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it")
+        raise ValueError(
+            "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
+        )
     true_stats = R is None or D is not None
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
@@ -108,8 +123,17 @@ def quantize_weight(
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
     t = time.perf_counter()
-    grid = search_grid(Wq, bits, group_size, sym=s.sym, method=s.grid_method, H=Hd, norm=s.mse_norm,
-                       points=s.clip_points, zero_min=s.zero_min)
+    grid = search_grid(
+        Wq,
+        bits,
+        group_size,
+        sym=s.sym,
+        method=s.grid_method,
+        H=Hd,
+        norm=s.mse_norm,
+        points=s.clip_points,
+        zero_min=s.zero_min,
+    )
     grid.scale = _to_fp16(grid.scale)
     stats["time_grid"] = time.perf_counter() - t
 
@@ -127,8 +151,18 @@ def quantize_weight(
     if s.stage2:
         # Stage 2 targets the true objective (undamped H); it needs no inverse.
         system = scale_system(W, U, H, R, group_size, D=D)
-        res = refine_scales(W, U, grid.scale, H, R, group_size, alpha=s.error_feedback_alpha,
-                            box=s.scale_box or None, max_sweeps=s.stage2_sweeps, system=system)
+        res = refine_scales(
+            W,
+            U,
+            grid.scale,
+            H,
+            R,
+            group_size,
+            alpha=s.error_feedback_alpha,
+            box=s.scale_box or None,
+            max_sweeps=s.stage2_sweeps,
+            system=system,
+        )
         scale = _to_fp16(match_energy(system, res.scale) if s.energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
         stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
@@ -148,11 +182,15 @@ def quantize_weight(
             loss += 2 * float(((W @ R) * dQ).sum())
         stats["loss_gptq"] = stats["loss"] = loss
         if true_stats:
-            o = output_stats(W, scale[:, col_group] * U, H, R, D, err_h=err_h)  # H is 0 on dead inputs
+            o = output_stats(
+                W, scale[:, col_group] * U, H, R, D, err_h=err_h
+            )  # H is 0 on dead inputs
             stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
             stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     else:
-        stats["loss_gptq"] = stats["loss"] = layer_objective(W, scale[:, col_group] * U, H, R, dtype=torch.float32)
+        stats["loss_gptq"] = stats["loss"] = layer_objective(
+            W, scale[:, col_group] * U, H, R, dtype=torch.float32
+        )
         if true_stats:
             o = output_stats(W, scale[:, col_group] * U, H, R, D)
             stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error

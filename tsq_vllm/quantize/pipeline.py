@@ -44,11 +44,11 @@ class QuantizeResult:
 
 _NON_FINITE = {
     "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; re-download or "
-              "re-export it",
+    "re-export it",
     "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it give non-finite "
-              "activations): the source model is corrupt; re-download or re-export it",
+    "activations): the source model is corrupt; re-download or re-export it",
     "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with --no-stage2 or a "
-              "larger --damp",
+    "larger --damp",
 }
 
 
@@ -71,10 +71,16 @@ def _check_positive(name: str, scales: torch.Tensor, boxed: bool) -> None:
     if not bad:
         return
     if boxed:
-        raise ValueError(f"{name}: {bad} of {scales.numel()} scales are negative although stage 2 "
-                         f"kept them in its box: this is a bug; retry with --no-stage2 and report it")
-    logger.warning("%s: %d of %d scales are negative (--scale-box 0 leaves stage 2 unbounded)",
-                   name, bad, scales.numel())
+        raise ValueError(
+            f"{name}: {bad} of {scales.numel()} scales are negative although stage 2 "
+            f"kept them in its box: this is a bug; retry with --no-stage2 and report it"
+        )
+    logger.warning(
+        "%s: %d of %d scales are negative (--scale-box 0 leaves stage 2 unbounded)",
+        name,
+        bad,
+        scales.numel(),
+    )
 
 
 def _log_linear(name: str, stats: dict[str, float]) -> None:
@@ -87,7 +93,11 @@ def _log_linear(name: str, stats: dict[str, float]) -> None:
         )
     logger.info(
         "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
-        name, quality, stats["time_grid"], stats["time_gptq"], stats["time_stage2"],
+        name,
+        quality,
+        stats["time_grid"],
+        stats["time_gptq"],
+        stats["time_stage2"],
     )
 
 
@@ -113,11 +123,23 @@ def quantize_model(
     scheme = opts.layer_scheme()
     stack_name, stack = find_decoder_layers(model)
     with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
-    streams = ActivationStreams(model, stack, input_ids, batch_size=opts.batch_size, device=device,
-                                with_fp=with_r, fp_cache_bytes=fp_cache_bytes)
+    streams = ActivationStreams(
+        model,
+        stack,
+        input_ids,
+        batch_size=opts.batch_size,
+        device=device,
+        with_fp=with_r,
+        fp_cache_bytes=fp_cache_bytes,
+    )
     result = QuantizeResult(tokens=streams.tokens)
-    logger.info("calibration: %d windows x %d tokens, %d decoder layers, error feedback %s",
-                input_ids.shape[0], input_ids.shape[1], len(stack), "on" if with_r else "off")
+    logger.info(
+        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s",
+        input_ids.shape[0],
+        input_ids.shape[1],
+        len(stack),
+        "on" if with_r else "off",
+    )
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
@@ -130,7 +152,9 @@ def quantize_model(
                 lin, full = linears[name], f"{stack_name}.{i}.{name}"
                 _check_finite(full, "weight", lin.weight)
                 qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
-                lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+                lin.weight.data = qw.dequantize().to(
+                    device=lin.weight.device, dtype=lin.weight.dtype
+                )
                 _check_finite(full, "scales", qw.scales)
                 _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
                 result.packed[full] = qw.to_gptq(opts.checkpoint_format)

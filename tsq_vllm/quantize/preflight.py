@@ -34,8 +34,10 @@ def check_seqlen(config: Any, seqlen: int) -> None:
     """Windows longer than the model's context calibrate on positions it never saw in training."""
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and 0 < limit < seqlen:
-        raise ValueError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: "
-                         f"use --seqlen {limit} or less")
+        raise ValueError(
+            f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: "
+            f"use --seqlen {limit} or less"
+        )
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -44,10 +46,14 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{index} has no readable weight_map ({e}): re-download the model") from None
+            raise ValueError(
+                f"{index} has no readable weight_map ({e}): re-download the model"
+            ) from None
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise ValueError(f"{path / missing[0]}, named in {index.name}, is missing: re-download the model")
+            raise ValueError(
+                f"{path / missing[0]}, named in {index.name}, is missing: re-download the model"
+            )
         return [path / n for n in names]
     return sorted(path.glob("*.safetensors"))
 
@@ -66,7 +72,9 @@ def check_source_files(src: ModelSource, config: Any) -> None:
         except ValueError as e:
             raise ValueError(f"--model {src.label!r}: {e}") from None
         except OSError as e:
-            raise ValueError(f"--model {src.label!r}: cannot read {f.name} ({e.strerror or e})") from None
+            raise ValueError(
+                f"--model {src.label!r}: cannot read {f.name} ({e.strerror or e})"
+            ) from None
         shapes.update({k: (list(v.get("shape", [])), f.name) for k, v in header.items()})
     if not shapes:
         return
@@ -99,9 +107,12 @@ def warn_unservable(config: Any) -> None:
     finally:
         logging.disable(logging.NOTSET)
     if not any(a in supported for a in archs):
-        logger.warning("vLLM %s cannot serve architecture %s: the checkpoint will load with "
-                       "tsq_vllm.load_quantized but not with python -m tsq_vllm.serve",
-                       _vllm_version(), "/".join(archs))
+        logger.warning(
+            "vLLM %s cannot serve architecture %s: the checkpoint will load with "
+            "tsq_vllm.load_quantized but not with python -m tsq_vllm.serve",
+            _vllm_version(),
+            "/".join(archs),
+        )
 
 
 def _vllm_version() -> str:

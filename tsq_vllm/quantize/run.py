@@ -70,12 +70,19 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         check_source_files(src, config)
         tokenizer = load_tokenizer(src)
         docs = load_documents(opts.calib, split="calib")
-        windows = sample_windows(tokenize_documents(tokenizer, docs), opts.nsamples, opts.seqlen, opts.seed)
+        windows = sample_windows(
+            tokenize_documents(tokenizer, docs), opts.nsamples, opts.seqlen, opts.seed
+        )
     except ValueError as e:
         raise UsageError(str(e)) from e
     warn_unservable(config)
-    logger.info("model %s: %d decoder linears to quantize to %d bits, group %d",
-                src.label, n_linears, opts.bits, opts.group_size)
+    logger.info(
+        "model %s: %d decoder linears to quantize to %d bits, group %d",
+        src.label,
+        n_linears,
+        opts.bits,
+        opts.group_size,
+    )
 
     t = time.perf_counter()
     model = load_model(src)
@@ -83,8 +90,15 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     result = quantize_model(model, windows, opts, progress=progress)
     qconfig = opts.quantization_config(model_source=src.label, tool_version=tsq_vllm.__version__)
     t = time.perf_counter()
-    out = save_quantized(model, result.packed, qconfig, opts.output_path, tokenizer=tokenizer,
-                         overwrite=opts.overwrite, max_shard_bytes=parse_size(opts.max_shard_size))
+    out = save_quantized(
+        model,
+        result.packed,
+        qconfig,
+        opts.output_path,
+        tokenizer=tokenizer,
+        overwrite=opts.overwrite,
+        max_shard_bytes=parse_size(opts.max_shard_size),
+    )
     summary = {
         "output": str(out),
         "linears": len(result.packed),

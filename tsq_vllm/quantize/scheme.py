@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from ..format.packing import check_bits
 
 __all__ = [
-    "DEFAULT_ERROR_FEEDBACK_ALPHA", "DEFAULT_GPTAQ_ALPHA", "DEFAULT_SCALE_BOX", "SCALE_SEARCHES", "LayerScheme",
+    "DEFAULT_ERROR_FEEDBACK_ALPHA",
+    "DEFAULT_GPTAQ_ALPHA",
+    "DEFAULT_SCALE_BOX",
+    "SCALE_SEARCHES",
+    "LayerScheme",
 ]
 
 SCALE_SEARCHES = ("minmax", "mse")
@@ -60,18 +64,26 @@ class LayerScheme:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.group_size < 1:
-            raise ValueError(f"group_size={self.group_size} must be at least 1: use e.g. 32, 64 or 128")
+            raise ValueError(
+                f"group_size={self.group_size} must be at least 1: use e.g. 32, 64 or 128"
+            )
         if self.scale_search not in SCALE_SEARCHES:
-            raise ValueError(f"scale_search={self.scale_search!r} is not supported: use one of {SCALE_SEARCHES}")
+            raise ValueError(
+                f"scale_search={self.scale_search!r} is not supported: use one of {SCALE_SEARCHES}"
+            )
         if not 0.0 <= self.damp < 1.0:
-            raise ValueError(f"damp={self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal")
+            raise ValueError(
+                f"damp={self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal"
+            )
         if self.mse_norm <= 0:
             raise ValueError(f"mse_norm={self.mse_norm} must be positive (2 is least squares)")
         for name in ("clip_points", "stage2_sweeps", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.zero_min not in (0, 1):
-            raise ValueError(f"zero_min={self.zero_min} must be 0 (gptq_v2) or 1 (gptq v1 stores z - 1)")
+            raise ValueError(
+                f"zero_min={self.zero_min} must be 0 (gptq_v2) or 1 (gptq v1 stores z - 1)"
+            )
         if not 0.0 <= self.error_feedback_alpha <= 1.0:
             raise ValueError(
                 f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the paper's R)"

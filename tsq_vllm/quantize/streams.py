@@ -73,14 +73,20 @@ def _move_outside(model: nn.Module, stack: nn.ModuleList, device: torch.device) 
             continue
         for p in mod._parameters.values():
             if p is not None:
-                p.data = p.data.to(device)  # keeps tied parameters tied: the Parameter object is shared
+                p.data = p.data.to(
+                    device
+                )  # keeps tied parameters tied: the Parameter object is shared
         for k, b in mod._buffers.items():
             if b is not None:
                 mod._buffers[k] = b.to(device)
 
 
 def _record_layer_calls(
-    model: nn.Module, stack: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    stack: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
 ) -> tuple[list[torch.Tensor], list[list[_Call]]]:
     """First-layer inputs per batch, and how every layer is called per batch ([layer][batch])."""
     hidden: list[torch.Tensor] = []
@@ -132,7 +138,10 @@ def _run_hooked(
 
     Returns the layer's output, or None when `on_input` ended the pass by raising `_Stop`.
     """
-    handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: on_input(n, a[0])) for n, lin in linears.items()]
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, a, n=n: on_input(n, a[0]))
+        for n, lin in linears.items()
+    ]
     try:
         return call.run(layer, hidden)
     except _Stop:
@@ -142,7 +151,9 @@ def _run_hooked(
             h.remove()
 
 
-def _capture_input(layer: nn.Module, linear: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+def _capture_input(
+    layer: nn.Module, linear: nn.Module, hidden: torch.Tensor, call: _Call
+) -> torch.Tensor:
     """The input of `linear` when `layer` runs on `hidden`; the rest of the layer is skipped."""
     seen: list[torch.Tensor] = []
 
@@ -162,7 +173,13 @@ def _run_capturing(
     """The layer's output on `hidden`, and the inputs of its linears named in `names`."""
     linears = decoder_linears(layer)
     seen: dict[str, torch.Tensor] = {}
-    out = _run_hooked(layer, {n: linears[n] for n in names}, hidden, call, lambda n, x: seen.setdefault(n, x.detach()))
+    out = _run_hooked(
+        layer,
+        {n: linears[n] for n in names},
+        hidden,
+        call,
+        lambda n, x: seen.setdefault(n, x.detach()),
+    )
     assert out is not None  # nothing raises _Stop here
     return out, seen
 
@@ -190,7 +207,9 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> list[li
             members.append(name)
     missing = set(linears) - {n for n, _ in order}
     if missing:
-        raise RuntimeError(f"linear layers {sorted(missing)} never ran on the calibration data: cannot quantize them")
+        raise RuntimeError(
+            f"linear layers {sorted(missing)} never ran on the calibration data: cannot quantize them"
+        )
     return list(groups.values())
 
 
@@ -202,8 +221,17 @@ class ActivationStreams:
     `end_layer` to replay the quantized (and the FP) layer into the next layer's inputs.
     """
 
-    def __init__(self, model: nn.Module, stack: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int,
-                 device: torch.device, with_fp: bool, fp_cache_bytes: int = FP_CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stack: nn.ModuleList,
+        input_ids: torch.Tensor,
+        *,
+        batch_size: int,
+        device: torch.device,
+        with_fp: bool,
+        fp_cache_bytes: int = FP_CACHE_BYTES,
+    ) -> None:
         self.device = device
         self.with_fp = with_fp
         self.fp_cache_bytes = fp_cache_bytes
@@ -226,7 +254,11 @@ class ActivationStreams:
         self._fp_inputs, self._fp_layer = None, None
         if self.with_fp:
             firsts = [g[0] for g in self.groups]  # a group's members share their input
-            need = self.tokens * sum(linears[f].in_features for f in firsts) * self.hidden_fp[0].element_size()
+            need = (
+                self.tokens
+                * sum(linears[f].in_features for f in firsts)
+                * self.hidden_fp[0].element_size()
+            )
             if need <= self.fp_cache_bytes:
                 # The layer is still full precision: one pass gives the FP stream's next input and
                 # every group's X̃, instead of recomputing X̃ once per group.

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     model_dir, extra = args[0], args[1:]
     if model_dir.startswith("-"):
-        print(f"error: the first argument must be the model directory, got {model_dir!r}\n{USAGE}", file=sys.stderr)
+        print(
+            f"error: the first argument must be the model directory, got {model_dir!r}\n{USAGE}",
+            file=sys.stderr,
+        )
         return 2
     try:
         check_checkpoint_files(model_dir, read_checkpoint_config(model_dir))

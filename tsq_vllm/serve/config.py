@@ -92,7 +92,9 @@ class TsqConfig(QuantizationConfig):
 
         return WeightsMapper()
 
-    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+    def maybe_update_config(
+        self, model_name: str, hf_config: Any = None, revision: str | None = None
+    ) -> None:
         """Learn which linears the checkpoint quantized from its safetensors headers."""
         from vllm.transformers_utils.config import get_safetensors_params_metadata
 
@@ -105,7 +107,9 @@ class TsqConfig(QuantizationConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
         if self.quantized_modules:
-            self.quantized_modules = set(hf_to_vllm_mapper.apply_list(sorted(self.quantized_modules)))
+            self.quantized_modules = set(
+                hf_to_vllm_mapper.apply_list(sorted(self.quantized_modules))
+            )
 
     def shard_names(self, prefix: str, n_shards: int) -> list[str]:
         """Checkpoint module names of the shards of a (possibly fused) vLLM layer."""

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TsqLinearMethod", "check_partition"]
 
+
 class _CheckedLoad:
     """Mixin for vLLM parameters: verify the checkpoint tensor, then let vLLM shard and copy it.
 
@@ -156,7 +157,9 @@ class _GIdx(_CheckedLoad, RowvLLMParameter):
     """g_idx: one activation order per fused layer (q/k/v and gate/up share their input)."""
 
     def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
-        if getattr(self, "tsq_loaded", None) and not torch.equal(self.data, loaded_weight.to(self.data.dtype)):
+        if getattr(self, "tsq_loaded", None) and not torch.equal(
+            self.data, loaded_weight.to(self.data.dtype)
+        ):
             raise ValueError(
                 f"{self.tsq_name} (shard {shard!r}): g_idx differs from the other shards of this "
                 f"fused layer; fused projections need one activation order (GPTQ gives layers with "
@@ -182,7 +185,9 @@ def check_partition(
         for size in output_partition_sizes:
             check_linear_shape(input_size, size * tp_size, bits, group_size)
     except ValueError as e:
-        raise ValueError(f"{prefix}: {e}; the checkpoint does not match its quantization_config") from None
+        raise ValueError(
+            f"{prefix}: {e}; the checkpoint does not match its quantization_config"
+        ) from None
     run = run_length(bits)
     if input_size_per_partition != input_size and input_size_per_partition % group_size:
         raise ValueError(
@@ -223,8 +228,15 @@ class TsqLinearMethod(LinearMethodBase):
         cfg = self.quant_config.spec
         bits, group_size = cfg.bits, cfg.group_size
         tp_size = int(getattr(layer, "tp_size", 1))
-        check_partition(self.prefix, bits, group_size, input_size, input_size_per_partition,
-                        list(output_partition_sizes), tp_size)
+        check_partition(
+            self.prefix,
+            bits,
+            group_size,
+            input_size,
+            input_size_per_partition,
+            list(output_partition_sizes),
+            tp_size,
+        )
         weight_loader: Callable[..., None] | None = extra_weight_attrs.get("weight_loader")
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
@@ -238,26 +250,48 @@ class TsqLinearMethod(LinearMethodBase):
         local = packed_shapes(k_local, n_local, bits, n_groups)
         qweight = _QWeight(
             data=torch.empty(local["qweight"], dtype=torch.int32),
-            input_dim=0, output_dim=1, packed_dim=0, packed_factor=pack, weight_loader=weight_loader,
+            input_dim=0,
+            output_dim=1,
+            packed_dim=0,
+            packed_factor=pack,
+            weight_loader=weight_loader,
         )
         zeros_data = torch.empty(local["qzeros"], dtype=torch.int32)
         scales_data = torch.empty(local["scales"], dtype=scale_dtype)
         if replicate:
             qzeros: _CheckedLoad = _ReplicatedZeros(
-                data=zeros_data, output_dim=1, packed_dim=1, packed_factor=pack, weight_loader=weight_loader
-            )
-            scales: _CheckedLoad = _ReplicatedScales(data=scales_data, output_dim=1, weight_loader=weight_loader)
-        else:
-            qzeros = _ShardedZeros(
-                data=zeros_data, input_dim=0, output_dim=1, packed_dim=1, packed_factor=pack,
+                data=zeros_data,
+                output_dim=1,
+                packed_dim=1,
+                packed_factor=pack,
                 weight_loader=weight_loader,
             )
-            scales = _ShardedScales(data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader)
-        g_idx = _GIdx(data=torch.empty(local["g_idx"], dtype=torch.int32), input_dim=0, weight_loader=weight_loader)
+            scales: _CheckedLoad = _ReplicatedScales(
+                data=scales_data, output_dim=1, weight_loader=weight_loader
+            )
+        else:
+            qzeros = _ShardedZeros(
+                data=zeros_data,
+                input_dim=0,
+                output_dim=1,
+                packed_dim=1,
+                packed_factor=pack,
+                weight_loader=weight_loader,
+            )
+            scales = _ShardedScales(
+                data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader
+            )
+        g_idx = _GIdx(
+            data=torch.empty(local["g_idx"], dtype=torch.int32),
+            input_dim=0,
+            weight_loader=weight_loader,
+        )
 
         hint = f"{bits}-bit, group_size {group_size}, in_features={input_size}"
         # Rows of the whole checkpoint tensors (N is checked per shard as it arrives).
-        full_rows = {k: v[0] for k, v in packed_shapes(input_size, 0, bits, input_size // group_size).items()}
+        full_rows = {
+            k: v[0] for k, v in packed_shapes(input_size, 0, bits, input_size // group_size).items()
+        }
         specs: dict[str, tuple[Any, Fraction | None, bool]] = {
             "qweight": (qweight, Fraction(1), True),
             "qzeros": (qzeros, pack, True),
@@ -281,15 +315,24 @@ class TsqLinearMethod(LinearMethodBase):
             layer.tsq_shard_ids = tuple(range(n_shards))
         layer.tsq_replicated_groups = replicate
         sharded_groups = row_parallel and not replicate
-        layer.tsq_group_offset = int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0
+        layer.tsq_group_offset = (
+            int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0
+        )
 
     def process_weights_after_loading(self, layer: Any) -> None:
         cfg = self.quant_config.spec
         self._check_complete(layer)
         # Sharded scales hold this rank's groups only, while g_idx keeps global group numbers.
         g_idx = (layer.g_idx.data - int(layer.tsq_group_offset)).to(torch.int32).contiguous()
-        gptq = GPTQLayer(layer.qweight, layer.qzeros, layer.scales, g_idx, bits=cfg.bits,
-                         group_size=cfg.group_size, checkpoint_format=cfg.checkpoint_format)
+        gptq = GPTQLayer(
+            layer.qweight,
+            layer.qzeros,
+            layer.scales,
+            g_idx,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            checkpoint_format=cfg.checkpoint_format,
+        )
         try:
             gptq.check_g_idx()
         except ValueError as e:
@@ -321,7 +364,9 @@ class TsqLinearMethod(LinearMethodBase):
         names = self.quant_config.shard_names(self.prefix, len(shard_ids))
         for tensor in TENSOR_NAMES:
             loaded: set[Any] = getattr(getattr(layer, tensor), "tsq_loaded", set())
-            missing = [name for sid, name in zip(shard_ids, names, strict=True) if sid not in loaded]
+            missing = [
+                name for sid, name in zip(shard_ids, names, strict=True) if sid not in loaded
+            ]
             if missing:
                 which = ", ".join(f"{m}.{tensor}" for m in missing)
                 raise ValueError(

@@ -26,12 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base_url: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 1.0) -> float:
+def wait_healthy(
+    base_url: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 1.0
+) -> float:
     """Seconds until `base_url`/health answers 200; RuntimeError if `proc` exits or `timeout` passes."""
     start = time.monotonic()
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it became healthy")
+            raise RuntimeError(
+                f"the server exited with status {proc.returncode} before it became healthy"
+            )
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"no server answered at {base_url}/health within {timeout:.0f} s")
         try:
@@ -51,15 +55,28 @@ class ServerProcess:
     processes that must not outlive the test or benchmark.
     """
 
-    def __init__(self, cmd: Sequence[str], log: str | Path, *, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, timeout: float = 600):
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        log: str | Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        timeout: float = 600,
+    ):
         self.port = free_port()
         self.cmd = [*cmd, "--port", str(self.port)]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log)
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
         try:
             self.startup_s = wait_healthy(self.base_url, timeout, self.proc)
         except RuntimeError as e:
