@@ -22,7 +22,9 @@ def _tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])
+@pytest.mark.parametrize(
+    "command", [["check", "."], ["format", "--check", "."]], ids=["check", "format"]
+)
 def test_ruff(command):
     r = subprocess.run(
         [_tool("ruff"), *command], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -486,10 +486,11 @@ def launch(
             out.stride(1),
         )
         if autotune:
-            grid = lambda meta: (
-                triton.cdiv(p.M, meta["BLOCK_M"]) * triton.cdiv(p.N, meta["BLOCK_N"]),
-            )  # noqa: E731
-            _tuned("gemm")[grid](*args, **common)
+
+            def tuned_grid(meta: dict[str, Any]) -> tuple[int]:
+                return (triton.cdiv(p.M, meta["BLOCK_M"]) * triton.cdiv(p.N, meta["BLOCK_N"]),)
+
+            _tuned("gemm")[tuned_grid](*args, **common)
         else:
             grid = (triton.cdiv(p.M, config.block_m) * triton.cdiv(p.N, config.block_n),)
             _gemm_kernel[grid](
