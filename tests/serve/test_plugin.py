@@ -1,4 +1,5 @@
-"""The vLLM plugin without an engine: registration, config, real vLLM linear layers under simulated TP."""
+"""The vLLM plugin without an engine: registration, config, real vLLM linear layers under simulated
+TP."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def _live_members(pgid: int) -> list[int]:
-    """Processes of group `pgid` that are not zombies (an orphan's zombie waits for init to reap it)."""
+    """Processes of group `pgid` that are not zombies (an orphan's zombie waits for init to reap
+    it)."""
     live = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

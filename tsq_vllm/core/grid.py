@@ -22,7 +22,8 @@ __all__ = ["Grid", "clip_grid", "fit_grid", "quantize_codes", "dequantize_codes"
 
 
 class Grid:
-    """Per-(row, group) scales and integer zeros: scale [N, n_groups] float32, zero [N, n_groups] int64."""
+    """Per-(row, group) scales and integer zeros: scale [N, n_groups] float32, zero [N, n_groups]
+    int64."""
 
     def __init__(self, scale: torch.Tensor, zero: torch.Tensor, bits: int):
         self.scale, self.zero, self.bits = scale, zero, bits

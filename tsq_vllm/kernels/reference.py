@@ -54,7 +54,8 @@ def check_input(x: torch.Tensor, layer: GPTQLayer) -> Problem:
         )
     if layer.qweight.device != x.device:
         raise ValueError(
-            f"the layer is on {layer.qweight.device} but x is on {x.device}: move the layer's tensors to x's device"
+            f"the layer is on {layer.qweight.device} but x is on {x.device}: move the layer's "
+            "tensors to x's device"
         )
     return Problem(M, K, layer.N, layer.n_groups, layer.group_size)
 
