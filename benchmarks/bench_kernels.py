@@ -1,7 +1,7 @@
 """Benchmark the Triton dequant-matmul against a dense fp16 torch.matmul on Llama-3-8B shapes.
 
-    python benchmarks/bench_kernels.py [--bits 3 4] [--group 64] [--out
-    benchmarks/results/bench_kernels.md]
+    python benchmarks/bench_kernels.py [--bits 3 4] [--group 64] \\
+        [--out benchmarks/results/bench_kernels.md]
     python benchmarks/bench_kernels.py --expected [--out ...]   # byte-count model only, no GPU
 
 Shapes (K, N) are the decoder linears of Llama-3-8B: q/o (4096, 4096), gate/up (4096, 14336),
@@ -124,7 +124,8 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
         f"{' --act-order' if act_order else ''}{'' if graphs else ' --no-graphs'}`; times are "
         f"medians of triton.testing.{bench.__name__}; "
         "bandwidth = minimum bytes moved / time.\n",
-        "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s | max rel err |",
+        "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s "
+        "| max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -1,7 +1,7 @@
 """Cost and quality of the two stages on one LLaMA-sized linear layer (CPU).
 
-    .venv/bin/python benchmarks/bench_layer.py --size 4096 --reps 3 --output
-    benchmarks/results/bench_layer.md
+    .venv/bin/python benchmarks/bench_layer.py --size 4096 --reps 3 \\
+        --output benchmarks/results/bench_layer.md
 
 H and R are the exact second moments of a synthetic input distribution with strong feature
 correlation and uneven feature scales (what 128 × 2048 calibration tokens estimate), so the layer

@@ -1,7 +1,7 @@
 """SmolLM2-135M INT3 g64: two-stage quantization vs plain GPTQ, perplexity on the wiki test split.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantize_smollm2.py --nsamples 64 --seqlen 256 --eval-tokens
-    16384
+    OMP_NUM_THREADS=1 python benchmarks/quantize_smollm2.py --nsamples 64 --seqlen 256 \\
+        --eval-tokens 16384
 
 Every configuration goes through the same CLI (`python -m tsq_vllm.quantize`, then
 `python -m tsq_vllm.eval`) with the same calibration windows (same --calib, --nsamples, --seqlen

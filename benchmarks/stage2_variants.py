@@ -259,7 +259,8 @@ def write_report(done: list[dict], path: Path, argv_note: str) -> None:
             sc = r["scales"]
             lines.append(
                 "| "
-                f"{LABELS.get(r['row'].split('@')[0], r['row'])}{' (' + r['row'].split('@')[1] + ')' if '@' in r['row'] else ''} "
+                f"{LABELS.get(r['row'].split('@')[0], r['row'])}"
+                f"{' (' + r['row'].split('@')[1] + ')' if '@' in r['row'] else ''} "
                 f"| {r['setup']['nsamples']}×{r['setup']['seqlen']} | {r['eval']['ppl']:.3f} | "
                 f"{r['quantize_seconds']:.0f} | {r['time_stage2']:.1f} | {sc['negative']} / "
                 f"{sc['total']} | {_fmt(o.get('energy_ratio'))} | {_fmt(d.get('energy_ratio'))} "

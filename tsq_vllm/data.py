@@ -118,7 +118,8 @@ def _utf8_text(path: Path) -> str:
 
 
 def load_documents(spec: str, *, split: str = "calib") -> list[str]:
-    """The documents of a text source: 'wiki' (the given split), 'text:PATH' or 'hf:NAME[:CONFIG]'."""
+    """The documents of a text source: 'wiki' (the given split), 'text:PATH' or
+    'hf:NAME[:CONFIG]'."""
     check_text_source(spec)
     if spec == "wiki":
         docs = wiki_documents(split)

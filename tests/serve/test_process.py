@@ -1,4 +1,5 @@
-"""ServerProcess: waits for /health, reports a dead or silent server with its log, stops the group."""
+"""ServerProcess: waits for /health, reports a dead or silent server with its log, stops the
+group."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def _method(raw: dict[str, Any]) -> str:
 def parse_quant_config(
     raw: dict[str, Any], where: str = "quantization_config"
 ) -> CheckpointQuantConfig:
-    """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad field."""
+    """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad
+    field."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(raw).__name__}")
     method = _method(raw)

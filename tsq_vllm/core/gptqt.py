@@ -53,7 +53,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Reexplore:
-    """Scale re-exploration: multipliers γ = linspace(lowest, highest, points) ∪ {1}, then stage 2."""
+    """Scale re-exploration: multipliers γ = linspace(lowest, highest, points) ∪ {1}, then stage
+    2."""
 
     lowest: float = 0.8
     highest: float = 1.2

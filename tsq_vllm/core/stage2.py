@@ -13,8 +13,8 @@ weighted by α ∈ [0, 1] (α = 1 is the paper's eq. (7), α = 0 ignores the FP 
 
 Coordinate descent sets ∂L/∂s_i = 0 for one group at a time:
 
-  s_i ← (b_i − Σ_{j≠i} A_ij s_j) / A_ii = s_i + [u_iᵀ H_{i,:}(w − q) − α wᵀ R_{:,i} u_i] / (u_iᵀ
-  H_ii u_i)
+  s_i ← (b_i − Σ_{j≠i} A_ij s_j) / A_ii
+      = s_i + [u_iᵀ H_{i,:}(w − q) − α wᵀ R_{:,i} u_i] / (u_iᵀ H_ii u_i)
 
 which is the paper's update (9) at α = 1. With a box s_i ∈ [s0_i/β, β·s0_i] around the scale the
 refinement started from, the step is the clamp of that minimizer into the interval: the exact

@@ -27,7 +27,8 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Problem(NamedTuple):
-    """Sizes of one call, after validation: x is [M, K], W is [K, N] in n_groups groups of G rows."""
+    """Sizes of one call, after validation: x is [M, K], W is [K, N] in n_groups groups of G
+    rows."""
 
     M: int
     K: int

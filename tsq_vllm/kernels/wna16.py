@@ -26,8 +26,8 @@ zero 0, scale 0 and are sliced off):
   q_weight int32 [N_pad/16, 2K]      row j holds output columns 16j..16j+15: for each k, two
                                      words with columns 16j+i at bits 4i (i < 8) of the first and
                                      16j+8+i of the second (the GPTQ 4-bit word, packed along N)
-  zeros    int32 [n_groups, N_pad/8] z packed along N in the same word layout (GPTQ qzeros at 4
-  bits)
+  zeros    int32 [n_groups, N_pad/8] z packed along N in the same word layout (GPTQ
+                                     qzeros at 4 bits)
   scales   act   [n_groups, N_pad]
 
 Act-order (a g_idx that is not k // G) has no kernel support here, so the input columns are

@@ -72,7 +72,8 @@ class QuantizeOptions:
     damp: float = _opt(0.01, "Hessian dampening, as a fraction of the mean diagonal")
     stage1: bool = _opt(
         True,
-        "disable stage 1 (Hessian-aware scale initialization); scales then come from --scale-search",
+        "disable stage 1 (Hessian-aware scale initialization); scales then come from "
+        "--scale-search",
     )
     stage2: bool = _opt(True, "disable stage 2 (scale refinement after GPTQ)")
     error_feedback: bool = _opt(
@@ -193,7 +194,8 @@ class QuantizeOptions:
         )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
-        """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance block."""
+        """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance
+        block."""
         return CheckpointQuantConfig(
             bits=self.bits,
             group_size=self.group_size,

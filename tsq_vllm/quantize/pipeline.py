@@ -53,7 +53,8 @@ _NON_FINITE = {
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be written."""
+    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be
+    written."""
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))

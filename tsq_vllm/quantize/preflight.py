@@ -60,7 +60,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def check_source_files(src: ModelSource, config: Any) -> None:
-    """Every safetensors file of a local source is whole, and its tensors have the config's shapes."""
+    """Every safetensors file of a local source is whole, and its tensors have the config's
+    shapes."""
     from transformers import AutoModelForCausalLM
 
     path = Path(src.path).expanduser()

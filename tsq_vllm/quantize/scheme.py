@@ -38,10 +38,10 @@ class LayerScheme:
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
     damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
     error_feedback_alpha: weight of R in stage 2 (1: the paper's eq. (7), 0: R ignored).
-    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0; 0 leaves them
-    unbounded.
-    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with
-    R).
+    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0; 0 leaves
+      them unbounded.
+    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D
+      with R).
     gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
     """
 
