@@ -65,8 +65,7 @@ def _goals(res: dict, cells: list[tuple[int, int]], fp: float) -> list[str]:
         out.append(
             f"- INT{bits} g{gs}: both stages {tp:.2f} vs GPTQ {gp:.2f} "
             f"(**{'beats' if tp < gp else 'does not beat'}** GPTQ); closes **{closed:.0f} %** of "
-            "the GPTQ→FP gap "
-            f"(goal ≥ {goal:.0f} %: "
+            f"the GPTQ→FP gap (goal ≥ {goal:.0f} %: "
             f"**{'met' if closed >= goal else f'missed by {goal - closed:.0f} points'}**); "
             f"quantize time **{cost:.2f}×** GPTQ (goal ≤ {COST_GOAL:.2f}×: "
             f"**{'met' if cost <= COST_GOAL else 'missed'}**)"

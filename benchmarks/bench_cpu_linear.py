@@ -172,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} "
         f"--group-size {args.group_size} --reps {args.reps} --budget {args.budget} --threads "
         f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for "
-        "dense fp32); "
-        "repetitions interleaved across the four paths, so ratios within a row share the "
-        "machine's load.",
+        "dense fp32); repetitions interleaved across the four paths, so ratios within a row "
+        "share the machine's load.",
         "",
         *_machine(),
         f"- load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, "

@@ -166,8 +166,8 @@ def main() -> int:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, Python "
         f"{platform.python_version()}.",
         f"Calibration: wiki calibration split, {args.nsamples} windows x {args.seqlen} tokens, "
-        f"seed 0. Evaluation: wiki test split, {fp['windows']} windows x {args.eval_seqlen} tokens "
-        f"({fp['tokens']} predicted tokens).",
+        f"seed 0. Evaluation: wiki test split, {fp['windows']} windows x {args.eval_seqlen} "
+        f"tokens ({fp['tokens']} predicted tokens).",
         "",
         f"Goal (both stages < plain GPTQ perplexity): **{verdict}**.",
         "",

@@ -325,9 +325,8 @@ def to_markdown(results: list[Result]) -> str:
         rows.append(
             f"| {v.label} | {v.bits or '-'} | {v.group or '-'} | {v.dtype} | "
             f"{'yes' if v.act_order else 'no'} | {block} | {v.num_warps}/{v.num_stages} | "
-            f"sm_{r.arch} | {_cell(r.registers)} | "
-            f"{_cell(r.spill_stores)}/{_cell(r.spill_loads)} | {_cell(r.loop_spills)} | "
-            f"{_cell(r.stack)} | {_cell(r.shared)} | {status} |"
+            f"sm_{r.arch} | {_cell(r.registers)} | {_cell(r.spill_stores)}/{_cell(r.spill_loads)} "
+            f"| {_cell(r.loop_spills)} | {_cell(r.stack)} | {_cell(r.shared)} | {status} |"
         )
     return "\n".join(rows)
 

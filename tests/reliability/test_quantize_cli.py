@@ -271,7 +271,7 @@ def test_non_finite_scales_from_the_quantizer_are_never_written(ws, capsys, monk
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [
         f"{PREFIX}model.layers.0.self_attn.q_proj: quantizing gave 1 NaN/inf scale(s), which are "
-        f"never written: retry with --no-stage2 or a larger --damp"
+        "never written: retry with --no-stage2 or a larger --damp"
     ]
     assert snapshot(ws) == before
 

@@ -210,8 +210,8 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
     raise ValueError(
-        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can "
-        "be loaded"
+        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can be "
+        "loaded"
     )
 
 

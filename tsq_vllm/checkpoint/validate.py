@@ -81,7 +81,7 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
         if location.get(tensor) != name:
             raise ValueError(
                 f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that "
-                f"file: re-export the checkpoint"
+                "file: re-export the checkpoint"
             )
     linears = _linear_shapes(path)
     prefixes = sorted(t[: -len(".qweight")] for t in location if t.endswith(".qweight"))
@@ -104,7 +104,7 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
             if prefix not in linears:
                 raise ValueError(
                     f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of "
-                    f"the model config.json describes: re-export the checkpoint"
+                    "the model config.json describes: re-export the checkpoint"
                 )
             stored = {
                 n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}")

@@ -65,8 +65,8 @@ class Reexplore:
     def __post_init__(self) -> None:
         if not 0 < self.lowest <= 1 <= self.highest:
             raise ValueError(
-                f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest "
-                "<= 1 <= highest"
+                f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= "
+                "1 <= highest"
             )
         if self.points < 1 or self.stage2_sweeps < 1:
             raise ValueError(
@@ -213,8 +213,8 @@ def gptqt_convert(
     N, K = W.shape
     if K % group_size or H.shape != (K, K) or codes.shape != (N, K):
         raise ValueError(
-            f"gptqt_convert needs W [N, K] with K a multiple of group_size={group_size}, H [K, "
-            f"K] and codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes "
+            f"gptqt_convert needs W [N, K] with K a multiple of group_size={group_size}, H [K, K] "
+            f"and codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes "
             f"{tuple(codes.shape)}"
         )
     if grid.scale.shape != (N, K // group_size) or grid.zero.shape != grid.scale.shape:

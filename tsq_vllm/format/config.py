@@ -79,8 +79,8 @@ class CheckpointQuantConfig:
         for name in FINGERPRINT_FIELDS:
             if name in block and block[name] != getattr(self, name):
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} "
-                    "recorded in tsq.integrity when the tensors were written: restore "
+                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} recorded "
+                    "in tsq.integrity when the tensors were written: restore "
                     f"{name}={block[name]!r} (the tensors were packed that way) or re-quantize"
                 )
 

@@ -195,9 +195,8 @@ class GPTQLayer:
         if g is not None and g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
             raise ValueError(
                 f"{where + '.' if where else ''}g_idx spans [{int(g.min())}, {int(g.max())}] but "
-                "there are "
-                f"{self.n_groups} groups of scales: the checkpoint's g_idx does not belong to "
-                "these scales"
+                f"there are {self.n_groups} groups of scales: the checkpoint's g_idx does not "
+                "belong to these scales"
             )
 
     def check_values(self, where: str) -> None:
@@ -219,10 +218,10 @@ class GPTQLayer:
             lo, hi = int(z.min()), int(z.max())
             if lo < 0 or hi >= 1 << self.bits:
                 raise ValueError(
-                    f"{where}.qzeros decodes to zero points in [{lo}, {hi}] with checkpoint_format="
-                    f"{self.checkpoint_format!r}, outside [0, {(1 << self.bits) - 1}] for "
-                    f"{self.bits} bits: the checkpoint_format in the config is wrong or the file "
-                    f"is corrupt; {fix}"
+                    f"{where}.qzeros decodes to zero points in [{lo}, {hi}] with "
+                    f"checkpoint_format={self.checkpoint_format!r}, outside [0, "
+                    f"{(1 << self.bits) - 1}] for {self.bits} bits: the checkpoint_format in the "
+                    f"config is wrong or the file is corrupt; {fix}"
                 )
         self.check_g_idx(where)
 

@@ -165,8 +165,7 @@ def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str |
     if zeros.numel() and int(zeros.max()) > _LANE_MAX:
         return False, (
             f"a zero point of {int(zeros.max())} does not fit the kernel's 4-bit zero lanes (at "
-            "most "
-            f"{_LANE_MAX}); {layer.checkpoint_format!r} stores it as "
+            f"most {_LANE_MAX}); {layer.checkpoint_format!r} stores it as "
             f"{int(zeros.max()) - layer.zero_offset}"
         )
     return True, None
@@ -191,8 +190,8 @@ class WNA16Linear:
         n_pad = self.scales.shape[1]
         if n_pad % _N_ALIGN or n_pad < self.N or self.K % _K_ALIGN:
             raise ValueError(
-                f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % "
-                "32 == 0"
+                f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % 32 "
+                "== 0"
             )
         if (
             tuple(self.qweight.shape) != (n_pad // _N_BLOCK, 2 * self.K)
@@ -212,8 +211,8 @@ class WNA16Linear:
             )
         if self.scales.dtype != self.act_dtype or self.act_dtype not in _ACT_DTYPES:
             raise ValueError(
-                f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 "
-                "or fp16)"
+                f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 or "
+                "fp16)"
             )
 
     @property

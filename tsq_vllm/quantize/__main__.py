@@ -83,8 +83,8 @@ def _one_line(e: BaseException) -> str:
 def _failure(e: BaseException, output: str) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (
-            f"No space left on device while writing --output {output!r}: free some space or "
-            "pick another path"
+            f"No space left on device while writing --output {output!r}: free some space or pick "
+            "another path"
         )
     return _one_line(e)
 

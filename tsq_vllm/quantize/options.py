@@ -97,9 +97,8 @@ class QuantizeOptions:
     gptaq_alpha: float = _opt(
         DEFAULT_GPTAQ_ALPHA,
         "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best "
-        "maps the "
-        "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off "
-        "(GPTAQ uses 0.25)",
+        "maps the quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is "
+        "off (GPTAQ uses 0.25)",
     )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt(

@@ -90,8 +90,8 @@ class LayerScheme:
             )
         if not 0.0 <= self.error_feedback_alpha <= 1.0:
             raise ValueError(
-                f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is "
-                "the paper's R)"
+                f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the "
+                "paper's R)"
             )
         if self.scale_box != 0 and not self.scale_box >= 1.0:
             raise ValueError(

@@ -22,8 +22,8 @@ USAGE = (
 )
 HELP = (
     f"{USAGE}\n\n"
-    "Checks MODEL_DIR (config, every shard's header and size, every quantized layer's tensors, the "
-    "recorded checksums) before starting vLLM's OpenAI-compatible server on it with "
+    "Checks MODEL_DIR (config, every shard's header and size, every quantized layer's tensors, "
+    "the recorded checksums) before starting vLLM's OpenAI-compatible server on it with "
     "--quantization tsq.\n"
     "Every argument after MODEL_DIR is passed to vLLM's OpenAI server unchanged; for their list "
     "run\n  python -m vllm.entrypoints.openai.api_server --help"
