@@ -4,8 +4,8 @@
     bash benchmarks/setup_gptqmodel.sh                # once: GPTQModel 7.7.0 in its own venv
     python benchmarks/accuracy.py --report-only       # rewrite the report from the results file
 
-For bits {2, 3} x group size {32, 64} it quantizes SmolLM2-135M with RTN, plain GPTQ, GPTQ + stage 1,
-GPTQ + stage 2, both stages, and both stages without the error-feedback term R, each in its own
+For bits {2, 3} x group size {32, 64} it quantizes SmolLM2-135M with RTN, plain GPTQ, GPTQ + stage
+1, GPTQ + stage 2, both stages, and both stages without the error-feedback term R, each in its own
 process through `tsq_vllm.quantize`'s CLI parser and `run_quantization` (so every row is the CLI's
 code path), then evaluates each checkpoint with `python -m tsq_vllm.eval` on the wiki test split.
 Peer rows run GPTQModel 7.7.0 (`benchmarks/gptqmodel_peer.py`, in benchmarks/.venv-gptqmodel) on the

@@ -95,10 +95,11 @@ def _machine() -> list[str]:
     ]
     missing = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f not in flags]
     return [
-        f"- CPU: {model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists {', '.join(isa) or 'none of'} "
-        f"(not {', '.join(missing) or '-'})",
+        f"- CPU: {model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists "
+        f"{', '.join(isa) or 'none of'} (not {', '.join(missing) or '-'})",
         f"- torch {torch.__version__}: `torch.cpu._is_avx512_bf16_supported()` = "
-        f"{torch.cpu._is_avx512_bf16_supported()}, `_is_amx_tile_supported()` = {torch.cpu._is_amx_tile_supported()}",
+        f"{torch.cpu._is_avx512_bf16_supported()}, `_is_amx_tile_supported()` = "
+        f"{torch.cpu._is_amx_tile_supported()}",
         f"- vLLM cpu_gemm_wna16: {wna16_unavailable_reason() or 'available'}",
     ]
 
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"1-minute load average at the start of this table: {load:.2f}; at its end: LOAD_END.",
             "",
-            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | int4 vs bf16 | wna16 vs bf16 "
-            "| faster quantized path |",
+            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | int4 vs "
+            "bf16 | wna16 vs bf16 | faster quantized path |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for (model, K, N), (w32, w16, int4, wna16) in layers.items():
@@ -168,14 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"# CPU linear paths, INT{args.bits} g{args.group_size}",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} --group-size "
-        f"{args.group_size} --reps {args.reps} --budget {args.budget} --threads "
-        f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for dense fp32); "
-        "repetitions interleaved across the four paths, so ratios within a row share the machine's load.",
+        f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} "
+        f"--group-size {args.group_size} --reps {args.reps} --budget {args.budget} --threads "
+        f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for "
+        "dense fp32); repetitions interleaved across the four paths, so ratios within a row "
+        "share the machine's load.",
         "",
         *_machine(),
-        f"- load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, after: "
-        f"{' / '.join(f'{v:.2f}' for v in load_after)}",
+        f"- load average (1/5/15 min) before: {' / '.join(f'{v:.2f}' for v in load_before)}, "
+        f"after: {' / '.join(f'{v:.2f}' for v in load_after)}",
         "",
     ]
     text = "\n".join(header) + "\n" + "\n\n".join(tables) + "\n"

@@ -1,6 +1,7 @@
 """Benchmark the Triton dequant-matmul against a dense fp16 torch.matmul on Llama-3-8B shapes.
 
-    python benchmarks/bench_kernels.py [--bits 3 4] [--group 64] [--out benchmarks/results/bench_kernels.md]
+    python benchmarks/bench_kernels.py [--bits 3 4] [--group 64] \\
+        [--out benchmarks/results/bench_kernels.md]
     python benchmarks/bench_kernels.py --expected [--out ...]   # byte-count model only, no GPU
 
 Shapes (K, N) are the decoder linears of Llama-3-8B: q/o (4096, 4096), gate/up (4096, 14336),
@@ -32,9 +33,9 @@ HEADER_EXPECTED = (
     "byte count and an H100 SXM roofline (3.35 TB/s, 989 TFLOP/s dense fp16), not from a run.\n"
     "The first GPU run replaces this file: `python benchmarks/bench_kernels.py --out "
     "benchmarks/results/bench_kernels.md`.\n\n"
-    "Bytes are the minimum any kernel must move. The GEMV's fp32 split-K workspace (written and read "
-    "once: 8·splits·M·N B, capped by `pick_config` at 1/8 of the weight bytes and small enough to stay "
-    "in L2) is left out.\n\n"
+    "Bytes are the minimum any kernel must move. The GEMV's fp32 split-K workspace (written and "
+    "read once: 8·splits·M·N B, capped by `pick_config` at 1/8 of the weight bytes and small "
+    "enough to stay in L2) is left out.\n\n"
 )
 
 
@@ -78,13 +79,13 @@ def expected_markdown(bits_list: list[int], group: int) -> str:
         )
     lines += [
         "\n## Expected time (roofline lower bound) and speedup\n",
-        "Time = max(bytes / 3.35 TB/s, 2·M·K·N / 989 TFLOP/s); the speedup column is the ratio of the "
-        "two bounds, a ceiling. At M <= 64 both bounds are memory bounds and the ceiling is the byte "
-        "ratio; at M = 256 the quantized kernel's bound turns into compute while fp16's is still "
-        "memory, so the ceiling shrinks to about 1.3×. Beyond bytes, the dequant costs ALU work "
-        "(shift, mask, subtract, convert, scale) per weight per BLOCK_M rows; from M of about 64 up "
-        "that, not bandwidth, is likely to decide, so expect about 1× or below there. The "
-        "'measured' columns are empty until a GPU run.\n",
+        "Time = max(bytes / 3.35 TB/s, 2·M·K·N / 989 TFLOP/s); the speedup column is the ratio of "
+        "the two bounds, a ceiling. At M <= 64 both bounds are memory bounds and the ceiling is "
+        "the byte ratio; at M = 256 the quantized kernel's bound turns into compute while fp16's "
+        "is still memory, so the ceiling shrinks to about 1.3×. Beyond bytes, the dequant costs "
+        "ALU work (shift, mask, subtract, convert, scale) per weight per BLOCK_M rows; from M of "
+        "about 64 up that, not bandwidth, is likely to decide, so expect about 1× or below there. "
+        "The 'measured' columns are empty until a GPU run.\n",
         "| K | N | M | bits | fp16 bytes | quant bytes | fp16 µs (bound) | quant µs (bound) "
         "| speedup bound | measured fp16 µs | measured quant µs | measured GB/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -94,8 +95,9 @@ def expected_markdown(bits_list: list[int], group: int) -> str:
             for b in bits_list:
                 f, q = roofline_us(M, K, N, None, group), roofline_us(M, K, N, b, group)
                 lines.append(
-                    f"| {K} | {N} | {M} | {b} | {bytes_moved(M, K, N, None, group):,} "
-                    f"| {bytes_moved(M, K, N, b, group):,} | {f:.1f} | {q:.1f} | {f / q:.2f}× | – | – | – |"
+                    f"| {K} | {N} | {M} | {b} | {bytes_moved(M, K, N, None, group):,} | "
+                    f"{bytes_moved(M, K, N, b, group):,} | {f:.1f} | {q:.1f} | {f / q:.2f}× "
+                    "| – | – | – |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -115,11 +117,12 @@ def measure(bits_list: list[int], group: int, act_order: bool, graphs: bool = Tr
     name = torch.cuda.get_device_name(dev)
     lines = [
         f"# Dequant-matmul kernel benchmark: measured on {name}\n",
-        f"Command: `python benchmarks/bench_kernels.py --bits {' '.join(map(str, bits_list))} --group {group}"
-        f"{' --act-order' if act_order else ''}{'' if graphs else ' --no-graphs'}`; times are medians of "
-        f"triton.testing.{bench.__name__}; "
-        "bandwidth = minimum bytes moved / time.\n",
-        "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s | max rel err |",
+        f"Command: `python benchmarks/bench_kernels.py --bits {' '.join(map(str, bits_list))} "
+        f"--group {group}{' --act-order' if act_order else ''}"
+        f"{'' if graphs else ' --no-graphs'}`; times are medians of "
+        f"triton.testing.{bench.__name__}; bandwidth = minimum bytes moved / time.\n",
+        "| K | N | M | bits | fp16 µs | quant µs | speedup | fp16 GB/s | quant GB/s "
+        "| max rel err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -179,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             print(
-                "bench_kernels: CUDA is not available; this benchmark times the Triton kernels on a GPU "
-                "and cannot run here. Use --expected for the byte-count model.",
+                "bench_kernels: CUDA is not available; this benchmark times the Triton kernels on "
+                "a GPU and cannot run here. Use --expected for the byte-count model.",
                 file=sys.stderr,
             )
             return 2

@@ -1,6 +1,7 @@
 """Cost and quality of the two stages on one LLaMA-sized linear layer (CPU).
 
-    .venv/bin/python benchmarks/bench_layer.py --size 4096 --reps 3 --output benchmarks/results/bench_layer.md
+    .venv/bin/python benchmarks/bench_layer.py --size 4096 --reps 3 \\
+        --output benchmarks/results/bench_layer.md
 
 H and R are the exact second moments of a synthetic input distribution with strong feature
 correlation and uneven feature scales (what 128 × 2048 calibration tokens estimate), so the layer
@@ -83,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/bench_layer.py --size {K} --bits {args.bits} "
         f"--group-size {args.group_size} --reps {args.reps}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; median of {args.reps} runs, variants interleaved.",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}; median of {args.reps} runs, variants interleaved.",
         "",
-        "Loss is the paper's eq. (7), (q − w)ᵀH(q − w) + 2wᵀR(q − w) summed over rows, relative to GPTQ "
-        "with min-max scales.",
+        "Loss is the paper's eq. (7), (q − w)ᵀH(q − w) + 2wᵀR(q − w) summed over rows, relative "
+        "to GPTQ with min-max scales.",
         "",
-        "| variant | time (s) | × GPTQ min-max | × GPTQ MSE | grid (s) | GPTQ loop (s) | stage 2 (s) | loss (rel.) |",
+        "| variant | time (s) | × GPTQ min-max | × GPTQ MSE | grid (s) | GPTQ loop (s) | stage 2 "
+        "(s) | loss (rel.) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in VARIANTS:

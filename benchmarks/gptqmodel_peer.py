@@ -1,13 +1,15 @@
 """One GPTQModel 7.7 quantization on given calibration windows: the peer rows of accuracy.py.
 
     GPTQMODEL_CPU_WORKERS=2 benchmarks/.venv-gptqmodel/bin/python benchmarks/gptqmodel_peer.py \
-        --model /tmp/tsq-accuracy/smollm2-hf --calib /tmp/tsq-accuracy/calib-32x256-seed0.safetensors \
+        --model /tmp/tsq-accuracy/smollm2-hf \
+        --calib /tmp/tsq-accuracy/calib-32x256-seed0.safetensors \
         --bits 3 --group-size 64 [--mse 2.4] --output DIR --stats-json stats.json
 
-Runs in GPTQModel's own venv (benchmarks/setup_gptqmodel.sh), never imports tsq_vllm. The calibration
-windows are the exact token ids tsq used (a safetensors file, input_ids [n, L]); the model is loaded
-in fp32 like tsq's. Everything else is GPTQModel's default (symmetric, damp 0.05, act_group_aware),
-except `mse` when given. Writes the checkpoint GPTQModel saves and the quantize() wall time.
+Runs in GPTQModel's own venv (benchmarks/setup_gptqmodel.sh), never imports tsq_vllm. The
+calibration windows are the exact token ids tsq used (a safetensors file, input_ids [n, L]); the
+model is loaded in fp32 like tsq's. Everything else is GPTQModel's default (symmetric, damp 0.05,
+act_group_aware), except `mse` when given. Writes the checkpoint GPTQModel saves and the quantize()
+wall time.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def corpus(n_lines: int = 200, seed: int = 0) -> list[str]:
 
 
 def make_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained offline, with a chat template, as a transformers tokenizer."""
+    """A byte-level BPE tokenizer trained offline, with a chat template, as a transformers
+    tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,8 +53,8 @@ def make_tokenizer(vocab_size: int = 384):
         unk_token="<|endoftext|>",
     )
     fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+        "endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     return fast
 

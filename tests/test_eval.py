@@ -87,7 +87,8 @@ def test_fp_and_quantized_checkpoints_go_through_the_same_command(tiny, tmp_path
     assert [results[n]["kind"] for n in ("fp", "q8", "q2")] == ["fp", "tsq", "tsq"]
     assert results["q2"]["quantization_config"]["bits"] == 2
     assert all(r["tokens"] == 16 * 63 and r["windows"] == 16 for r in results.values())
-    # 8-bit is nearly lossless; 2-bit on a random model is not: the quantized weights really are used.
+    # 8-bit is nearly lossless; 2-bit on a random model is not: the quantized weights really are
+    # used.
     assert abs(results["q8"]["nll"] - results["fp"]["nll"]) < 0.01
     assert abs(results["q2"]["nll"] - results["fp"]["nll"]) > 0.01
 

@@ -88,7 +88,8 @@ def test_imports_point_downward(module):
         if dst is None or dst == src:
             continue
         assert LAYERS[dst] < LAYERS[src], (
-            f"{module} imports {target}: layer {dst!r} ({LAYERS[dst]}) is not below {src!r} ({LAYERS[src]})"
+            f"{module} imports {target}: layer {dst!r} ({LAYERS[dst]}) is not below {src!r} "
+            f"({LAYERS[src]})"
         )
 
 

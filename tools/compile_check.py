@@ -44,8 +44,8 @@ __all__ = [
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 DTYPES = ("fp16", "bf16")
-# The shape classes of `tsq_vllm.kernels.configs.CONFIGS` compiled here (gemm-M32 differs from gemm-M64
-# only in BLOCK_M and is covered by it).
+# The shape classes of `tsq_vllm.kernels.configs.CONFIGS` compiled here (gemm-M32 differs from
+# gemm-M64 only in BLOCK_M and is covered by it).
 LABELS = ("gemv", "gemm-M64", "gemm-M128+")
 
 
@@ -314,8 +314,8 @@ def _cell(x) -> str:
 
 def to_markdown(results: list[Result]) -> str:
     rows = [
-        "| kernel | bits | group | dtype | act-order | block M×N×K | warps/stages | arch | registers "
-        "| spill st/ld (B) | spill insts in loops | stack (B) | shared (B) | status |",
+        "| kernel | bits | group | dtype | act-order | block M×N×K | warps/stages | arch | "
+        "registers | spill st/ld (B) | spill insts in loops | stack (B) | shared (B) | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -323,10 +323,10 @@ def to_markdown(results: list[Result]) -> str:
         block = "1024" if v.kind == "reduce" else f"{v.block_m}×{v.block_n}×{v.block_k}"
         status = "ok" if r.ok else f"FAIL: {r.error}"
         rows.append(
-            f"| {v.label} | {v.bits or '-'} | {v.group or '-'} | {v.dtype} | {'yes' if v.act_order else 'no'} "
-            f"| {block} | {v.num_warps}/{v.num_stages} | sm_{r.arch} | {_cell(r.registers)} "
-            f"| {_cell(r.spill_stores)}/{_cell(r.spill_loads)} | {_cell(r.loop_spills)} | {_cell(r.stack)} "
-            f"| {_cell(r.shared)} | {status} |"
+            f"| {v.label} | {v.bits or '-'} | {v.group or '-'} | {v.dtype} | "
+            f"{'yes' if v.act_order else 'no'} | {block} | {v.num_warps}/{v.num_stages} | "
+            f"sm_{r.arch} | {_cell(r.registers)} | {_cell(r.spill_stores)}/{_cell(r.spill_loads)} "
+            f"| {_cell(r.loop_spills)} | {_cell(r.stack)} | {_cell(r.shared)} | {status} |"
         )
     return "\n".join(rows)
 
@@ -345,8 +345,9 @@ def summary(results: list[Result]) -> str:
     for r in spilled:
         v = r.variant
         lines.append(
-            f"- spills: {v.label} {v.bits}-bit g{v.group} {v.dtype}{' act-order' if v.act_order else ''} "
-            f"sm_{r.arch}: {r.spill_stores}/{r.spill_loads} B st/ld, {r.loop_spills} in loops"
+            f"- spills: {v.label} {v.bits}-bit g{v.group} "
+            f"{v.dtype}{' act-order' if v.act_order else ''} sm_{r.arch}: "
+            f"{r.spill_stores}/{r.spill_loads} B st/ld, {r.loop_spills} in loops"
         )
     for arch in sorted({r.arch for r in results}):
         for label in dict.fromkeys(r.variant.label for r in results):

@@ -53,7 +53,8 @@ def wiki_data_path() -> Path:
 
 
 def wiki_split_of(title: str) -> str:
-    """'test' for about WIKI_TEST_PERCENT % of titles, 'calib' for the rest; fixed forever by the hash."""
+    """'test' for about WIKI_TEST_PERCENT % of titles, 'calib' for the rest; fixed forever by the
+    hash."""
     bucket = int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big") % 100
     return "test" if bucket < WIKI_TEST_PERCENT else "calib"
 
@@ -80,7 +81,8 @@ def check_text_source(spec: str) -> None:
         path = Path(spec[len("text:") :]).expanduser()
         if not path.is_file():
             raise ValueError(
-                f"calibration text {str(path)!r} does not exist: pass --calib text:PATH with a UTF-8 file"
+                f"calibration text {str(path)!r} does not exist: pass --calib text:PATH with a "
+                "UTF-8 file"
             )
         if not _utf8_text(path).strip():
             raise ValueError(
@@ -96,14 +98,15 @@ def check_text_source(spec: str) -> None:
 
 
 def _utf8_text(path: Path) -> str:
-    """The file's text; random bytes or a binary file would calibrate on noise, so they are refused."""
+    """The file's text; random bytes or a binary file would calibrate on noise, so they are
+    refused."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-            f"{e.start}): pass a UTF-8 text file"
+            f"calibration text {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+            f"offset {e.start}): pass a UTF-8 text file"
         ) from None
     control = len(re.findall(r"[\x00-\x08\x0e-\x1f]", text))
     if control > len(text) // 100:
@@ -115,7 +118,8 @@ def _utf8_text(path: Path) -> str:
 
 
 def load_documents(spec: str, *, split: str = "calib") -> list[str]:
-    """The documents of a text source: 'wiki' (the given split), 'text:PATH' or 'hf:NAME[:CONFIG]'."""
+    """The documents of a text source: 'wiki' (the given split), 'text:PATH' or
+    'hf:NAME[:CONFIG]'."""
     check_text_source(spec)
     if spec == "wiki":
         docs = wiki_documents(split)
@@ -136,7 +140,8 @@ def _hf_documents(spec: str, split: str) -> list[str]:
     ds = datasets.load_dataset(name, config or None, split=split)
     if "text" not in ds.column_names:
         raise ValueError(
-            f"dataset {name!r} has no 'text' column (columns: {ds.column_names}): pick a text dataset"
+            f"dataset {name!r} has no 'text' column (columns: {ds.column_names}): pick a text "
+            "dataset"
         )
     return [t.strip() for t in ds["text"] if t and t.strip()]
 
@@ -165,7 +170,8 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     total = ids.numel()
     if total < seqlen:
         raise ValueError(
-            f"the calibration text has {total} tokens, fewer than --seqlen {seqlen}: give more text or lower --seqlen"
+            f"the calibration text has {total} tokens, fewer than --seqlen {seqlen}: give more "
+            "text or lower --seqlen"
         )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen + 1, (nsamples,), generator=g)
@@ -175,11 +181,13 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 def contiguous_windows(
     ids: torch.Tensor, seqlen: int, max_tokens: int | None = None
 ) -> torch.Tensor:
-    """Non-overlapping windows [n, seqlen] from the start of the stream, at most `max_tokens` tokens."""
+    """Non-overlapping windows [n, seqlen] from the start of the stream, at most `max_tokens`
+    tokens."""
     total = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     n = total // seqlen
     if n == 0:
         raise ValueError(
-            f"{total} tokens do not fill one window of --seqlen {seqlen}: raise --max-tokens or lower --seqlen"
+            f"{total} tokens do not fill one window of --seqlen {seqlen}: raise --max-tokens or "
+            "lower --seqlen"
         )
     return ids[: n * seqlen].reshape(n, seqlen)  # [n, seqlen]

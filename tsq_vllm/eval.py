@@ -78,7 +78,8 @@ def load_for_eval(
 
 
 def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
-    """(checkpoint path, its CheckpointQuantConfig) for a quantized checkpoint, else (ModelSource, None)."""
+    """(checkpoint path, its CheckpointQuantConfig) for a quantized checkpoint, else (ModelSource,
+    None)."""
     from .checkpoint.config import read_quantization_config
     from .models import resolve_source
 
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="wiki",
-        help="'wiki' (test split of the built-in Wikipedia leads), 'text:PATH' or 'hf:NAME[:CONFIG]' (its test split)",
+        help="'wiki' (test split of the built-in Wikipedia leads), 'text:PATH' or "
+        "'hf:NAME[:CONFIG]' (its test split)",
     )
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     p.add_argument(
@@ -194,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
     print(
-        f"{res['model']} [{res['kind']}]: ppl {res['ppl']:.4f} (nll {res['nll']:.4f}) on {res['tokens']} tokens of "
-        f"{res['data']}, {res['windows']} x {res['seqlen']}; eval {res['eval_seconds']:.0f}s, "
-        f"peak RSS {res['peak_rss_mib']:.0f} MiB"
+        f"{res['model']} [{res['kind']}]: ppl {res['ppl']:.4f} (nll {res['nll']:.4f}) on "
+        f"{res['tokens']} tokens of {res['data']}, {res['windows']} x {res['seqlen']}; eval "
+        f"{res['eval_seconds']:.0f}s, peak RSS {res['peak_rss_mib']:.0f} MiB"
     )
     if args.output_json:
         out = Path(args.output_json)

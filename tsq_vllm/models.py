@@ -37,7 +37,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What `from_pretrained` needs: a directory or hub id, and the GGUF file name inside it if any."""
+    """What `from_pretrained` needs: a directory or hub id, and the GGUF file name inside it if
+    any."""
 
     path: str
     gguf_file: str | None = None
@@ -88,7 +89,8 @@ def resolve_source(model: str | None, gguf_file: str | None = None) -> ModelSour
         raise ValueError(f"--model {model!r} is neither a model directory nor a .gguf file")
     if model.startswith(("/", ".", "~")) or not _HUB_ID.match(model):
         raise ValueError(
-            f"--model {model!r} does not exist: pass an existing model directory or a Hugging Face id"
+            f"--model {model!r} does not exist: pass an existing model directory or a Hugging "
+            "Face id"
         )
     return ModelSource(model, gguf_file, label=model)
 
@@ -103,7 +105,8 @@ def load_config(src: ModelSource) -> Any:
 
 
 def load_model(src: ModelSource, dtype: str | torch.dtype = "auto") -> nn.Module:
-    """The causal LM on CPU in eval mode, in the dtype it was saved in (GGUF sources load as float32)."""
+    """The causal LM on CPU in eval mode, in the dtype it was saved in (GGUF sources load as
+    float32)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -143,8 +146,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             best = (name, mod)
     if best is None:
         raise ValueError(
-            f"{type(model).__name__} has no stack of decoder layers made of nn.Linear: only decoder-only "
-            "models whose layers use torch.nn.Linear can be quantized"
+            f"{type(model).__name__} has no stack of decoder layers made of nn.Linear: only "
+            "decoder-only models whose layers use torch.nn.Linear can be quantized"
         )
     return best
 
@@ -166,7 +169,8 @@ def check_quantizable(config: Any, bits: int, group_size: int) -> int:
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     if method is not None and str(method) != "gguf":  # GGUF weights are dequantized on load
         raise ValueError(
-            f"the model is already quantized (quant_method={method!r}): start from the full-precision model"
+            f"the model is already quantized (quant_method={method!r}): start from the "
+            "full-precision model"
         )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

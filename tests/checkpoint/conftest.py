@@ -1,4 +1,5 @@
-"""Inputs of the checkpoint suite: a tiny model and a checkpoint `python -m tsq_vllm.quantize` wrote.
+"""Inputs of the checkpoint suite: a tiny model and a checkpoint `python -m tsq_vllm.quantize`
+wrote.
 
 The fixtures are the bad-input suite's (tests/reliability/conftest.py), registered here too so
 both suites corrupt copies of a checkpoint written the same way.

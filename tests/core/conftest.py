@@ -3,7 +3,8 @@ import torch
 
 
 def correlated_inputs(K: int, T: int, seed: int = 0) -> torch.Tensor:
-    """Inputs with strong cross-feature correlation and uneven feature scales, like LLM activations."""
+    """Inputs with strong cross-feature correlation and uneven feature scales, like LLM
+    activations."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.eye(K) + 2 * torch.randn(K, K, generator=g) / K**0.5
     X = torch.randn(T, K, generator=g) @ mix

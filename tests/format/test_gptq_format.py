@@ -260,7 +260,8 @@ def test_check_values_refuses(bits, fmt, corrupt, msg):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_check_values_range_of_zero_points_depends_on_the_format(bits):
-    """All-ones qzeros words decode to z = 2**bits - 1 in gptq_v2 (valid) and 2**bits in gptq (invalid)."""
+    """All-ones qzeros words decode to z = 2**bits - 1 in gptq_v2 (valid) and 2**bits in gptq
+    (invalid)."""
     t = _packed(bits, "gptq_v2", lambda t: t.qzeros.fill_(-1))
     t.check_values("L")
     with pytest.raises(

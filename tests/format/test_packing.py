@@ -24,7 +24,8 @@ GOLDEN = [
     (4, [15] * 8, [0xFFFFFFFF]),
     # 8-bit: byte j holds value j
     (8, [1, 2, 3, 255], [0xFF030201]),
-    # 3-bit: v0 = 1 at bit 0; v10 = 0b110 straddles words 0/1; v21 = 0b101 straddles 1/2; v31 = 7 at bits 29..31
+    # 3-bit: v0 = 1 at bit 0; v10 = 0b110 straddles words 0/1; v21 = 0b101 straddles 1/2; v31 = 7 at
+    # bits 29..31
     (3, [1] + [0] * 9 + [6] + [0] * 10 + [5] + [0] * 9 + [7], [0x80000001, 0x80000001, 0xE0000002]),
     # 3-bit symmetric zero point stored as z - 1 = 3 everywhere: the classic GPTQ pattern
     (3, [3] * 32, [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]),

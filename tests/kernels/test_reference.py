@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_reference_matches_hand_decode(bits, act_order, fmt):
-    """Decode written out independently of tsq_vllm.format: W[k, n] = s[g, n] (c[k, n] - z[g, n])."""
+    """Decode written out independently of tsq_vllm.format: W[k, n] = s[g, n] (c[k, n] - z[g,
+    n])."""
     K, N, G = 128, 64, 32
     layer = make_layer(K, N, bits, G, act_order=act_order, fmt=fmt, seed=bits)
     t = layer.stored

@@ -41,7 +41,8 @@ def _layer(
     gen = torch.Generator().manual_seed(seed)
     n_g = K // G
     codes = torch.randint(0, 2**bits, (N, K), generator=gen)
-    # v1 stores z - 1: z in [1, 2**b] (at 4 bits capped at 15, what a 4-bit lane holds); v2 stores z.
+    # v1 stores z - 1: z in [1, 2**b] (at 4 bits capped at 15, what a 4-bit lane holds); v2 stores
+    # z.
     lo, hi = (1, min(2**bits, 15) + 1) if fmt == "gptq" else (0, 2**bits)
     zeros = torch.randint(lo, hi, (N, n_g), generator=gen)
     if exact:
@@ -70,8 +71,8 @@ def _x(M: int, dtype: torch.dtype, *, exact: bool, seed: int = 1) -> torch.Tenso
 def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-element error bound. With u the dtype's unit roundoff, the kernel rounds the scale
     (|δ| <= u), the decoded weight (|δ| <= u), accumulates K products in fp32 (<= K·2^-24 of
-    |x|·|W|) and rounds the output (<= u·|y|): |y - ref| <= (2u + u² + K·2^-24)(1 + u)·|x|·|W| + u·|y|,
-    bounded here with a 1 % margin and |y| <= |ref| + the first term."""
+    |x|·|W|) and rounds the output (<= u·|y|): |y - ref| <= (2u + u² + K·2^-24)(1 + u)·|x|·|W| +
+    u·|y|, bounded here with a 1 % margin and |y| <= |ref| + the first term."""
     u = UNIT_ROUNDOFF[dtype]
     a = x.float().abs() @ w.abs()
     first = (2 * u + u * u + K * 2.0**-24) * (1 + u) * a
@@ -113,7 +114,8 @@ def test_matches(bits, N, G, fmt, M):
     err, bound = (y - ref).abs(), _bound(x, w, ref, torch.bfloat16)
     assert torch.isfinite(y).all()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
-    # Independent roundings average out: the relative Frobenius error is about u, a layout slip O(1).
+    # Independent roundings average out: the relative Frobenius error is about u, a layout slip
+    # O(1).
     rel = (torch.linalg.norm(y - ref) / torch.linalg.norm(ref)).item()
     assert rel < 3 * UNIT_ROUNDOFF[torch.bfloat16], rel
 
@@ -245,7 +247,8 @@ def test_refuses_when_op_missing(monkeypatch):
 
 def test_available_where_vllm_loads_its_avx512_build():
     """vLLM's CPU platform loads a kernel library with cpu_gemm_wna16 on x86 CPUs with AVX-512 (its
-    AVX2 build lacks it): there the backend must be found, so the tests above cannot skip silently."""
+    AVX2 build lacks it): there the backend must be found, so the tests above cannot skip
+    silently."""
     pytest.importorskip("vllm")
     if (
         platform.machine().lower() not in ("x86_64", "amd64")

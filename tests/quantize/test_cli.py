@@ -1,4 +1,5 @@
-"""`python -m tsq_vllm.quantize`: flags, one-line errors on bad input, nothing left behind on failure."""
+"""`python -m tsq_vllm.quantize`: flags, one-line errors on bad input, nothing left behind on
+failure."""
 
 from __future__ import annotations
 

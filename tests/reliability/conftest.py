@@ -1,4 +1,5 @@
-"""Shared inputs of the bad-input suite: a tiny model, a checkpoint this tool wrote, tree snapshots."""
+"""Shared inputs of the bad-input suite: a tiny model, a checkpoint this tool wrote, tree
+snapshots."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ _one_thread = pytest.fixture(autouse=True, scope="package")(single_thread)
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every entry under `root` (hidden ones too) with its content hash: equal snapshots, equal trees."""
+    """Every entry under `root` (hidden ones too) with its content hash: equal snapshots, equal
+    trees."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))

@@ -1,4 +1,5 @@
-"""Bad input to `python -m tsq_vllm.quantize`: exit status, one error line, the file system untouched.
+"""Bad input to `python -m tsq_vllm.quantize`: exit status, one error line, the file system
+untouched.
 
 Every row runs in a fresh workspace (the working directory) holding a copy of the tiny source
 model; the whole workspace is snapshotted before and after, so a row passes only if nothing in it
@@ -245,7 +246,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(ws, capsys, monkeypatch):
     before = snapshot(ws)
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [
-        f"{PREFIX}No space left on device while writing --output 'out': free some space or pick another path"
+        f"{PREFIX}No space left on device while writing --output 'out': free some space or pick "
+        "another path"
     ]
     assert snapshot(ws) == before
     code, err = _run(capsys, ["--debug"])
@@ -268,8 +270,8 @@ def test_non_finite_scales_from_the_quantizer_are_never_written(ws, capsys, monk
     before = snapshot(ws)
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [
-        f"{PREFIX}model.layers.0.self_attn.q_proj: quantizing gave 1 NaN/inf scale(s), which are never written: "
-        f"retry with --no-stage2 or a larger --damp"
+        f"{PREFIX}model.layers.0.self_attn.q_proj: quantizing gave 1 NaN/inf scale(s), which are "
+        "never written: retry with --no-stage2 or a larger --damp"
     ]
     assert snapshot(ws) == before
 

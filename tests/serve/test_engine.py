@@ -169,7 +169,8 @@ def test_offline_greedy_matches_transformers(offline, references, name):
 
 @pytest.mark.timeout(900)
 def test_bf16_int4_path_logprobs_match_fp32_reference(offline, checkpoints):
-    """bf16 serving (the int4 fast path) scores its own greedy tokens like the fp32 reference does."""
+    """bf16 serving (the int4 fast path) scores its own greedy tokens like the fp32 reference
+    does."""
     from transformers import AutoModelForCausalLM
 
     src, ck, bits = checkpoints["llama-3bit-g32-actorder"]

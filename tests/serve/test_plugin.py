@@ -1,4 +1,5 @@
-"""The vLLM plugin without an engine: registration, config, real vLLM linear layers under simulated TP."""
+"""The vLLM plugin without an engine: registration, config, real vLLM linear layers under simulated
+TP."""
 
 from __future__ import annotations
 
@@ -315,7 +316,8 @@ def test_launcher_refuses_bad_dirs_in_one_line(tmp_path, setup, needle):
 
 @pytest.mark.parametrize("kind,act_order", [("qkv", True), ("down", False), ("down", True)])
 def test_kernel_path_glue(vllm_ctx, monkeypatch, kind, act_order):
-    """The non-CPU branch (tsq::dequant_matmul, Triton on CUDA) wired up, run here on CPU tensors."""
+    """The non-CPU branch (tsq::dequant_matmul, Triton on CUDA) wired up, run here on CPU
+    tensors."""
     import tsq_vllm.serve.linear as linear
 
     monkeypatch.setattr(linear, "_uses_cpu_path", lambda layer: False)

@@ -1,4 +1,5 @@
-"""ServerProcess: waits for /health, reports a dead or silent server with its log, stops the group."""
+"""ServerProcess: waits for /health, reports a dead or silent server with its log, stops the
+group."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def _live_members(pgid: int) -> list[int]:
-    """Processes of group `pgid` that are not zombies (an orphan's zombie waits for init to reap it)."""
+    """Processes of group `pgid` that are not zombies (an orphan's zombie waits for init to reap
+    it)."""
     live = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

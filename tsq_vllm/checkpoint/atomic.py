@@ -84,7 +84,8 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[Path] = ()) 
         return
     if not overwrite:
         raise ValueError(
-            f"--output {shown!r} already exists: pass --overwrite to replace it or pick another path"
+            f"--output {shown!r} already exists: pass --overwrite to replace it or pick another "
+            "path"
         )
     if out.is_symlink() or not out.is_dir():
         raise ValueError(
@@ -115,11 +116,13 @@ def check_writable(output: Path) -> None:
 
 
 def new_sibling(path: Path, tag: str) -> Path:
-    """A new, hidden, uniquely named directory beside `path` (same filesystem, so renames are atomic).
+    """A new, hidden, uniquely named directory beside `path` (same filesystem, so renames are
+    atomic).
 
     A "partial" one gets the marker that lets `remove_stale_partials` recognise it after a crash.
     """
-    # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary permissions.
+    # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary
+    # permissions.
     d = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
     d.mkdir()
     if tag == "partial":

@@ -1,4 +1,5 @@
-"""Reading a checkpoint directory's quantization config: one reader for the loader, eval and serving.
+"""Reading a checkpoint directory's quantization config: one reader for the loader, eval and
+serving.
 
 `read_quantization_config` reads `config.json["quantization_config"]`, else `quantize_config.json`
 (what GPTQ tools also write), and returns None for a directory that is not a tsq/GPTQ checkpoint,
@@ -36,7 +37,8 @@ def _method(raw: dict[str, Any]) -> str:
 def parse_quant_config(
     raw: dict[str, Any], where: str = "quantization_config"
 ) -> CheckpointQuantConfig:
-    """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad field."""
+    """Validate a tsq/GPTQ `quantization_config` dict for serving; ValueError names the bad
+    field."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a JSON object, got {type(raw).__name__}")
     method = _method(raw)
@@ -47,7 +49,8 @@ def parse_quant_config(
         )
     if raw.get("lm_head"):
         raise ValueError(
-            f"{where} has lm_head=true: tsq serves lm_head unquantized; re-quantize with lm_head=false"
+            f"{where} has lm_head=true: tsq serves lm_head unquantized; re-quantize with "
+            "lm_head=false"
         )
     dynamic = raw.get("dynamic") or {}
     overrides = (
@@ -117,7 +120,8 @@ def read_checkpoint_config(model_dir: str | Path) -> CheckpointQuantConfig:
     if found is None:
         raise ValueError(
             f"{path} has no quantization_config in config.json and no quantize_config.json: it is "
-            f"not a tsq/GPTQ checkpoint; quantize it with `python -m tsq_vllm.quantize --model {path}`"
+            "not a tsq/GPTQ checkpoint; quantize it with `python -m tsq_vllm.quantize --model "
+            f"{path}`"
         )
     # Not read_quantization_config's None: a foreign method or lm_head=true gets its own message.
     cfg = parse_quant_config(*found)

@@ -155,7 +155,8 @@ def save_quantized(
     overwrite: bool = False,
     max_shard_bytes: int = 4 * 10**9,
 ) -> Path:
-    """Write `model` with its linears in `packed` replaced by GPTQ tensors; returns the output path."""
+    """Write `model` with its linears in `packed` replaced by GPTQ tensors; returns the output
+    path."""
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,8 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
     raise ValueError(
-        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can be loaded"
+        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can be "
+        "loaded"
     )
 
 
@@ -249,7 +251,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     qc = read_quantization_config(path)
     if qc is None:
         raise ValueError(
-            f"{str(path)!r} is not a quantized checkpoint: config.json has no tsq/gptq quantization_config"
+            f"{str(path)!r} is not a quantized checkpoint: config.json has no tsq/gptq "
+            "quantization_config"
         )
     tensors = _read_tensors(_weight_files(path))
     config = AutoConfig.from_pretrained(path)
@@ -268,7 +271,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
             lin = None
         if not isinstance(lin, nn.Linear):
             raise ValueError(
-                f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this model"
+                f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this "
+                "model"
             )
         missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
         if missing:
@@ -282,11 +286,13 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
             raise ValueError(
-                f"corrupt checkpoint: {prefix}.bias is {'missing' if bias is None else 'unexpected'}"
+                f"corrupt checkpoint: {prefix}.bias is "
+                f"{'missing' if bias is None else 'unexpected'}"
             )
         if bias is not None and tuple(bias.shape) != (lin.out_features,):
             raise ValueError(
-                f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected [{lin.out_features}]"
+                f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected "
+                f"[{lin.out_features}]"
             )
         quant = QuantLinear(layer, None if bias is None else bias.to(lin.bias.dtype))
         model.set_submodule(prefix, quant)
@@ -306,7 +312,8 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
         raise ValueError(
             f"corrupt checkpoint: unexpected tensors {result.unexpected_keys[:5]} for this config"
         )
-    # Last, so that a more specific message above wins; checkpoints of other tools have no fingerprint.
+    # Last, so that a more specific message above wins; checkpoints of other tools have no
+    # fingerprint.
     verify_fingerprint(path, qc.tsq)
     model.tie_weights()
     return model.to(device).eval()

@@ -67,7 +67,8 @@ def read_header(path: Path) -> dict[str, Any]:
     if 8 + n + end != size:
         state = "truncated" if size < 8 + n + end else "padded or corrupt"
         raise ValueError(
-            f"{path.name} is {state}: it has {size} bytes but its header describes {8 + n + end}: {fix}"
+            f"{path.name} is {state}: it has {size} bytes but its header describes {8 + n + end}: "
+            f"{fix}"
         )
     return tensors
 

@@ -34,7 +34,8 @@ def _shard_names(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every nn.Linear of the model config.json describes (meta device)."""
+    """(in_features, out_features) of every nn.Linear of the model config.json describes (meta
+    device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,9 +57,10 @@ def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) -> None:
-    """Everything vLLM would otherwise crash on a minute into loading, as one ValueError: every shard
-    whole, every indexed tensor present, every quantized linear's tensors consistent with config.json
-    and `cfg` (shapes, dtypes, finite scales, zero points in range), and the recorded fingerprint."""
+    """Everything vLLM would otherwise crash on a minute into loading, as one ValueError: every
+    shard whole, every indexed tensor present, every quantized linear's tensors consistent with
+    config.json and `cfg` (shapes, dtypes, finite scales, zero points in range), and the recorded
+    fingerprint."""
     from safetensors import safe_open
 
     path = Path(model_dir)
@@ -67,7 +69,8 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
     for name in names:
         if not (path / name).is_file():
             raise ValueError(
-                f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the checkpoint"
+                f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the "
+                "checkpoint"
             )
         try:
             headers[name] = read_header(path / name)
@@ -77,8 +80,8 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
     for tensor, name in weight_map.items():
         if location.get(tensor) != name:
             raise ValueError(
-                f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that file: "
-                f"re-export the checkpoint"
+                f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that "
+                "file: re-export the checkpoint"
             )
     linears = _linear_shapes(path)
     prefixes = sorted(t[: -len(".qweight")] for t in location if t.endswith(".qweight"))
@@ -95,12 +98,13 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
             missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in location]
             if missing:
                 raise ValueError(
-                    f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the checkpoint"
+                    f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the "
+                    "checkpoint"
                 )
             if prefix not in linears:
                 raise ValueError(
-                    f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of the "
-                    f"model config.json describes: re-export the checkpoint"
+                    f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of "
+                    "the model config.json describes: re-export the checkpoint"
                 )
             stored = {
                 n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}")

@@ -190,7 +190,8 @@ def search_levels(
 def map_codes(
     codes: torch.Tensor, best: torch.Tensor, cand: LevelCandidates, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [N, K] moved to the nearest level of their group's set `best` [N, n_g], and signs [k, N, K]."""
+    """Codes [N, K] moved to the nearest level of their group's set `best` [N, n_g], and signs [k,
+    N, K]."""
     N, K = codes.shape
     x = codes.long().reshape(N, K // group_size, group_size)
     mapped = cand.mapped[best].gather(2, x).reshape(N, K)
@@ -231,7 +232,8 @@ class BCQWeight:
         ):
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(
-                    f"BCQWeight.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}"
+                    f"BCQWeight.{name} has shape {tuple(getattr(self, name).shape)}, expected "
+                    f"{shape}"
                 )
         if (
             (self.steps < 0).any()
@@ -283,6 +285,7 @@ class BCQWeight:
         return self._per_column(self.scale) * (self.codes - self._per_column(self.zero)).float()
 
     def dequantize_bcq(self) -> torch.Tensor:
-        """W [N, K] = Σ_i (s α_i) b_i + s (c − z), the binary-coding reading (equal up to rounding)."""
+        """W [N, K] = Σ_i (s α_i) b_i + s (c − z), the binary-coding reading (equal up to
+        rounding)."""
         alpha = self._per_column(self.scaled_alpha()).movedim(-1, 0)  # [k, N, K]
         return bc_decode(self.signs, alpha, self._per_column(self.scaled_offset()))

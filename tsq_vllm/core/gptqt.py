@@ -53,7 +53,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Reexplore:
-    """Scale re-exploration: multipliers γ = linspace(lowest, highest, points) ∪ {1}, then stage 2."""
+    """Scale re-exploration: multipliers γ = linspace(lowest, highest, points) ∪ {1}, then stage
+    2."""
 
     lowest: float = 0.8
     highest: float = 1.2
@@ -64,11 +65,13 @@ class Reexplore:
     def __post_init__(self) -> None:
         if not 0 < self.lowest <= 1 <= self.highest:
             raise ValueError(
-                f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= 1 <= highest"
+                f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= "
+                "1 <= highest"
             )
         if self.points < 1 or self.stage2_sweeps < 1:
             raise ValueError(
-                f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, {self.stage2_sweeps}"
+                f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, "
+                f"{self.stage2_sweeps}"
             )
 
     def multipliers(self) -> torch.Tensor:
@@ -210,16 +213,19 @@ def gptqt_convert(
     N, K = W.shape
     if K % group_size or H.shape != (K, K) or codes.shape != (N, K):
         raise ValueError(
-            f"gptqt_convert needs W [N, K] with K a multiple of group_size={group_size}, H [K, K] and "
-            f"codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes {tuple(codes.shape)}"
+            f"gptqt_convert needs W [N, K] with K a multiple of group_size={group_size}, H [K, K] "
+            f"and codes [N, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}, codes "
+            f"{tuple(codes.shape)}"
         )
     if grid.scale.shape != (N, K // group_size) or grid.zero.shape != grid.scale.shape:
         raise ValueError(
-            f"grid scale/zero have shape {tuple(grid.scale.shape)}, expected [{N}, {K // group_size}]"
+            f"grid scale/zero have shape {tuple(grid.scale.shape)}, expected [{N}, "
+            f"{K // group_size}]"
         )
     if codes.min() < 0 or codes.max() > grid.maxq:
         raise ValueError(
-            f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {grid.maxq}] for b0={grid.bits}"
+            f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {grid.maxq}] for "
+            f"b0={grid.bits}"
         )
     H = H.float()
     cand = level_candidates(bits, grid.bits)

@@ -22,7 +22,8 @@ __all__ = ["Grid", "clip_grid", "fit_grid", "quantize_codes", "dequantize_codes"
 
 
 class Grid:
-    """Per-(row, group) scales and integer zeros: scale [N, n_groups] float32, zero [N, n_groups] int64."""
+    """Per-(row, group) scales and integer zeros: scale [N, n_groups] float32, zero [N, n_groups]
+    int64."""
 
     def __init__(self, scale: torch.Tensor, zero: torch.Tensor, bits: int):
         self.scale, self.zero, self.bits = scale, zero, bits
@@ -42,7 +43,8 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
 def fit_grid(
     Wg: torch.Tensor, bits: int, *, sym: bool, beta: float | torch.Tensor = 1.0, zero_min: int = 0
 ) -> Grid:
-    """Scale and zero that map the (β-shrunk) range of each group [N, n_groups, g] onto the codes."""
+    """Scale and zero that map the (β-shrunk) range of each group [N, n_groups, g] onto the
+    codes."""
     maxq = (1 << bits) - 1
     # The range always contains 0 so that exact zeros stay representable.
     xmin = Wg.amin(-1).clamp(max=0) * beta  # [N, n_groups]

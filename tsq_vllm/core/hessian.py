@@ -30,7 +30,8 @@ class HessianAccumulator:
         self.D = torch.zeros_like(self.H) if with_r else None
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same tokens."""
+        """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same
+        tokens."""
         x = x.reshape(-1, self.in_features).to(self.H)  # [T, K]
         t = x.shape[0]
         if t == 0:

@@ -13,7 +13,8 @@ weighted by α ∈ [0, 1] (α = 1 is the paper's eq. (7), α = 0 ignores the FP 
 
 Coordinate descent sets ∂L/∂s_i = 0 for one group at a time:
 
-  s_i ← (b_i − Σ_{j≠i} A_ij s_j) / A_ii = s_i + [u_iᵀ H_{i,:}(w − q) − α wᵀ R_{:,i} u_i] / (u_iᵀ H_ii u_i)
+  s_i ← (b_i − Σ_{j≠i} A_ij s_j) / A_ii
+      = s_i + [u_iᵀ H_{i,:}(w − q) − α wᵀ R_{:,i} u_i] / (u_iᵀ H_ii u_i)
 
 which is the paper's update (9) at α = 1. With a box s_i ∈ [s0_i/β, β·s0_i] around the scale the
 refinement started from, the step is the clamp of that minimizer into the interval: the exact
@@ -193,7 +194,8 @@ def refine_scales(
     """
     if box is not None and not box >= 1.0:
         raise ValueError(
-            f"scale box {box} must be at least 1 (the interval [s0/box, box*s0]), or None for no box"
+            f"scale box {box} must be at least 1 (the interval [s0/box, box*s0]), or None for no "
+            "box"
         )
     sys = system if system is not None else scale_system(W, U, H, R, group_size)
     A, b = sys.A, sys.b(alpha)
@@ -280,7 +282,8 @@ def layer_objective(
     R: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> float:
-    """Σ over rows of (q − w)ᵀ H (q − w) + 2 wᵀ R (q − w): the paper's eq. (7) without its constant."""
+    """Σ over rows of (q − w)ᵀ H (q − w) + 2 wᵀ R (q − w): the paper's eq. (7) without its
+    constant."""
     W, Q, H = W.to(dtype), Q.to(dtype), H.to(dtype)
     D = Q - W  # [N, K]
     loss = float(((D @ H) * D).sum())

@@ -74,7 +74,8 @@ class BCQTensors:
     def __post_init__(self) -> None:
         if self.bcq_bits.dtype != torch.int32 or self.bcq_bits.ndim != 3:
             raise ValueError(
-                f"bcq_bits must be int32 [k, K/32, N], got {self.bcq_bits.dtype} {tuple(self.bcq_bits.shape)}"
+                f"bcq_bits must be int32 [k, K/32, N], got {self.bcq_bits.dtype} "
+                f"{tuple(self.bcq_bits.shape)}"
             )
         k, n_words, N = self.bcq_bits.shape
         K = n_words * WORD
@@ -84,7 +85,8 @@ class BCQTensors:
             or self.bcq_alpha.shape[::2] != (k, N)
         ):
             raise ValueError(
-                f"bcq_alpha must be float [k={k}, n_g, N={N}], got {self.bcq_alpha.dtype} {tuple(self.bcq_alpha.shape)}"
+                f"bcq_alpha must be float [k={k}, n_g, N={N}], got {self.bcq_alpha.dtype} "
+                f"{tuple(self.bcq_alpha.shape)}"
             )
         n_g = self.bcq_alpha.shape[1]
         if self.bcq_offset.shape != (n_g, N) or self.bcq_offset.dtype != self.bcq_alpha.dtype:
@@ -140,8 +142,8 @@ def pack_bcq(
     k, N, _ = signs.shape
     if alpha.shape[0] != N or alpha.shape[2:] != (k,) or offset.shape != alpha.shape[:2]:
         raise ValueError(
-            f"alpha {tuple(alpha.shape)} and offset {tuple(offset.shape)} must be [N={N}, n_g, k={k}] "
-            f"and [N={N}, n_g]"
+            f"alpha {tuple(alpha.shape)} and offset {tuple(offset.shape)} must be [N={N}, n_g, "
+            f"k={k}] and [N={N}, n_g]"
         )
     return BCQTensors(
         bcq_bits=pack_planes(signs),
@@ -152,7 +154,8 @@ def pack_bcq(
 
 
 def unpack_bcq(t: BCQTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of `pack_bcq`: signs int8 [k, N, K], alpha float32 [N, n_g, k], offset float32 [N, n_g]."""
+    """Inverse of `pack_bcq`: signs int8 [k, N, K], alpha float32 [N, n_g, k], offset float32 [N,
+    n_g]."""
     return (
         unpack_planes(t.bcq_bits).transpose(1, 2).contiguous(),
         t.bcq_alpha.float().permute(2, 1, 0).contiguous(),

@@ -71,16 +71,17 @@ class CheckpointQuantConfig:
         self._check_fingerprint()
 
     def _check_fingerprint(self) -> None:
-        """The format fields must be the ones the writer recorded: a flipped checkpoint_format loads wrong weights."""
+        """The format fields must be the ones the writer recorded: a flipped checkpoint_format loads
+        wrong weights."""
         block = self.tsq.get(INTEGRITY_KEY) if isinstance(self.tsq, dict) else None
         if not isinstance(block, dict):
             return  # other GPTQ tools record none: accepted unverified
         for name in FINGERPRINT_FIELDS:
             if name in block and block[name] != getattr(self, name):
                 raise ValueError(
-                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} recorded in "
-                    f"tsq.integrity when the tensors were written: restore {name}={block[name]!r} "
-                    f"(the tensors were packed that way) or re-quantize"
+                    f"{name}={getattr(self, name)!r} differs from {name}={block[name]!r} recorded "
+                    "in tsq.integrity when the tensors were written: restore "
+                    f"{name}={block[name]!r} (the tensors were packed that way) or re-quantize"
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +90,8 @@ class CheckpointQuantConfig:
     def read_layer(
         self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int, out_features: int
     ) -> GPTQLayer:
-        """The stored layer `prefix` (`tensors` by TENSOR_NAMES) of the model's linear of that shape,
+        """The stored layer `prefix` (`tensors` by TENSOR_NAMES) of the model's linear of that
+        shape,
         checked whole, or one ValueError starting "corrupt checkpoint: " and naming the layer.
 
         Both loaders (`load_quantized` and the launcher's pre-check) read layers through this, so a

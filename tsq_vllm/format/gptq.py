@@ -44,7 +44,8 @@ def zero_offset(checkpoint_format: str) -> int:
     """What to add to a stored zero point to get z: 1 for GPTQ v1 (stores z - 1), 0 for v2."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(
-            f"checkpoint_format={checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
+            f"checkpoint_format={checkpoint_format!r} is not supported: use one of "
+            f"{CHECKPOINT_FORMATS}"
         )
     return 1 if checkpoint_format == "gptq" else 0
 
@@ -71,7 +72,8 @@ def check_linear_shape(K: int, N: int, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size={group_size} is not a multiple of 32: use 32, 64 or 128")
     if K % group_size:
         raise ValueError(
-            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size that divides {K}"
+            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
+            f"that divides {K}"
         )
     run = run_length(bits)
     if N % run:
@@ -128,19 +130,21 @@ class GPTQLayer:
         for name, t in (("qweight", self.qweight), ("qzeros", self.qzeros)):
             if t.dtype != torch.int32:
                 raise TypeError(
-                    f"{name} has dtype {t.dtype}: GPTQ packs codes into int32 words; load it as int32"
+                    f"{name} has dtype {t.dtype}: GPTQ packs codes into int32 words; load it as "
+                    "int32"
                 )
             if t.dim() != 2:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}: expected a 2-D packed tensor")
         if self.scales.dtype not in _SCALE_DTYPES or self.scales.dim() != 2:
             raise TypeError(
-                f"scales has dtype {self.scales.dtype}, shape {tuple(self.scales.shape)}: expected fp16 [K/G, N]"
+                f"scales has dtype {self.scales.dtype}, shape {tuple(self.scales.shape)}: "
+                "expected fp16 [K/G, N]"
             )
         rows, N = self.qweight.shape
         if (rows * 32) % bits:
             raise ValueError(
-                f"qweight has shape {tuple(self.qweight.shape)}: {bits}-bit codes need [K*{bits}/32, N] "
-                f"rows for a whole K; check bits"
+                f"qweight has shape {tuple(self.qweight.shape)}: {bits}-bit codes need "
+                f"[K*{bits}/32, N] rows for a whole K; check bits"
             )
         K = self.K
         try:
@@ -152,14 +156,15 @@ class GPTQLayer:
         n_groups = self.n_groups
         if self.scales.shape[1] != N:
             raise ValueError(
-                f"scales has shape {tuple(self.scales.shape)}: expected [K/G, N] with N={N} (qweight.shape[1])"
+                f"scales has shape {tuple(self.scales.shape)}: expected [K/G, N] with N={N} "
+                "(qweight.shape[1])"
             )
         # With a g_idx every column names its group, so a row-parallel shard may hold the
         # groups of the whole layer; without one the groups are exactly the K / G blocks.
         if n_groups < K // G or (self.g_idx is None and n_groups != K // G):
             raise ValueError(
-                f"scales has {n_groups} groups for K={K}: expected K / group_size = {K // G} groups "
-                f"of {G}; re-quantize, or check group_size"
+                f"scales has {n_groups} groups for K={K}: expected K / group_size = {K // G} "
+                f"groups of {G}; re-quantize, or check group_size"
             )
         shapes = packed_shapes(K, N, bits, n_groups)
         if tuple(self.qzeros.shape) != shapes["qzeros"]:
@@ -177,8 +182,8 @@ class GPTQLayer:
         for name, t in tensors:
             if t.device != self.qweight.device:
                 raise ValueError(
-                    f"{name} is on {t.device} but qweight is on {self.qweight.device}: keep a layer's "
-                    "tensors on one device"
+                    f"{name} is on {t.device} but qweight is on {self.qweight.device}: keep a "
+                    "layer's tensors on one device"
                 )
 
     def check_g_idx(self, where: str = "") -> None:
@@ -189,8 +194,9 @@ class GPTQLayer:
         g = self.g_idx
         if g is not None and g.numel() and (int(g.min()) < 0 or int(g.max()) >= self.n_groups):
             raise ValueError(
-                f"{where + '.' if where else ''}g_idx spans [{int(g.min())}, {int(g.max())}] but there are "
-                f"{self.n_groups} groups of scales: the checkpoint's g_idx does not belong to these scales"
+                f"{where + '.' if where else ''}g_idx spans [{int(g.min())}, {int(g.max())}] but "
+                f"there are {self.n_groups} groups of scales: the checkpoint's g_idx does not "
+                "belong to these scales"
             )
 
     def check_values(self, where: str) -> None:
@@ -204,17 +210,18 @@ class GPTQLayer:
         bad = int((~torch.isfinite(self.scales)).sum())
         if bad:
             raise ValueError(
-                f"{where}.scales has {bad} NaN/inf value(s) of {self.scales.numel()}: non-finite scales "
-                f"give garbage outputs; {fix}"
+                f"{where}.scales has {bad} NaN/inf value(s) of {self.scales.numel()}: non-finite "
+                f"scales give garbage outputs; {fix}"
             )
         if self.qzeros.numel():
             z = self.unpack_zeros()
             lo, hi = int(z.min()), int(z.max())
             if lo < 0 or hi >= 1 << self.bits:
                 raise ValueError(
-                    f"{where}.qzeros decodes to zero points in [{lo}, {hi}] with checkpoint_format="
-                    f"{self.checkpoint_format!r}, outside [0, {(1 << self.bits) - 1}] for {self.bits} bits: "
-                    f"the checkpoint_format in the config is wrong or the file is corrupt; {fix}"
+                    f"{where}.qzeros decodes to zero points in [{lo}, {hi}] with "
+                    f"checkpoint_format={self.checkpoint_format!r}, outside [0, "
+                    f"{(1 << self.bits) - 1}] for {self.bits} bits: the checkpoint_format in the "
+                    f"config is wrong or the file is corrupt; {fix}"
                 )
         self.check_g_idx(where)
 
@@ -281,7 +288,8 @@ def pack_linear(
     N, K = codes.shape
     if scales.shape != zeros.shape or scales.shape[0] != N:
         raise ValueError(
-            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [N={N}, n_groups]"
+            f"scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} must both be [N={N}, "
+            "n_groups]"
         )
     z = zeros.to(torch.int64) - offset
     if z.numel() and int(z.min()) < 0:

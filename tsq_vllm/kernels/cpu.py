@@ -176,7 +176,8 @@ def prepare_cpu_linear(
     chosen = path or select_cpu_path(bits, act_dtype)
     if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
         raise ValueError(
-            f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' for 8"
+            f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' "
+            "for 8"
         )
     layout = None if chosen == "dense" else _block_layout(layer.full_g_idx, group_size)
     if layout is None:

@@ -27,7 +27,8 @@ _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Problem(NamedTuple):
-    """Sizes of one call, after validation: x is [M, K], W is [K, N] in n_groups groups of G rows."""
+    """Sizes of one call, after validation: x is [M, K], W is [K, N] in n_groups groups of G
+    rows."""
 
     M: int
     K: int
@@ -54,7 +55,8 @@ def check_input(x: torch.Tensor, layer: GPTQLayer) -> Problem:
         )
     if layer.qweight.device != x.device:
         raise ValueError(
-            f"the layer is on {layer.qweight.device} but x is on {x.device}: move the layer's tensors to x's device"
+            f"the layer is on {layer.qweight.device} but x is on {x.device}: move the layer's "
+            "tensors to x's device"
         )
     return Problem(M, K, layer.N, layer.n_groups, layer.group_size)
 

@@ -9,9 +9,9 @@ have them). Its rules, from the op's checks and vLLM's own use of it
 size G = K / n_groups with G even, bf16 or fp16 activations (the same dtype for scales, bias and
 output), and in this vLLM version no g_idx argument.
 
-Repack (once, at load, `prepare_wna16`). A GPTQ layer decodes W[k, n] = s[g, n] · (c[k, n] - z[g, n])
-with g = g_idx[k]; the stored qzeros hold z - 1 ("gptq", v1) or z ("gptq_v2"), and `GPTQLayer.unpack`
-returns the true z, so both formats reach the kernel as the same integers:
+Repack (once, at load, `prepare_wna16`). A GPTQ layer decodes W[k, n] = s[g, n] · (c[k, n] - z[g,
+n]) with g = g_idx[k]; the stored qzeros hold z - 1 ("gptq", v1) or z ("gptq_v2"), and
+`GPTQLayer.unpack` returns the true z, so both formats reach the kernel as the same integers:
 
   codes   c in [0, 2^b)                         -> the 4-bit lane q = c, for b = 2, 3, 4
   zeros   z in [0, 2^b] (v1: [1, 2^b])          -> the 4-bit lane z, which must be <= 15
@@ -26,7 +26,8 @@ zero 0, scale 0 and are sliced off):
   q_weight int32 [N_pad/16, 2K]      row j holds output columns 16j..16j+15: for each k, two
                                      words with columns 16j+i at bits 4i (i < 8) of the first and
                                      16j+8+i of the second (the GPTQ 4-bit word, packed along N)
-  zeros    int32 [n_groups, N_pad/8] z packed along N in the same word layout (GPTQ qzeros at 4 bits)
+  zeros    int32 [n_groups, N_pad/8] z packed along N in the same word layout (GPTQ
+                                     qzeros at 4 bits)
   scales   act   [n_groups, N_pad]
 
 Act-order (a g_idx that is not k // G) has no kernel support here, so the input columns are
@@ -87,14 +88,16 @@ def wna16_unavailable_reason() -> str | None:
         return f"vLLM's CPU kernels failed to load ({type(e).__name__}: {e})"
     if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
         return (
-            "the loaded vLLM kernel library has no cpu_gemm_wna16 (vLLM loads its AVX2 build on CPUs "
-            f"without AVX-512; torch.cpu._is_avx512_supported()={torch.cpu._is_avx512_supported()})"
+            "the loaded vLLM kernel library has no cpu_gemm_wna16 (vLLM loads its AVX2 build on "
+            "CPUs without AVX-512; "
+            f"torch.cpu._is_avx512_supported()={torch.cpu._is_avx512_supported()})"
         )
     return None
 
 
 def wna16_available() -> bool:
-    """Whether vLLM's CPU WNA16 op can be called here (vLLM importable, kernels loaded, op present)."""
+    """Whether vLLM's CPU WNA16 op can be called here (vLLM importable, kernels loaded, op
+    present)."""
     return wna16_unavailable_reason() is None
 
 
@@ -138,7 +141,8 @@ def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str |
     if act_dtype not in _ACT_DTYPES:
         return (
             False,
-            f"activation dtype {act_dtype} is not supported by cpu_gemm_wna16: it takes bfloat16 or float16",
+            f"activation dtype {act_dtype} is not supported by cpu_gemm_wna16: it takes bfloat16 "
+            "or float16",
         )
     if _isa_hint(act_dtype) is None:
         return False, (
@@ -160,8 +164,9 @@ def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str |
     _, zeros = layer.unpack()
     if zeros.numel() and int(zeros.max()) > _LANE_MAX:
         return False, (
-            f"a zero point of {int(zeros.max())} does not fit the kernel's 4-bit zero lanes (at most "
-            f"{_LANE_MAX}); {layer.checkpoint_format!r} stores it as {int(zeros.max()) - layer.zero_offset}"
+            f"a zero point of {int(zeros.max())} does not fit the kernel's 4-bit zero lanes (at "
+            f"most {_LANE_MAX}); {layer.checkpoint_format!r} stores it as "
+            f"{int(zeros.max()) - layer.zero_offset}"
         )
     return True, None
 
@@ -185,7 +190,8 @@ class WNA16Linear:
         n_pad = self.scales.shape[1]
         if n_pad % _N_ALIGN or n_pad < self.N or self.K % _K_ALIGN:
             raise ValueError(
-                f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % 32 == 0"
+                f"N_pad={n_pad}, N={self.N}, K={self.K}: need N <= N_pad, N_pad % 32 == 0, K % 32 "
+                "== 0"
             )
         if (
             tuple(self.qweight.shape) != (n_pad // _N_BLOCK, 2 * self.K)
@@ -200,11 +206,13 @@ class WNA16Linear:
             or self.zeros.dtype != torch.int32
         ):
             raise ValueError(
-                f"zeros {tuple(self.zeros.shape)}: expected int32 [{self.scales.shape[0]}, {n_pad // 8}]"
+                f"zeros {tuple(self.zeros.shape)}: expected int32 [{self.scales.shape[0]}, "
+                f"{n_pad // 8}]"
             )
         if self.scales.dtype != self.act_dtype or self.act_dtype not in _ACT_DTYPES:
             raise ValueError(
-                f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 or fp16)"
+                f"scales dtype {self.scales.dtype} must equal act_dtype {self.act_dtype} (bf16 or "
+                "fp16)"
             )
 
     @property
@@ -225,7 +233,8 @@ class WNA16Linear:
             )
         lead = x.shape[:-1]
         xa = x.reshape(-1, self.K).to(self.act_dtype)
-        # The op reads rows with stride(0) and assumes unit column stride; index_select is contiguous.
+        # The op reads rows with stride(0) and assumes unit column stride; index_select is
+        # contiguous.
         xa = xa.index_select(1, self.perm) if self.perm is not None else xa.contiguous()
         padded = self.n_pad != self.N
         if bias is not None:

@@ -82,7 +82,10 @@ def _one_line(e: BaseException) -> str:
 
 def _failure(e: BaseException, output: str) -> str:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"No space left on device while writing --output {output!r}: free some space or pick another path"
+        return (
+            f"No space left on device while writing --output {output!r}: free some space or pick "
+            "another path"
+        )
     return _one_line(e)
 
 
@@ -126,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(
-        f"wrote {s['output']}: {s['linears']} linears, {s['bytes'] / 2**20:.1f} MiB, {s['tokens']} calibration "
-        f"tokens; load {s['load_seconds']:.0f}s, quantize {s['quantize_seconds']:.0f}s, write "
-        f"{s['write_seconds']:.0f}s, total {s['total_seconds']:.0f}s; peak RSS {s['peak_rss_mib']:.0f} MiB"
+        f"wrote {s['output']}: {s['linears']} linears, {s['bytes'] / 2**20:.1f} MiB, "
+        f"{s['tokens']} calibration tokens; load {s['load_seconds']:.0f}s, quantize "
+        f"{s['quantize_seconds']:.0f}s, write {s['write_seconds']:.0f}s, total "
+        f"{s['total_seconds']:.0f}s; peak RSS {s['peak_rss_mib']:.0f} MiB"
     )
     return 0
 

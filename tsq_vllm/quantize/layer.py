@@ -34,8 +34,8 @@ __all__ = ["QuantizedWeight", "quantize_weight"]
 class QuantizedWeight:
     """A quantized [N, K] weight in `nn.Linear` orientation.
 
-    codes [N, K] int64, scales [N, n_groups] float32 (fp16-representable), zeros [N, n_groups] int64,
-    g_idx [K] int64 (group of each input column), plus per-step statistics.
+    codes [N, K] int64, scales [N, n_groups] float32 (fp16-representable), zeros [N, n_groups]
+    int64, g_idx [K] int64 (group of each input column), plus per-step statistics.
     """
 
     codes: torch.Tensor

@@ -64,19 +64,22 @@ class QuantizeOptions:
         "calibration text: 'wiki' (built-in Wikipedia leads, calibration split), 'text:PATH' "
         "(a UTF-8 text file) or 'hf:NAME[:CONFIG]' (a datasets dataset with a 'text' column)",
     )
-    # Sized for the embedded 135M model on a CPU; large models on a GPU deserve more (e.g. 128 x 2048).
+    # Sized for the embedded 135M model on a CPU; large models on a GPU deserve more (e.g. 128 x
+    # 2048).
     nsamples: int = _opt(64, "number of calibration windows")
     seqlen: int = _opt(256, "tokens per calibration window")
     batch_size: int = _opt(8, "calibration windows per forward pass (memory vs. speed)")
     damp: float = _opt(0.01, "Hessian dampening, as a fraction of the mean diagonal")
     stage1: bool = _opt(
         True,
-        "disable stage 1 (Hessian-aware scale initialization); scales then come from --scale-search",
+        "disable stage 1 (Hessian-aware scale initialization); scales then come from "
+        "--scale-search",
     )
     stage2: bool = _opt(True, "disable stage 2 (scale refinement after GPTQ)")
     error_feedback: bool = _opt(
         True,
-        "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the full-precision stream)",
+        "disable the error-feedback term R = E[(X - X_fp) X^T] in stage 2 (skips the "
+        "full-precision stream)",
     )
     error_feedback_alpha: float = _opt(
         DEFAULT_ERROR_FEEDBACK_ALPHA,
@@ -84,8 +87,8 @@ class QuantizeOptions:
     )
     scale_box: float = _opt(
         DEFAULT_SCALE_BOX,
-        "stage 2 keeps every scale within [s0/B, B*s0] of its stage-1/GPTQ scale s0 > 0, so none changes "
-        "sign; 0 leaves the scales unbounded",
+        "stage 2 keeps every scale within [s0/B, B*s0] of its stage-1/GPTQ scale s0 > 0, so none "
+        "changes sign; 0 leaves the scales unbounded",
     )
     energy_match: bool = _opt(
         False,
@@ -93,8 +96,9 @@ class QuantizeOptions:
     )
     gptaq_alpha: float = _opt(
         DEFAULT_GPTAQ_ALPHA,
-        "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best maps the "
-        "quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is off (GPTAQ uses 0.25)",
+        "GPTAQ-style asymmetric calibration: GPTQ quantizes W - a*W R H^-1, the weight that best "
+        "maps the quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is "
+        "off (GPTAQ uses 0.25)",
     )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt(
@@ -106,7 +110,8 @@ class QuantizeOptions:
     clip_points: int = _opt(100, "clip ratios searched in [0.2, 1] by stage 1 and the 'mse' search")
     checkpoint_format: str = _opt(
         "gptq",
-        "'gptq' (v1, stores zero points minus one; zero points are kept >= 1) or 'gptq_v2' (stores them as is)",
+        "'gptq' (v1, stores zero points minus one; zero points are kept >= 1) or 'gptq_v2' "
+        "(stores them as is)",
         choices=CHECKPOINT_FORMATS,
     )
     max_shard_size: str = _opt(
@@ -127,7 +132,8 @@ class QuantizeOptions:
             )
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(
-                f"--bits {self.bits} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}"
+                f"--bits {self.bits} is not supported: use one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
             )
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
@@ -136,11 +142,13 @@ class QuantizeOptions:
             )
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
-                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of {CHECKPOINT_FORMATS}"
+                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of "
+                f"{CHECKPOINT_FORMATS}"
             )
         if not _CALIB_RE.match(self.calib):
             raise ValueError(
-                f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or 'hf:NAME[:CONFIG]'"
+                f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or "
+                "'hf:NAME[:CONFIG]'"
             )
         for name, lo in (("nsamples", 1), ("seqlen", 2), ("batch_size", 1)):
             if getattr(self, name) < lo:
@@ -148,8 +156,8 @@ class QuantizeOptions:
                     f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}"
                 )
         if not self.stage2 and self.gptaq_alpha == 0:
-            # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would be
-            # wasted work, and the config should record what was really used.
+            # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would
+            # be wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
@@ -185,7 +193,8 @@ class QuantizeOptions:
         )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
-        """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance block."""
+        """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance
+        block."""
         return CheckpointQuantConfig(
             bits=self.bits,
             group_size=self.group_size,

@@ -43,17 +43,18 @@ class QuantizeResult:
 
 
 _NON_FINITE = {
-    "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; re-download or "
-    "re-export it",
-    "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it give non-finite "
-    "activations): the source model is corrupt; re-download or re-export it",
-    "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with --no-stage2 or a "
-    "larger --damp",
+    "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; "
+    "re-download or re-export it",
+    "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it "
+    "give non-finite activations): the source model is corrupt; re-download or re-export it",
+    "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with "
+    "--no-stage2 or a larger --damp",
 }
 
 
 def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be written."""
+    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be
+    written."""
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))
@@ -84,7 +85,8 @@ def _check_positive(name: str, scales: torch.Tensor, boxed: bool) -> None:
 
 
 def _log_linear(name: str, stats: dict[str, float]) -> None:
-    # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² / E‖WX̃‖².
+    # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² /
+    # E‖WX̃‖².
     quality = ""
     if "rel_error" in stats:
         quality = (

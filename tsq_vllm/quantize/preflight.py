@@ -25,7 +25,8 @@ logger = logging.getLogger("tsq_vllm.quantize")
 
 
 def protected_paths(src: ModelSource) -> list[Path]:
-    """Local directories the job reads from, which --output must never replace (a GGUF's folder too)."""
+    """Local directories the job reads from, which --output must never replace (a GGUF's folder
+    too)."""
     path = Path(src.path).expanduser()
     return [path] if path.is_dir() else []
 
@@ -59,7 +60,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def check_source_files(src: ModelSource, config: Any) -> None:
-    """Every safetensors file of a local source is whole, and its tensors have the config's shapes."""
+    """Every safetensors file of a local source is whole, and its tensors have the config's
+    shapes."""
     from transformers import AutoModelForCausalLM
 
     path = Path(src.path).expanduser()
@@ -84,14 +86,16 @@ def check_source_files(src: ModelSource, config: Any) -> None:
         if key in shapes and shapes[key][0] != list(param.shape):
             got, name = shapes[key]
             raise ValueError(
-                f"--model {src.label!r}: {key} is {got} in {name} but config.json implies {list(param.shape)} "
-                f"(hidden_size={getattr(config, 'hidden_size', '?')}, intermediate_size="
-                f"{getattr(config, 'intermediate_size', '?')}): config.json does not match the weights; fix it"
+                f"--model {src.label!r}: {key} is {got} in {name} but config.json implies "
+                f"{list(param.shape)} (hidden_size={getattr(config, 'hidden_size', '?')}, "
+                f"intermediate_size={getattr(config, 'intermediate_size', '?')}): config.json "
+                "does not match the weights; fix it"
             )
 
 
 def warn_unservable(config: Any) -> None:
-    """One warning when vLLM (if installed) has no model class for the architecture; quantizing proceeds."""
+    """One warning when vLLM (if installed) has no model class for the architecture; quantizing
+    proceeds."""
     archs = list(getattr(config, "architectures", None) or [])
     if not archs or importlib.util.find_spec("vllm") is None:
         return

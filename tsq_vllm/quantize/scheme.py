@@ -19,7 +19,8 @@ __all__ = [
 ]
 
 SCALE_SEARCHES = ("minmax", "mse")
-# The best of the grid measured on SmolLM2-135M INT2 and INT3 g64 (benchmarks/results/stage2_variants.md).
+# The best of the grid measured on SmolLM2-135M INT2 and INT3 g64
+# (benchmarks/results/stage2_variants.md).
 DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
 DEFAULT_SCALE_BOX = 2.0
 DEFAULT_GPTAQ_ALPHA = 0.25
@@ -37,8 +38,10 @@ class LayerScheme:
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
     damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
     error_feedback_alpha: weight of R in stage 2 (1: the paper's eq. (7), 0: R ignored).
-    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0; 0 leaves them unbounded.
-    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D with R).
+    scale_box: β keeps stage 2's scales in [s0/β, β·s0] around the grid's s0 > 0; 0 leaves
+      them unbounded.
+    energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D
+      with R).
     gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
     """
 
@@ -73,7 +76,8 @@ class LayerScheme:
             )
         if not 0.0 <= self.damp < 1.0:
             raise ValueError(
-                f"damp={self.damp} must lie in [0, 1): it is a fraction of the mean Hessian diagonal"
+                f"damp={self.damp} must lie in [0, 1): it is a fraction of the mean Hessian "
+                "diagonal"
             )
         if self.mse_norm <= 0:
             raise ValueError(f"mse_norm={self.mse_norm} must be positive (2 is least squares)")
@@ -86,11 +90,13 @@ class LayerScheme:
             )
         if not 0.0 <= self.error_feedback_alpha <= 1.0:
             raise ValueError(
-                f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the paper's R)"
+                f"--error-feedback-alpha {self.error_feedback_alpha} must lie in [0, 1] (1 is the "
+                "paper's R)"
             )
         if self.scale_box != 0 and not self.scale_box >= 1.0:
             raise ValueError(
-                f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval [s0/B, B*s0])"
+                f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval "
+                "[s0/B, B*s0])"
             )
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")

@@ -37,7 +37,8 @@ FP_CACHE_BYTES = 2 * 2**30
 
 class InputMoments(NamedTuple):
     """Second moments of one linear's input [K, K]: H = E[X Xᵀ]; with the FP stream also
-    R = E[(X − X̃) Xᵀ] (stage 2's error feedback) and D = E[ΔX ΔXᵀ] (the true eq. (7) and FP energy)."""
+    R = E[(X − X̃) Xᵀ] (stage 2's error feedback) and D = E[ΔX ΔXᵀ] (the true eq. (7) and FP
+    energy)."""
 
     H: torch.Tensor
     R: torch.Tensor | None
@@ -121,8 +122,8 @@ def _record_layer_calls(
         _move_outside(model, stack, torch.device("cpu"))
     if len(hidden) != len(calls[last]) or not hidden:
         raise RuntimeError(
-            f"{type(model).__name__} did not call all {len(stack)} decoder layers in order on each batch: "
-            "this architecture is not supported by the sequential pipeline"
+            f"{type(model).__name__} did not call all {len(stack)} decoder layers in order on "
+            "each batch: this architecture is not supported by the sequential pipeline"
         )
     return hidden, calls
 
@@ -208,7 +209,8 @@ def input_groups(layer: nn.Module, hidden: torch.Tensor, call: _Call) -> list[li
     missing = set(linears) - {n for n, _ in order}
     if missing:
         raise RuntimeError(
-            f"linear layers {sorted(missing)} never ran on the calibration data: cannot quantize them"
+            f"linear layers {sorted(missing)} never ran on the calibration data: cannot quantize "
+            "them"
         )
     return list(groups.values())
 
@@ -237,7 +239,8 @@ class ActivationStreams:
         self.fp_cache_bytes = fp_cache_bytes
         self.tokens = int(input_ids.numel())
         self.hidden_q, self.calls = _record_layer_calls(model, stack, input_ids, batch_size, device)
-        # Both streams start from the same embeddings; entries are replaced, never modified in place.
+        # Both streams start from the same embeddings; entries are replaced, never modified in
+        # place.
         self.hidden_fp = list(self.hidden_q) if with_fp else []
         self._layer: nn.Module | None = None
         self._i = -1

