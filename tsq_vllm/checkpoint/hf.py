@@ -27,12 +27,9 @@ from ..format.config import INTEGRITY_KEY, CheckpointQuantConfig
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from .atomic import check_output, new_sibling, normal_permissions, replace_dir, write_manifest
 from .config import read_quantization_config
-from .integrity import fingerprint, verify_fingerprint
+from .integrity import INDEX_NAME, WEIGHTS_NAME, fingerprint, verify_fingerprint, weight_files
 
 __all__ = ["QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
-
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 class QuantLinear(nn.Module):
@@ -200,19 +197,16 @@ def save_quantized(
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"corrupt checkpoint: {index} has no readable weight_map ({e})") from e
-        return [path / n for n in names]
-    if (path / WEIGHTS_NAME).is_file():
-        return [path / WEIGHTS_NAME]
-    raise ValueError(
-        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints can be "
-        "loaded"
-    )
+    try:
+        files, _ = weight_files(path, "re-download or re-quantize")
+    except ValueError as e:
+        raise ValueError(f"corrupt checkpoint: {e}") from None
+    if not files:
+        raise ValueError(
+            f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r}: only safetensors checkpoints "
+            "can be loaded"
+        )
+    return files
 
 
 def _read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
@@ -221,8 +215,6 @@ def _read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
 
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        if not f.is_file():
-            raise ValueError(f"corrupt checkpoint: shard {f.name} named in the index is missing")
         try:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError) as e:

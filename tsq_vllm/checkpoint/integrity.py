@@ -1,5 +1,9 @@
 """What a checkpoint's files must satisfy before their tensors are trusted.
 
+`weight_files` lists a directory's safetensors files the way transformers and vLLM find them (the
+index's weight map, else every `*.safetensors`), for the loader, the launcher and the quantizer's
+source check alike.
+
 `read_header` checks one safetensors file without reading its tensors: a readable header, and a
 file exactly as long as the header says (a truncated download or a full disk shows up here, in
 milliseconds, instead of as an engine crash a minute later).
@@ -23,6 +27,9 @@ from typing import Any
 from ..format.config import FINGERPRINT_FIELDS, INTEGRITY_KEY
 
 __all__ = [
+    "WEIGHTS_NAME",
+    "INDEX_NAME",
+    "weight_files",
     "INTEGRITY_KEY",
     "FINGERPRINT_FIELDS",
     "read_header",
@@ -31,6 +38,27 @@ __all__ = [
 ]
 
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def weight_files(path: Path, fix: str) -> tuple[list[Path], dict[str, str]]:
+    """The weight files of directory `path` and the index's tensor -> file map ({} without one).
+
+    With an index, every file it names must exist; `fix` ends the one-line ValueError otherwise.
+    """
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return sorted(path.glob("*.safetensors")), {}
+    try:
+        weight_map = dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} has no readable weight_map ({e}): {fix}") from None
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise ValueError(f"{path / missing[0]}, named in {INDEX_NAME}, is missing: {fix}")
+    return [path / n for n in names], weight_map
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -7,30 +7,14 @@ otherwise crash on while loading is checked here from the safetensors headers an
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 from ..format.config import CheckpointQuantConfig
 from ..format.gptq import TENSOR_NAMES
-from .hf import INDEX_NAME as _INDEX
-from .integrity import read_header, verify_fingerprint
+from .integrity import INDEX_NAME, read_header, verify_fingerprint, weight_files
 
 __all__ = ["check_checkpoint_files"]
-
-
-def _shard_names(path: Path) -> tuple[list[str], dict[str, str]]:
-    """The weight files, and the index's tensor -> file map (empty without an index)."""
-    index = path / _INDEX
-    if not index.is_file():
-        return sorted(f.name for f in path.glob("*.safetensors")), {}
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted(set(weight_map.values())), dict(weight_map)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(
-            f"{index} has no readable weight_map ({e}): re-export the checkpoint"
-        ) from None
 
 
 def _linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
@@ -64,23 +48,19 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
     from safetensors import safe_open
 
     path = Path(model_dir)
-    names, weight_map = _shard_names(path)
+    shards, weight_map = weight_files(path, "re-download or re-export the checkpoint")
     headers: dict[str, dict[str, Any]] = {}
-    for name in names:
-        if not (path / name).is_file():
-            raise ValueError(
-                f"{path / name}, named in {_INDEX}, is missing: re-download or re-export the "
-                "checkpoint"
-            )
+    for f in shards:
+        name = f.name
         try:
-            headers[name] = read_header(path / name)
+            headers[name] = read_header(f)
         except ValueError as e:
             raise ValueError(f"corrupt checkpoint: {path}/{e}") from None
     location = {t: name for name, header in headers.items() for t in header}
     for tensor, name in weight_map.items():
         if location.get(tensor) != name:
             raise ValueError(
-                f"corrupt checkpoint: {tensor}, which {_INDEX} puts in {name}, is not in that "
+                f"corrupt checkpoint: {tensor}, which {INDEX_NAME} puts in {name}, is not in that "
                 "file: re-export the checkpoint"
             )
     linears = _linear_shapes(path)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint.integrity import read_header
+from ..checkpoint.integrity import read_header, weight_files
 from ..models import ModelSource
 
 __all__ = ["protected_paths", "check_seqlen", "check_source_files", "warn_unservable"]
@@ -41,24 +40,6 @@ def check_seqlen(config: Any, seqlen: int) -> None:
         )
 
 
-def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(
-                f"{index} has no readable weight_map ({e}): re-download the model"
-            ) from None
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise ValueError(
-                f"{path / missing[0]}, named in {index.name}, is missing: re-download the model"
-            )
-        return [path / n for n in names]
-    return sorted(path.glob("*.safetensors"))
-
-
 def check_source_files(src: ModelSource, config: Any) -> None:
     """Every safetensors file of a local source is whole, and its tensors have the config's
     shapes."""
@@ -68,7 +49,8 @@ def check_source_files(src: ModelSource, config: Any) -> None:
     if src.gguf_file or not path.is_dir():
         return  # GGUF files and hub ids are read by transformers' own loaders
     shapes: dict[str, tuple[list[int], str]] = {}
-    for f in _weight_files(path):
+    files, _ = weight_files(path, "re-download the model")
+    for f in files:
         try:
             header = read_header(f)
         except ValueError as e:
