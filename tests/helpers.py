@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from tsq_vllm.quantize.options import QuantizeOptions
 
 _WORDS = (
     "the of and to in is was for on as with by he at from his an were are which this also be "
@@ -123,3 +127,24 @@ def single_thread():
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def opts_for(model_dir: Path, output: Path, **kw) -> QuantizeOptions:
+    """Quick quantization options for a `make_tiny_model` directory; `kw` overrides any field."""
+    from tsq_vllm.quantize.options import QuantizeOptions
+
+    base = dict(
+        model=str(model_dir),
+        output=str(output),
+        calib=f"text:{model_dir}/calib.txt",
+        nsamples=8,
+        seqlen=64,
+        batch_size=4,
+        clip_points=20,
+    )
+    return QuantizeOptions(**{**base, **kw})
+
+
+def linear_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The quantized linears of a checkpoint's tensors, by name."""
+    return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))

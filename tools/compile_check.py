@@ -126,11 +126,11 @@ def variants(quick: bool = False) -> list[Variant]:
 
 
 def _signature(v: Variant):
-    from tsq_vllm.kernels import triton_kernels as tk
+    from tsq_vllm.kernels import triton_jit as tj
 
     act = "fp16" if v.dtype == "fp16" else "bf16"
     if v.kind == "reduce":
-        fn = tk._splitk_reduce_kernel
+        fn = tj._splitk_reduce_kernel
         sig = {
             "ws_ptr": "*fp32",
             "y_ptr": f"*{act}",
@@ -144,7 +144,7 @@ def _signature(v: Variant):
         const = {"stride_yn": 1, "BLOCK": 1024}
         div16 = ["ws_ptr", "y_ptr", "N", "stride_ym"]
         return fn, sig, const, div16
-    fn = tk._gemm_kernel if v.kind == "gemm" else tk._gemv_kernel
+    fn = tj._gemm_kernel if v.kind == "gemm" else tj._gemv_kernel
     out_t = act if v.kind == "gemm" else "fp32"  # the GEMV writes the fp32 split-K workspace
     sig = {
         "x_ptr": f"*{act}",

@@ -2,7 +2,7 @@
 
 `dequant_matmul(x, layer)` is the entry point; `dequant_matmul_reference` (torch, fp32) is the
 specification; `register_op` / `dequant_matmul_op` expose the `tsq::dequant_matmul` custom op.
-The Triton kernels live in `triton_kernels` and are imported only when used.
+The Triton kernels (`triton_jit`, launched from `triton_kernels`) are imported only when used.
 """
 
 from .op import BACKENDS, OP_NAME, dequant_matmul, dequant_matmul_op, register_op

@@ -9,9 +9,10 @@ Tensor parallelism. Column-parallel layers split N: `qweight`/`scales` split pla
 scales/zeros only at whole groups. With act-order on a row-parallel layer the local columns can
 reference any group, so scales/zeros stay whole on every rank (as vLLM's GPTQ did).
 
-Loading is checked: every tensor's full checkpoint shape and dtype is verified before vLLM's
-narrow/copy (whose bare asserts would otherwise be the only message, or which would silently
-read a too-large tensor), and after loading every shard of a fused layer must have arrived —
+Loading is checked by the parameter classes of `tsq_vllm.serve.params`: every tensor's full
+checkpoint shape and dtype is verified before vLLM's narrow/copy (whose bare asserts would
+otherwise be the only message, or which would silently read a too-large tensor), and after
+loading (`_check_complete` here) every shard of a fused layer must have arrived —
 vLLM does not track loaded weights for quantized models, so a missing tensor would otherwise
 leave uninitialized memory.
 """
@@ -24,147 +25,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
-from vllm.model_executor.parameter import (
-    ChannelQuantScaleParameter,
-    GroupQuantScaleParameter,
-    PackedColumnParameter,
-    PackedvLLMParameter,
-    RowvLLMParameter,
-)
 
 from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape, packed_shapes
 from ..format.packing import run_length
 from ..kernels.cpu import prepare_cpu_linear
+from .params import (
+    _CheckedLoad,
+    _GIdx,
+    _QWeight,
+    _ReplicatedScales,
+    _ReplicatedZeros,
+    _ShardedScales,
+    _ShardedZeros,
+)
 
 if TYPE_CHECKING:
     from .config import TsqConfig
 
 __all__ = ["TsqLinearMethod", "check_partition"]
-
-
-class _CheckedLoad:
-    """Mixin for vLLM parameters: verify the checkpoint tensor, then let vLLM shard and copy it.
-
-    Set after construction: `tsq_name` (layer prefix + tensor), `tsq_rows` (rows of the full
-    checkpoint tensor), `tsq_out_pack` (Fraction the N dim is packed by; None for 1-D g_idx),
-    `tsq_int` (int32 expected, else float), `tsq_hint` (the config, for messages).
-    """
-
-    tsq_name: str
-    tsq_rows: int
-    tsq_out_pack: Fraction | None
-    tsq_int: bool
-    tsq_hint: str
-    # Provided by the vLLM parameter class this is mixed into.
-    data: torch.Tensor
-    tp_size: int
-
-    def _tsq_expect(self, loaded: torch.Tensor, out_full: int | None, shard: Any) -> None:
-        where = self.tsq_name + ("" if shard is None else f" (shard {shard!r})")
-        ok_dtype = loaded.dtype == torch.int32 if self.tsq_int else loaded.dtype.is_floating_point
-        if not ok_dtype:
-            want = "int32" if self.tsq_int else "a float dtype"
-            raise ValueError(
-                f"{where}: checkpoint tensor has dtype {loaded.dtype}, expected {want}; "
-                f"the checkpoint is corrupt or not GPTQ-packed: re-export it"
-            )
-        expected: tuple[int | str, ...] = (self.tsq_rows,)
-        if self.tsq_out_pack is not None:
-            cols = None if out_full is None else Fraction(out_full) / self.tsq_out_pack
-            expected = (self.tsq_rows, "N" if cols is None or cols.denominator != 1 else int(cols))
-        shape = tuple(loaded.shape)
-        if len(shape) != len(expected) or any(
-            isinstance(e, int) and s != e for s, e in zip(shape, expected, strict=True)
-        ):
-            raise ValueError(
-                f"{where}: checkpoint tensor has shape {shape}, expected {expected} for "
-                f"{self.tsq_hint}; the tensors do not match the checkpoint's quantization_config "
-                f"(wrong bits or group_size) or the file is corrupt: re-export the checkpoint"
-            )
-
-    def _tsq_mark(self, shard: Any) -> None:
-        loaded = getattr(self, "tsq_loaded", None)
-        if loaded is None:
-            loaded = set()
-            self.tsq_loaded = loaded
-        loaded.add(shard)
-
-    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
-        out = getattr(self, "output_dim", None)
-        full = None if out is None else _unpacked_cols(self, self.data.shape[out]) * self.tp_size
-        self._tsq_expect(loaded_weight, full, None)
-        super().load_column_parallel_weight(loaded_weight)  # type: ignore[misc]
-        self._tsq_mark(None)
-
-    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
-        full = None if self.data.ndim == 1 else _unpacked_cols(self, self.data.shape[1])
-        self._tsq_expect(loaded_weight, full, None)
-        super().load_row_parallel_weight(loaded_weight)  # type: ignore[misc]
-        self._tsq_mark(None)
-
-    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
-        shard = kwargs.get("shard_id")
-        size = kwargs.get("shard_size")
-        full = None if size is None or self.data.ndim == 1 else size * self.tp_size
-        self._tsq_expect(loaded_weight, full, shard)
-        self._tsq_before_shard(loaded_weight, shard)
-        super().load_merged_column_weight(loaded_weight, **kwargs)  # type: ignore[misc]
-        self._tsq_mark(shard)
-
-    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
-        shard = kwargs.get("shard_id")
-        size = kwargs.get("shard_size")
-        full = None
-        if size is not None and self.data.ndim == 2:
-            # k/v heads are replicated when tp_size > kv heads: num_heads is the replica count.
-            full = size * self.tp_size // (1 if shard == "q" else kwargs.get("num_heads", 1))
-        self._tsq_expect(loaded_weight, full, shard)
-        self._tsq_before_shard(loaded_weight, shard)
-        super().load_qkv_weight(loaded_weight, **kwargs)  # type: ignore[misc]
-        self._tsq_mark(shard)
-
-    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
-        """Hook for per-shard consistency checks (g_idx); nothing by default."""
-
-
-def _unpacked_cols(param: Any, cols: int) -> int:
-    """Output columns a parameter's N dim stands for (qzeros pack N by Fraction(32, bits))."""
-    pack = getattr(param, "tsq_out_pack", None)
-    return int(cols * pack) if pack is not None and pack != 1 else cols
-
-
-class _QWeight(_CheckedLoad, PackedvLLMParameter):
-    pass
-
-
-class _ShardedZeros(_CheckedLoad, PackedvLLMParameter):
-    pass
-
-
-class _ReplicatedZeros(_CheckedLoad, PackedColumnParameter):
-    pass
-
-
-class _ShardedScales(_CheckedLoad, GroupQuantScaleParameter):
-    pass
-
-
-class _ReplicatedScales(_CheckedLoad, ChannelQuantScaleParameter):
-    pass
-
-
-class _GIdx(_CheckedLoad, RowvLLMParameter):
-    """g_idx: one activation order per fused layer (q/k/v and gate/up share their input)."""
-
-    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
-        if getattr(self, "tsq_loaded", None) and not torch.equal(
-            self.data, loaded_weight.to(self.data.dtype)
-        ):
-            raise ValueError(
-                f"{self.tsq_name} (shard {shard!r}): g_idx differs from the other shards of this "
-                f"fused layer; fused projections need one activation order (GPTQ gives layers with "
-                f"the same input the same order): re-quantize with a shared order or without act-order"
-            )
 
 
 def check_partition(
@@ -338,8 +216,8 @@ class TsqLinearMethod(LinearMethodBase):
         except ValueError as e:
             if layer.tsq_group_offset:
                 raise ValueError(
-                    f"{self.prefix} (this rank's shard): {e}; the checkpoint uses act-order but its "
-                    f"quantization_config says desc_act=false: set it to true"
+                    f"{self.prefix} (this rank's shard): {e}; the checkpoint uses act-order "
+                    f"but its quantization_config says desc_act=false: set it to true"
                 ) from None
             raise ValueError(f"{self.prefix}: {e}; re-export the checkpoint") from None
         try:
@@ -359,7 +237,10 @@ class TsqLinearMethod(LinearMethodBase):
             layer.tsq_matmul = _kernel_matmul()
 
     def _check_complete(self, layer: Any) -> None:
-        """Every shard of every tensor must have been loaded (vLLM does not check quantized models)."""
+        """Every shard of every tensor must have been loaded.
+
+        vLLM does not check this for quantized models.
+        """
         shard_ids: list[Any] = list(layer.tsq_shard_ids)
         names = self.quant_config.shard_names(self.prefix, len(shard_ids))
         for tensor in TENSOR_NAMES:

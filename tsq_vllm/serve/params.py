@@ -1,0 +1,152 @@
+"""vLLM parameters of the tsq linear method whose loading is checked (`TsqLinearMethod`).
+
+Every tensor's full checkpoint shape and dtype is verified before vLLM's narrow/copy (whose bare
+asserts would otherwise be the only message, or which would silently read a too-large tensor),
+and each parameter records the shards it received so that `TsqLinearMethod` can verify after
+loading that every shard of a fused layer arrived.
+
+Imports vLLM at module level, like `tsq_vllm.serve.linear`.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import torch
+from vllm.model_executor.parameter import (
+    ChannelQuantScaleParameter,
+    GroupQuantScaleParameter,
+    PackedColumnParameter,
+    PackedvLLMParameter,
+    RowvLLMParameter,
+)
+
+# Private to the serve package: `linear` builds these, nothing else should.
+__all__: list[str] = []
+
+
+class _CheckedLoad:
+    """Mixin for vLLM parameters: verify the checkpoint tensor, then let vLLM shard and copy it.
+
+    Set after construction: `tsq_name` (layer prefix + tensor), `tsq_rows` (rows of the full
+    checkpoint tensor), `tsq_out_pack` (Fraction the N dim is packed by; None for 1-D g_idx),
+    `tsq_int` (int32 expected, else float), `tsq_hint` (the config, for messages).
+    """
+
+    tsq_name: str
+    tsq_rows: int
+    tsq_out_pack: Fraction | None
+    tsq_int: bool
+    tsq_hint: str
+    # Provided by the vLLM parameter class this is mixed into.
+    data: torch.Tensor
+    tp_size: int
+
+    def _tsq_expect(self, loaded: torch.Tensor, out_full: int | None, shard: Any) -> None:
+        where = self.tsq_name + ("" if shard is None else f" (shard {shard!r})")
+        ok_dtype = loaded.dtype == torch.int32 if self.tsq_int else loaded.dtype.is_floating_point
+        if not ok_dtype:
+            want = "int32" if self.tsq_int else "a float dtype"
+            raise ValueError(
+                f"{where}: checkpoint tensor has dtype {loaded.dtype}, expected {want}; "
+                f"the checkpoint is corrupt or not GPTQ-packed: re-export it"
+            )
+        expected: tuple[int | str, ...] = (self.tsq_rows,)
+        if self.tsq_out_pack is not None:
+            cols = None if out_full is None else Fraction(out_full) / self.tsq_out_pack
+            expected = (self.tsq_rows, "N" if cols is None or cols.denominator != 1 else int(cols))
+        shape = tuple(loaded.shape)
+        if len(shape) != len(expected) or any(
+            isinstance(e, int) and s != e for s, e in zip(shape, expected, strict=True)
+        ):
+            raise ValueError(
+                f"{where}: checkpoint tensor has shape {shape}, expected {expected} for "
+                f"{self.tsq_hint}; the tensors do not match the checkpoint's quantization_config "
+                f"(wrong bits or group_size) or the file is corrupt: re-export the checkpoint"
+            )
+
+    def _tsq_mark(self, shard: Any) -> None:
+        loaded = getattr(self, "tsq_loaded", None)
+        if loaded is None:
+            loaded = set()
+            self.tsq_loaded = loaded
+        loaded.add(shard)
+
+    def load_column_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        out = getattr(self, "output_dim", None)
+        full = None if out is None else _unpacked_cols(self, self.data.shape[out]) * self.tp_size
+        self._tsq_expect(loaded_weight, full, None)
+        super().load_column_parallel_weight(loaded_weight)  # type: ignore[misc]
+        self._tsq_mark(None)
+
+    def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
+        full = None if self.data.ndim == 1 else _unpacked_cols(self, self.data.shape[1])
+        self._tsq_expect(loaded_weight, full, None)
+        super().load_row_parallel_weight(loaded_weight)  # type: ignore[misc]
+        self._tsq_mark(None)
+
+    def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        shard = kwargs.get("shard_id")
+        size = kwargs.get("shard_size")
+        full = None if size is None or self.data.ndim == 1 else size * self.tp_size
+        self._tsq_expect(loaded_weight, full, shard)
+        self._tsq_before_shard(loaded_weight, shard)
+        super().load_merged_column_weight(loaded_weight, **kwargs)  # type: ignore[misc]
+        self._tsq_mark(shard)
+
+    def load_qkv_weight(self, loaded_weight: torch.Tensor, **kwargs: Any) -> None:
+        shard = kwargs.get("shard_id")
+        size = kwargs.get("shard_size")
+        full = None
+        if size is not None and self.data.ndim == 2:
+            # k/v heads are replicated when tp_size > kv heads: num_heads is the replica count.
+            full = size * self.tp_size // (1 if shard == "q" else kwargs.get("num_heads", 1))
+        self._tsq_expect(loaded_weight, full, shard)
+        self._tsq_before_shard(loaded_weight, shard)
+        super().load_qkv_weight(loaded_weight, **kwargs)  # type: ignore[misc]
+        self._tsq_mark(shard)
+
+    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
+        """Hook for per-shard consistency checks (g_idx); nothing by default."""
+
+
+def _unpacked_cols(param: Any, cols: int) -> int:
+    """Output columns a parameter's N dim stands for (qzeros pack N by Fraction(32, bits))."""
+    pack = getattr(param, "tsq_out_pack", None)
+    return int(cols * pack) if pack is not None and pack != 1 else cols
+
+
+class _QWeight(_CheckedLoad, PackedvLLMParameter):
+    pass
+
+
+class _ShardedZeros(_CheckedLoad, PackedvLLMParameter):
+    pass
+
+
+class _ReplicatedZeros(_CheckedLoad, PackedColumnParameter):
+    pass
+
+
+class _ShardedScales(_CheckedLoad, GroupQuantScaleParameter):
+    pass
+
+
+class _ReplicatedScales(_CheckedLoad, ChannelQuantScaleParameter):
+    pass
+
+
+class _GIdx(_CheckedLoad, RowvLLMParameter):
+    """g_idx: one activation order per fused layer (q/k/v and gate/up share their input)."""
+
+    def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
+        if getattr(self, "tsq_loaded", None) and not torch.equal(
+            self.data, loaded_weight.to(self.data.dtype)
+        ):
+            raise ValueError(
+                f"{self.tsq_name} (shard {shard!r}): g_idx differs from the other shards of this "
+                f"fused layer; fused projections need one activation order (GPTQ gives layers with "
+                f"the same input the same order): re-quantize with a shared order or without "
+                f"act-order"
+            )
