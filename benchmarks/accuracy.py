@@ -76,6 +76,22 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path
     return time.perf_counter() - start
 
 
+def smollm2_quantize_args(bits: int, gs: int, flags: list[str], output: Path) -> list[str]:
+    """`python -m tsq_vllm.quantize` arguments of one grid row on the embedded model (calibration
+    flags are part of `flags`)."""
+    return ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *flags,
+            "--output", str(output), "--overwrite"]  # fmt: skip
+
+
+def run_eval(model: str, tag: str, work: Path, eval_args: list[str]) -> tuple[dict, str]:
+    """Perplexity of `model` with `python -m tsq_vllm.eval`: its JSON result and the command."""
+    out = work / f"{tag}.eval.json"
+    cmd = [sys.executable, "-m", "tsq_vllm.eval", "--model", model, *eval_args,
+           "--output-json", str(out)]  # fmt: skip
+    _run(cmd, work / f"{tag}.eval.log")
+    return json.loads(out.read_text()), _shell(cmd)
+
+
 def worker(stats_json: str, quantize_args: list[str]) -> int:
     """Run one quantization as the CLI would and write its timings, summed over linears, as JSON."""
     import logging
@@ -218,19 +234,8 @@ def main() -> int:
         )
 
     def evaluate(model: str, tag: str) -> dict:
-        out = work / f"{tag}.eval.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tsq_vllm.eval",
-            "--model",
-            model,
-            *ev,
-            "--output-json",
-            str(out),
-        ]
-        _run(cmd, work / f"{tag}.eval.log")
-        return {**json.loads(out.read_text()), "command": _shell(cmd)}
+        result, cmd = run_eval(model, tag, work, ev)
+        return {**result, "command": cmd}
 
     if not have(None, None, "fp"):
         record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate("smollm2", "fp")})
@@ -251,19 +256,7 @@ def main() -> int:
                     continue
                 tag = f"int{bits}-g{gs}-{key}"
                 flags = dict((k, f) for k, _, f in TSQ_ROWS)[key]
-                qargs = [
-                    "--model",
-                    "smollm2",
-                    "--bits",
-                    str(bits),
-                    "--group-size",
-                    str(gs),
-                    *calib,
-                    *flags,
-                    "--output",
-                    str(work / tag),
-                    "--overwrite",
-                ]
+                qargs = smollm2_quantize_args(bits, gs, [*calib, *flags], work / tag)
                 stats = work / f"{tag}.stats.json"
                 wall = _run(
                     [sys.executable, __file__, "--worker", str(stats), "--", *qargs],

@@ -27,7 +27,7 @@ from pathlib import Path
 # This checkout's package, not whichever one the venv has installed; and benchmarks/ for
 # accuracy.py.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from accuracy import _machine, _run, _shell  # noqa: E402  (benchmarks/ is not a package)
+from accuracy import _machine, _run, _shell, run_eval, smollm2_quantize_args  # noqa: E402  (benchmarks/ is not a package)
 from stage2_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,19 +261,7 @@ def main() -> int:
     isa, machine = _isa(), _machine()
 
     def evaluate(model: str, tag: str) -> dict:
-        out = work / f"{tag}.eval.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tsq_vllm.eval",
-            "--model",
-            model,
-            *ev,
-            "--output-json",
-            str(out),
-        ]
-        _run(cmd, work / f"{tag}.eval.log")
-        return json.loads(out.read_text())
+        return run_eval(model, tag, work, ev)[0]
 
     def record(entry: dict) -> None:
         entry = {
@@ -302,19 +290,7 @@ def main() -> int:
                 continue
             tag = f"int{bits}-g{gs}-{row}"
             ckpt = work / tag
-            qargs = [
-                "--model",
-                "smollm2",
-                "--bits",
-                str(bits),
-                "--group-size",
-                str(gs),
-                *calib,
-                *FLAGS[key],
-                "--output",
-                str(ckpt),
-                "--overwrite",
-            ]
+            qargs = smollm2_quantize_args(bits, gs, [*calib, *FLAGS[key]], ckpt)
             stats_file = work / f"{tag}.stats.json"
             t = time.perf_counter()
             _run(
