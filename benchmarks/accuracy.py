@@ -96,12 +96,11 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     """Run one quantization as the CLI would and write its timings, summed over linears, as JSON."""
     import logging
 
-    from tsq_vllm.quantize.__main__ import build_parser
-    from tsq_vllm.quantize.options import QuantizeOptions
+    from tsq_vllm.quantize.__main__ import parse_options
     from tsq_vllm.quantize.run import run_quantization
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
+    opts, _ = parse_options(quantize_args)
     job = run_quantization(opts, progress=False)
     stats = job.result.stats.values()
     out = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_tiny_model, single_thread
-from tsq_vllm.quantize.__main__ import build_parser, main
+from tsq_vllm.quantize.__main__ import build_parser, main, parse_options
 
 FAST = ["--nsamples", "4", "--seqlen", "32", "--clip-points", "10"]
 
@@ -116,6 +116,15 @@ BAD = {
         "unrecognized arguments: --frobnicate",
     ),
 }
+
+
+@pytest.mark.parametrize("extra, debug", [([], False), (["--debug"], True)])
+def test_parse_options_separates_debug_from_the_options(extra, debug):
+    # The benchmarks build their runs through parse_options; --debug is the CLI's, not an option.
+    opts, got = parse_options(["--model", "m", "--output", "o", "--bits", "2", *extra])
+    assert got is debug
+    assert (opts.model, opts.output, opts.bits) == ("m", "o", 2)
+    assert not hasattr(opts, "debug")
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from .options import QuantizeOptions, flag_of
 from .run import UsageError, run_quantization
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_options"]
 
 PROG = "python -m tsq_vllm.quantize"
 
@@ -89,12 +89,19 @@ def _failure(e: BaseException, output: str) -> str:
     return _one_line(e)
 
 
+def parse_options(argv: Sequence[str] | None = None) -> tuple[QuantizeOptions, bool]:
+    """The command line as options, and whether --debug was given (it is not an option of the
+    quantization itself). Benchmarks build their runs through this, so they parse as the CLI does.
+    """
+    args = vars(build_parser().parse_args(argv))
+    debug = args.pop("debug")
+    return QuantizeOptions(**args), debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    debug = False
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        args = vars(build_parser().parse_args(argv))
-        debug = args.pop("debug")
-        opts = QuantizeOptions(**args)
+        opts, debug = parse_options(argv)
     except ValueError as e:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
