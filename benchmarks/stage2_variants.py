@@ -130,6 +130,26 @@ ROWS = [
         ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"],
     ),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
+    # Table 3 again with today's settings: GPTQ (GPTAQ target 0.25), + stage 1 (the row above),
+    # + stage 2 (alpha 0.25, box 2), both (the default, gq0.25_a0.25_box2).
+    (
+        "gq0.25_gptq",
+        "GPTQ, GPTAQ target 0.25",
+        ["--no-stage1", "--no-stage2", "--gptaq-alpha", "0.25"],
+    ),
+    (
+        "gq0.25_s2",
+        "GPTQ + stage 2, alpha 0.25, box 2, GPTAQ target 0.25",
+        [
+            "--no-stage1",
+            "--gptaq-alpha",
+            "0.25",
+            "--error-feedback-alpha",
+            "0.25",
+            "--scale-box",
+            "2",
+        ],
+    ),
 ]
 FLAGS = {k: f for k, _, f in ROWS}
 LABELS = {k: lab for k, lab, _ in ROWS}
