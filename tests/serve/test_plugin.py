@@ -318,9 +318,9 @@ def test_launcher_refuses_bad_dirs_in_one_line(tmp_path, setup, needle):
 def test_kernel_path_glue(vllm_ctx, monkeypatch, kind, act_order):
     """The non-CPU branch (tsq::dequant_matmul, Triton on CUDA) wired up, run here on CPU
     tensors."""
-    import tsq_vllm.serve.linear as linear
+    from tsq_vllm.kernels.backends import TritonBackend
 
-    monkeypatch.setattr(linear, "_uses_cpu_path", lambda layer: False)
+    monkeypatch.setattr(TritonBackend, "can_implement", classmethod(lambda cls, t, d: (True, None)))
     got, ref = _run_tp(kind, 3, 32, 2, act_order, torch.float32)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
