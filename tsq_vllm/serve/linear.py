@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape, packed_shapes
 from ..format.packing import run_length
@@ -136,6 +137,9 @@ class TsqLinearMethod(LinearMethodBase):
             tp_size,
         )
         weight_loader: Callable[..., None] | None = extra_weight_attrs.get("weight_loader")
+        if isinstance(layer, VocabParallelEmbedding):
+            # A quantized lm_head: vLLM's embedding loader copies along dim 0, not our N dim.
+            weight_loader = _vocab_loader(layer)
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
         row_parallel = k_local != input_size
@@ -291,3 +295,15 @@ def _drop_packed(layer: Any) -> None:
     for name in TENSOR_NAMES:
         param = getattr(layer, name)
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
+def _vocab_loader(layer: Any) -> Callable[[Any, torch.Tensor], None]:
+    """The weight loader of a quantized lm_head (a vLLM `ParallelLMHead`): each rank takes its
+    vocabulary shard's columns, and the columns vLLM pads the vocabulary with decode to 0."""
+    idx = layer.shard_indices
+    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
+
+    def load(param: Any, loaded_weight: torch.Tensor) -> None:
+        param.load_vocab_shard(loaded_weight, start, end - start, layer.org_vocab_size)
+
+    return load

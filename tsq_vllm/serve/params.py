@@ -122,6 +122,26 @@ class _CheckedLoad:
         super().load_qkv_weight(loaded_weight, **kwargs)  # type: ignore[misc]
         self._tsq_mark(shard)
 
+    def load_vocab_shard(
+        self, loaded_weight: torch.Tensor, start: int, size: int, full: int
+    ) -> None:
+        """A vocab-parallel lm_head's shard: output columns [start, start + size) of a tensor of
+        `full` columns go to the front of this parameter; the padding columns after them get
+        code 0, scale 0 (their logits are 0, and vLLM slices them off)."""
+        out = getattr(self, "output_dim", None)
+        self._tsq_expect(loaded_weight, None if out is None else full, None)
+        if out is None:  # g_idx: the same for every shard
+            self.data.copy_(loaded_weight)
+        else:
+            pack = self.tsq_spec.out_pack or Fraction(1)
+            first, cols = Fraction(start) / pack, Fraction(size) / pack
+            # create_weights' check_partition makes shards start and end on whole packing runs.
+            assert first.denominator == cols.denominator == 1, (start, size, pack)
+            piece = loaded_weight.narrow(out, int(first), int(cols))
+            self.data.narrow(out, 0, int(cols)).copy_(piece)
+            self.data.narrow(out, int(cols), self.data.shape[out] - int(cols)).zero_()
+        self._tsq_mark(None)
+
     def _tsq_before_shard(self, loaded_weight: torch.Tensor, shard: Any) -> None:
         """Hook for per-shard consistency checks (g_idx); nothing by default."""
 
