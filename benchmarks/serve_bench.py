@@ -2,6 +2,8 @@
 
     python benchmarks/serve_bench.py                          # quantizes what it needs, ~15 min
     python benchmarks/serve_bench.py --checkpoint 3=DIR ...   # reuse existing tsq checkpoints
+    python benchmarks/serve_bench.py --bits 4 --lm-head --streams 1 16   # INT4 with and without
+                                                              # a quantized lm_head, vs bf16
 
 For each model, one at a time, it starts vLLM's OpenAI server (`python -m tsq_vllm.serve` for tsq
 checkpoints; vLLM's own API server entry for the bf16 baseline), all with the same flags
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -50,14 +53,21 @@ def _calibration(ckpt: Path) -> dict | None:
     return json.loads(cfg.read_text()).get("tsq", {}).get("calibration") if cfg.exists() else None
 
 
+def _variant(key: str) -> tuple[int, bool]:
+    """(bits, quantized lm_head) of a checkpoint key: "4" or "4-lm-head"."""
+    bits, _, head = key.partition("-")
+    return int(bits), bool(head)
+
+
 def prepare(
-    work: Path, given: dict[int, str], calib: dict
-) -> tuple[Path, dict[int, Path], list[str]]:
-    """The bf16 baseline's HF directory and a tsq checkpoint per bit width; commands that made them.
+    work: Path, given: dict[str, str], calib: dict, keys: list[str]
+) -> tuple[Path, dict[str, Path], list[str]]:
+    """The bf16 baseline's HF directory and a tsq checkpoint per key ("4", "4-lm-head", ...);
+    the commands that made them.
 
     A checkpoint already in `work` is reused only if its quantize_config.json records the same
-    calibration as `calib` (the `calibration` record's fields) asks for; the report lists its
-    command either way.
+    calibration as `calib` (the `calibration` record's fields) and the same lm_head setting; the
+    report lists its command either way.
     """
     import torch
     from accuracy import export_hf_model  # benchmarks/ is on sys.path as the script's directory
@@ -71,12 +81,15 @@ def prepare(
         *(a for k in ("nsamples", "seqlen", "seed") for a in (f"--{k}", str(calib[k]))),
     ]
     ckpts = {}
-    for bits in (4, 3, 2):
-        if bits in given:
-            ckpts[bits] = Path(given[bits])
-            commands.append(f"# INT{bits}: given checkpoint {given[bits]}")
+    for key in keys:
+        bits, head = _variant(key)
+        if key in given:
+            ckpts[key] = Path(given[key])
+            commands.append(
+                f"# INT{bits}{' lm_head' if head else ''}: given checkpoint {given[key]}"
+            )
             continue
-        ckpts[bits] = work / f"tsq-int{bits}-g64"
+        ckpts[key] = work / f"tsq-int{bits}-g64{'-lm-head' if head else ''}"
         cmd = [
             sys.executable,
             "-m",
@@ -88,16 +101,28 @@ def prepare(
             "--group-size",
             "64",
             *flags,
+            *(["--quantize-lm-head"] if head else []),
             "--output",
-            str(ckpts[bits]),
+            str(ckpts[key]),
             "--overwrite",
         ]
         commands.append(_shell(cmd))
-        if _calibration(ckpts[bits]) != calib:
+        if _calibration(ckpts[key]) != calib or _lm_head(ckpts[key]) != head:
             subprocess.run(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     return hf, ckpts, commands
+
+
+def _lm_head(ckpt: Path) -> bool | None:
+    cfg = ckpt / "quantize_config.json"
+    return bool(json.loads(cfg.read_text()).get("lm_head")) if cfg.exists() else None
+
+
+def backends_in_log(log: Path) -> list[str]:
+    """The kernel backends the tsq linear method chose, from a server log (`kernels.backends`)."""
+    found = re.findall(r"using (\S+) backend", log.read_text(errors="replace"))
+    return sorted(set(found))
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -236,7 +261,14 @@ def main() -> int:
         action="append",
         default=[],
         metavar="BITS=DIR",
-        help="use this tsq checkpoint for BITS instead of quantizing one",
+        help="use this tsq checkpoint for BITS instead of quantizing one (BITS-lm-head=DIR: "
+        "the --lm-head variant)",
+    )
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="tsq bit widths to serve")
+    p.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="also serve each bit width with a quantized lm_head (--quantize-lm-head)",
     )
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows when quantizing")
     p.add_argument(
@@ -263,18 +295,19 @@ def main() -> int:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    keys = [f"{b}{suffix}" for b in args.bits for suffix in ("", "-lm-head")[: 1 + args.lm_head]]
     given = {}
     for c in args.checkpoint:
-        bits, _, d = c.partition("=")
-        if bits not in ("2", "3", "4") or not (Path(d) / "config.json").exists():
+        key, _, d = c.partition("=")
+        if not re.fullmatch(r"[234](-lm-head)?", key) or not (Path(d) / "config.json").exists():
             raise SystemExit(
-                f"--checkpoint {c!r}: expected BITS=DIR with BITS 2, 3 or 4 and DIR a tsq "
-                "checkpoint directory with a config.json; pass e.g. --checkpoint "
+                f"--checkpoint {c!r}: expected BITS=DIR or BITS-lm-head=DIR with BITS 2, 3 or 4 "
+                "and DIR a tsq checkpoint directory with a config.json; pass e.g. --checkpoint "
                 "3=/path/to/tsq-int3"
             )
-        given[int(bits)] = d
+        given[key] = d
     calib = {"dataset": "wiki", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
-    hf, ckpts, commands = prepare(work, given, calib)
+    hf, ckpts, commands = prepare(work, given, calib, keys)
     models = [
         (
             "bf16",
@@ -291,12 +324,12 @@ def main() -> int:
     ]
     models += [
         (
-            f"tsq INT{b} g64",
-            ckpts[b],
+            f"tsq INT{_variant(k)[0]} g64{' + lm_head' if _variant(k)[1] else ''}",
+            ckpts[k],
             "tsq",
-            [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[b])],
+            [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],
         )
-        for b in (4, 3, 2)
+        for k in keys
     ]
     load_start = os.getloadavg()[0]
     rows = []
@@ -316,6 +349,7 @@ def main() -> int:
                 "streams": res,
                 "engine": engine,
                 "weights_mib": weights,
+                "backends": backends_in_log(log.with_suffix(".log")),
                 **mem,
             }
         )

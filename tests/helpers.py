@@ -72,6 +72,7 @@ def make_config(
     heads: int = 4,
     kv_heads: int = 2,
     vocab_size: int = 384,
+    tie_word_embeddings: bool = False,
 ):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
@@ -84,7 +85,7 @@ def make_config(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

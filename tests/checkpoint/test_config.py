@@ -89,14 +89,13 @@ NOT_SERVABLE = {
         True,
         "quant_method='awq'",
     ),
-    "lm_head quantized": (
-        {"quantization_config": {**QC, "lm_head": True}},
-        None,
-        True,
-        "lm_head=true",
-    ),
     "no safetensors": ({"quantization_config": QC}, None, False, r"no \*.safetensors"),
 }
+
+
+def test_a_quantized_lm_head_is_servable(tmp_path):
+    d = _write(tmp_path / "m", {"quantization_config": {**QC, "lm_head": True}}, None, True)
+    assert read_checkpoint_config(d).lm_head is True
 
 
 @pytest.mark.parametrize("name", list(NOT_SERVABLE))

@@ -124,8 +124,11 @@ def reference_greedy(
     """Greedy continuations from transformers (fp32) with the checkpoint's dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
-    missing, unexpected = model.load_state_dict(dequantized_state(ckpt, bits), strict=False)
+    state = dequantized_state(ckpt, bits)
+    # A checkpoint with its own lm_head (quantized from a tied source) is served untied.
+    untie = {"tie_word_embeddings": False} if "lm_head.weight" in state else {}
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, **untie).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     outs = []
     with torch.no_grad():

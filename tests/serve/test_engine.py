@@ -69,6 +69,17 @@ def _run_worker(jobs: list[dict], tmp: Path, tp: int = 1, timeout: int = 420) ->
     return results
 
 
+def _lm_head_checkpoint(root: Path) -> tuple[Path, Path, int]:
+    """A tied tiny model through the real pipeline with --quantize-lm-head."""
+    from tests.helpers import make_tiny_model, opts_for
+    from tsq_vllm.quantize.run import run_quantization
+
+    src = make_tiny_model(root / "tied-src", "llama", seed=2, tie_word_embeddings=True)
+    out = root / "tied-lm-head"
+    run_quantization(opts_for(src, out, bits=4, group_size=64, quantize_lm_head=True))
+    return src, out, 4
+
+
 @pytest.fixture(scope="module")
 def checkpoints(
     tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory
@@ -91,6 +102,8 @@ def checkpoints(
             write_rtn_checkpoint(tiny_qwen2, root / "q4", 4, 128, quant_method="gptq"),
             4,
         ),
+        # Tied embeddings, lm_head quantized by the pipeline: served by vLLM's quantized-head path.
+        "llama-tied-4bit-g64-lm-head": _lm_head_checkpoint(root),
     }
     return ck
 
@@ -160,11 +173,28 @@ def offline(checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    "name", ["llama-2bit-g64-actorder", "llama-3bit-g32-actorder", "qwen2-4bit-g128-gptq"]
+    "name",
+    [
+        "llama-2bit-g64-actorder",
+        "llama-3bit-g32-actorder",
+        "qwen2-4bit-g128-gptq",
+        "llama-tied-4bit-g64-lm-head",
+    ],
 )
 def test_offline_greedy_matches_transformers(offline, references, name):
     assert "error" not in offline[name], offline[name]
     assert offline[name]["tokens"] == references[name]
+
+
+def test_lm_head_checkpoint_has_a_packed_head_and_its_own_embedding(checkpoints):
+    src, ck, _ = checkpoints["llama-tied-4bit-g64-lm-head"]
+    state = load_file(str(ck / "model.safetensors"))
+    assert {"lm_head.qweight", "lm_head.scales", "model.embed_tokens.weight"} <= set(state)
+    assert "lm_head.weight" not in state
+    config = json.loads((ck / "config.json").read_text())
+    assert config["quantization_config"]["lm_head"] is True
+    assert config["tie_word_embeddings"] is False
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 @pytest.mark.timeout(900)

@@ -51,10 +51,11 @@ def vllm_ctx():
 def fake_tp(rank: int, size: int):
     """Build layers as rank `rank` of `size` (construction and loading only; no collectives run)."""
     import vllm.model_executor.layers.linear as linear_mod
+    import vllm.model_executor.layers.vocab_parallel_embedding as vocab_mod
     import vllm.model_executor.parameter as param_mod
 
     mp = pytest.MonkeyPatch()
-    for mod in (linear_mod, param_mod):
+    for mod in (linear_mod, param_mod, vocab_mod):
         mp.setattr(mod, "get_tensor_model_parallel_rank", lambda: rank, raising=False)
         mp.setattr(mod, "get_tensor_model_parallel_world_size", lambda: size, raising=False)
     try:
@@ -63,11 +64,17 @@ def fake_tp(rank: int, size: int):
         mp.undo()
 
 
-def _config(bits: int, group: int, desc_act: bool = False):
+def _config(bits: int, group: int, desc_act: bool = False, lm_head: bool = False):
     from tsq_vllm.serve.config import TsqConfig
 
     cfg = TsqConfig.from_config(
-        {"quant_method": "tsq", "bits": bits, "group_size": group, "desc_act": desc_act}
+        {
+            "quant_method": "tsq",
+            "bits": bits,
+            "group_size": group,
+            "desc_act": desc_act,
+            "lm_head": lm_head,
+        }
     )
     cfg.packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -260,8 +267,9 @@ def test_config_and_override(vllm_ctx):
     assert TsqConfig.get_checkpoint_weight_mapper().map_name("m.q_proj.g_idx") == "m.q_proj.g_idx"
     with pytest.raises(ValueError, match="bits=5 is not supported"):
         TsqConfig.from_config({"quant_method": "gptq", "bits": 5, "group_size": 64})
-    with pytest.raises(ValueError, match="lm_head=true"):
-        TsqConfig.from_config({"quant_method": "tsq", "bits": 4, "group_size": 64, "lm_head": True})
+    assert TsqConfig.from_config(
+        {"quant_method": "tsq", "bits": 4, "group_size": 64, "lm_head": True}
+    ).spec.lm_head
     cfg = _config(4, 64)
     cfg.quantized_modules = {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"}
     layer = _build("down", _config(4, 64), torch.float32)
@@ -318,9 +326,9 @@ def test_launcher_refuses_bad_dirs_in_one_line(tmp_path, setup, needle):
 def test_kernel_path_glue(vllm_ctx, monkeypatch, kind, act_order):
     """The non-CPU branch (tsq::dequant_matmul, Triton on CUDA) wired up, run here on CPU
     tensors."""
-    import tsq_vllm.serve.linear as linear
+    from tsq_vllm.kernels.backends import TritonBackend
 
-    monkeypatch.setattr(linear, "_uses_cpu_path", lambda layer: False)
+    monkeypatch.setattr(TritonBackend, "can_implement", classmethod(lambda cls, t, d: (True, None)))
     got, ref = _run_tp(kind, 3, 32, 2, act_order, torch.float32)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

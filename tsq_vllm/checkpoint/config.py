@@ -47,11 +47,6 @@ def parse_quant_config(
             f"{where} has quant_method={method!r}: tsq serves only {SERVABLE_METHODS} "
             f"checkpoints; quantize the model with `python -m tsq_vllm.quantize`"
         )
-    if raw.get("lm_head"):
-        raise ValueError(
-            f"{where} has lm_head=true: tsq serves lm_head unquantized; re-quantize with "
-            "lm_head=false"
-        )
     dynamic = raw.get("dynamic") or {}
     overrides = (
         [p for p in dynamic if not str(p).startswith("-:")] if isinstance(dynamic, dict) else []
@@ -123,7 +118,7 @@ def read_checkpoint_config(model_dir: str | Path) -> CheckpointQuantConfig:
             "not a tsq/GPTQ checkpoint; quantize it with `python -m tsq_vllm.quantize --model "
             f"{path}`"
         )
-    # Not read_quantization_config's None: a foreign method or lm_head=true gets its own message.
+    # Not read_quantization_config's None: a foreign method gets its own message.
     cfg = parse_quant_config(*found)
     if not any(path.glob("*.safetensors")):
         raise ValueError(

@@ -32,6 +32,7 @@ from ..format.packing import check_bits
 __all__ = [
     "CPU_PATHS",
     "CPUQuantizedLinear",
+    "block_layout",
     "int4_kernel_available",
     "prepare_cpu_linear",
     "select_cpu_path",
@@ -124,7 +125,7 @@ class CPUQuantizedLinear:
         return y
 
 
-def _block_layout(
+def block_layout(
     g_idx: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Regroup the K columns into blocks of `group_size` columns that share one group.
@@ -179,7 +180,7 @@ def prepare_cpu_linear(
             f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' "
             "for 8"
         )
-    layout = None if chosen == "dense" else _block_layout(layer.full_g_idx, group_size)
+    layout = None if chosen == "dense" else block_layout(layer.full_g_idx, group_size)
     if layout is None:
         # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
         w = layer.dequantize(dtype=torch.float32)

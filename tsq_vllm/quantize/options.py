@@ -101,6 +101,11 @@ class QuantizeOptions:
         "off (GPTAQ uses 0.25)",
     )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
+    quantize_lm_head: bool = _opt(
+        False,
+        "also quantize lm_head with the same method, calibrated on the final-norm hidden states "
+        "(tied input embeddings are untied: the embedding stays in full precision)",
+    )
     scale_search: str = _opt(
         "minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES
     )
@@ -202,6 +207,7 @@ class QuantizeOptions:
             desc_act=self.act_order,
             checkpoint_format=self.checkpoint_format,
             damp_percent=self.damp,
+            lm_head=self.quantize_lm_head,
             tsq={
                 "stage1": self.stage1,
                 "stage2": self.stage2,

@@ -19,11 +19,13 @@ from torch import nn
 
 from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
+from .head import find_head, head_moments, untie_head
 from .layer import quantize_weight
 from .options import QuantizeOptions
+from .scheme import LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
-__all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_model", "input_groups"]
+__all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_head", "quantize_model", "input_groups"]
 
 logger = logging.getLogger("tsq_vllm.quantize")
 
@@ -112,7 +114,8 @@ def quantize_model(
     progress: bool = False,
     fp_cache_bytes: int = FP_CACHE_BYTES,
 ) -> QuantizeResult:
-    """Quantize every decoder linear of `model` (on CPU) in place, calibrated on `input_ids` [n, L].
+    """Quantize every decoder linear of `model` (on CPU) in place, calibrated on `input_ids` [n, L];
+    with `opts.quantize_lm_head` the output head too, after the stack (`quantize_head`).
 
     `opts` supplies the layer scheme, device and checkpoint format. With error feedback, one
     layer's full-precision linear inputs are kept for all windows when they fit in
@@ -165,5 +168,39 @@ def quantize_model(
                 _log_linear(full, qw.stats)
         streams.end_layer()
         layer.to("cpu")
+    if opts.quantize_lm_head:
+        quantize_head(model, stack, input_ids, streams, scheme, opts, result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def quantize_head(
+    model: nn.Module,
+    stack: nn.ModuleList,
+    input_ids: torch.Tensor,
+    streams: ActivationStreams,
+    scheme: LayerScheme,
+    opts: QuantizeOptions,
+    result: QuantizeResult,
+) -> None:
+    """Quantize lm_head like a decoder linear, after the stack (`--quantize-lm-head`).
+
+    Calibrated on its real input, the final-norm hidden states of both streams (`head_moments`);
+    a head tied to the input embedding is untied first, so the embedding stays full precision.
+    """
+    name, head = find_head(model)
+    if untie_head(model, head):
+        logger.info("%s: untied from the input embedding, which stays in full precision", name)
+    m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
+    for t in (m.H, m.R, m.D):
+        if t is not None:
+            _check_finite(name, "inputs", t)
+    _check_finite(name, "weight", head.weight)
+    qw = quantize_weight(head.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+    head.weight.data = qw.dequantize().to(device=head.weight.device, dtype=head.weight.dtype)
+    _check_finite(name, "scales", qw.scales)
+    _check_positive(name, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
+    result.packed[name] = qw.to_gptq(opts.checkpoint_format)
+    result.packed[name].check_values(name)
+    result.stats[name] = dict(qw.stats)
+    _log_linear(name, qw.stats)

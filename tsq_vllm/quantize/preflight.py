@@ -18,7 +18,13 @@ import torch
 from ..checkpoint.integrity import read_header, weight_files
 from ..models import ModelSource
 
-__all__ = ["protected_paths", "check_seqlen", "check_source_files", "warn_unservable"]
+__all__ = [
+    "protected_paths",
+    "check_head",
+    "check_seqlen",
+    "check_source_files",
+    "warn_unservable",
+]
 
 logger = logging.getLogger("tsq_vllm.quantize")
 
@@ -38,6 +44,22 @@ def check_seqlen(config: Any, seqlen: int) -> None:
             f"--seqlen {seqlen} exceeds the model's max_position_embeddings={limit}: "
             f"use --seqlen {limit} or less"
         )
+
+
+def check_head(config: Any, bits: int, group_size: int) -> None:
+    """--quantize-lm-head: the output head must be an nn.Linear whose shape the layout can store."""
+    from transformers import AutoModelForCausalLM
+
+    from ..format.gptq import check_linear_shape
+    from .head import find_head
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    name, head = find_head(skeleton)
+    try:
+        check_linear_shape(head.in_features, head.out_features, bits, group_size)
+    except ValueError as e:
+        raise ValueError(f"--quantize-lm-head: {name}: {e}") from None
 
 
 def check_source_files(src: ModelSource, config: Any) -> None:

@@ -55,7 +55,13 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     from ..data import check_text_source, load_documents, sample_windows, tokenize_documents
     from ..models import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
     from .pipeline import quantize_model
-    from .preflight import check_seqlen, check_source_files, protected_paths, warn_unservable
+    from .preflight import (
+        check_head,
+        check_seqlen,
+        check_source_files,
+        protected_paths,
+        warn_unservable,
+    )
 
     start = time.perf_counter()
     try:
@@ -66,6 +72,9 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         check_text_source(opts.calib)
         config = load_config(src)
         n_linears = check_quantizable(config, opts.bits, opts.group_size)
+        if opts.quantize_lm_head:
+            check_head(config, opts.bits, opts.group_size)
+            n_linears += 1
         check_seqlen(config, opts.seqlen)
         check_source_files(src, config)
         tokenizer = load_tokenizer(src)
@@ -77,7 +86,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         raise UsageError(str(e)) from e
     warn_unservable(config)
     logger.info(
-        "model %s: %d decoder linears to quantize to %d bits, group %d",
+        "model %s: %d linears to quantize to %d bits, group %d",
         src.label,
         n_linears,
         opts.bits,

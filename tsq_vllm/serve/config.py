@@ -6,6 +6,7 @@ Imports vLLM at module level; `tsq_vllm.serve.register()` imports this module la
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,6 +20,7 @@ from vllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     QuantizeMethodBase,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from ..checkpoint.config import SERVABLE_METHODS, parse_quant_config
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
@@ -138,17 +140,46 @@ class TsqConfig(QuantizationConfig):
             if not self._is_quantized(prefix):
                 return UnquantizedLinearMethod()
             return TsqLinearMethod(self, prefix)
-        if self.quantized_modules is not None and prefix in self.quantized_modules:
+        packed = self.quantized_modules is not None and prefix in self.quantized_modules
+        if isinstance(layer, ParallelLMHead) and (self.spec.lm_head or packed):
+            # `lm_head: true` in the config, as GPTQ tools write it (vLLM's GPTQ reads it the
+            # same way); the two must agree, or the head would load garbage or nothing.
+            if self.spec.lm_head and (self.quantized_modules is None or packed):
+                return TsqLinearMethod(self, prefix)
+            if self.spec.lm_head:
+                raise ValueError(
+                    f"the quantization_config says lm_head=true but the checkpoint has no "
+                    f"{prefix}.qweight: set lm_head to false (the head is stored unquantized)"
+                )
+            raise ValueError(
+                f"{prefix} is quantized in the checkpoint but its quantization_config says "
+                f'lm_head=false: set "lm_head": true in config.json and quantize_config.json'
+            )
+        if packed:
             raise ValueError(
                 f"{prefix}: a {type(layer).__name__} is quantized in the checkpoint, but tsq "
-                f"quantizes only linear layers; re-quantize with this module left in full precision"
+                f"quantizes only linear layers and lm_head; re-quantize with this module left in "
+                f"full precision"
             )
-        # Embeddings, lm_head and everything else run unquantized.
+        # Embeddings, an unquantized lm_head and everything else run unquantized.
         return None
+
+
+def _log_like_vllm() -> None:
+    """Send this package's log records (the kernel backend each layer uses, and why the others
+    were skipped) to vLLM's handlers, so they appear in the server's log beside vLLM's own."""
+    ours, theirs = logging.getLogger("tsq_vllm"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return  # the application configured logging itself, or vLLM did not
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
 
 
 def register_tsq() -> None:
     """Register "tsq" with vLLM in this process; safe to call any number of times."""
+    _log_like_vllm()
     register_quantization_config(QUANT_METHOD)(TsqConfig)
     if TsqLinearMethod.__name__ not in WEIGHT_LOADER_V2_SUPPORTED:
         # weight_loader_v2 hands sharding to the parameters, which check and track it.

@@ -15,21 +15,28 @@ otherwise be the only message, or which would silently read a too-large tensor),
 loading (`_check_complete` here) every shard of a fused layer must have arrived —
 vLLM does not track loaded weights for quantized models, so a missing tensor would otherwise
 leave uninitialized memory.
+
+After loading, `tsq_vllm.kernels.backends.prepare_backend` picks the kernel backend of the layer
+(Triton on CUDA; aten int4, vLLM's WNA16 or dense on CPU) and prepares its weights; everything
+the method keeps per layer is one `LayerState` at `layer.tsq`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape, packed_shapes
 from ..format.packing import run_length
-from ..kernels.cpu import prepare_cpu_linear
+from ..kernels.backends import LinearBackend, prepare_backend
 from .params import (
+    TensorSpec,
     _CheckedLoad,
     _GIdx,
     _QWeight,
@@ -42,7 +49,21 @@ from .params import (
 if TYPE_CHECKING:
     from .config import TsqConfig
 
-__all__ = ["TsqLinearMethod", "check_partition"]
+__all__ = ["LayerState", "TsqLinearMethod", "check_partition"]
+
+
+@dataclass
+class LayerState:
+    """What the tsq linear method keeps on one vLLM layer (`layer.tsq`).
+
+    `shard_ids`: vLLM's shard ids of the fused parts ("q"/"k"/"v", 0..n-1, or (None,));
+    `group_offset`: the first group of this rank's scales (row-parallel shards hold their own
+    groups, g_idx numbers them globally); `backend`: the prepared kernel, set after loading.
+    """
+
+    shard_ids: tuple[Any, ...]
+    group_offset: int
+    backend: LinearBackend | None = None
 
 
 def check_partition(
@@ -84,9 +105,9 @@ def check_partition(
 
 
 class TsqLinearMethod(LinearMethodBase):
-    """GPTQ-layout linear: CPU fast path (`tsq_vllm.kernels.cpu`) or CUDA kernels.
+    """GPTQ-layout linear served by the kernel backend `kernels.backends` chooses per layer.
 
-    `layer` is a vLLM linear that this method decorates with `tsq_*` attributes, hence `Any`.
+    `layer` is a vLLM linear that carries this method's `LayerState` as `layer.tsq`, hence `Any`.
     """
 
     def __init__(self, quant_config: TsqConfig, prefix: str = "") -> None:
@@ -116,6 +137,9 @@ class TsqLinearMethod(LinearMethodBase):
             tp_size,
         )
         weight_loader: Callable[..., None] | None = extra_weight_attrs.get("weight_loader")
+        if isinstance(layer, VocabParallelEmbedding):
+            # A quantized lm_head: vLLM's embedding loader copies along dim 0, not our N dim.
+            weight_loader = _vocab_loader(layer)
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
         row_parallel = k_local != input_size
@@ -125,6 +149,22 @@ class TsqLinearMethod(LinearMethodBase):
         # fp16 holds the checkpoint's fp16 scales exactly; fp32 models keep them in fp32.
         scale_dtype = torch.float32 if params_dtype == torch.float32 else torch.float16
 
+        hint = f"{bits}-bit, group_size {group_size}, in_features={input_size}"
+        # Rows of the whole checkpoint tensors (N is checked per shard as it arrives).
+        full_rows = {
+            k: v[0] for k, v in packed_shapes(input_size, 0, bits, input_size // group_size).items()
+        }
+        out_packs = {"qweight": Fraction(1), "qzeros": pack, "scales": Fraction(1), "g_idx": None}
+
+        def spec(name: str) -> TensorSpec:
+            return TensorSpec(
+                name=f"{self.prefix}.{name}" if self.prefix else name,
+                rows=full_rows[name],
+                out_pack=out_packs[name],
+                is_int=name != "scales",
+                hint=hint,
+            )
+
         local = packed_shapes(k_local, n_local, bits, n_groups)
         qweight = _QWeight(
             data=torch.empty(local["qweight"], dtype=torch.int32),
@@ -133,6 +173,7 @@ class TsqLinearMethod(LinearMethodBase):
             packed_dim=0,
             packed_factor=pack,
             weight_loader=weight_loader,
+            tsq_spec=spec("qweight"),
         )
         zeros_data = torch.empty(local["qzeros"], dtype=torch.int32)
         scales_data = torch.empty(local["scales"], dtype=scale_dtype)
@@ -143,9 +184,10 @@ class TsqLinearMethod(LinearMethodBase):
                 packed_dim=1,
                 packed_factor=pack,
                 weight_loader=weight_loader,
+                tsq_spec=spec("qzeros"),
             )
             scales: _CheckedLoad = _ReplicatedScales(
-                data=scales_data, output_dim=1, weight_loader=weight_loader
+                data=scales_data, output_dim=1, weight_loader=weight_loader, tsq_spec=spec("scales")
             )
         else:
             qzeros = _ShardedZeros(
@@ -155,53 +197,43 @@ class TsqLinearMethod(LinearMethodBase):
                 packed_dim=1,
                 packed_factor=pack,
                 weight_loader=weight_loader,
+                tsq_spec=spec("qzeros"),
             )
             scales = _ShardedScales(
-                data=scales_data, input_dim=0, output_dim=1, weight_loader=weight_loader
+                data=scales_data,
+                input_dim=0,
+                output_dim=1,
+                weight_loader=weight_loader,
+                tsq_spec=spec("scales"),
             )
         g_idx = _GIdx(
             data=torch.empty(local["g_idx"], dtype=torch.int32),
             input_dim=0,
             weight_loader=weight_loader,
+            tsq_spec=spec("g_idx"),
         )
-
-        hint = f"{bits}-bit, group_size {group_size}, in_features={input_size}"
-        # Rows of the whole checkpoint tensors (N is checked per shard as it arrives).
-        full_rows = {
-            k: v[0] for k, v in packed_shapes(input_size, 0, bits, input_size // group_size).items()
-        }
-        specs: dict[str, tuple[Any, Fraction | None, bool]] = {
-            "qweight": (qweight, Fraction(1), True),
-            "qzeros": (qzeros, pack, True),
-            "scales": (scales, Fraction(1), False),
-            "g_idx": (g_idx, None, True),
-        }
-        for name, (param, out_pack, is_int) in specs.items():
-            param.tsq_name = f"{self.prefix}.{name}" if self.prefix else name
-            param.tsq_rows = full_rows[name]
-            param.tsq_out_pack = out_pack
-            param.tsq_int = is_int
-            param.tsq_hint = hint
+        for name, param in zip(TENSOR_NAMES, (qweight, qzeros, scales, g_idx), strict=True):
             layer.register_parameter(name, param)
         # vLLM's shard ids for fused layers: "q"/"k"/"v" for QKV, 0..n-1 for merged columns.
         n_shards = len(output_partition_sizes)
+        shard_ids: tuple[Any, ...]
         if n_shards == 1:
-            layer.tsq_shard_ids = (None,)
+            shard_ids = (None,)
         elif isinstance(layer, QKVParallelLinear):
-            layer.tsq_shard_ids = ("q", "k", "v")[:n_shards]
+            shard_ids = ("q", "k", "v")[:n_shards]
         else:
-            layer.tsq_shard_ids = tuple(range(n_shards))
-        layer.tsq_replicated_groups = replicate
+            shard_ids = tuple(range(n_shards))
         sharded_groups = row_parallel and not replicate
-        layer.tsq_group_offset = (
-            int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0
+        layer.tsq = LayerState(
+            shard_ids=shard_ids,
+            group_offset=int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0,
         )
 
     def process_weights_after_loading(self, layer: Any) -> None:
         cfg = self.quant_config.spec
         self._check_complete(layer)
         # Sharded scales hold this rank's groups only, while g_idx keeps global group numbers.
-        g_idx = (layer.g_idx.data - int(layer.tsq_group_offset)).to(torch.int32).contiguous()
+        g_idx = (layer.g_idx.data - layer.tsq.group_offset).to(torch.int32).contiguous()
         gptq = GPTQLayer(
             layer.qweight,
             layer.qzeros,
@@ -214,7 +246,7 @@ class TsqLinearMethod(LinearMethodBase):
         try:
             gptq.check_g_idx()
         except ValueError as e:
-            if layer.tsq_group_offset:
+            if layer.tsq.group_offset:
                 raise ValueError(
                     f"{self.prefix} (this rank's shard): {e}; the checkpoint uses act-order "
                     f"but its quantization_config says desc_act=false: set it to true"
@@ -225,26 +257,22 @@ class TsqLinearMethod(LinearMethodBase):
             gptq.check_values(self.prefix)
         except ValueError as e:
             raise ValueError(f"corrupt checkpoint: {e}") from None
-        if _uses_cpu_path(layer) or layer.tsq_replicated_groups:
-            # Act-order on a row-parallel shard: the local columns index groups of the whole
-            # layer, which the kernels cannot tile by group. Decode once into a dense weight.
-            path = "dense" if layer.tsq_replicated_groups else None
-            layer.tsq_cpu = prepare_cpu_linear(gptq, act_dtype=layer.params_dtype, path=path)
+        # Act-order on a row-parallel shard keeps every group of the layer (`replicate` in
+        # create_weights): only the dense backend serves that, the others' can_implement say so.
+        backend = prepare_backend(gptq, layer.params_dtype, where=self.prefix)
+        layer.tsq.backend = backend
+        if not backend.keeps_checkpoint_tensors:
             _drop_packed(layer)
-        else:
-            # A plain k // G order lets the kernels skip the g_idx gather.
-            layer.tsq_gptq = gptq.drop_sequential_g_idx()
-            layer.tsq_matmul = _kernel_matmul()
 
     def _check_complete(self, layer: Any) -> None:
         """Every shard of every tensor must have been loaded.
 
         vLLM does not check this for quantized models.
         """
-        shard_ids: list[Any] = list(layer.tsq_shard_ids)
+        shard_ids: list[Any] = list(layer.tsq.shard_ids)
         names = self.quant_config.shard_names(self.prefix, len(shard_ids))
         for tensor in TENSOR_NAMES:
-            loaded: set[Any] = getattr(getattr(layer, tensor), "tsq_loaded", set())
+            loaded: set[Any] = getattr(layer, tensor).tsq_loaded
             missing = [
                 name for sid, name in zip(shard_ids, names, strict=True) if sid not in loaded
             ]
@@ -256,19 +284,10 @@ class TsqLinearMethod(LinearMethodBase):
                 )
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        prepared = getattr(layer, "tsq_cpu", None)
-        if prepared is not None:
-            return prepared(x, bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = layer.tsq_matmul(x2, layer.tsq_gptq)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _uses_cpu_path(layer: Any) -> bool:
-    """CPU layers get the repacked fast path; every other device the dequant-matmul kernels."""
-    return layer.qweight.device.type == "cpu"
+        backend = layer.tsq.backend
+        if backend is None:
+            raise RuntimeError(f"{self.prefix}: apply before process_weights_after_loading")
+        return backend.apply(x, bias)
 
 
 def _drop_packed(layer: Any) -> None:
@@ -278,13 +297,13 @@ def _drop_packed(layer: Any) -> None:
         param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
-def _kernel_matmul() -> Callable[..., torch.Tensor]:
-    """`tsq::dequant_matmul` (Triton on CUDA, one opaque op for torch.compile) when available.
+def _vocab_loader(layer: Any) -> Callable[[Any, torch.Tensor], None]:
+    """The weight loader of a quantized lm_head (a vLLM `ParallelLMHead`): each rank takes its
+    vocabulary shard's columns, and the columns vLLM pads the vocabulary with decode to 0."""
+    idx = layer.shard_indices
+    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
 
-    Registered here, at load time, because registering while torch.compile traces would break
-    the graph.
-    """
-    from ..kernels import dequant_matmul_op, register_op
+    def load(param: Any, loaded_weight: torch.Tensor) -> None:
+        param.load_vocab_shard(loaded_weight, start, end - start, layer.org_vocab_size)
 
-    register_op()
-    return dequant_matmul_op
+    return load
