@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
-from .layer import quantize_weight
+from .method import PackedLinear, quantize_linear
 from .options import QuantizeOptions
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
@@ -33,10 +32,11 @@ class QuantizeResult:
     """Packed tensors and statistics of every quantized linear, by full module name.
 
     The model passed to `quantize_model` is changed in place: every quantized linear's weight is
-    the dequantized weight, so the model itself is the in-memory quantized model.
+    the dequantized weight, so the model itself is the in-memory quantized model (for a BCQ
+    checkpoint: the b0-bit reading, which its decode equals up to fp16 rounding).
     """
 
-    packed: dict[str, GPTQLayer] = field(default_factory=dict)
+    packed: dict[str, PackedLinear] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
@@ -93,6 +93,18 @@ def _log_linear(name: str, stats: dict[str, float]) -> None:
             f"rel error {stats['rel_error_gptq']:.4g} -> {stats['rel_error']:.4g}, output energy "
             f"{stats['energy_ratio_gptq']:.3f} -> {stats['energy_ratio']:.3f} after stage 2; "
         )
+    if "time_convert" in stats:  # GPTQT: layer losses of the b0-bit pass and the binary coding
+        logger.info(
+            "%s: loss %.4g (b0-bit GPTQ) -> %.4g (binary coding); grid %.2fs, gptq %.2fs, "
+            "convert %.2fs",
+            name,
+            stats["loss_gptq"],
+            stats["loss"],
+            stats["time_grid"],
+            stats["time_gptq"],
+            stats["time_convert"],
+        )
+        return
     logger.info(
         "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
         name,
@@ -153,14 +165,17 @@ def quantize_model(
             for name in group:
                 lin, full = linears[name], f"{stack_name}.{i}.{name}"
                 _check_finite(full, "weight", lin.weight)
-                qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+                qw = quantize_linear(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+                _check_finite(full, "scales", qw.scales)
+                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
+                # GPTQT's b0-bit reading s (x - z), not its BCQ decode (which rounds the
+                # coefficients to fp16): both of its checkpoint formats then hold the same codes.
                 lin.weight.data = qw.dequantize().to(
                     device=lin.weight.device, dtype=lin.weight.dtype
                 )
-                _check_finite(full, "scales", qw.scales)
-                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
-                result.packed[full] = qw.to_gptq(opts.checkpoint_format)
-                result.packed[full].check_values(full)
+                packed = qw.pack(opts.checkpoint_format)
+                packed.check_values(full)
+                result.packed[full] = packed
                 result.stats[full] = dict(qw.stats)
                 _log_linear(full, qw.stats)
         streams.end_layer()

@@ -65,7 +65,9 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         check_writable(opts.output_path)
         check_text_source(opts.calib)
         config = load_config(src)
-        n_linears = check_quantizable(config, opts.bits, opts.group_size)
+        n_linears = check_quantizable(
+            config, opts.stored_bits, opts.group_size, bcq=opts.checkpoint_format == "bcq"
+        )
         check_seqlen(config, opts.seqlen)
         check_source_files(src, config)
         tokenizer = load_tokenizer(src)
@@ -77,11 +79,14 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         raise UsageError(str(e)) from e
     warn_unservable(config)
     logger.info(
-        "model %s: %d decoder linears to quantize to %d bits, group %d",
+        "model %s: %d decoder linears to quantize to %d bits, group %d%s",
         src.label,
         n_linears,
         opts.bits,
         opts.group_size,
+        f" (GPTQT from {opts.intermediate_bits} bits, written as {opts.checkpoint_format})"
+        if opts.method == "gptqt"
+        else "",
     )
 
     t = time.perf_counter()
