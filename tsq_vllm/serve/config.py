@@ -22,6 +22,7 @@ from vllm.model_executor.layers.quantization.base_config import (
 
 from ..checkpoint.config import SERVABLE_METHODS, parse_quant_config
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
+from .bcq import BCQLinearMethod
 from .linear import TsqLinearMethod
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class TsqConfig(QuantizationConfig):
             metadata = get_safetensors_params_metadata(model_name, revision=revision)
         except (OSError, ValueError):
             metadata = {}
-        modules = {name[: -len(".qweight")] for name in metadata if name.endswith(".qweight")}
+        marker = "." + self.spec.tensor_names[0]  # .qweight, or .bcq_bits for BCQ
+        modules = {name[: -len(marker)] for name in metadata if name.endswith(marker)}
         self.quantized_modules = modules or None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
@@ -137,6 +139,8 @@ class TsqConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             if not self._is_quantized(prefix):
                 return UnquantizedLinearMethod()
+            if self.spec.is_bcq:
+                return BCQLinearMethod(self, prefix)
             return TsqLinearMethod(self, prefix)
         if self.quantized_modules is not None and prefix in self.quantized_modules:
             raise ValueError(
@@ -150,6 +154,7 @@ class TsqConfig(QuantizationConfig):
 def register_tsq() -> None:
     """Register "tsq" with vLLM in this process; safe to call any number of times."""
     register_quantization_config(QUANT_METHOD)(TsqConfig)
-    if TsqLinearMethod.__name__ not in WEIGHT_LOADER_V2_SUPPORTED:
-        # weight_loader_v2 hands sharding to the parameters, which check and track it.
-        WEIGHT_LOADER_V2_SUPPORTED.append(TsqLinearMethod.__name__)
+    for method in (TsqLinearMethod, BCQLinearMethod):
+        if method.__name__ not in WEIGHT_LOADER_V2_SUPPORTED:
+            # weight_loader_v2 hands sharding to the parameters, which check and track it.
+            WEIGHT_LOADER_V2_SUPPORTED.append(method.__name__)
