@@ -75,8 +75,9 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
-    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
-    job = run_quantization(opts, progress=False)
+    args = vars(build_parser().parse_args(quantize_args))
+    args.pop("debug", None)  # the CLI's own switch, not an option
+    job = run_quantization(QuantizeOptions(**args), progress=False)
     Path(stats_json).write_text(json.dumps(job.summary, indent=1))
     return 0
 
