@@ -11,8 +11,9 @@ The signature mirrors what the JIT specializes at run time for contiguous checkp
 unit strides become constexpr 1, pointers, sizes and leading strides carry divisibility-by-16.
 Variants: kernel kind (gemv, gemm at the small-prefill and large-prefill block sizes of the
 kernel's own `tsq_vllm.kernels.configs.CONFIGS`) × bits ×
-group size × activation dtype, act-order variants per kind × bits × dtype, and the split-K
-reduction. Exit status 1 if any variant fails to compile.
+group size × activation dtype, act-order variants per kind × bits × dtype, the split-K
+reduction, and the BCQ kernel's tile classes × planes × group × dtype (`tools.compile_bcq`).
+Exit status 1 if any variant fails to compile.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+from tools.compile_bcq import bcq_signature, bcq_variants
 
 __all__ = [
     "Variant",
@@ -52,7 +55,7 @@ LABELS = ("gemv", "gemm-M64", "gemm-M128+")
 @dataclass(frozen=True)
 class Variant:
     label: str
-    kind: str  # "gemm", "gemv" or "reduce"
+    kind: str  # "gemm", "gemv", "reduce" or "bcq" (bits: its number of planes)
     bits: int
     group: int
     dtype: str
@@ -114,11 +117,13 @@ def variants(quick: bool = False) -> list[Variant]:
                 )
     for dtype in DTYPES:
         out.append(Variant("reduce", "reduce", 0, 0, dtype, False, 0, 0, 0, 4, 3))
+    out += bcq_variants(Variant, GROUPS, DTYPES)
     if quick:
         out = [
             v
             for v in out
             if v.kind == "reduce"
+            or (v.kind == "bcq" and v.bits == 3 and v.group == 128 and v.dtype == "bf16")
             or (v.bits == 3 and v.group == 128 and v.dtype == "bf16")
             or (v.bits == 4 and v.group == 32 and v.dtype == "fp16" and not v.act_order)
         ]
@@ -128,6 +133,8 @@ def variants(quick: bool = False) -> list[Variant]:
 def _signature(v: Variant):
     from tsq_vllm.kernels import triton_jit as tj
 
+    if v.kind == "bcq":
+        return bcq_signature(v)
     act = "fp16" if v.dtype == "fp16" else "bf16"
     if v.kind == "reduce":
         fn = tj._splitk_reduce_kernel
@@ -300,8 +307,8 @@ def _compile_job(job: tuple[Variant, int]) -> Result:
     return compile_variant(*job)
 
 
-def run(archs=(80, 90), quick: bool = False, jobs: int = 1) -> list[Result]:
-    todo = [(v, a) for a in archs for v in variants(quick)]
+def run(archs=(80, 90), quick: bool = False, jobs: int = 1, kinds=None) -> list[Result]:
+    todo = [(v, a) for a in archs for v in variants(quick) if not kinds or v.kind in kinds]
     if jobs <= 1:
         return [compile_variant(v, a) for v, a in todo]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -367,9 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a covering subset of the variants")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument(
+        "--kinds", nargs="+", choices=["gemm", "gemv", "reduce", "bcq"], help="only these kernels"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    results = run(args.arch, args.quick, args.jobs)
+    results = run(args.arch, args.quick, args.jobs, args.kinds)
     table = to_markdown(results)
     text = f"{summary(results)}\n\n{table}\n\n(compiled in {time.perf_counter() - t0:.0f} s)\n"
     print(text)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .format.bcq import check_bcq_shape
 from .format.gptq import check_linear_shape
 
 __all__ = [
@@ -157,11 +158,12 @@ def decoder_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def check_quantizable(config: Any, bits: int, group_size: int) -> int:
+def check_quantizable(config: Any, bits: int, group_size: int, *, bcq: bool = False) -> int:
     """Raise a one-line error if some decoder linear cannot be stored; returns how many there are.
 
     The GPTQ layout packs codes along in_features and zero points along out_features, so both must
-    be whole packing runs, and in_features must split into whole groups.
+    be whole packing runs, and in_features must split into whole groups. The BCQ layout (`bcq`)
+    packs only along in_features.
     """
     from transformers import AutoModelForCausalLM
 
@@ -179,7 +181,10 @@ def check_quantizable(config: Any, bits: int, group_size: int) -> int:
     for i, layer in enumerate(layers):
         for name, lin in decoder_linears(layer).items():
             try:
-                check_linear_shape(lin.in_features, lin.out_features, bits, group_size)
+                if bcq:
+                    check_bcq_shape(lin.in_features, lin.out_features, group_size)
+                else:
+                    check_linear_shape(lin.in_features, lin.out_features, bits, group_size)
             except ValueError as e:
                 raise ValueError(f"{stack_name}.{i}.{name}: {e}") from None
             count += 1

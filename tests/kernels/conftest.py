@@ -9,6 +9,7 @@ import os
 
 _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
+import tsq_vllm.kernels.bcq_triton  # noqa: E402,F401  (the BCQ kernel, likewise)
 import tsq_vllm.kernels.triton_kernels  # noqa: E402,F401  (builds the interpreted kernels)
 
 if _saved is None:

@@ -199,13 +199,13 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     from tsq_vllm.quantize import pipeline
 
     seen = []
-    real = pipeline.quantize_weight
+    real = pipeline.quantize_linear
 
     def spy(W, H, scheme, R=None, D=None):
         seen.append((H.clone(), R.clone(), D.clone()))
         return real(W, H, scheme, R=R, D=D)
 
-    monkeypatch.setattr(pipeline, "quantize_weight", spy)
+    monkeypatch.setattr(pipeline, "quantize_linear", spy)
     fp, model = build(models), build(models)
     ids = torch.randint(0, 384, (8, 32), generator=torch.Generator().manual_seed(0))
     result = pipeline.quantize_model(

@@ -259,14 +259,14 @@ def test_full_disk_is_one_line_and_leaves_nothing(ws, capsys, monkeypatch):
 def test_non_finite_scales_from_the_quantizer_are_never_written(ws, capsys, monkeypatch):
     import tsq_vllm.quantize.pipeline as pipeline
 
-    real = pipeline.quantize_weight
+    real = pipeline.quantize_linear
 
     def broken(*a, **k):
         qw = real(*a, **k)
         qw.scales[0, 0] = float("nan")
         return qw
 
-    monkeypatch.setattr(pipeline, "quantize_weight", broken)
+    monkeypatch.setattr(pipeline, "quantize_linear", broken)
     before = snapshot(ws)
     code, err = _run(capsys, [])
     assert code == 1 and _error_lines(err) == [

@@ -6,7 +6,8 @@ behind, and an existing checkpoint is replaced only by a complete one.
 
 `load_quantized` rebuilds the transformers model from config.json without reading or
 initializing dense weights for the quantized linears, swaps those linears for `QuantLinear`
-(which keeps the packed tensors and dequantizes with the torch reference), and loads every
+(which keeps the packed tensors and dequantizes with the torch reference) or, for a BCQ
+checkpoint (GPTQT), `BCQLinear` (decoded once with `format.bcq.dequantize_bcq`), and loads every
 tensor from safetensors files only: pickled `.bin` weights are never opened.
 """
 
@@ -23,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..format.bcq import BCQ_TENSOR_NAMES, BCQTensors
 from ..format.config import INTEGRITY_KEY, CheckpointQuantConfig
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from .atomic import check_output, new_sibling, normal_permissions, replace_dir, write_manifest
 from .config import read_quantization_config
 from .integrity import INDEX_NAME, WEIGHTS_NAME, fingerprint, verify_fingerprint, weight_files
 
-__all__ = ["QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
+__all__ = ["BCQLinear", "QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
 
 
 class QuantLinear(nn.Module):
@@ -81,6 +83,46 @@ class QuantLinear(nn.Module):
         )
 
 
+class BCQLinear(nn.Module):
+    """A linear layer stored as BCQ tensors, decoded once by the reference (`dequantize_bcq`).
+
+    The packed tensors are the persistent buffers; the decoded weight [N, K] is kept beside them
+    (not saved) in the activation dtype, so forward is one dense matmul.
+    """
+
+    bcq_bits: torch.Tensor
+    bcq_alpha: torch.Tensor
+    bcq_offset: torch.Tensor
+    weight: torch.Tensor
+
+    def __init__(self, layer: BCQTensors, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = layer.K, layer.N, layer.bits
+        for name in BCQ_TENSOR_NAMES[:3]:
+            self.register_buffer(name, getattr(layer, name))
+        if layer.g_idx is not None:
+            self.register_buffer("g_idx", layer.g_idx)
+        self.register_buffer(
+            "weight", layer.dequantize(torch.float32).t().contiguous().to(dtype), persistent=False
+        )
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W in nn.Linear orientation [N, K], by the reference decode."""
+        g_idx = getattr(self, "g_idx", None)
+        layer = BCQTensors(self.bcq_bits, self.bcq_alpha, self.bcq_offset, g_idx)
+        return layer.dequantize(dtype or torch.float32).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bcq_bits={self.bits}, bias={self.bias is not None}"
+        )
+
+
 def _tied_targets(model: Any) -> set[str]:
     """State-dict keys that transformers ties to another key (lm_head.weight to the embeddings)."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -91,7 +133,9 @@ def _tied_targets(model: Any) -> set[str]:
     return tied
 
 
-def checkpoint_tensors(model: Any, packed: dict[str, GPTQLayer]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(
+    model: Any, packed: dict[str, GPTQLayer | BCQTensors]
+) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_targets(model)
@@ -144,7 +188,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes:
 
 def save_quantized(
     model: Any,
-    packed: dict[str, GPTQLayer],
+    packed: dict[str, GPTQLayer | BCQTensors],
     qconfig: CheckpointQuantConfig,
     output: str | Path,
     *,
@@ -152,8 +196,8 @@ def save_quantized(
     overwrite: bool = False,
     max_shard_bytes: int = 4 * 10**9,
 ) -> Path:
-    """Write `model` with its linears in `packed` replaced by GPTQ tensors; returns the output
-    path."""
+    """Write `model` with its linears in `packed` replaced by GPTQ (or BCQ) tensors; returns the
+    output path."""
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +297,10 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
 
-    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    marker = f".{qc.tensor_names[0]}"  # .qweight, or .bcq_bits
+    prefixes = sorted(k[: -len(marker)] for k in tensors if k.endswith(marker))
     if not prefixes:
-        raise ValueError(f"corrupt checkpoint: {str(path)!r} has no .qweight tensors")
+        raise ValueError(f"corrupt checkpoint: {str(path)!r} has no {marker} tensors")
     for prefix in prefixes:
         try:
             lin = model.get_submodule(prefix)
@@ -263,18 +308,17 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
             lin = None
         if not isinstance(lin, nn.Linear):
             raise ValueError(
-                f"corrupt checkpoint: {prefix}.qweight does not belong to an nn.Linear of this "
+                f"corrupt checkpoint: {prefix}{marker} does not belong to an nn.Linear of this "
                 "model"
             )
-        missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in tensors]
+        missing = [n for n in qc.required_tensor_names if f"{prefix}.{n}" not in tensors]
         if missing:
             raise ValueError(f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}")
-        layer = qc.read_layer(
-            {n: tensors.pop(f"{prefix}.{n}") for n in TENSOR_NAMES},
-            prefix,
-            lin.in_features,
-            lin.out_features,
-        )
+        stored = {
+            n: tensors.pop(f"{prefix}.{n}") for n in qc.tensor_names if f"{prefix}.{n}" in tensors
+        }
+        read = qc.read_bcq_layer if qc.is_bcq else qc.read_layer
+        layer = read(stored, prefix, lin.in_features, lin.out_features)
         bias = tensors.pop(f"{prefix}.bias", None)
         if (bias is None) != (lin.bias is None):
             raise ValueError(
@@ -286,7 +330,12 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu") -> n
                 f"corrupt checkpoint: {prefix}.bias has shape {list(bias.shape)}, expected "
                 f"[{lin.out_features}]"
             )
-        quant = QuantLinear(layer, None if bias is None else bias.to(lin.bias.dtype))
+        bias = None if bias is None else bias.to(lin.bias.dtype)
+        quant: nn.Module
+        if isinstance(layer, BCQTensors):
+            quant = BCQLinear(layer, bias, lin.weight.dtype)
+        else:
+            quant = QuantLinear(layer, bias)
         model.set_submodule(prefix, quant)
 
     try:

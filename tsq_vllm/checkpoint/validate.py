@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..format.config import CheckpointQuantConfig
-from ..format.gptq import TENSOR_NAMES
 from .integrity import INDEX_NAME, read_header, verify_fingerprint, weight_files
 
 __all__ = ["check_checkpoint_files"]
@@ -64,10 +63,12 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
                 "file: re-export the checkpoint"
             )
     linears = _linear_shapes(path)
-    prefixes = sorted(t[: -len(".qweight")] for t in location if t.endswith(".qweight"))
+    marker = "." + cfg.tensor_names[0]  # .qweight, or .bcq_bits for BCQ
+    prefixes = sorted(t[: -len(marker)] for t in location if t.endswith(marker))
     if not prefixes:
         raise ValueError(
-            f"corrupt checkpoint: {path} has no .qweight tensors: it is not GPTQ-packed"
+            f"corrupt checkpoint: {path} has no {marker} tensors: it is not "
+            f"{'BCQ' if cfg.is_bcq else 'GPTQ'}-packed"
         )
     with contextlib.ExitStack() as stack:
         files = {
@@ -75,7 +76,7 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
             for name in headers
         }
         for prefix in prefixes:
-            missing = [n for n in TENSOR_NAMES if f"{prefix}.{n}" not in location]
+            missing = [n for n in cfg.required_tensor_names if f"{prefix}.{n}" not in location]
             if missing:
                 raise ValueError(
                     f"corrupt checkpoint: {prefix} lacks {', '.join(missing)}: re-export the "
@@ -83,12 +84,14 @@ def check_checkpoint_files(model_dir: str | Path, cfg: CheckpointQuantConfig) ->
                 )
             if prefix not in linears:
                 raise ValueError(
-                    f"corrupt checkpoint: {prefix}.qweight does not belong to a linear layer of "
+                    f"corrupt checkpoint: {prefix}{marker} does not belong to a linear layer of "
                     "the model config.json describes: re-export the checkpoint"
                 )
             stored = {
                 n: files[location[f"{prefix}.{n}"]].get_tensor(f"{prefix}.{n}")
-                for n in TENSOR_NAMES
+                for n in cfg.tensor_names
+                if f"{prefix}.{n}" in location
             }
-            cfg.read_layer(stored, prefix, *linears[prefix])
+            read = cfg.read_bcq_layer if cfg.is_bcq else cfg.read_layer
+            read(stored, prefix, *linears[prefix])
     verify_fingerprint(path, cfg.tsq)

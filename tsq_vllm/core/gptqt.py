@@ -61,6 +61,7 @@ class Reexplore:
     points: int = 41
     stage2: bool = True
     stage2_sweeps: int = 20
+    box: float | None = None  # stage 2's scale box around the grid-searched scales (None: none)
 
     def __post_init__(self) -> None:
         if not 0 < self.lowest <= 1 <= self.highest:
@@ -68,6 +69,8 @@ class Reexplore:
                 f"re-exploration range [{self.lowest}, {self.highest}] must satisfy 0 < lowest <= "
                 "1 <= highest"
             )
+        if self.box is not None and not self.box >= 1.0:
+            raise ValueError(f"re-exploration box {self.box} must be at least 1, or None")
         if self.points < 1 or self.stage2_sweeps < 1:
             raise ValueError(
                 f"re-exploration needs points >= 1 and stage2_sweeps >= 1, got {self.points}, "
@@ -123,7 +126,15 @@ def reexplore_scales(
     system = scale_system(W, U, H, R, group_size)
     if options.stage2:
         best = refine_scales(
-            W, U, best.float(), H, R, group_size, max_sweeps=options.stage2_sweeps, system=system
+            W,
+            U,
+            best.float(),
+            H,
+            R,
+            group_size,
+            box=options.box,
+            max_sweeps=options.stage2_sweeps,
+            system=system,
         ).scale.double()
     before, after = _row_losses(system, s0), _row_losses(system, best)
     worse = after > before
@@ -199,14 +210,17 @@ def gptqt_convert(
     *,
     R: torch.Tensor | None = None,
     H_damped: torch.Tensor | None = None,
+    gptq_target: torch.Tensor | None = None,
 ) -> BCQWeight:
     """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ.
 
     H [K, K] is the objective's Hessian: its diagonal weights the critical-point search, its
     blocks and all of it (with R) score re-exploration. H_damped (default H) drives the second
-    GPTQ pass and must be positive definite. stats: "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the
-    first pass), "loss" (the layer loss of the result), and with re-exploration "loss_mapped"
-    (before it) and "rows_reverted" (see `reexplore_scales`).
+    GPTQ pass and must be positive definite; gptq_target (default W) is the weight that pass
+    quantizes (a GPTAQ-style target), while re-exploration always scores against W. stats:
+    "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the first pass), "loss" (the layer loss of the
+    result), and with re-exploration "loss_mapped" (before it) and "rows_reverted" (see
+    `reexplore_scales`).
     """
     bits = settings.bits
     check_bits(bits, grid.bits)
@@ -234,8 +248,9 @@ def gptqt_convert(
     )
     if settings.requantize:
         Hd = H if H_damped is None else H_damped.float()
+        target = W if gptq_target is None else gptq_target
         codes = gptq_quantize_levels(
-            W, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size
+            target, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size
         )
     new_codes, signs = map_codes(codes, best, cand, group_size)  # the identity on requantized codes
     stats = {"map_error": float(cost.double().sum())}

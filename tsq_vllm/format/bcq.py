@@ -27,9 +27,35 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BCQTensors", "dequantize_bcq", "pack_bcq", "pack_planes", "unpack_bcq", "unpack_planes"]
+__all__ = [
+    "BCQ_FORMAT",
+    "BCQ_TENSOR_NAMES",
+    "BCQTensors",
+    "check_bcq_shape",
+    "dequantize_bcq",
+    "pack_bcq",
+    "pack_planes",
+    "unpack_bcq",
+    "unpack_planes",
+]
 
 WORD = 32
+# The checkpoint_format of a BCQ checkpoint, and the tensors it stores per quantized linear.
+BCQ_FORMAT = "bcq"
+BCQ_TENSOR_NAMES = ("bcq_bits", "bcq_alpha", "bcq_offset", "g_idx")
+
+
+def check_bcq_shape(K: int, N: int, group_size: int) -> None:
+    """Whether a linear of in_features K can be stored as BCQ with `group_size` (N is free)."""
+    if group_size <= 0 or group_size % WORD:
+        raise ValueError(f"group_size={group_size} is not a multiple of 32: use 32, 64 or 128")
+    if K % group_size:
+        raise ValueError(
+            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
+            f"that divides {K}"
+        )
+    if N < 1:
+        raise ValueError(f"out_features={N} must be at least 1")
 
 
 def _check_k(K: int) -> None:
@@ -94,23 +120,56 @@ class BCQTensors:
                 f"bcq_offset must be {self.bcq_alpha.dtype} [n_g={n_g}, N={N}], got "
                 f"{self.bcq_offset.dtype} {tuple(self.bcq_offset.shape)}"
             )
-        if not (torch.isfinite(self.bcq_alpha).all() and torch.isfinite(self.bcq_offset).all()):
-            raise ValueError(
-                "bcq_alpha / bcq_offset hold non-finite values: refusing an inconsistent layer"
-            )
         if self.g_idx is None:
             if n_g == 0 or K % n_g:
                 raise ValueError(f"without g_idx, n_g={n_g} groups must divide in_features={K}")
-        elif (
-            self.g_idx.dtype != torch.int32
-            or self.g_idx.shape != (K,)
-            or (self.g_idx.numel() and (self.g_idx.min() < 0 or self.g_idx.max() >= n_g))
-        ):
-            raise ValueError(f"g_idx must be int32 [K={K}] with values in [0, {n_g})")
+        elif self.g_idx.dtype != torch.int32 or self.g_idx.shape != (K,):
+            raise ValueError(
+                f"g_idx must be int32 [K={K}], got {self.g_idx.dtype} {tuple(self.g_idx.shape)}"
+            )
+        self.check_values()
+
+    def check_values(self, where: str = "") -> None:
+        """The values a loader must not serve, as one line naming `where` (the layer): finite
+        coefficients and g_idx entries that name a group."""
+        name = f"{where}." if where else ""
+        for t_name in ("bcq_alpha", "bcq_offset"):
+            t = getattr(self, t_name)
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(
+                    f"{name}{t_name} has {bad} NaN/inf value(s) of {t.numel()}: non-finite "
+                    "coefficients give garbage outputs; re-quantize or re-download the checkpoint"
+                )
+        g, n_g = self.g_idx, self.n_groups
+        if g is not None and g.numel() and (int(g.min()) < 0 or int(g.max()) >= n_g):
+            raise ValueError(
+                f"{name}g_idx must be int32 [K] with values in [0, {n_g}) (the groups of "
+                f"coefficients) but spans [{int(g.min())}, {int(g.max())}]: the checkpoint's "
+                "g_idx does not belong to these coefficients"
+            )
 
     @property
     def bits(self) -> int:
         return self.bcq_bits.shape[0]
+
+    @property
+    def K(self) -> int:
+        """in_features."""
+        return self.bcq_bits.shape[1] * WORD
+
+    @property
+    def N(self) -> int:
+        """out_features."""
+        return self.bcq_bits.shape[2]
+
+    @property
+    def n_groups(self) -> int:
+        return self.bcq_alpha.shape[1]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W [K, N] by the reference decode `dequantize_bcq`."""
+        return dequantize_bcq(self.bcq_bits, self.bcq_alpha, self.bcq_offset, self.g_idx, dtype)
 
     def group_index(self) -> torch.Tensor:
         """The group of every input column [K] (int64)."""

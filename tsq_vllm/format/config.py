@@ -9,6 +9,8 @@
 
 The GPTQ fields mean what they mean for AutoGPTQ/GPTQModel; the `tsq` block records how the
 scales were found (stage settings, calibration data, tool version) and is opaque to them.
+`checkpoint_format: "bcq"` (GPTQT, `format/bcq.py`) stores binary coding instead: `bits` is the
+number of bit-planes k, and only tsq reads it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 import torch
 
+from .bcq import BCQ_FORMAT, BCQ_TENSOR_NAMES, BCQTensors
 from .gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, GPTQLayer
 from .packing import SUPPORTED_BITS
 
 __all__ = [
+    "STORED_FORMATS",
     "QUANT_METHOD",
     "SUPPORTED_GROUP_SIZES",
     "INTEGRITY_KEY",
@@ -35,6 +39,8 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # tsq.integrity (written by tsq_vllm.checkpoint.integrity) records these fields as packed, so that
 # a hand-edited one is caught here, without hashing the weight files.
 INTEGRITY_KEY = "integrity"
+STORED_FORMATS = (*CHECKPOINT_FORMATS, BCQ_FORMAT)
+_BCQ_BITS = (1, 2, 3, 4)
 FINGERPRINT_FIELDS = ("checkpoint_format", "bits", "group_size", "sym")
 
 
@@ -53,16 +59,25 @@ class CheckpointQuantConfig:
     tsq: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if self.checkpoint_format == BCQ_FORMAT:
+            if self.bits not in _BCQ_BITS:
+                raise ValueError(
+                    f"bits={self.bits} is not a number of BCQ bit-planes: use one of {_BCQ_BITS}"
+                )
+            if self.quant_method != QUANT_METHOD:
+                raise ValueError(
+                    f"checkpoint_format='bcq' needs quant_method='tsq', got {self.quant_method!r}"
+                )
+        elif self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported: use one of {SUPPORTED_BITS}")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
                 f"group_size={self.group_size} is not supported: use one of {SUPPORTED_GROUP_SIZES}"
             )
-        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+        if self.checkpoint_format not in STORED_FORMATS:
             raise ValueError(
                 f"checkpoint_format={self.checkpoint_format!r} is not supported: "
-                f"use one of {CHECKPOINT_FORMATS}"
+                f"use one of {STORED_FORMATS}"
             )
         if not 0.0 <= self.damp_percent < 1.0:
             raise ValueError(f"damp_percent={self.damp_percent} must lie in [0, 1)")
@@ -86,6 +101,49 @@ class CheckpointQuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def is_bcq(self) -> bool:
+        return self.checkpoint_format == BCQ_FORMAT
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors stored per quantized linear; the first one marks a quantized linear."""
+        return BCQ_TENSOR_NAMES if self.is_bcq else TENSOR_NAMES
+
+    @property
+    def required_tensor_names(self) -> tuple[str, ...]:
+        """Those a quantized linear must have (a BCQ layer without g_idx has k // G groups)."""
+        return BCQ_TENSOR_NAMES[:3] if self.is_bcq else TENSOR_NAMES
+
+    def read_bcq_layer(
+        self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int, out_features: int
+    ) -> BCQTensors:
+        """As `read_layer`, for a BCQ layer (`tensors` by BCQ_TENSOR_NAMES; g_idx may be absent)."""
+        g_idx = tensors.get("g_idx")
+        try:
+            if g_idx is not None and g_idx.dtype == torch.int64:
+                g_idx = g_idx.to(torch.int32)
+            layer = BCQTensors(
+                tensors["bcq_bits"], tensors["bcq_alpha"], tensors["bcq_offset"], g_idx
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"corrupt checkpoint: {prefix}: {e}") from None
+        if layer.bits != self.bits or (
+            g_idx is None and layer.n_groups * self.group_size != layer.K
+        ):
+            raise ValueError(
+                f"corrupt checkpoint: {prefix} holds {layer.bits} bit-planes in {layer.n_groups} "
+                f"groups for K={layer.K}, but the config says bits={self.bits}, "
+                f"group_size={self.group_size}; re-quantize or fix the config"
+            )
+        if (layer.K, layer.N) != (in_features, out_features):
+            raise ValueError(
+                f"corrupt checkpoint: {prefix} holds a layer with K={layer.K}, N={layer.N}, but "
+                f"the model's linear has in_features={in_features}, out_features={out_features}; "
+                "re-quantize or fix the config"
+            )
+        return layer
 
     def read_layer(
         self, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int, out_features: int

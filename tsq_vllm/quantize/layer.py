@@ -20,14 +20,21 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.gptq import asymmetric_target, gptq_quantize
-from ..core.grid import quantize_codes, search_grid
+from ..core.grid import Grid, quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import energy_match as match_energy
 from ..core.stage2 import layer_objective, output_stats, refine_scales, scale_system
-from ..format.gptq import GPTQLayer, pack_linear
+from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
 from .scheme import LayerScheme
 
-__all__ = ["QuantizedWeight", "quantize_weight"]
+__all__ = [
+    "LayerProblem",
+    "QuantizedWeight",
+    "linear_pass",
+    "prepare_layer",
+    "quantize_weight",
+    "to_fp16",
+]
 
 
 @dataclass
@@ -51,6 +58,14 @@ class QuantizedWeight:
         g = self.g_idx
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
 
+    def pack(self, checkpoint_format: str = "gptq") -> GPTQLayer:
+        """The checkpoint tensors (what the pipeline writes): GPTQ at `bits`."""
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"checkpoint_format={checkpoint_format!r}: tsq writes one of {CHECKPOINT_FORMATS}"
+            )
+        return self.to_gptq(checkpoint_format)
+
     def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQLayer:
         return pack_linear(
             self.codes,
@@ -63,9 +78,107 @@ class QuantizedWeight:
         )
 
 
-def _to_fp16(s: torch.Tensor) -> torch.Tensor:
+def to_fp16(s: torch.Tensor) -> torch.Tensor:
     # Keep the sign and stay away from fp16 underflow/overflow: the checkpoint stores fp16.
     return s.clamp(-65504, 65504).half().float()
+
+
+@dataclass
+class LayerProblem:
+    """One layer in processing order (act-order permutes the columns; groups are then contiguous).
+
+    W, H, R, D permuted by `perm`; Hd the damped H; Wq the weight the grid and GPTQ quantize (W,
+    or GPTAQ's target), dead inputs zeroed.
+    """
+
+    W: torch.Tensor
+    H: torch.Tensor
+    R: torch.Tensor | None
+    D: torch.Tensor | None
+    Hd: torch.Tensor
+    Wq: torch.Tensor
+    perm: torch.Tensor
+    gptaq: bool
+
+
+def prepare_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: LayerScheme,
+    R: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+) -> LayerProblem:
+    """Check the shapes and put the layer in processing order (see `quantize_weight`)."""
+    s = scheme
+    group_size = s.group_size
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(
+            f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}"
+        )
+    for name, M in (("R", R), ("D", D)):
+        if M is not None and M.shape != (K, K):
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
+    if K % group_size:
+        raise ValueError(
+            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
+            f"that divides {K}"
+        )
+    H = H.float()
+    # Work in processing order, where groups are contiguous column ranges.
+    perm = (
+        torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        if s.act_order
+        else torch.arange(K)
+    )
+    W = W.float()[:, perm]  # [N, K]
+    H = H[perm][:, perm]
+    R = None if R is None else R.float()[perm][:, perm]
+    D = None if D is None else D.float()[perm][:, perm]
+    if s.energy_match and R is not None and D is None:
+        raise ValueError(
+            "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
+        )
+    Hd = damp_hessian(H, s.damp)
+    gptaq = s.gptaq_alpha > 0 and R is not None
+    Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha) if R is not None and gptaq else W.clone()
+    Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
+    return LayerProblem(W, H, R, D, Hd, Wq, perm, gptaq)
+
+
+def linear_pass(
+    p: LayerProblem, scheme: LayerScheme, bits: int
+) -> tuple[Grid, torch.Tensor, float, dict[str, float]]:
+    """Steps 1 and 2 at `bits`: the grid (scales fp16-rounded), then GPTQ (or RTN) codes [N, K].
+
+    Returns the grid, the codes, GPTQ's damped error sum (0 for RTN) and the step times.
+    """
+    s = scheme
+    stats: dict[str, float] = {}
+    t = time.perf_counter()
+    grid = search_grid(
+        p.Wq,
+        bits,
+        s.group_size,
+        sym=s.sym,
+        method=s.grid_method,
+        H=p.Hd,
+        norm=s.mse_norm,
+        points=s.clip_points,
+        zero_min=s.zero_min,
+    )
+    grid.scale = to_fp16(grid.scale)
+    stats["time_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    col_group = torch.arange(p.W.shape[1]) // s.group_size  # [K]
+    loss_damped = 0.0
+    if s.gptq:
+        codes, loss_damped = gptq_quantize(p.Wq, p.Hd, grid, s.group_size, block_size=s.block_size)
+    else:
+        codes = quantize_codes(p.Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
+    stats["time_gptq"] = time.perf_counter() - t
+    return grid, codes, loss_damped, stats
 
 
 def quantize_weight(
@@ -87,63 +200,12 @@ def quantize_weight(
     """
     s = scheme
     bits, group_size = s.bits, s.group_size
-    N, K = W.shape
-    if H.shape != (K, K):
-        raise ValueError(
-            f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}"
-        )
-    for name, M in (("R", R), ("D", D)):
-        if M is not None and M.shape != (K, K):
-            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
-    if K % group_size:
-        raise ValueError(
-            f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
-            f"that divides {K}"
-        )
-    stats: dict[str, float] = {}
-    H = H.float()
-    # Work in processing order, where groups are contiguous column ranges.
-    perm = (
-        torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        if s.act_order
-        else torch.arange(K)
-    )
-    W = W.float()[:, perm]  # [N, K]
-    H = H[perm][:, perm]
-    R = None if R is None else R.float()[perm][:, perm]
-    D = None if D is None else D.float()[perm][:, perm]
-    if s.energy_match and R is not None and D is None:
-        raise ValueError(
-            "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
-        )
+    p = prepare_layer(W, H, s, R, D)
+    W, H, R, D, Hd, Wq, perm, gptaq = p.W, p.H, p.R, p.D, p.Hd, p.Wq, p.perm, p.gptaq
+    K = W.shape[1]
     true_stats = R is None or D is not None
-    Hd = damp_hessian(H, s.damp)
-    gptaq = s.gptaq_alpha > 0 and R is not None
-    Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha) if R is not None and gptaq else W.clone()
-    Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
-
-    t = time.perf_counter()
-    grid = search_grid(
-        Wq,
-        bits,
-        group_size,
-        sym=s.sym,
-        method=s.grid_method,
-        H=Hd,
-        norm=s.mse_norm,
-        points=s.clip_points,
-        zero_min=s.zero_min,
-    )
-    grid.scale = _to_fp16(grid.scale)
-    stats["time_grid"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+    grid, codes, loss_damped, stats = linear_pass(p, s, bits)
     col_group = torch.arange(K) // group_size  # [K]
-    if s.gptq:
-        codes, loss_damped = gptq_quantize(Wq, Hd, grid, group_size, block_size=s.block_size)
-    else:
-        codes = quantize_codes(Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
-    stats["time_gptq"] = time.perf_counter() - t
 
     t = time.perf_counter()
     U = (codes - grid.zero[:, col_group]).float()  # [N, K] frozen integer weights
@@ -163,7 +225,7 @@ def quantize_weight(
             max_sweeps=s.stage2_sweeps,
             system=system,
         )
-        scale = _to_fp16(match_energy(system, res.scale) if s.energy_match else res.scale)
+        scale = to_fp16(match_energy(system, res.scale) if s.energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
         stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
         # The objective stage 2 minimizes: eq. (7) without its constant, R weighted by α.

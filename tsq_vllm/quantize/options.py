@@ -13,13 +13,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..format.bcq import BCQ_FORMAT
 from ..format.config import SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
 from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
 from .scheme import (
+    BCQ_BITS,
     DEFAULT_ERROR_FEEDBACK_ALPHA,
     DEFAULT_GPTAQ_ALPHA,
     DEFAULT_SCALE_BOX,
+    INTERMEDIATE_BITS,
+    METHODS,
     SCALE_SEARCHES,
     LayerScheme,
 )
@@ -27,6 +31,9 @@ from .scheme import (
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
 DEFAULT_MODEL = "smollm2"
+# --checkpoint-format's default: GPTQ v1 for tsq, binary coding for gptqt.
+AUTO_FORMAT = "auto"
+OUTPUT_FORMATS = (AUTO_FORMAT, *CHECKPOINT_FORMATS, BCQ_FORMAT)
 _CALIB_RE = re.compile(r"^(wiki|text:.+|hf:[^:]+(:[^:]+)?)$")
 
 
@@ -51,7 +58,30 @@ class QuantizeOptions:
     gguf_file: str | None = _opt(
         None, "GGUF file name inside --model's directory (GGUF sources only)"
     )
-    bits: int = _opt(3, "bits per weight", choices=SUPPORTED_BITS)
+    method: str = _opt(
+        "tsq",
+        "'tsq' (GPTQ + two-stage scale search) or 'gptqt' (GPTQ at --intermediate-bits, then "
+        "--bits-bit binary coding; docs/gptqt.md)",
+        choices=METHODS,
+    )
+    bits: int = _opt(
+        3,
+        "bits per weight (with --method gptqt: binary-coding bits, 2 or 3)",
+        choices=SUPPORTED_BITS,
+    )
+    intermediate_bits: int = _opt(
+        4,
+        "GPTQT: bits b0 of the first, uniform GPTQ pass (--method gptqt only)",
+        choices=INTERMEDIATE_BITS,
+    )
+    requantize: bool = _opt(
+        True,
+        "GPTQT: map the first pass's codes to the binary-coding levels instead of a second GPTQ "
+        "pass on those levels",
+    )
+    reexplore: bool = _opt(
+        True, "GPTQT: skip the scale re-exploration after the binary-coding conversion"
+    )
     group_size: int = _opt(
         64, "input columns per quantization group", choices=SUPPORTED_GROUP_SIZES
     )
@@ -114,10 +144,12 @@ class QuantizeOptions:
     )
     clip_points: int = _opt(100, "clip ratios searched in [0.2, 1] by stage 1 and the 'mse' search")
     checkpoint_format: str = _opt(
-        "gptq",
-        "'gptq' (v1, stores zero points minus one; zero points are kept >= 1) or 'gptq_v2' "
-        "(stores them as is)",
-        choices=CHECKPOINT_FORMATS,
+        AUTO_FORMAT,
+        "'gptq' (v1, stores zero points minus one; zero points are kept >= 1), 'gptq_v2' "
+        "(stores them as is) or 'bcq' (binary coding, --method gptqt only; docs/format.md); "
+        "'auto' is gptq for tsq and bcq for gptqt. With gptqt, gptq/gptq_v2 write the same "
+        "weights as plain GPTQ at --intermediate-bits",
+        choices=OUTPUT_FORMATS,
     )
     max_shard_size: str = _opt(
         "4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded"
@@ -145,11 +177,7 @@ class QuantizeOptions:
                 f"--group-size {self.group_size} is not supported: use one of "
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
             )
-        if self.checkpoint_format not in CHECKPOINT_FORMATS:
-            raise ValueError(
-                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of "
-                f"{CHECKPOINT_FORMATS}"
-            )
+        self._check_method()
         if not _CALIB_RE.match(self.calib):
             raise ValueError(
                 f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or "
@@ -167,6 +195,69 @@ class QuantizeOptions:
         parse_size(self.max_shard_size)
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
 
+    def _check_method(self) -> None:
+        """The method's flags, and the checkpoint format resolved from "auto"."""
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not supported: use one of {METHODS}")
+        if self.checkpoint_format not in OUTPUT_FORMATS:
+            raise ValueError(
+                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of "
+                f"{OUTPUT_FORMATS}"
+            )
+        gptqt = self.method == "gptqt"
+        if self.checkpoint_format == AUTO_FORMAT:
+            self.checkpoint_format = BCQ_FORMAT if gptqt else "gptq"
+        if not gptqt:
+            if self.checkpoint_format == BCQ_FORMAT:
+                raise ValueError(
+                    "--checkpoint-format bcq stores binary coding: add --method gptqt, or write "
+                    "gptq / gptq_v2"
+                )
+            for name, default in (
+                ("intermediate_bits", 4),
+                ("requantize", True),
+                ("reexplore", True),
+            ):
+                if getattr(self, name) != default:
+                    flag = flag_of(name, default)
+                    raise ValueError(f"{flag} applies to --method gptqt only: add --method gptqt")
+            return
+        if self.bits not in BCQ_BITS:
+            raise ValueError(
+                f"--bits {self.bits} is not supported with --method gptqt: binary coding uses "
+                f"{' or '.join(map(str, BCQ_BITS))} bits"
+            )
+        if self.intermediate_bits not in INTERMEDIATE_BITS:
+            raise ValueError(
+                f"--intermediate-bits {self.intermediate_bits} is not supported: use one of "
+                f"{', '.join(map(str, INTERMEDIATE_BITS))}"
+            )
+        if self.checkpoint_format != BCQ_FORMAT and self.intermediate_bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"--checkpoint-format {self.checkpoint_format} cannot hold "
+                f"--intermediate-bits {self.intermediate_bits} codes (GPTQ packs "
+                f"{', '.join(map(str, SUPPORTED_BITS))} bits): write --checkpoint-format bcq or "
+                "use --intermediate-bits 4"
+            )
+        if not self.gptq:
+            raise ValueError(
+                "--no-gptq (round to nearest) is a tsq baseline: GPTQT's passes are GPTQ; drop it"
+            )
+        if self.energy_match:
+            raise ValueError("--energy-match applies to --method tsq only: drop it")
+        if self.quantize_lm_head and self.checkpoint_format == BCQ_FORMAT:
+            raise ValueError(
+                "--quantize-lm-head with --checkpoint-format bcq is not supported (BCQ serving has "
+                "no quantized lm_head): add --checkpoint-format gptq or drop --quantize-lm-head"
+            )
+
+    @property
+    def stored_bits(self) -> int:
+        """The `bits` of the checkpoint: k for BCQ, b0 for GPTQT's GPTQ export, else --bits."""
+        if self.method == "gptqt" and self.checkpoint_format != BCQ_FORMAT:
+            return self.intermediate_bits
+        return self.bits
+
     @property
     def output_path(self) -> Path:
         return Path(self.output).expanduser()
@@ -174,7 +265,8 @@ class QuantizeOptions:
     @property
     def zero_min(self) -> int:
         """Smallest asymmetric zero point the checkpoint format can store (v1 stores z − 1)."""
-        return 1 if self.checkpoint_format == "gptq" else 0
+        # GPTQT keeps z >= 1 for BCQ too, so that both of its formats store the same weights.
+        return 0 if self.checkpoint_format == "gptq_v2" else 1
 
     def layer_scheme(self) -> LayerScheme:
         """How every linear of this run is quantized."""
@@ -195,13 +287,28 @@ class QuantizeOptions:
             scale_box=self.scale_box,
             energy_match=self.energy_match,
             gptaq_alpha=self.gptaq_alpha,
+            method=self.method,
+            intermediate_bits=self.intermediate_bits,
+            requantize=self.requantize,
+            reexplore=self.reexplore,
         )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
         """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance
         block."""
+        method: dict[str, Any] = {}
+        if self.method == "gptqt":
+            method = {
+                "method": "gptqt",
+                "gptqt": {
+                    "bits": self.bits,
+                    "intermediate_bits": self.intermediate_bits,
+                    "requantize": self.requantize,
+                    "reexplore": self.reexplore,
+                },
+            }
         return CheckpointQuantConfig(
-            bits=self.bits,
+            bits=self.stored_bits,
             group_size=self.group_size,
             sym=self.sym,
             desc_act=self.act_order,
@@ -209,6 +316,7 @@ class QuantizeOptions:
             damp_percent=self.damp,
             lm_head=self.quantize_lm_head,
             tsq={
+                **method,
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "error_feedback": self.error_feedback,

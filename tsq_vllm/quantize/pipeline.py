@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
 from .head import find_head, head_moments, untie_head
-from .layer import quantize_weight
+from .method import PackedLinear, quantize_linear
 from .options import QuantizeOptions
 from .scheme import LayerScheme
-from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
+from .streams import FP_CACHE_BYTES, ActivationStreams, InputMoments, input_groups
 
 __all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_head", "quantize_model", "input_groups"]
 
@@ -35,10 +34,11 @@ class QuantizeResult:
     """Packed tensors and statistics of every quantized linear, by full module name.
 
     The model passed to `quantize_model` is changed in place: every quantized linear's weight is
-    the dequantized weight, so the model itself is the in-memory quantized model.
+    the dequantized weight, so the model itself is the in-memory quantized model (for a BCQ
+    checkpoint: the b0-bit reading, which its decode equals up to fp16 rounding).
     """
 
-    packed: dict[str, GPTQLayer] = field(default_factory=dict)
+    packed: dict[str, PackedLinear] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
@@ -95,6 +95,18 @@ def _log_linear(name: str, stats: dict[str, float]) -> None:
             f"rel error {stats['rel_error_gptq']:.4g} -> {stats['rel_error']:.4g}, output energy "
             f"{stats['energy_ratio_gptq']:.3f} -> {stats['energy_ratio']:.3f} after stage 2; "
         )
+    if "time_convert" in stats:  # GPTQT: layer losses of the b0-bit pass and the binary coding
+        logger.info(
+            "%s: loss %.4g (b0-bit GPTQ) -> %.4g (binary coding); grid %.2fs, gptq %.2fs, "
+            "convert %.2fs",
+            name,
+            stats["loss_gptq"],
+            stats["loss"],
+            stats["time_grid"],
+            stats["time_gptq"],
+            stats["time_convert"],
+        )
+        return
     logger.info(
         "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
         name,
@@ -150,22 +162,9 @@ def quantize_model(
         linears = decoder_linears(layer)
         for group in streams.begin_layer(i, layer):
             m = streams.hessian(group[0])
-            for t in (m.H, m.R, m.D):
-                if t is not None:
-                    _check_finite(f"{stack_name}.{i}.{group[0]}", "inputs", t)
             for name in group:
-                lin, full = linears[name], f"{stack_name}.{i}.{name}"
-                _check_finite(full, "weight", lin.weight)
-                qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
-                lin.weight.data = qw.dequantize().to(
-                    device=lin.weight.device, dtype=lin.weight.dtype
-                )
-                _check_finite(full, "scales", qw.scales)
-                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
-                result.packed[full] = qw.to_gptq(opts.checkpoint_format)
-                result.packed[full].check_values(full)
-                result.stats[full] = dict(qw.stats)
-                _log_linear(full, qw.stats)
+                full = f"{stack_name}.{i}.{name}"
+                _quantize_linear_in_place(full, linears[name], m, scheme, opts, result)
         streams.end_layer()
         layer.to("cpu")
     if opts.quantize_lm_head:
@@ -192,15 +191,31 @@ def quantize_head(
     if untie_head(model, head):
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
+    _quantize_linear_in_place(name, head, m, scheme, opts, result)
+
+
+def _quantize_linear_in_place(
+    name: str,
+    lin: nn.Linear,
+    m: InputMoments,
+    scheme: LayerScheme,
+    opts: QuantizeOptions,
+    result: QuantizeResult,
+) -> None:
+    """Quantize one linear on its input moments, checked; its weight becomes the dequantized one
+    and its packed tensors and statistics go into `result`."""
     for t in (m.H, m.R, m.D):
         if t is not None:
             _check_finite(name, "inputs", t)
-    _check_finite(name, "weight", head.weight)
-    qw = quantize_weight(head.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
-    head.weight.data = qw.dequantize().to(device=head.weight.device, dtype=head.weight.dtype)
+    _check_finite(name, "weight", lin.weight)
+    qw = quantize_linear(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
     _check_finite(name, "scales", qw.scales)
     _check_positive(name, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
-    result.packed[name] = qw.to_gptq(opts.checkpoint_format)
-    result.packed[name].check_values(name)
+    # GPTQT's b0-bit reading s (x - z), not its BCQ decode (which rounds the coefficients to
+    # fp16): both of its checkpoint formats then hold the same codes.
+    lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+    packed = qw.pack(opts.checkpoint_format)
+    packed.check_values(name)
+    result.packed[name] = packed
     result.stats[name] = dict(qw.stats)
     _log_linear(name, qw.stats)

@@ -71,9 +71,11 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         check_writable(opts.output_path)
         check_text_source(opts.calib)
         config = load_config(src)
-        n_linears = check_quantizable(config, opts.bits, opts.group_size)
+        n_linears = check_quantizable(
+            config, opts.stored_bits, opts.group_size, bcq=opts.checkpoint_format == "bcq"
+        )
         if opts.quantize_lm_head:
-            check_head(config, opts.bits, opts.group_size)
+            check_head(config, opts.stored_bits, opts.group_size)
             n_linears += 1
         check_seqlen(config, opts.seqlen)
         check_source_files(src, config)
@@ -86,11 +88,14 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         raise UsageError(str(e)) from e
     warn_unservable(config)
     logger.info(
-        "model %s: %d linears to quantize to %d bits, group %d",
+        "model %s: %d linears to quantize to %d bits, group %d%s",
         src.label,
         n_linears,
         opts.bits,
         opts.group_size,
+        f" (GPTQT from {opts.intermediate_bits} bits, written as {opts.checkpoint_format})"
+        if opts.method == "gptqt"
+        else "",
     )
 
     t = time.perf_counter()

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from ..format.packing import check_bits
 
 __all__ = [
+    "BCQ_BITS",
+    "INTERMEDIATE_BITS",
+    "METHODS",
     "DEFAULT_ERROR_FEEDBACK_ALPHA",
     "DEFAULT_GPTAQ_ALPHA",
     "DEFAULT_SCALE_BOX",
@@ -19,6 +22,10 @@ __all__ = [
 ]
 
 SCALE_SEARCHES = ("minmax", "mse")
+# "tsq": GPTQ + the two-stage scale search; "gptqt": b0-bit GPTQ converted to k-bit binary coding.
+METHODS = ("tsq", "gptqt")
+BCQ_BITS = (2, 3)  # k of GPTQT's binary coding
+INTERMEDIATE_BITS = (4, 5)  # GPTQT's first-pass depth b0
 # The best of the grid measured on SmolLM2-135M INT2 and INT3 g64
 # (benchmarks/results/stage2_variants.md).
 DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
@@ -43,6 +50,10 @@ class LayerScheme:
     energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D
       with R).
     gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
+    method: "tsq", or "gptqt" (`quantize.gptqt_layer`): the grid and GPTQ run at
+      `intermediate_bits` = b₀, the codes are converted to `bits`-bit binary coding, requantized
+      by a second GPTQ pass (`requantize`) and the scales re-explored (`reexplore`; its stage 2
+      is `stage2`, with `scale_box` and R weighted by `error_feedback_alpha`).
     """
 
     bits: int
@@ -63,8 +74,25 @@ class LayerScheme:
     scale_box: float = DEFAULT_SCALE_BOX
     energy_match: bool = False
     gptaq_alpha: float = DEFAULT_GPTAQ_ALPHA
+    method: str = "tsq"
+    intermediate_bits: int = 4
+    requantize: bool = True
+    reexplore: bool = True
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not supported: use one of {METHODS}")
+        if self.method == "gptqt":
+            if self.intermediate_bits not in INTERMEDIATE_BITS:
+                raise ValueError(
+                    f"--intermediate-bits {self.intermediate_bits} is not supported: use one of "
+                    f"{', '.join(map(str, INTERMEDIATE_BITS))}"
+                )
+            if self.bits not in BCQ_BITS:
+                raise ValueError(
+                    f"--bits {self.bits} is not supported with --method gptqt: binary coding uses "
+                    f"{' or '.join(map(str, BCQ_BITS))} bits"
+                )
         check_bits(self.bits)
         if self.group_size < 1:
             raise ValueError(

@@ -24,6 +24,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from ..checkpoint.config import SERVABLE_METHODS, parse_quant_config
 from ..format.config import QUANT_METHOD, CheckpointQuantConfig
+from .bcq import BCQLinearMethod
 from .linear import TsqLinearMethod
 
 if TYPE_CHECKING:
@@ -104,7 +105,8 @@ class TsqConfig(QuantizationConfig):
             metadata = get_safetensors_params_metadata(model_name, revision=revision)
         except (OSError, ValueError):
             metadata = {}
-        modules = {name[: -len(".qweight")] for name in metadata if name.endswith(".qweight")}
+        marker = "." + self.spec.tensor_names[0]  # .qweight, or .bcq_bits for BCQ
+        modules = {name[: -len(marker)] for name in metadata if name.endswith(marker)}
         self.quantized_modules = modules or None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: WeightsMapper) -> None:
@@ -139,6 +141,8 @@ class TsqConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             if not self._is_quantized(prefix):
                 return UnquantizedLinearMethod()
+            if self.spec.is_bcq:
+                return BCQLinearMethod(self, prefix)
             return TsqLinearMethod(self, prefix)
         packed = self.quantized_modules is not None and prefix in self.quantized_modules
         if isinstance(layer, ParallelLMHead) and (self.spec.lm_head or packed):
@@ -181,6 +185,7 @@ def register_tsq() -> None:
     """Register "tsq" with vLLM in this process; safe to call any number of times."""
     _log_like_vllm()
     register_quantization_config(QUANT_METHOD)(TsqConfig)
-    if TsqLinearMethod.__name__ not in WEIGHT_LOADER_V2_SUPPORTED:
-        # weight_loader_v2 hands sharding to the parameters, which check and track it.
-        WEIGHT_LOADER_V2_SUPPORTED.append(TsqLinearMethod.__name__)
+    for method in (TsqLinearMethod, BCQLinearMethod):
+        if method.__name__ not in WEIGHT_LOADER_V2_SUPPORTED:
+            # weight_loader_v2 hands sharding to the parameters, which check and track it.
+            WEIGHT_LOADER_V2_SUPPORTED.append(method.__name__)

@@ -1,0 +1,166 @@
+"""Quantize one linear layer with GPTQT (docs/gptqt.md): b₀-bit GPTQ, then k-bit binary coding.
+
+    qw = quantize_weight_gptqt(W, H, LayerScheme(bits=3, group_size=64, method="gptqt"), R=R)
+    qw.pack("bcq")     # BCQ tensors (format/bcq.py), or qw.pack("gptq"): a plain b₀-bit GPTQ layer
+
+Steps: the first pass of `quantize.layer` (stage-1 grid and GPTQ, at b₀ = intermediate_bits),
+then `core.gptqt.gptqt_convert` (critical points, the second GPTQ pass, scale re-exploration
+with stage 2 inside the scale box). Re-explored scales are rounded to fp16 (the GPTQ export
+stores them so) before the final loss is computed. Act-order runs in processing order, where
+groups are contiguous, and the result maps back through `g_idx`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.bcq import BCQWeight
+from ..core.gptqt import GPTQTSettings, Reexplore, gptqt_convert
+from ..core.stage2 import layer_objective
+from ..format.bcq import BCQ_FORMAT, BCQTensors, pack_bcq
+from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
+from ..format.packing import SUPPORTED_BITS
+from .layer import linear_pass, prepare_layer, to_fp16
+from .scheme import LayerScheme
+
+__all__ = ["GPTQTWeight", "quantize_weight_gptqt"]
+
+
+@dataclass
+class GPTQTWeight:
+    """A GPTQT weight [N, K] in `nn.Linear` orientation.
+
+    `bcq` is in processing order; `perm` maps processing position to original input column
+    (the identity without act-order). Scales are fp16-representable.
+    """
+
+    bcq: BCQWeight
+    perm: torch.Tensor
+    act_order: bool
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return self.bcq.bits
+
+    @property
+    def base_bits(self) -> int:
+        return self.bcq.base_bits
+
+    @property
+    def group_size(self) -> int:
+        return self.bcq.group_size
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """[N, n_groups] float32: the scales of the b₀-bit grid after re-exploration."""
+        return self.bcq.scale
+
+    def _original(self, t: torch.Tensor) -> torch.Tensor:
+        """Columns (last dim) of a processing-order tensor back in input order."""
+        return t[..., torch.argsort(self.perm)].contiguous()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """The b₀-bit codes [N, K] in input order (at most 2ᵏ distinct per row and group)."""
+        return self._original(self.bcq.codes)
+
+    @property
+    def g_idx(self) -> torch.Tensor:
+        """The group [K] of every input column (int64)."""
+        K = self.perm.numel()
+        return self._original(torch.arange(K) // self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] = s (codes − z): the b₀-bit reading (the BCQ one equals it up to rounding)."""
+        return self._original(self.bcq.dequantize())
+
+    def pack(self, checkpoint_format: str = BCQ_FORMAT) -> BCQTensors | GPTQLayer:
+        """BCQ tensors ("bcq"), or the same weights as a b₀-bit GPTQ layer ("gptq", "gptq_v2")."""
+        g_idx = self.g_idx if self.act_order else None
+        if checkpoint_format == BCQ_FORMAT:
+            return pack_bcq(
+                self._original(self.bcq.signs),
+                self.bcq.scaled_alpha(),
+                self.bcq.scaled_offset(),
+                g_idx,
+            )
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"checkpoint_format={checkpoint_format!r}: GPTQT writes {BCQ_FORMAT!r} or one of "
+                f"{CHECKPOINT_FORMATS}"
+            )
+        if self.base_bits not in SUPPORTED_BITS:
+            raise ValueError(
+                f"{self.base_bits}-bit codes have no GPTQ container (GPTQ packs "
+                f"{SUPPORTED_BITS} bits): write checkpoint_format={BCQ_FORMAT!r} or use b0=4"
+            )
+        return pack_linear(
+            self.codes,
+            self.scales,
+            self.bcq.zero,
+            self.g_idx,
+            self.base_bits,
+            checkpoint_format,
+            group_size=self.group_size,
+        )
+
+
+def _settings(s: LayerScheme) -> GPTQTSettings:
+    reexplore = None
+    if s.reexplore:
+        reexplore = Reexplore(
+            stage2=s.stage2, stage2_sweeps=s.stage2_sweeps, box=s.scale_box or None
+        )
+    return GPTQTSettings(
+        bits=s.bits, requantize=s.requantize, reexplore=reexplore, block_size=s.block_size
+    )
+
+
+def quantize_weight_gptqt(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: LayerScheme,
+    R: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+) -> GPTQTWeight:
+    """GPTQT-quantize W [N, K] given H [K, K] (R, D as for `quantize_weight`).
+
+    R enters re-exploration weighted by `scheme.error_feedback_alpha` (the objective is linear in
+    R). stats: "time_grid", "time_gptq" (first pass), "time_convert", "map_error", "loss_gptq"
+    (the b₀-bit first pass's layer loss), "loss" (after conversion, fp16 scales), and with
+    re-exploration "loss_mapped" and "rows_reverted" (`core.gptqt.reexplore_scales`).
+    """
+    if scheme.method != "gptqt":
+        raise ValueError(f"scheme.method={scheme.method!r}: quantize_weight_gptqt needs 'gptqt'")
+    s = scheme
+    p = prepare_layer(W, H, s, R, D)
+    grid, codes, _, stats = linear_pass(p, s, s.intermediate_bits)
+    G = s.group_size
+    R_alpha = None if p.R is None else s.error_feedback_alpha * p.R
+    stats["loss_gptq"] = layer_objective(
+        p.W,
+        grid.scale.repeat_interleave(G, 1) * (codes - grid.zero.repeat_interleave(G, 1)),
+        p.H,
+        R_alpha,
+    )
+    t = time.perf_counter()
+    bw = gptqt_convert(
+        p.W,
+        p.H,
+        codes,
+        grid,
+        G,
+        _settings(s),
+        R=R_alpha,
+        H_damped=p.Hd,
+        gptq_target=p.Wq,
+    )
+    bw.scale = to_fp16(bw.scale)
+    stats.update(bw.stats)
+    stats["loss"] = layer_objective(p.W, bw.dequantize(), p.H, R_alpha)
+    stats["time_convert"] = time.perf_counter() - t
+    return GPTQTWeight(bw, p.perm, s.act_order, stats)
