@@ -130,6 +130,15 @@ ROWS = [
         ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"],
     ),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
+    # Block-output reconstruction of the scales on top of the default (issue 16).
+    *[
+        (
+            f"rb{n}{'_lr' + lr if lr else ''}",
+            f"default + --refine-block {n}" + (f" --refine-lr {lr}" if lr else ""),
+            ["--refine-block", str(n), *(["--refine-lr", lr] if lr else [])],
+        )
+        for n, lr in ((25, ""), (25, "2e-2"), (25, "1e-3"), (100, ""), (100, "2e-2"), (200, ""))
+    ],
 ]
 FLAGS = {k: f for k, _, f in ROWS}
 LABELS = {k: lab for k, lab, _ in ROWS}
@@ -150,9 +159,12 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
     job = run_quantization(opts, progress=False)
     stats = job.result.stats
+    # time_refine is the block's time, repeated on each of its linears: count it once per block.
+    blocks = {n.rsplit(".", 2)[0]: s.get("time_refine", 0.0) for n, s in stats.items()}
     out = {
         **job.summary,
         **{k: sum(s[k] for s in stats.values()) for k in ("time_grid", "time_gptq", "time_stage2")},
+        "time_refine": sum(blocks.values()),
         "linears_stats": stats,
     }
     Path(stats_json).write_text(json.dumps(out, indent=1))

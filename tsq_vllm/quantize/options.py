@@ -19,8 +19,10 @@ from ..format.packing import SUPPORTED_BITS
 from .scheme import (
     DEFAULT_ERROR_FEEDBACK_ALPHA,
     DEFAULT_GPTAQ_ALPHA,
+    DEFAULT_REFINE_LR,
     DEFAULT_SCALE_BOX,
     SCALE_SEARCHES,
+    BlockRefineScheme,
     LayerScheme,
 )
 
@@ -100,6 +102,16 @@ class QuantizeOptions:
         "maps the quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is "
         "off (GPTAQ uses 0.25)",
     )
+    refine_block: int = _opt(
+        0,
+        "after the per-linear stages, refine the scales of every decoder block jointly for this "
+        "many Adam steps (one --batch-size batch each) on the block's output error against the "
+        "full-precision block, codes and zero points frozen; needs the FP stream; 0 is off",
+    )
+    refine_lr: float = _opt(
+        DEFAULT_REFINE_LR,
+        "initial learning rate of --refine-block on log(scale), decaying linearly to 0",
+    )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     scale_search: str = _opt(
         "minmax", "scale choice when stage 1 is off (plain GPTQ)", choices=SCALE_SEARCHES
@@ -155,12 +167,18 @@ class QuantizeOptions:
                 raise ValueError(
                     f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}"
                 )
-        if not self.stage2 and self.gptaq_alpha == 0:
+        if self.refine_block and not self.error_feedback:
+            raise ValueError(
+                f"--refine-block {self.refine_block} needs the full-precision stream, which "
+                "--no-error-feedback turns off: drop one of the two"
+            )
+        if not self.stage2 and self.gptaq_alpha == 0 and not self.refine_block:
             # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would
             # be wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
+        self.refine_scheme()
 
     @property
     def output_path(self) -> Path:
@@ -192,6 +210,15 @@ class QuantizeOptions:
             gptaq_alpha=self.gptaq_alpha,
         )
 
+    def refine_scheme(self) -> BlockRefineScheme:
+        """How every decoder block's scales are refined after its linears (steps 0 = never)."""
+        return BlockRefineScheme(
+            steps=self.refine_block,
+            lr=self.refine_lr,
+            seed=self.seed,
+            box=self.scale_box or None,
+        )
+
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
         """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance
         block."""
@@ -210,6 +237,8 @@ class QuantizeOptions:
                 "scale_box": self.scale_box,
                 "energy_match": self.energy_match,
                 "gptaq_alpha": self.gptaq_alpha,
+                "refine_block": self.refine_block,
+                "refine_lr": self.refine_lr,
                 "gptq": self.gptq,
                 "scale_search": "hessian" if self.stage1 else self.scale_search,
                 "mse_norm": self.mse_norm,

@@ -19,8 +19,9 @@ from torch import nn
 
 from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
-from .layer import quantize_weight
+from .layer import QuantizedWeight, quantize_weight
 from .options import QuantizeOptions
+from .refine import refine_block
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
 __all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_model", "input_groups"]
@@ -123,8 +124,9 @@ def quantize_model(
     start = time.perf_counter()
     device = torch.device(opts.device)
     scheme = opts.layer_scheme()
+    refine = opts.refine_scheme()
     stack_name, stack = find_decoder_layers(model)
-    with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
+    with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0 or refine.steps > 0)
     streams = ActivationStreams(
         model,
         stack,
@@ -145,6 +147,7 @@ def quantize_model(
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
+        qws: dict[str, QuantizedWeight] = {}
         for group in streams.begin_layer(i, layer):
             m = streams.hessian(group[0])
             for t in (m.H, m.R, m.D):
@@ -157,12 +160,17 @@ def quantize_model(
                 lin.weight.data = qw.dequantize().to(
                     device=lin.weight.device, dtype=lin.weight.dtype
                 )
-                _check_finite(full, "scales", qw.scales)
-                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
-                result.packed[full] = qw.to_gptq(opts.checkpoint_format)
-                result.packed[full].check_values(full)
-                result.stats[full] = dict(qw.stats)
-                _log_linear(full, qw.stats)
+                qws[name] = qw
+        if refine.steps:
+            qws = refine_block(layer, qws, streams.block_batches(), refine, i)
+        for name, qw in qws.items():
+            full = f"{stack_name}.{i}.{name}"
+            _check_finite(full, "scales", qw.scales)
+            _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
+            result.packed[full] = qw.to_gptq(opts.checkpoint_format)
+            result.packed[full].check_values(full)
+            result.stats[full] = dict(qw.stats)
+            _log_linear(full, qw.stats)
         streams.end_layer()
         layer.to("cpu")
     result.seconds = time.perf_counter() - start
