@@ -133,11 +133,22 @@ ROWS = [
     # Block-output reconstruction of the scales on top of the default (issue 16).
     *[
         (
-            f"rb{n}{'_lr' + lr if lr else ''}",
-            f"default + --refine-block {n}" + (f" --refine-lr {lr}" if lr else ""),
-            ["--refine-block", str(n), *(["--refine-lr", lr] if lr else [])],
+            f"rb{n}" + (f"_lr{lr}" if lr else "") + (f"_bs{bs}" if bs else ""),
+            f"default + --refine-block {n}"
+            + (f" --refine-lr {lr}" if lr else "")
+            + (f" --batch-size {bs}" if bs else ""),
+            ["--refine-block", str(n)]
+            + (["--refine-lr", lr] if lr else [])
+            + (["--batch-size", bs] if bs else []),
         )
-        for n, lr in ((25, ""), (25, "2e-2"), (25, "1e-3"), (100, ""), (100, "2e-2"), (200, ""))
+        for n, lr, bs in (
+            (25, "", ""),
+            (25, "2e-2", ""),
+            (50, "2e-2", "4"),
+            (100, "2e-2", "2"),
+            (100, "", ""),
+            (100, "2e-2", ""),
+        )
     ],
 ]
 FLAGS = {k: f for k, _, f in ROWS}
