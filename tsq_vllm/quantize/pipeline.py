@@ -157,6 +157,7 @@ def quantize_model(
                 lin, full = linears[name], f"{stack_name}.{i}.{name}"
                 _check_finite(full, "weight", lin.weight)
                 qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+                _check_finite(full, "scales", qw.scales)  # before later groups see its output
                 lin.weight.data = qw.dequantize().to(
                     device=lin.weight.device, dtype=lin.weight.dtype
                 )
@@ -165,7 +166,8 @@ def quantize_model(
             qws = refine_block(layer, qws, streams.block_batches(), refine, i)
         for name, qw in qws.items():
             full = f"{stack_name}.{i}.{name}"
-            _check_finite(full, "scales", qw.scales)
+            if refine.steps:
+                _check_finite(full, "scales", qw.scales)
             _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
             result.packed[full] = qw.to_gptq(opts.checkpoint_format)
             result.packed[full].check_values(full)
