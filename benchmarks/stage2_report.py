@@ -58,6 +58,12 @@ def write_report(done: list[dict], path: Path, argv_note: str, labels: dict[str,
             "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it "
             "explicitly."
         ),
+        (
+            "`--refine-block` rows: block refine (s) is the time of the block refinement, "
+            "included in quantize (s); their energy and rel err columns are the per-linear "
+            "values before the refinement (the refinement's own measure is the block loss in "
+            "the run's log)."
+        ),
         "",
     ]
     cells = sorted({(r["bits"], r["group_size"]) for r in done if r["row"] != "fp"})
