@@ -123,3 +123,11 @@ def test_bad_refine_settings_are_refused_in_one_line(models, tmp_path, kw, messa
     with pytest.raises(ValueError) as e:
         opts_for(models["llama"], tmp_path, **kw)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bf16_model_refines_without_raising_the_block_loss(models, tmp_path):
+    model, res = _quantize(models["qwen2-bf16"], tmp_path, refine_block=8, refine_lr=1e-2)
+    for name, s in res.stats.items():
+        assert s["refine_loss"] <= s["refine_loss_start"], name
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(bool((p.scales > 0).all()) for p in res.packed.values())
