@@ -111,8 +111,8 @@ class LayerScheme:
         return "hessian" if self.stage1 else self.scale_search
 
 
-# The first value measured (SmolLM2-135M INT3 g64: 22.71 -> 22.58 with 25 steps); INT2 g64 gained
-# 16 % at 2e-2 (docs/algorithm.md, benchmarks/results/stage2_variants.md).
+# SmolLM2-135M INT3 g64, 25 steps: 22.71 -> 22.58 at 5e-3, 22.84 at 2e-2; INT2 g64 gained 16 % at
+# 2e-2, 5e-3 not measured there (docs/algorithm.md, benchmarks/results/stage2_variants.md).
 DEFAULT_REFINE_LR = 5e-3
 
 
