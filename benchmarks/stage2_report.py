@@ -58,6 +58,12 @@ def write_report(done: list[dict], path: Path, argv_note: str, labels: dict[str,
             "record commands without `--gptaq-alpha`: its default was 0 then; later rows pass it "
             "explicitly."
         ),
+        (
+            "`--refine-block` rows: block refine (s) is the time of the block refinement, "
+            "included in quantize (s); their energy and rel err columns are the per-linear "
+            "values before the refinement (the refinement's own measure is the block loss in "
+            "the run's log)."
+        ),
         "",
     ]
     cells = sorted({(r["bits"], r["group_size"]) for r in done if r["row"] != "fp"})
@@ -67,11 +73,12 @@ def write_report(done: list[dict], path: Path, argv_note: str, labels: dict[str,
             f"## INT{bits}, group size {gs}",
             "",
             (
-                "| row | calib | wiki ppl | quantize (s) | stage 2 (s) | negative scales | "
+                "| row | calib | wiki ppl | quantize (s) | stage 2 (s) | block refine (s) | "
+                "negative scales | "
                 "o_proj energy | down_proj energy | o_proj rel err | down_proj rel err | scales "
                 "on the box edge |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(rows, key=lambda r: r["eval"]["ppl"]):
             lin = r.get("linear_summary", {})
@@ -82,7 +89,8 @@ def write_report(done: list[dict], path: Path, argv_note: str, labels: dict[str,
                 f"{labels.get(r['row'].split('@')[0], r['row'])}"
                 f"{' (' + r['row'].split('@')[1] + ')' if '@' in r['row'] else ''} "
                 f"| {r['setup']['nsamples']}×{r['setup']['seqlen']} | {r['eval']['ppl']:.3f} | "
-                f"{r['quantize_seconds']:.0f} | {r['time_stage2']:.1f} | {sc['negative']} / "
+                f"{r['quantize_seconds']:.0f} | {r['time_stage2']:.1f} | "
+                f"{_fmt(r.get('time_refine') or None, 0)} | {sc['negative']} / "
                 f"{sc['total']} | {_fmt(o.get('energy_ratio'))} | {_fmt(d.get('energy_ratio'))} "
                 f"| {_fmt(o.get('rel_error'), 4)} | {_fmt(d.get('rel_error'), 4)} | "
                 f"{_box_share(lin)} |"

@@ -150,6 +150,26 @@ ROWS = [
             "2",
         ],
     ),
+    # Block-output reconstruction of the scales on top of the default (issue 16).
+    *[
+        (
+            f"rb{n}" + (f"_lr{lr}" if lr else "") + (f"_bs{bs}" if bs else ""),
+            f"default + --refine-block {n}"
+            + (f" --refine-lr {lr}" if lr else "")
+            + (f" --batch-size {bs}" if bs else ""),
+            ["--refine-block", str(n)]
+            + (["--refine-lr", lr] if lr else [])
+            + (["--batch-size", bs] if bs else []),
+        )
+        for n, lr, bs in (
+            (25, "", ""),
+            (25, "2e-2", ""),
+            (50, "2e-2", "4"),
+            (100, "2e-2", "2"),
+            (100, "", ""),
+            (100, "2e-2", ""),
+        )
+    ],
 ]
 FLAGS = {k: f for k, _, f in ROWS}
 LABELS = {k: lab for k, lab, _ in ROWS}
@@ -169,9 +189,12 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     opts, _ = parse_options(quantize_args)
     job = run_quantization(opts, progress=False)
     stats = job.result.stats
+    # time_refine is the block's time, repeated on each of its linears: count it once per block.
+    blocks = {n.rsplit(".", 2)[0]: s.get("time_refine", 0.0) for n, s in stats.items()}
     out = {
         **job.summary,
         **{k: sum(s[k] for s in stats.values()) for k in ("time_grid", "time_gptq", "time_stage2")},
+        "time_refine": sum(blocks.values()),
         "linears_stats": stats,
     }
     Path(stats_json).write_text(json.dumps(out, indent=1))

@@ -111,6 +111,14 @@ BAD = {
         lambda root, tiny: ["--model", str(tiny), "--scale-box", "0.5"],
         "--scale-box 0.5 must be 0 (no box) or at least 1",
     ),
+    "negative refine steps": (
+        lambda root, tiny: ["--model", str(tiny), "--refine-block", "-1"],
+        "--refine-block -1 must be 0 (off) or a positive number of steps",
+    ),
+    "refine without the FP stream": (
+        lambda root, tiny: ["--model", str(tiny), "--refine-block", "5", "--no-error-feedback"],
+        "--refine-block 5 needs the full-precision stream",
+    ),
     "unknown flag": (
         lambda root, tiny: ["--model", str(tiny), "--frobnicate"],
         "unrecognized arguments: --frobnicate",

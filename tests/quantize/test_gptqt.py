@@ -165,6 +165,7 @@ BAD = [
     (["--method", "gptqt", "--intermediate-bits", "6"], "--intermediate-bits 6 is not supported"),
     (["--method", "gptqt", "--no-gptq"], "--no-gptq (round to nearest) is a tsq baseline"),
     (["--method", "gptq"], "--method 'gptq' is not supported"),
+    (["--method", "gptqt", "--refine-block", "5"], "--refine-block 5 applies to --method tsq"),
     (
         ["--method", "gptqt", "--quantize-lm-head"],
         "--quantize-lm-head with --checkpoint-format bcq is not supported",

@@ -43,6 +43,7 @@ class QuantizedWeight:
 
     codes [N, K] int64, scales [N, n_groups] float32 (fp16-representable), zeros [N, n_groups]
     int64, g_idx [K] int64 (group of each input column), plus per-step statistics.
+    grid_scales [N, n_groups]: the scales GPTQ quantized with (the centre of the scale box).
     """
 
     codes: torch.Tensor
@@ -52,6 +53,7 @@ class QuantizedWeight:
     bits: int
     group_size: int
     sym: bool
+    grid_scales: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
@@ -268,5 +270,6 @@ def quantize_weight(
         bits=bits,
         group_size=group_size,
         sym=s.sym,
+        grid_scales=grid.scale.contiguous(),
         stats=stats,
     )

@@ -21,10 +21,12 @@ from .scheme import (
     BCQ_BITS,
     DEFAULT_ERROR_FEEDBACK_ALPHA,
     DEFAULT_GPTAQ_ALPHA,
+    DEFAULT_REFINE_LR,
     DEFAULT_SCALE_BOX,
     INTERMEDIATE_BITS,
     METHODS,
     SCALE_SEARCHES,
+    BlockRefineScheme,
     LayerScheme,
 )
 
@@ -130,6 +132,16 @@ class QuantizeOptions:
         "maps the quantized stream onto the FP outputs, so the codes absorb the FP target; 0 is "
         "off (GPTAQ uses 0.25)",
     )
+    refine_block: int = _opt(
+        0,
+        "after the per-linear stages, refine the scales of every decoder block jointly for this "
+        "many Adam steps (one --batch-size batch each) on the block's output error against the "
+        "full-precision block, codes and zero points frozen; needs the FP stream; 0 is off",
+    )
+    refine_lr: float = _opt(
+        DEFAULT_REFINE_LR,
+        "initial learning rate of --refine-block on log(scale), decaying linearly to 0",
+    )
     gptq: bool = _opt(True, "round to nearest instead of GPTQ (the RTN baseline)")
     quantize_lm_head: bool = _opt(
         False,
@@ -188,12 +200,18 @@ class QuantizeOptions:
                 raise ValueError(
                     f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {lo}"
                 )
-        if not self.stage2 and self.gptaq_alpha == 0:
+        if self.refine_block and not self.error_feedback:
+            raise ValueError(
+                f"--refine-block {self.refine_block} needs the full-precision stream, which "
+                "--no-error-feedback turns off: drop one of the two"
+            )
+        if not self.stage2 and self.gptaq_alpha == 0 and not self.refine_block:
             # R only enters stage 2 and GPTAQ's target: without them the full-precision stream would
             # be wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
+        self.refine_scheme()
 
     def _check_method(self) -> None:
         """The method's flags, and the checkpoint format resolved from "auto"."""
@@ -245,6 +263,11 @@ class QuantizeOptions:
             )
         if self.energy_match:
             raise ValueError("--energy-match applies to --method tsq only: drop it")
+        if self.refine_block:
+            raise ValueError(
+                f"--refine-block {self.refine_block} applies to --method tsq only (it refines "
+                "uniform-grid scales): drop it"
+            )
         if self.quantize_lm_head and self.checkpoint_format == BCQ_FORMAT:
             raise ValueError(
                 "--quantize-lm-head with --checkpoint-format bcq is not supported (BCQ serving has "
@@ -293,6 +316,15 @@ class QuantizeOptions:
             reexplore=self.reexplore,
         )
 
+    def refine_scheme(self) -> BlockRefineScheme:
+        """How every decoder block's scales are refined after its linears (steps 0 = never)."""
+        return BlockRefineScheme(
+            steps=self.refine_block,
+            lr=self.refine_lr,
+            seed=self.seed,
+            box=self.scale_box or None,
+        )
+
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
         """The `quantization_config` this run writes: GPTQ fields plus the `tsq` provenance
         block."""
@@ -324,6 +356,8 @@ class QuantizeOptions:
                 "scale_box": self.scale_box,
                 "energy_match": self.energy_match,
                 "gptaq_alpha": self.gptaq_alpha,
+                "refine_block": self.refine_block,
+                "refine_lr": self.refine_lr,
                 "gptq": self.gptq,
                 "scale_search": "hessian" if self.stage1 else self.scale_search,
                 "mse_norm": self.mse_norm,

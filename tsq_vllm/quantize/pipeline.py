@@ -19,8 +19,10 @@ from torch import nn
 
 from ..models import decoder_linears, find_decoder_layers
 from .head import find_head, head_moments, untie_head
-from .method import PackedLinear, quantize_linear
+from .layer import QuantizedWeight
+from .method import PackedLinear, QuantizedLinear, quantize_linear
 from .options import QuantizeOptions
+from .refine import refine_block
 from .scheme import LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, InputMoments, input_groups
 
@@ -138,8 +140,9 @@ def quantize_model(
     start = time.perf_counter()
     device = torch.device(opts.device)
     scheme = opts.layer_scheme()
+    refine = opts.refine_scheme()
     stack_name, stack = find_decoder_layers(model)
-    with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
+    with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0 or refine.steps > 0)
     streams = ActivationStreams(
         model,
         stack,
@@ -160,11 +163,20 @@ def quantize_model(
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
+        qws: dict[str, QuantizedLinear] = {}
         for group in streams.begin_layer(i, layer):
             m = streams.hessian(group[0])
             for name in group:
                 full = f"{stack_name}.{i}.{name}"
-                _quantize_linear_in_place(full, linears[name], m, scheme, opts, result)
+                qws[name] = _quantize_linear_in_place(full, linears[name], m, scheme)
+        if refine.steps:
+            tsq_qws = {n: qw for n, qw in qws.items() if isinstance(qw, QuantizedWeight)}
+            assert len(tsq_qws) == len(qws), "--refine-block is a tsq mode (options check it)"
+            qws = dict(refine_block(layer, tsq_qws, streams.block_batches(), refine, i))
+            for name, qw in qws.items():
+                _check_finite(f"{stack_name}.{i}.{name}", "scales", qw.scales)
+        for name, qw in qws.items():
+            _pack(f"{stack_name}.{i}.{name}", qw, scheme, opts, result)
         streams.end_layer()
         layer.to("cpu")
     if opts.quantize_lm_head:
@@ -191,29 +203,35 @@ def quantize_head(
     if untie_head(model, head):
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
-    _quantize_linear_in_place(name, head, m, scheme, opts, result)
+    _pack(name, _quantize_linear_in_place(name, head, m, scheme), scheme, opts, result)
 
 
 def _quantize_linear_in_place(
-    name: str,
-    lin: nn.Linear,
-    m: InputMoments,
-    scheme: LayerScheme,
-    opts: QuantizeOptions,
-    result: QuantizeResult,
-) -> None:
+    name: str, lin: nn.Linear, m: InputMoments, scheme: LayerScheme
+) -> QuantizedLinear:
     """Quantize one linear on its input moments, checked; its weight becomes the dequantized one
-    and its packed tensors and statistics go into `result`."""
+    (so later groups and layers see the quantized output)."""
     for t in (m.H, m.R, m.D):
         if t is not None:
             _check_finite(name, "inputs", t)
     _check_finite(name, "weight", lin.weight)
     qw = quantize_linear(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
-    _check_finite(name, "scales", qw.scales)
-    _check_positive(name, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
+    _check_finite(name, "scales", qw.scales)  # before later groups see its output
     # GPTQT's b0-bit reading s (x - z), not its BCQ decode (which rounds the coefficients to
     # fp16): both of its checkpoint formats then hold the same codes.
     lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+    return qw
+
+
+def _pack(
+    name: str,
+    qw: QuantizedLinear,
+    scheme: LayerScheme,
+    opts: QuantizeOptions,
+    result: QuantizeResult,
+) -> None:
+    """The packed tensors (value-checked) and statistics of one quantized linear into `result`."""
+    _check_positive(name, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
     packed = qw.pack(opts.checkpoint_format)
     packed.check_values(name)
     result.packed[name] = packed

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..format.packing import check_bits
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "INTERMEDIATE_BITS",
     "METHODS",
     "DEFAULT_ERROR_FEEDBACK_ALPHA",
+    "DEFAULT_REFINE_LR",
+    "BlockRefineScheme",
     "DEFAULT_GPTAQ_ALPHA",
     "DEFAULT_SCALE_BOX",
     "SCALE_SEARCHES",
@@ -133,3 +137,38 @@ class LayerScheme:
     def grid_method(self) -> str:
         """The clip search `core.grid.search_grid` runs: stage 1's "hessian", or `scale_search`."""
         return "hessian" if self.stage1 else self.scale_search
+
+
+# SmolLM2-135M INT3 g64, 25 steps: 22.71 -> 22.58 at 5e-3, 22.84 at 2e-2; INT2 g64 gained 16 % at
+# 2e-2, 5e-3 not measured there (docs/algorithm.md, benchmarks/results/stage2_variants.md).
+DEFAULT_REFINE_LR = 5e-3
+
+
+@dataclass(frozen=True)
+class BlockRefineScheme:
+    """steps: Adam steps per decoder block (0 = off), one calibration batch (--batch-size
+    windows) per step, batches in an order drawn from `seed`; lr: the initial learning rate of
+    θ = log(s / s_t), decaying linearly to 0; box: the scale box B of stage 2 (None = unbounded)."""
+
+    steps: int = 0
+    lr: float = DEFAULT_REFINE_LR
+    seed: int = 0
+    box: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(
+                f"--refine-block {self.steps} must be 0 (off) or a positive number of steps per "
+                "decoder block"
+            )
+        if not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"--refine-lr {self.lr} must lie in (0, 1] (e.g. 5e-3)")
+
+    def order(self, layer_index: int, n_batches: int) -> list[int]:
+        """The minibatch of every step: shuffled passes over the batches, fixed by seed and
+        layer."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + layer_index)
+        out: list[int] = []
+        while len(out) < self.steps:
+            out += torch.randperm(n_batches, generator=gen).tolist()
+        return out[: self.steps]

@@ -30,7 +30,7 @@ from torch import nn
 from ..core.hessian import HessianAccumulator
 from ..models import decoder_linears
 
-__all__ = ["FP_CACHE_BYTES", "ActivationStreams", "InputMoments", "input_groups"]
+__all__ = ["FP_CACHE_BYTES", "ActivationStreams", "BlockBatch", "InputMoments", "input_groups"]
 
 FP_CACHE_BYTES = 2 * 2**30
 
@@ -45,6 +45,16 @@ class InputMoments(NamedTuple):
     D: torch.Tensor | None
 
 
+class BlockBatch(NamedTuple):
+    """One calibration batch of the current decoder layer: its quantized-stream input, the
+    full-precision layer's output on the FP-stream input (the block-reconstruction target), and
+    how the layer is called on it."""
+
+    hidden: torch.Tensor
+    target: torch.Tensor
+    call: _Call
+
+
 class _Stop(Exception):
     """Raised inside a hook to end a forward pass once what it was run for is known."""
 
@@ -57,11 +67,21 @@ class _Call:
     kwargs: dict[str, Any]
     hidden_positional: bool
 
-    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        if self.hidden_positional:
-            out = layer(hidden, *self.args, **self.kwargs)
+    def run(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The layer's output on `hidden`; `weights` (parameter name -> tensor) stand in for
+        those parameters of the layer for this call only, differentiably."""
+        args, kwargs = (hidden, *self.args), dict(self.kwargs)
+        if not self.hidden_positional:
+            args, kwargs = (), {"hidden_states": hidden, **kwargs}
+        if weights is None:
+            out = layer(*args, **kwargs)
         else:
-            out = layer(hidden_states=hidden, **self.kwargs)
+            out = torch.func.functional_call(layer, dict(weights), args, kwargs)
         # transformers 5 decoder layers return a tensor, 4.x ones a tuple led by it.
         return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -247,6 +267,7 @@ class ActivationStreams:
         self.groups: list[list[str]] = []
         self._fp_inputs: list[dict[str, torch.Tensor]] | None = None
         self._fp_layer: nn.Module | None = None
+        self._fp_advanced = False  # hidden_fp already holds this layer's FP outputs
 
     def begin_layer(self, i: int, layer: nn.Module) -> list[list[str]]:
         """Start decoder layer i (full precision, on the device); returns its groups of linears."""
@@ -254,7 +275,7 @@ class ActivationStreams:
         calls = self.calls[i]
         linears = decoder_linears(layer)
         self.groups = input_groups(layer, self.hidden_q[0], calls[0])
-        self._fp_inputs, self._fp_layer = None, None
+        self._fp_inputs, self._fp_layer, self._fp_advanced = None, None, False
         if self.with_fp:
             firsts = [g[0] for g in self.groups]  # a group's members share their input
             need = (
@@ -269,6 +290,7 @@ class ActivationStreams:
                 for b, call in enumerate(calls):
                     self.hidden_fp[b], xs = _run_capturing(layer, firsts, self.hidden_fp[b], call)
                     self._fp_inputs.append(xs)
+                self._fp_advanced = True
             else:
                 self._fp_layer = copy.deepcopy(layer)
         return self.groups
@@ -277,6 +299,7 @@ class ActivationStreams:
         """H (and R, D with the FP stream) of the input of linear `first`, on CPU."""
         layer = self._layer
         assert layer is not None, "begin_layer first"
+        assert self._fp_layer is None or not self._fp_advanced, "hessian after block_batches"
         lin = decoder_linears(layer)[first]
         fp_lin = decoder_linears(self._fp_layer)[first] if self._fp_layer is not None else None
         acc = HessianAccumulator(lin.in_features, with_r=self.with_fp, device=self.device)
@@ -294,12 +317,28 @@ class ActivationStreams:
         # The core math runs on CPU tensors; only the forward passes use the compute device.
         return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
 
+    def block_batches(self) -> list[BlockBatch]:
+        """The current layer's quantized-stream inputs with the FP layer's outputs on the FP
+        stream, per batch (needs the FP stream; call after every group's `hessian`)."""
+        if not self.with_fp:
+            raise RuntimeError("block_batches needs the full-precision stream (with_fp=True)")
+        calls = self.calls[self._i]
+        if not self._fp_advanced:
+            assert self._fp_layer is not None, "begin_layer first"
+            for b, call in enumerate(calls):
+                self.hidden_fp[b] = call.run(self._fp_layer, self.hidden_fp[b])
+            self._fp_advanced = True
+        return [
+            BlockBatch(h, t, c)
+            for h, t, c in zip(self.hidden_q, self.hidden_fp, calls, strict=True)
+        ]
+
     def end_layer(self) -> None:
         """Replay the (now quantized) layer, and its FP copy, into the next layer's inputs."""
         layer = self._layer
         assert layer is not None, "begin_layer first"
         for b, call in enumerate(self.calls[self._i]):
             self.hidden_q[b] = call.run(layer, self.hidden_q[b])
-            if self._fp_layer is not None:
+            if self._fp_layer is not None and not self._fp_advanced:
                 self.hidden_fp[b] = call.run(self._fp_layer, self.hidden_fp[b])
         self._layer, self._fp_layer, self._fp_inputs = None, None, None
