@@ -117,7 +117,9 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     from tsq_vllm.quantize.run import run_quantization
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
+    args = vars(build_parser().parse_args(quantize_args))
+    args.pop("debug")  # a CLI switch, not a QuantizeOptions field
+    opts = QuantizeOptions(**args)
     job = run_quantization(opts, progress=False)
     stats = job.result.stats.values()
     out = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -67,8 +68,19 @@ def main() -> int:
         device_map="cpu",
         seed=0,
     )
-    ar.quantize_and_save(output_dir=args.output, format="auto_gptq")
-    quantize_s = time.perf_counter() - t
+    # AutoRound saves into a subdirectory named after the model and scheme: let it write into a
+    # temporary sibling and move the checkpoint to --output, so --output is whole or absent.
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".autoround-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ar.quantize_and_save(output_dir=str(tmp), format="auto_gptq")
+        quantize_s = time.perf_counter() - t
+        (written,) = {c.parent for c in tmp.rglob("config.json")}
+        shutil.rmtree(out, ignore_errors=True)
+        written.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     Path(args.stats_json).write_text(
         json.dumps(
             {

@@ -147,7 +147,9 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     import torch
 
     torch.set_num_threads(1)
-    opts = QuantizeOptions(**vars(build_parser().parse_args(quantize_args)))
+    args = vars(build_parser().parse_args(quantize_args))
+    args.pop("debug")  # a CLI switch, not a QuantizeOptions field
+    opts = QuantizeOptions(**args)
     job = run_quantization(opts, progress=False)
     stats = job.result.stats
     out = {
