@@ -8,9 +8,10 @@ For bits {2, 3} x group size {32, 64} it quantizes SmolLM2-135M with RTN, plain 
 1, GPTQ + stage 2, both stages, and both stages without the error-feedback term R, each in its own
 process through `tsq_vllm.quantize`'s CLI parser and `run_quantization` (so every row is the CLI's
 code path), then evaluates each checkpoint with `python -m tsq_vllm.eval` on the wiki test split.
-Peer rows run GPTQModel 7.7.0 (`benchmarks/gptqmodel_peer.py`, in benchmarks/.venv-gptqmodel) on the
-same fp32 weights and the *same calibration token windows* (exported once to safetensors), with its
-defaults and with `mse=2.4`, and evaluate what it writes with the same evaluator.
+Peer rows run GPTQModel 7.7.0 (`benchmarks/gptqmodel_peer.py`, in benchmarks/.venv-gptqmodel) and
+AutoRound (`benchmarks/autoround_peer.py`, in benchmarks/.venv-autoround, `bash
+benchmarks/setup_autoround.sh`) on the same fp32 weights and the *same calibration token windows*
+(exported once to safetensors), and evaluate what they write with the same evaluator.
 
 Every finished row is appended to a JSON-lines file, so an interrupted run resumes where it stopped;
 the markdown report and PNG plot are rewritten from that file after every row.
@@ -31,7 +32,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
-PEER_PY = ROOT / "benchmarks/.venv-gptqmodel/bin/python"
+# Each peer tool: (its venv's python, its script, the setup script that creates the venv).
+PEER_TOOLS = {
+    "gptqmodel": ("benchmarks/.venv-gptqmodel/bin/python", "benchmarks/gptqmodel_peer.py",
+                  "benchmarks/setup_gptqmodel.sh"),
+    "autoround": ("benchmarks/.venv-autoround/bin/python", "benchmarks/autoround_peer.py",
+                  "benchmarks/setup_autoround.sh"),
+}  # fmt: skip
 
 # The paper's settings (the defaults before GPTAQ, damped R and the scale box): the Table 3 rows
 # keep them pinned, so rows recorded before the defaults changed stay comparable.
@@ -47,11 +54,20 @@ TSQ_ROWS = [
     ("tsq_noR", "GPTQ + stage 1 + stage 2, no R", ["--no-error-feedback", *PAPER]),
     ("default", "tsq default (GPTAQ 0.25, R 0.25, box 2)", []),
 ]
-# (key, label, gptqmodel_peer.py flags)
+# (key, label, peer script flags); PEER_TOOL names each row's tool.
 PEER_ROWS = [
     ("gptqmodel", "GPTQModel 7.7 defaults", []),
     ("gptqmodel_mse", "GPTQModel 7.7 mse=2.4", ["--mse", "2.4"]),
-]
+    # GPTQModel's GPTAQ switch (QuantizeConfig(gptaq=GPTAQConfig(alpha))) at its default alpha,
+    # with mse=2.4: its best scale search here, so this is GPTAQ as a user would run it best.
+    ("gptqmodel_gptaq", "GPTQModel 7.7 GPTAQ (alpha 0.25) + mse=2.4",
+     ["--gptaq-alpha", "0.25", "--mse", "2.4"]),
+    # AutoRound's light recipe: 50 iterations with lr 5e-3 (its default lr would be 1/iters).
+    ("autoround_i50", "AutoRound 0.16.1 iters=50 (light recipe: lr 5e-3)",
+     ["--iters", "50", "--lr", "5e-3"]),
+    ("autoround_i200", "AutoRound 0.16.1 iters=200 (its default: lr 1/200)", ["--iters", "200"]),
+]  # fmt: skip
+PEER_TOOL = {k: "autoround" if k.startswith("autoround") else "gptqmodel" for k, _, _ in PEER_ROWS}
 # Order of work: the rows the goals compare first, so a cut-short run still answers them.
 RUN_ORDER = ["gptq", "default", "tsq", "rtn", "gptq_s1", "gptq_s2", "tsq_noR"]
 LABELS = {k: lab for k, lab, _ in TSQ_ROWS + PEER_ROWS}
@@ -218,6 +234,7 @@ def main() -> int:
             **entry,
             "setup": setup,
             "load": os.getloadavg()[0],
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             "machine": _machine(),
         }
@@ -238,13 +255,13 @@ def main() -> int:
 
     if not have(None, None, "fp"):
         record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate("smollm2", "fp")})
-    peers = [r for r in PEER_ROWS if r[0] in args.rows]
-    if peers and not PEER_PY.exists():
-        print(
-            f"skipping peer rows: {PEER_PY} not found (run bash benchmarks/setup_gptqmodel.sh)",
-            flush=True,
-        )
-        peers = []
+    peers = []
+    for row in [r for r in PEER_ROWS if r[0] in args.rows]:
+        python, _, setup_sh = PEER_TOOLS[PEER_TOOL[row[0]]]
+        if (ROOT / python).exists():
+            peers.append(row)
+        else:
+            print(f"skipping peer row {row[0]}: {python} not found (run bash {setup_sh})")
     hf_dir, calib_file = (
         export_peer_inputs(work, args.nsamples, args.seqlen, args.seed) if peers else (None, None)
     )
@@ -277,9 +294,10 @@ def main() -> int:
                     continue
                 tag = f"int{bits}-g{gs}-{key}"
                 stats = work / f"{tag}.stats.json"
+                python, script, _ = PEER_TOOLS[PEER_TOOL[key]]
                 cmd = [
-                    str(PEER_PY),
-                    str(ROOT / "benchmarks/gptqmodel_peer.py"),
+                    str(ROOT / python),
+                    str(ROOT / script),
                     "--model",
                     str(hf_dir),
                     "--calib",
@@ -294,10 +312,12 @@ def main() -> int:
                     "--stats-json",
                     str(stats),
                 ]
-                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
+                # One GPTQModel worker: the rows run pinned to one core with one torch thread.
+                prefix = "GPTQMODEL_CPU_WORKERS=1 " if PEER_TOOL[key] == "gptqmodel" else ""
+                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "1"}
                 wall = _run(
                     cmd, work / f"{tag}.quantize.log", env=env, cwd=work
-                )  # it writes logs/ in cwd
+                )  # GPTQModel writes logs/ in cwd
                 record(
                     {
                         "row": key,
@@ -305,7 +325,7 @@ def main() -> int:
                         "group_size": gs,
                         "process_seconds": wall,
                         **json.loads(stats.read_text()),
-                        "command": "GPTQMODEL_CPU_WORKERS=2 " + _shell(cmd),
+                        "command": prefix + _shell(cmd),
                         "eval": evaluate(str(work / tag), tag),
                     }
                 )

@@ -5,8 +5,10 @@ several jobs in turn because importing vLLM costs most of an engine start:
 
   python -m tests.serve.llm_worker JOBS_JSON_FILE [--tp N]
 
-Each job: {"model": dir, "prompts": [[ids]], "max_tokens": n, "dtype": "float32", "logprobs": bool}.
-Each result line: "RESULT {"tokens": [[ids]], "logprobs": [[lp]]}" or "RESULT {"error": "..."}".
+Each job: {"model": dir, "prompts": [[ids]], "max_tokens": n, "dtype": "float32", "logprobs": bool,
+"quantization": "tsq"} ("quantization" is what vLLM is asked for; "tsq" when absent).
+Each result line: "RESULT {"tokens": [[ids]], "logprobs": [[lp]], "quantization": method}" (the
+method vLLM resolved it to) or "RESULT {"error": "..."}".
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def run_job(job: dict, tp: int) -> dict:
 
     llm = LLM(
         model=job["model"],
-        quantization="tsq",
+        quantization=job.get("quantization", "tsq"),
         dtype=job.get("dtype", "float32"),
         tensor_parallel_size=tp,
         enforce_eager=True,
@@ -42,7 +44,10 @@ def run_job(job: dict, tp: int) -> dict:
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False
     )
-    result: dict = {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    result: dict = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+    }
     if job.get("logprobs"):
         result["logprobs"] = [
             [
