@@ -15,6 +15,10 @@ benchmarks/setup_autoround.sh`) on the same fp32 weights and the *same calibrati
 
 Every finished row is appended to a JSON-lines file, so an interrupted run resumes where it stopped;
 the markdown report and PNG plot are rewritten from that file after every row.
+
+`--model PATH.gguf|DIR --tag NAME` runs the same grid on another model: its rows go to
+`accuracy_NAME.{jsonl,md,png}` and its checkpoints to `/tmp/tsq-accuracy-NAME`, so the SmolLM2
+results are never mixed with it (benchmarks/fetch_qwen_gguf.sh assembles Qwen2.5-Coder-1.5B).
 """
 
 from __future__ import annotations
@@ -92,10 +96,12 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path
     return time.perf_counter() - start
 
 
-def smollm2_quantize_args(bits: int, gs: int, flags: list[str], output: Path) -> list[str]:
-    """`python -m tsq_vllm.quantize` arguments of one grid row on the embedded model (calibration
-    flags are part of `flags`)."""
-    return ["--model", "smollm2", "--bits", str(bits), "--group-size", str(gs), *flags,
+def smollm2_quantize_args(
+    bits: int, gs: int, flags: list[str], output: Path, model: str = "smollm2"
+) -> list[str]:
+    """`python -m tsq_vllm.quantize` arguments of one grid row on `model` (default: the embedded
+    SmolLM2; calibration flags are part of `flags`)."""
+    return ["--model", model, "--bits", str(bits), "--group-size", str(gs), *flags,
             "--output", str(output), "--overwrite"]  # fmt: skip
 
 
@@ -127,13 +133,14 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
     return 0
 
 
-def export_hf_model(hf_dir: Path, dtype) -> None:
-    """The embedded SmolLM2 GGUF as a plain HF directory in `dtype` (kept if already there)."""
+def export_hf_model(hf_dir: Path, dtype, model_arg: str = "smollm2") -> None:
+    """A GGUF model (default: the embedded SmolLM2) as a plain HF directory in `dtype` (kept if
+    already there)."""
     from tsq_vllm.models import load_model, load_tokenizer, resolve_source
 
     if (hf_dir / "config.json").exists():
         return
-    src = resolve_source("smollm2")
+    src = resolve_source(model_arg)
     model = load_model(src).to(dtype)
     # The weights are plain tensors once loaded; only the GGUF origin marks them "quantized".
     model.hf_quantizer, model.is_quantized = None, False
@@ -142,17 +149,21 @@ def export_hf_model(hf_dir: Path, dtype) -> None:
     load_tokenizer(src).save_pretrained(hf_dir)
 
 
-def export_peer_inputs(work: Path, nsamples: int, seqlen: int, seed: int) -> tuple[Path, Path]:
-    """SmolLM2 as an fp32 HF directory and the calibration windows tsq uses, for GPTQModel."""
+def export_peer_inputs(
+    work: Path, nsamples: int, seqlen: int, seed: int, model_arg: str = "smollm2"
+) -> tuple[Path, Path]:
+    """The model as an fp32 HF directory and the calibration windows tsq uses, for GPTQModel."""
     import torch
     from safetensors.torch import save_file
 
     from tsq_vllm.data import load_documents, sample_windows, tokenize_documents
     from tsq_vllm.models import load_tokenizer, resolve_source
 
-    hf_dir, calib = work / "smollm2-hf", work / f"calib-{nsamples}x{seqlen}-seed{seed}.safetensors"
-    export_hf_model(hf_dir, torch.float32)
-    tok = load_tokenizer(resolve_source("smollm2"))
+    hf_dir, calib = work / "model-hf", work / f"calib-{nsamples}x{seqlen}-seed{seed}.safetensors"
+    if model_arg == "smollm2":
+        hf_dir = work / "smollm2-hf"  # the name earlier SmolLM2 runs used
+    export_hf_model(hf_dir, torch.float32, model_arg)
+    tok = load_tokenizer(resolve_source(model_arg))
     if not calib.exists():
         windows = sample_windows(
             tokenize_documents(tok, load_documents("wiki", split="calib")), nsamples, seqlen, seed
@@ -179,11 +190,18 @@ def main() -> int:
         choices=ORDER,
         help="which rows to run",
     )
-    p.add_argument("--workdir", default="/tmp/tsq-accuracy", help="checkpoints and logs")
+    p.add_argument(
+        "--model", default="smollm2", help="model to quantize: 'smollm2', a .gguf file or HF dir"
+    )
+    p.add_argument(
+        "--tag", default=None, help="name of a --model other than smollm2 in file names (required)"
+    )
+    p.add_argument("--workdir", default=None, help="checkpoints and logs (default: /tmp/...)")
     p.add_argument(
         "--results",
-        default=str(RESULTS / "accuracy.jsonl"),
-        help="JSON lines, one per finished row",
+        default=None,
+        help="JSON lines, one per finished row; the .md and .png are written beside it "
+        "(default: benchmarks/results/accuracy[_TAG].jsonl)",
     )
     p.add_argument(
         "--report-only", action="store_true", help="only rewrite the report from --results"
@@ -193,16 +211,29 @@ def main() -> int:
     if args.worker:
         return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
 
-    from accuracy_report import write_report  # benchmarks/ is on sys.path as the script's directory
+    from accuracy_report import SMOLLM2, Subject, write_report  # benchmarks/ is on sys.path
 
-    results = Path(args.results)
+    if args.model != "smollm2" and not args.tag:
+        p.error("--model other than smollm2 needs --tag NAME (used in result file names)")
+    suffix = f"_{args.tag}" if args.tag else ""
+    subject = (
+        SMOLLM2
+        if args.model == "smollm2"
+        else Subject(
+            args.tag,
+            f'`{Path(args.model).name}` (dequantized to fp32: that is "FP")',
+            f" --model {args.model} --tag {args.tag}",
+        )
+    )
+    results = Path(args.results or RESULTS / f"accuracy{suffix}.jsonl")
+    md, png = results.with_suffix(".md"), results.with_suffix(".png")
     done = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
     if args.report_only:
-        write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
+        write_report(done, md, png, subject)
         return 0
-    work = Path(args.workdir)
+    work = Path(args.workdir or f"/tmp/tsq-accuracy{suffix.replace('_', '-')}")
     work.mkdir(parents=True, exist_ok=True)
     calib = [
         "--calib",
@@ -241,7 +272,7 @@ def main() -> int:
         done.append(entry)
         with results.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        write_report(done, RESULTS / "accuracy.md", RESULTS / "accuracy.png")
+        write_report(done, md, png, subject)
         ppl = entry["eval"]["ppl"]
         print(
             f"{entry['row']:>14} bits={entry['bits']} g={entry['group_size']}: ppl {ppl:.3f}, "
@@ -254,7 +285,7 @@ def main() -> int:
         return {**result, "command": cmd}
 
     if not have(None, None, "fp"):
-        record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate("smollm2", "fp")})
+        record({"row": "fp", "bits": None, "group_size": None, "eval": evaluate(args.model, "fp")})
     peers = []
     for row in [r for r in PEER_ROWS if r[0] in args.rows]:
         python, _, setup_sh = PEER_TOOLS[PEER_TOOL[row[0]]]
@@ -263,7 +294,9 @@ def main() -> int:
         else:
             print(f"skipping peer row {row[0]}: {python} not found (run bash {setup_sh})")
     hf_dir, calib_file = (
-        export_peer_inputs(work, args.nsamples, args.seqlen, args.seed) if peers else (None, None)
+        export_peer_inputs(work, args.nsamples, args.seqlen, args.seed, args.model)
+        if peers
+        else (None, None)
     )
     for bits in args.bits:
         for gs in args.group_sizes:
@@ -272,7 +305,7 @@ def main() -> int:
                     continue
                 tag = f"int{bits}-g{gs}-{key}"
                 flags = dict((k, f) for k, _, f in TSQ_ROWS)[key]
-                qargs = smollm2_quantize_args(bits, gs, [*calib, *flags], work / tag)
+                qargs = smollm2_quantize_args(bits, gs, [*calib, *flags], work / tag, args.model)
                 stats = work / f"{tag}.stats.json"
                 wall = _run(
                     [sys.executable, __file__, "--worker", str(stats), "--", *qargs],
