@@ -91,8 +91,31 @@ def _tied_targets(model: Any) -> set[str]:
     return tied
 
 
-def checkpoint_tensors(model: Any, packed: dict[str, GPTQLayer]) -> dict[str, torch.Tensor]:
-    """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
+def _stored(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An unquantized tensor as written: on CPU, in `dtype` if it is floating, finite."""
+    value = value.detach().to("cpu")
+    if not value.is_floating_point():
+        return value
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{key} contains NaN/inf values, which are never written: the source model is "
+            f"corrupt; re-download or re-export it"
+        )
+    if dtype is not None and value.dtype != dtype:
+        value = value.to(dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{key} has values beyond the range of {str(dtype).removeprefix('torch.')}: "
+                "store the unquantized tensors in bfloat16 or float32 (--dtype)"
+            )
+    return value
+
+
+def checkpoint_tensors(
+    model: Any, packed: dict[str, GPTQLayer], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Everything the checkpoint stores: unquantized tensors in `dtype` (default: their own), and
+    packed linears."""
     out: dict[str, torch.Tensor] = {}
     tied = _tied_targets(model)
     seen: dict[tuple[int, int], str] = {}
@@ -105,7 +128,7 @@ def checkpoint_tensors(model: Any, packed: dict[str, GPTQLayer]) -> dict[str, to
             continue  # tied to a tensor already written; the loader re-ties it
         seen.setdefault(storage, key)
         # clone() also breaks any other storage sharing, which safetensors refuses.
-        out[key] = value.detach().to("cpu").contiguous().clone()
+        out[key] = _stored(key, value, dtype).contiguous().clone()
     for prefix, t in packed.items():
         out.update({k: v.contiguous() for k, v in t.tensors(prefix).items()})
     return out
@@ -151,21 +174,16 @@ def save_quantized(
     tokenizer: Any = None,
     overwrite: bool = False,
     max_shard_bytes: int = 4 * 10**9,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` with its linears in `packed` replaced by GPTQ tensors; returns the output
-    path."""
+    """Write `model` with its linears in `packed` replaced by GPTQ tensors, its other floating
+    tensors in `dtype` (default: the model's); returns the output path."""
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_sibling(output, "partial")
     try:
-        tensors = checkpoint_tensors(model, packed)
-        for key, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(
-                    f"{key} contains NaN/inf values, which are never written: the source model is "
-                    f"corrupt; re-download or re-export it"
-                )
+        tensors = checkpoint_tensors(model, packed, dtype)
         files = _write_weights(tensors, tmp, max_shard_bytes)
         # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
         qconfig = dataclasses.replace(
@@ -177,7 +195,7 @@ def save_quantized(
         )
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig.to_dict()
-        config.dtype = model.dtype  # what the unquantized tensors were written in
+        config.dtype = dtype or model.dtype  # what the unquantized tensors were written in
         # GGUF-derived configs lack it, and vLLM picks the model class by it.
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from .scheme import (
     SCALE_SEARCHES,
     LayerScheme,
 )
+from .source import STORAGE_DTYPES
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
@@ -114,6 +115,13 @@ class QuantizeOptions:
         "(stores them as is)",
         choices=CHECKPOINT_FORMATS,
     )
+    dtype: str = _opt(
+        "auto",
+        "dtype of the unquantized tensors in the checkpoint (embeddings, norms, lm_head, biases): "
+        "'auto' keeps the source's, bfloat16 for a GGUF source (which transformers dequantizes "
+        "to float32); the quantization math runs in its own precision either way",
+        choices=STORAGE_DTYPES,
+    )
     max_shard_size: str = _opt(
         "4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded"
     )
@@ -144,6 +152,10 @@ class QuantizeOptions:
             raise ValueError(
                 f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of "
                 f"{CHECKPOINT_FORMATS}"
+            )
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"--dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)}"
             )
         if not _CALIB_RE.match(self.calib):
             raise ValueError(

@@ -56,6 +56,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     from ..models import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
     from .pipeline import quantize_model
     from .preflight import check_seqlen, check_source_files, protected_paths, warn_unservable
+    from .source import storage_dtype
 
     start = time.perf_counter()
     try:
@@ -68,6 +69,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         n_linears = check_quantizable(config, opts.bits, opts.group_size)
         check_seqlen(config, opts.seqlen)
         check_source_files(src, config)
+        dtype = storage_dtype(src, config, opts.dtype)
         tokenizer = load_tokenizer(src)
         docs = load_documents(opts.calib, split="calib")
         windows = sample_windows(
@@ -98,6 +100,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         tokenizer=tokenizer,
         overwrite=opts.overwrite,
         max_shard_bytes=parse_size(opts.max_shard_size),
+        dtype=dtype,
     )
     summary = {
         "output": str(out),
