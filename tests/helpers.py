@@ -92,9 +92,17 @@ def make_config(
 
 
 def make_tiny_model(
-    path: str | Path, arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **cfg
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+    **cfg,
 ) -> Path:
     """Save a tiny random `arch` causal LM with a trained tokenizer under `path`; returns the path.
+
+    `max_shard_size` (e.g. "200KB") saves it as safetensors shards with an index.
 
     Weights are drawn with a larger spread than the default init so that quantization error is
     visible in the logits, and greedy decoding does not collapse onto one token.
@@ -110,7 +118,8 @@ def make_tiny_model(
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.08)
-    model.save_pretrained(path, safe_serialization=True)
+    shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **shard)
     make_tokenizer(config.vocab_size).save_pretrained(path)
     (path / "calib.txt").write_text("\n".join(corpus(64, seed=1)))
     return path

@@ -21,6 +21,7 @@ from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
 from .layer import quantize_weight
 from .options import QuantizeOptions
+from .source import LayerStreamer
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
 __all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_model", "input_groups"]
@@ -111,12 +112,15 @@ def quantize_model(
     *,
     progress: bool = False,
     fp_cache_bytes: int = FP_CACHE_BYTES,
+    streamer: LayerStreamer | None = None,
 ) -> QuantizeResult:
     """Quantize every decoder linear of `model` (on CPU) in place, calibrated on `input_ids` [n, L].
 
     `opts` supplies the layer scheme, device and checkpoint format. With error feedback, one
     layer's full-precision linear inputs are kept for all windows when they fit in
     `fp_cache_bytes`; otherwise they are recomputed per group from a copy of the layer.
+    With a `streamer`, `model` is a skeleton: each decoder layer is read from the source before it
+    is quantized, and its quantized weights are dropped once packed (`result.packed` keeps them).
     """
     from tqdm.auto import tqdm
 
@@ -143,6 +147,8 @@ def quantize_model(
         "on" if with_r else "off",
     )
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
+        if streamer is not None:
+            streamer.load_layer(i, stack[i])
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
         for group in streams.begin_layer(i, layer):
@@ -165,5 +171,7 @@ def quantize_model(
                 _log_linear(full, qw.stats)
         streams.end_layer()
         layer.to("cpu")
+        if streamer is not None:
+            streamer.release_layer(i, layer, set(linears))
     result.seconds = time.perf_counter() - start
     return result

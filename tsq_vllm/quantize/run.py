@@ -3,7 +3,7 @@
     from tsq_vllm.quantize.options import QuantizeOptions
     from tsq_vllm.quantize.run import run_quantization
     job = run_quantization(QuantizeOptions(model="smollm2", output="./m-int3"))
-    job.model      # the in-memory quantized model (dequantized weights), job.result.packed, ...
+    job.result.packed, job.result.stats   # the packed tensors and statistics of every linear
 
 The order is the point: every check that needs no weights (flags, output path, model path,
 calibration text, every linear's shape against bits and group size, enough calibration tokens)
@@ -35,6 +35,9 @@ class UsageError(ValueError):
 
 @dataclass
 class QuantizationJob:
+    """`model` is the quantized model as far as it is held in memory: a streamed source leaves
+    only its skeleton with the unquantized tensors (the checkpoint on disk is the whole model)."""
+
     output: Path
     model: nn.Module
     result: QuantizeResult
@@ -53,10 +56,10 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     from ..checkpoint.atomic import check_output, check_writable, remove_stale_partials
     from ..checkpoint.hf import save_quantized
     from ..data import check_text_source, load_documents, sample_windows, tokenize_documents
-    from ..models import check_quantizable, load_config, load_model, load_tokenizer, resolve_source
+    from ..models import check_quantizable, load_config, load_tokenizer, resolve_source
     from .pipeline import quantize_model
     from .preflight import check_seqlen, check_source_files, protected_paths, warn_unservable
-    from .source import storage_dtype
+    from .source import open_model, storage_dtype
 
     start = time.perf_counter()
     try:
@@ -87,9 +90,11 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
     )
 
     t = time.perf_counter()
-    model = load_model(src)
+    model, streamer = open_model(src, config)
     load_s = time.perf_counter() - t
-    result = quantize_model(model, windows, opts, progress=progress)
+    result = quantize_model(model, windows, opts, progress=progress, streamer=streamer)
+    if streamer is not None:
+        streamer.load_outside(with_output=True)  # lm_head, for the checkpoint
     qconfig = opts.quantization_config(model_source=src.label, tool_version=tsq_vllm.__version__)
     t = time.perf_counter()
     out = save_quantized(

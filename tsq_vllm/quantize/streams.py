@@ -73,12 +73,12 @@ def _move_outside(model: nn.Module, stack: nn.ModuleList, device: torch.device) 
         if id(mod) in inside:
             continue
         for p in mod._parameters.values():
-            if p is not None:
+            if p is not None and not p.is_meta:  # a streamed skeleton's unread lm_head
                 p.data = p.data.to(
                     device
                 )  # keeps tied parameters tied: the Parameter object is shared
         for k, b in mod._buffers.items():
-            if b is not None:
+            if b is not None and not b.is_meta:
                 mod._buffers[k] = b.to(device)
 
 
