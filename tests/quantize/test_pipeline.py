@@ -78,7 +78,7 @@ def test_end_to_end(models, tmp_path, name, kw):
     out, bits, fmt = job.output, kw["bits"], kw.get("checkpoint_format", "gptq")
     tensors = read_checkpoint(out)
     prefixes = linear_prefixes(tensors)
-    assert len(prefixes) == 14 and prefixes == sorted(job.result.packed)
+    assert len(prefixes) == 14 and prefixes == sorted(job.result.stats)
 
     source = load_file(src / "model.safetensors")
     # The oracle model: the source with every quantized weight replaced by its independent decode.
@@ -90,8 +90,6 @@ def test_end_to_end(models, tmp_path, name, kw):
         )  # qwen2 has q/k/v biases
         assert tensors[f"{prefix}.scales"].dtype == torch.float16
         W = reference_weight(tensors, prefix, bits, fmt)
-        packed = job.result.packed[prefix].dequantize(torch.float32).t()
-        torch.testing.assert_close(packed, W, rtol=0, atol=0)
         lin = expected_model.get_submodule(prefix)
         lin.weight.data = W.to(lin.weight.dtype)
         if not kw.get("act_order"):

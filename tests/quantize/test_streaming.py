@@ -88,9 +88,6 @@ def test_the_skeleton_holds_only_embeddings_until_layers_are_read(sharded):
     full = load_model(src)
     for n, p in layer.named_parameters():
         assert torch.equal(p, full.get_submodule("model.layers.1").get_parameter(n)), n
-    streamer.release_layer(1, layer, {"self_attn.q_proj", "mlp.down_proj"})
-    assert layer.self_attn.q_proj.weight.is_meta and not layer.self_attn.k_proj.weight.is_meta
-    assert not layer.input_layernorm.weight.is_meta
 
 
 def test_a_source_without_every_tensor_of_the_model_is_loaded_whole(sharded, caplog):

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,14 @@ from .atomic import check_output, new_sibling, normal_permissions, replace_dir, 
 from .config import read_quantization_config
 from .integrity import INDEX_NAME, WEIGHTS_NAME, fingerprint, verify_fingerprint, weight_files
 
-__all__ = ["QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
+__all__ = [
+    "QuantLinear",
+    "CheckpointSpec",
+    "save_quantized",
+    "finish_checkpoint",
+    "load_quantized",
+    "checkpoint_tensors",
+]
 
 
 class QuantLinear(nn.Module):
@@ -112,16 +119,28 @@ def _stored(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.T
 
 
 def checkpoint_tensors(
-    model: Any, packed: dict[str, GPTQLayer], dtype: torch.dtype | None = None
+    model: Any,
+    packed: dict[str, GPTQLayer],
+    dtype: torch.dtype | None = None,
+    *,
+    prefix: str = "",
+    exclude: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything the checkpoint stores: unquantized tensors in `dtype` (default: their own), and
-    packed linears."""
+    packed linears.
+
+    `model` may be one module of the model whose keys start with `prefix` (a decoder layer:
+    "model.layers.3."); keys starting with `exclude` are left out (the decoder stack, when its
+    layers were written one by one)."""
     out: dict[str, torch.Tensor] = {}
-    tied = _tied_targets(model)
+    tied = _tied_targets(model) if hasattr(model, "config") else set()
     seen: dict[tuple[int, int], str] = {}
-    for key, value in model.state_dict().items():
-        prefix, _, leaf = key.rpartition(".")
-        if prefix in packed and leaf == "weight":
+    for rel, value in model.state_dict().items():
+        key = prefix + rel
+        if exclude is not None and key.startswith(exclude):
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if owner in packed and leaf == "weight":
             continue  # the packed tensors replace it
         storage = (value.untyped_storage().data_ptr(), value.storage_offset())
         if key in tied and storage in seen:
@@ -129,37 +148,51 @@ def checkpoint_tensors(
         seen.setdefault(storage, key)
         # clone() also breaks any other storage sharing, which safetensors refuses.
         out[key] = _stored(key, value, dtype).contiguous().clone()
-    for prefix, t in packed.items():
-        out.update({k: v.contiguous() for k, v in t.tensors(prefix).items()})
+    for name, t in packed.items():
+        out.update({k: v.contiguous() for k, v in t.tensors(name).items()})
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _nbytes(tensors: Mapping[str, torch.Tensor], key: str) -> int:
+    # A lazy mapping (the journal's layer files) knows the size without reading the tensor.
+    size = getattr(tensors, "nbytes", None)
+    if callable(size):
+        return int(size(key))
+    t = tensors[key]
+    return t.numel() * t.element_size()
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
+        nbytes = _nbytes(tensors, key)
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensors[key]
+        shards[-1].append(key)
         size += nbytes
     return shards
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> list[str]:
+def _write_weights(
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_bytes: int
+) -> list[str]:
+    """Write the shards one at a time: only one shard's tensors are read at once."""
     from safetensors.torch import save_file
 
     shards = _shards(tensors, max_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k] for k in shards[0]}, str(directory / WEIGHTS_NAME), {"format": "pt"}
+        )
         return [WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for name, keys in zip(names, shards, strict=True):
+        save_file({k: tensors[k] for k in keys}, str(directory / name), {"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(_nbytes(tensors, k) for k in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names
@@ -183,35 +216,63 @@ def save_quantized(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_sibling(output, "partial")
     try:
-        tensors = checkpoint_tensors(model, packed, dtype)
-        files = _write_weights(tensors, tmp, max_shard_bytes)
-        # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
-        qconfig = dataclasses.replace(
-            qconfig,
-            tsq={
-                **qconfig.tsq,
-                INTEGRITY_KEY: fingerprint(qconfig.to_dict(), [tmp / f for f in files]),
-            },
-        )
-        config = copy.deepcopy(model.config)
-        config.quantization_config = qconfig.to_dict()
-        config.dtype = dtype or model.dtype  # what the unquantized tensors were written in
-        # GGUF-derived configs lack it, and vLLM picks the model class by it.
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_manifest(tmp)
-        normal_permissions(tmp)
-        replace_dir(tmp, output)
+        spec = CheckpointSpec(model, qconfig, tokenizer, overwrite, max_shard_bytes, dtype)
+        finish_checkpoint(tmp, checkpoint_tensors(model, packed, dtype), spec, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """Everything a checkpoint directory is written from, besides its tensors."""
+
+    model: Any
+    qconfig: CheckpointQuantConfig
+    tokenizer: Any = None
+    overwrite: bool = False
+    max_shard_bytes: int = 4 * 10**9
+    dtype: torch.dtype | None = None
+
+
+def finish_checkpoint(
+    tmp: Path,
+    tensors: Mapping[str, torch.Tensor],
+    spec: CheckpointSpec,
+    output: Path,
+    discard: Callable[[], None] | None = None,
+) -> None:
+    """Write the weights, config and tokenizer into the partial directory `tmp`, then move it to
+    `output`. `discard` runs once the weights are written (it removes what they were read from)."""
+    files = _write_weights(tensors, tmp, spec.max_shard_bytes)
+    if discard is not None:
+        discard()
+    # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
+    qconfig = dataclasses.replace(
+        spec.qconfig,
+        tsq={
+            **spec.qconfig.tsq,
+            INTEGRITY_KEY: fingerprint(spec.qconfig.to_dict(), [tmp / f for f in files]),
+        },
+    )
+    model = spec.model
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig.to_dict()
+    config.dtype = spec.dtype or model.dtype  # what the unquantized tensors were written in
+    # GGUF-derived configs lack it, and vLLM picks the model class by it.
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if spec.tokenizer is not None:
+        spec.tokenizer.save_pretrained(tmp)
+    check_output(output, spec.overwrite)  # it may have appeared while quantizing
+    write_manifest(tmp)
+    normal_permissions(tmp)
+    replace_dir(tmp, output)
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -132,6 +132,11 @@ class QuantizeOptions:
         0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes"
     )
     overwrite: bool = _opt(False, "replace an existing --output directory")
+    resume: bool = _opt(
+        False,
+        "continue the interrupted run of --output (Ctrl-C, SIGTERM or kill -9) after its last "
+        "finished decoder layer; needs the same options and calibration, and gives the same bytes",
+    )
 
     def __post_init__(self) -> None:
         if not self.output:

@@ -10,6 +10,7 @@ and replay live in `streams`; this module is the per-layer loop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from torch import nn
 from ..format.gptq import GPTQLayer
 from ..models import decoder_linears, find_decoder_layers
 from .layer import quantize_weight
+from .layer_store import LayerStore
 from .options import QuantizeOptions
-from .source import LayerStreamer
+from .scheme import LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, input_groups
 
 __all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_model", "input_groups"]
@@ -104,6 +106,14 @@ def _log_linear(name: str, stats: dict[str, float]) -> None:
     )
 
 
+def _set_quantized(linears: dict[str, nn.Linear], packed: dict[str, GPTQLayer]) -> None:
+    """Give a layer finished by an earlier run the weights it was left with (the same values:
+    scales are fp16 in both, and the decode is the same product)."""
+    for name, layer in packed.items():
+        w = linears[name].weight
+        w.data = layer.dequantize(torch.float32).t().contiguous().to(device=w.device, dtype=w.dtype)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -112,15 +122,16 @@ def quantize_model(
     *,
     progress: bool = False,
     fp_cache_bytes: int = FP_CACHE_BYTES,
-    streamer: LayerStreamer | None = None,
+    store: LayerStore | None = None,
 ) -> QuantizeResult:
     """Quantize every decoder linear of `model` (on CPU) in place, calibrated on `input_ids` [n, L].
 
     `opts` supplies the layer scheme, device and checkpoint format. With error feedback, one
     layer's full-precision linear inputs are kept for all windows when they fit in
     `fp_cache_bytes`; otherwise they are recomputed per group from a copy of the layer.
-    With a `streamer`, `model` is a skeleton: each decoder layer is read from the source before it
-    is quantized, and its quantized weights are dropped once packed (`result.packed` keeps them).
+    With a `store`, each decoder layer is read from it before it is quantized and handed back
+    once done (written to the run's journal and released; `result.packed` then stays empty), and
+    the layers an earlier run finished are replayed, not quantized again.
     """
     from tqdm.auto import tqdm
 
@@ -129,6 +140,13 @@ def quantize_model(
     scheme = opts.layer_scheme()
     stack_name, stack = find_decoder_layers(model)
     with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0)
+    result = QuantizeResult(tokens=int(input_ids.numel()))
+    resume_at = store.resume_at if store is not None else 0
+    if store is not None:
+        for i in range(resume_at):
+            result.stats.update(store.stats(i))
+    if resume_at == len(stack):
+        return result  # an earlier run finished every layer: nothing to replay
     streams = ActivationStreams(
         model,
         stack,
@@ -138,40 +156,70 @@ def quantize_model(
         with_fp=with_r,
         fp_cache_bytes=fp_cache_bytes,
     )
-    result = QuantizeResult(tokens=streams.tokens)
     logger.info(
-        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s",
+        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s%s",
         input_ids.shape[0],
         input_ids.shape[1],
         len(stack),
         "on" if with_r else "off",
+        f"; resuming after layer {resume_at - 1}" if resume_at else "",
     )
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
-        if streamer is not None:
-            streamer.load_layer(i, stack[i])
+        if store is not None:
+            store.load(i, stack[i])
         layer = stack[i].to(device)
         linears = decoder_linears(layer)
-        for group in streams.begin_layer(i, layer):
-            m = streams.hessian(group[0])
-            for t in (m.H, m.R, m.D):
-                if t is not None:
-                    _check_finite(f"{stack_name}.{i}.{group[0]}", "inputs", t)
-            for name in group:
-                lin, full = linears[name], f"{stack_name}.{i}.{name}"
-                _check_finite(full, "weight", lin.weight)
-                qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
-                lin.weight.data = qw.dequantize().to(
-                    device=lin.weight.device, dtype=lin.weight.dtype
-                )
-                _check_finite(full, "scales", qw.scales)
-                _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
-                result.packed[full] = qw.to_gptq(opts.checkpoint_format)
-                result.packed[full].check_values(full)
-                result.stats[full] = dict(qw.stats)
-                _log_linear(full, qw.stats)
-        streams.end_layer()
+        finished = store.finished(i) if store is not None else None
+        if finished is not None:
+            streams.replay_layer(i, layer, functools.partial(_set_quantized, linears, finished))
+        else:
+            _quantize_layer(
+                f"{stack_name}.{i}",
+                layer,
+                streams.begin_layer(i, layer),
+                streams,
+                opts,
+                scheme,
+                result,
+            )
+            streams.end_layer()
         layer.to("cpu")
-        if streamer is not None:
-            streamer.release_layer(i, layer, set(linears))
+        if store is not None:
+            prefix = f"{stack_name}.{i}."
+            store.store(
+                i,
+                layer,
+                {n: result.packed.pop(prefix + n) for n in linears if prefix + n in result.packed},
+                {prefix + n: result.stats[prefix + n] for n in linears},
+            )
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _quantize_layer(
+    prefix: str,
+    layer: nn.Module,
+    groups: list[list[str]],
+    streams: ActivationStreams,
+    opts: QuantizeOptions,
+    scheme: LayerScheme,
+    result: QuantizeResult,
+) -> None:
+    """Quantize one decoder layer's linears group by group, in place (true sequential)."""
+    linears = decoder_linears(layer)
+    for group in groups:
+        m = streams.hessian(group[0])
+        for t in (m.H, m.R, m.D):
+            if t is not None:
+                _check_finite(f"{prefix}.{group[0]}", "inputs", t)
+        for name in group:
+            lin, full = linears[name], f"{prefix}.{name}"
+            _check_finite(full, "weight", lin.weight)
+            qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+            lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
+            _check_finite(full, "scales", qw.scales)
+            _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)
+            result.packed[full] = qw.to_gptq(opts.checkpoint_format)
+            result.packed[full].check_values(full)
+            result.stats[full] = dict(qw.stats)
+            _log_linear(full, qw.stats)

@@ -207,15 +207,6 @@ class LayerStreamer:
     def load_layer(self, i: int, layer: nn.Module) -> None:
         self.materialize(layer, f"{self.stack_name}.{i}")
 
-    def release_layer(self, i: int, layer: nn.Module, quantized: set[str]) -> None:
-        """Drop the weights of the `quantized` linears (names relative to the layer) back to meta;
-        the layer's norms and biases stay, to be written with the checkpoint."""
-        for name in quantized:
-            lin = layer.get_submodule(name)
-            w = lin._parameters["weight"]
-            assert w is not None
-            lin._parameters["weight"] = nn.Parameter(w.to("meta"), requires_grad=False)
-
 
 def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights

@@ -294,6 +294,19 @@ class ActivationStreams:
         # The core math runs on CPU tensors; only the forward passes use the compute device.
         return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
 
+    def replay_layer(self, i: int, layer: nn.Module, quantize: Callable[[], None]) -> None:
+        """Advance both streams through decoder layer i, which an earlier run quantized: the FP
+        stream through the layer as read from the source, then the quantized one after
+        `quantize()` gave it its quantized weights. The same passes as `begin_layer` and
+        `end_layer` make, so the streams come out bit-identical."""
+        calls = self.calls[i]
+        if self.with_fp:
+            for b, call in enumerate(calls):
+                self.hidden_fp[b] = call.run(layer, self.hidden_fp[b])
+        quantize()
+        for b, call in enumerate(calls):
+            self.hidden_q[b] = call.run(layer, self.hidden_q[b])
+
     def end_layer(self) -> None:
         """Replay the (now quantized) layer, and its FP copy, into the next layer's inputs."""
         layer = self._layer
