@@ -52,11 +52,12 @@ class QuantizedWeight:
         return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
 
     def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQLayer:
+        """The packed checkpoint tensors, on CPU whatever device the math ran on."""
         return pack_linear(
-            self.codes,
-            self.scales,
-            self.zeros,
-            self.g_idx,
+            self.codes.cpu(),
+            self.scales.cpu(),
+            self.zeros.cpu(),
+            self.g_idx.cpu(),
             self.bits,
             checkpoint_format,
             group_size=self.group_size,
@@ -106,7 +107,7 @@ def quantize_weight(
     perm = (
         torch.argsort(torch.diagonal(H), descending=True, stable=True)
         if s.act_order
-        else torch.arange(K)
+        else torch.arange(K, device=W.device)
     )
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
@@ -119,7 +120,10 @@ def quantize_weight(
     true_stats = R is None or D is not None
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
-    Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha) if R is not None and gptaq else W.clone()
+    if R is not None and gptaq:
+        Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha, dtype=s.math_dtype)
+    else:
+        Wq = W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
 
     t = time.perf_counter()
@@ -138,9 +142,11 @@ def quantize_weight(
     stats["time_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    col_group = torch.arange(K) // group_size  # [K]
+    col_group = torch.arange(K, device=W.device) // group_size  # [K]
     if s.gptq:
-        codes, loss_damped = gptq_quantize(Wq, Hd, grid, group_size, block_size=s.block_size)
+        codes, loss_damped = gptq_quantize(
+            Wq, Hd, grid, group_size, block_size=s.block_size, factor_dtype=s.math_dtype
+        )
     else:
         codes = quantize_codes(Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
     stats["time_gptq"] = time.perf_counter() - t

@@ -20,6 +20,7 @@ from .scheme import (
     DEFAULT_ERROR_FEEDBACK_ALPHA,
     DEFAULT_GPTAQ_ALPHA,
     DEFAULT_SCALE_BOX,
+    PRECISIONS,
     SCALE_SEARCHES,
     LayerScheme,
 )
@@ -126,7 +127,15 @@ class QuantizeOptions:
         "4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded"
     )
     device: str = _opt(
-        "cpu", "compute device for the decoder layer being quantized, e.g. cpu or cuda:0"
+        "cpu",
+        "compute device of the decoder layer being quantized and of all the quantization math, "
+        "e.g. cpu or cuda:0",
+    )
+    precision: str = _opt(
+        "float64",
+        "dtype of the Hessian accumulation and of GPTQ's factorizations; float32 is faster on "
+        "GPUs (benchmarks/results/precision.md measures what it changes)",
+        choices=PRECISIONS,
     )
     seed: int = _opt(
         0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes"
@@ -207,6 +216,7 @@ class QuantizeOptions:
             scale_box=self.scale_box,
             energy_match=self.energy_match,
             gptaq_alpha=self.gptaq_alpha,
+            precision=self.precision,
         )
 
     def quantization_config(self, *, model_source: str, tool_version: str) -> CheckpointQuantConfig:
@@ -240,6 +250,8 @@ class QuantizeOptions:
                 },
                 "source_model": model_source,
                 "version": tool_version,
+                # Recorded when not the default, so default checkpoints keep their config bytes.
+                **({"precision": self.precision} if self.precision != "float64" else {}),
             },
         )
 

@@ -155,6 +155,7 @@ def quantize_model(
         device=device,
         with_fp=with_r,
         fp_cache_bytes=fp_cache_bytes,
+        accumulate_dtype=scheme.math_dtype,
     )
     logger.info(
         "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s%s",
@@ -215,7 +216,7 @@ def _quantize_layer(
         for name in group:
             lin, full = linears[name], f"{prefix}.{name}"
             _check_finite(full, "weight", lin.weight)
-            qw = quantize_weight(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+            qw = quantize_weight(lin.weight.detach().float(), m.H, scheme, R=m.R, D=m.D)
             lin.weight.data = qw.dequantize().to(device=lin.weight.device, dtype=lin.weight.dtype)
             _check_finite(full, "scales", qw.scales)
             _check_positive(full, qw.scales, boxed=scheme.scale_box > 0 or not scheme.stage2)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..format.packing import check_bits
 
 __all__ = [
@@ -15,10 +17,12 @@ __all__ = [
     "DEFAULT_GPTAQ_ALPHA",
     "DEFAULT_SCALE_BOX",
     "SCALE_SEARCHES",
+    "PRECISIONS",
     "LayerScheme",
 ]
 
 SCALE_SEARCHES = ("minmax", "mse")
+PRECISIONS = ("float64", "float32")
 # The best of the grid measured on SmolLM2-135M INT2 and INT3 g64
 # (benchmarks/results/stage2_variants.md).
 DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
@@ -43,6 +47,8 @@ class LayerScheme:
     energy_match: after stage 2, rescale each row so qᵀHq equals the FP output energy (needs D
       with R).
     gptaq_alpha: with R, the grid and GPTQ target W − α·W R H⁻¹ instead of W (GPTAQ); 0 is off.
+    precision: dtype of the Hessian accumulation and of GPTQ's and GPTAQ's factorizations
+      ("float64" or "float32"; the other steps run in float32 with float64 reductions either way).
     """
 
     bits: int
@@ -63,6 +69,7 @@ class LayerScheme:
     scale_box: float = DEFAULT_SCALE_BOX
     energy_match: bool = False
     gptaq_alpha: float = DEFAULT_GPTAQ_ALPHA
+    precision: str = "float64"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -98,8 +105,16 @@ class LayerScheme:
                 f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval "
                 "[s0/B, B*s0])"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision {self.precision!r} is not supported: use one of {PRECISIONS}"
+            )
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
 
     @property
     def grid_method(self) -> str:

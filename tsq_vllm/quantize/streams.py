@@ -233,8 +233,10 @@ class ActivationStreams:
         device: torch.device,
         with_fp: bool,
         fp_cache_bytes: int = FP_CACHE_BYTES,
+        accumulate_dtype: torch.dtype = torch.float64,
     ) -> None:
         self.device = device
+        self.accumulate_dtype = accumulate_dtype
         self.with_fp = with_fp
         self.fp_cache_bytes = fp_cache_bytes
         self.tokens = int(input_ids.numel())
@@ -279,7 +281,9 @@ class ActivationStreams:
         assert layer is not None, "begin_layer first"
         lin = decoder_linears(layer)[first]
         fp_lin = decoder_linears(self._fp_layer)[first] if self._fp_layer is not None else None
-        acc = HessianAccumulator(lin.in_features, with_r=self.with_fp, device=self.device)
+        acc = HessianAccumulator(
+            lin.in_features, with_r=self.with_fp, device=self.device, dtype=self.accumulate_dtype
+        )
         for b, call in enumerate(self.calls[self._i]):
             x = _capture_input(layer, lin, self.hidden_q[b], call)  # [b, L, K]
             if self._fp_inputs is not None:
@@ -290,9 +294,7 @@ class ActivationStreams:
                 x_fp = None
             acc.add(x, x_fp)
         H, R = acc.finalize()
-        D = acc.finalize_delta()
-        # The core math runs on CPU tensors; only the forward passes use the compute device.
-        return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
+        return InputMoments(H, R, acc.finalize_delta())  # on the compute device, like the math
 
     def replay_layer(self, i: int, layer: nn.Module, quantize: Callable[[], None]) -> None:
         """Advance both streams through decoder layer i, which an earlier run quantized: the FP
