@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ import torch
 
 from .atomic import JOURNAL_NAME, claim_partial, new_sibling, partial_siblings, resumable_layers
 
-__all__ = ["JOURNAL_NAME", "Journal", "LayerFiles", "resumable_layers"]
+__all__ = ["JOURNAL_NAME", "SPILL_DIR", "Journal", "LayerFiles", "resumable_layers"]
+
+SPILL_DIR = "spill"  # activation streams over --max-memory, only while the run is alive
 
 logger = logging.getLogger("tsq_vllm.checkpoint")
 
@@ -154,6 +157,7 @@ class Journal:
                 logger.warning("layer %d of the interrupted run is damaged: redoing it", i)
                 break
             good.append(entry)
+        shutil.rmtree(fresh / SPILL_DIR, ignore_errors=True)  # the dead run's activations
         listed = {e["file"] for e in good}
         for f in fresh.iterdir():  # files of unlisted or damaged layers, half-written ones
             if f.name.startswith("layer-") and f.name not in listed:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.hf import checkpoint_tensors
-from ..checkpoint.journal import Journal
+from ..checkpoint.journal import SPILL_DIR, Journal
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from ..models import ModelSource, decoder_linears, find_decoder_layers
 from .options import QuantizeOptions
@@ -79,6 +79,11 @@ class LayerStore:
         self.stack_name, self.stack = find_decoder_layers(model)
         # The first layer this run quantizes; the ones before it were finished by earlier runs.
         self.resume_at = journal.done
+
+    @property
+    def spill_dir(self) -> Path:
+        """Where activation streams over --max-memory go: inside the run's partial directory."""
+        return self.journal.directory / SPILL_DIR
 
     def load(self, i: int, layer: nn.Module) -> None:
         if self.streamer is not None:

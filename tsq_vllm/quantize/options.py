@@ -116,6 +116,12 @@ class QuantizeOptions:
         "(stores them as is)",
         choices=CHECKPOINT_FORMATS,
     )
+    max_memory: str | None = _opt(
+        None,
+        "RAM for the calibration activation streams (both streams and the cached FP inputs), "
+        "e.g. 8GiB; a stream over it is kept in a memory-mapped file in the output's temporary "
+        "directory instead (same results, more disk I/O). Default: no limit",
+    )
     dtype: str = _opt(
         "auto",
         "dtype of the unquantized tensors in the checkpoint (embeddings, norms, lm_head, biases): "
@@ -186,11 +192,17 @@ class QuantizeOptions:
             # be wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
+        if self.max_memory is not None:
+            parse_size(self.max_memory, "--max-memory")
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
 
     @property
     def output_path(self) -> Path:
         return Path(self.output).expanduser()
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory, "--max-memory")
 
     @property
     def zero_min(self) -> int:
@@ -273,10 +285,10 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """Bytes in a size such as '500MB', '4GB' or '2GiB'."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else ""
     if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r} is not a size: write e.g. 500MB or 4GB")
+        raise ValueError(f"{flag} {text!r} is not a size: write e.g. 500MB or 4GB")
     return int(float(m.group(1)) * _UNITS[unit])

@@ -133,8 +133,6 @@ def quantize_model(
     once done (written to the run's journal and released; `result.packed` then stays empty), and
     the layers an earlier run finished are replayed, not quantized again.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     device = torch.device(opts.device)
     scheme = opts.layer_scheme()
@@ -147,6 +145,14 @@ def quantize_model(
             result.stats.update(store.stats(i))
     if resume_at == len(stack):
         return result  # an earlier run finished every layer: nothing to replay
+    logger.info(
+        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s%s",
+        input_ids.shape[0],
+        input_ids.shape[1],
+        len(stack),
+        "on" if with_r else "off",
+        f"; resuming after layer {resume_at - 1}" if resume_at else "",
+    )
     streams = ActivationStreams(
         model,
         stack,
@@ -156,19 +162,34 @@ def quantize_model(
         with_fp=with_r,
         fp_cache_bytes=fp_cache_bytes,
         accumulate_dtype=scheme.math_dtype,
+        max_memory=opts.max_memory_bytes,
+        spill_dir=store.spill_dir if store is not None else None,
     )
-    logger.info(
-        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s%s",
-        input_ids.shape[0],
-        input_ids.shape[1],
-        len(stack),
-        "on" if with_r else "off",
-        f"; resuming after layer {resume_at - 1}" if resume_at else "",
-    )
+    try:
+        _quantize_stack(stack_name, stack, streams, opts, scheme, result, store, progress)
+    finally:
+        streams.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _quantize_stack(
+    stack_name: str,
+    stack: nn.ModuleList,
+    streams: ActivationStreams,
+    opts: QuantizeOptions,
+    scheme: LayerScheme,
+    result: QuantizeResult,
+    store: LayerStore | None,
+    progress: bool,
+) -> None:
+    """Every decoder layer in order: quantized, or replayed when an earlier run finished it."""
+    from tqdm.auto import tqdm
+
     for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
         if store is not None:
             store.load(i, stack[i])
-        layer = stack[i].to(device)
+        layer = stack[i].to(streams.device)
         linears = decoder_linears(layer)
         finished = store.finished(i) if store is not None else None
         if finished is not None:
@@ -193,8 +214,6 @@ def quantize_model(
                 {n: result.packed.pop(prefix + n) for n in linears if prefix + n in result.packed},
                 {prefix + n: result.stats[prefix + n] for n in linears},
             )
-    result.seconds = time.perf_counter() - start
-    return result
 
 
 def _quantize_layer(

@@ -19,20 +19,35 @@ recomputes them per group instead (same values, more compute, bounded memory).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
 from ..models import decoder_linears
+from .spill import SpilledStream
 
 __all__ = ["FP_CACHE_BYTES", "ActivationStreams", "InputMoments", "input_groups"]
 
 FP_CACHE_BYTES = 2 * 2**30
+
+logger = logging.getLogger("tsq_vllm.quantize")
+
+
+class Stream(Protocol):
+    """One activation stream: a tensor per calibration batch (a list, or a `SpilledStream`)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, b: int, /) -> torch.Tensor: ...
+    def __setitem__(self, b: int, t: torch.Tensor, /) -> None: ...
 
 
 class InputMoments(NamedTuple):
@@ -234,21 +249,63 @@ class ActivationStreams:
         with_fp: bool,
         fp_cache_bytes: int = FP_CACHE_BYTES,
         accumulate_dtype: torch.dtype = torch.float64,
+        max_memory: int | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.device = device
         self.accumulate_dtype = accumulate_dtype
         self.with_fp = with_fp
         self.fp_cache_bytes = fp_cache_bytes
         self.tokens = int(input_ids.numel())
-        self.hidden_q, self.calls = _record_layer_calls(model, stack, input_ids, batch_size, device)
+        hidden, self.calls = _record_layer_calls(model, stack, input_ids, batch_size, device)
         # Both streams start from the same embeddings; entries are replaced, never modified in
         # place.
-        self.hidden_fp = list(self.hidden_q) if with_fp else []
+        self.hidden_q: Stream = hidden
+        self.hidden_fp: Stream = list(hidden) if with_fp else []
+        self._spilled: list[SpilledStream] = []
+        self._spill_tmp: tempfile.TemporaryDirectory[str] | None = None
+        if max_memory is not None:
+            self._fit(max_memory, spill_dir)
         self._layer: nn.Module | None = None
         self._i = -1
         self.groups: list[list[str]] = []
         self._fp_inputs: list[dict[str, torch.Tensor]] | None = None
         self._fp_layer: nn.Module | None = None
+
+    def _fit(self, budget: int, spill_dir: Path | None) -> None:
+        """Keep the streams (the quantized one first) and the FP input cache within `budget`
+        bytes of RAM; a stream that does not fit goes to a memory-mapped file in `spill_dir`."""
+        first = [self.hidden_q[b] for b in range(len(self.hidden_q))]  # still in RAM here
+        size = sum(h.numel() * h.element_size() for h in first)
+        left = budget
+        for name in ("q", "fp") if self.with_fp else ("q",):
+            if size <= left:
+                left -= size
+                continue
+            if spill_dir is None:
+                self._spill_tmp = self._spill_tmp or tempfile.TemporaryDirectory(prefix="tsq-")
+                spill_dir = Path(self._spill_tmp.name)
+            attr = "hidden_q" if name == "q" else "hidden_fp"
+            stream = SpilledStream(first, spill_dir / f"stream-{name}.bin")
+            setattr(self, attr, stream)
+            self._spilled.append(stream)
+            logger.info(
+                "activation stream %s (%.1f MiB) spilled to %s: over --max-memory",
+                name,
+                size / 2**20,
+                stream.path,
+            )
+        self.fp_cache_bytes = min(self.fp_cache_bytes, left)
+
+    def close(self) -> None:
+        """Remove the spill files."""
+        for stream in self._spilled:
+            stream.close()
+            with contextlib.suppress(OSError):  # the spill directory, once empty
+                stream.path.parent.rmdir()
+        self._spilled = []
+        if self._spill_tmp is not None:
+            self._spill_tmp.cleanup()
 
     def begin_layer(self, i: int, layer: nn.Module) -> list[list[str]]:
         """Start decoder layer i (full precision, on the device); returns its groups of linears."""
