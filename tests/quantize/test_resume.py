@@ -143,7 +143,12 @@ def _cli_args(deep: Path, out: Path) -> list[str]:
     return ["--model", str(deep), "--calib", f"text:{deep}/calib.txt", "--output", str(out), *fast]
 
 
-def test_ctrl_c_keeps_the_layers_and_prints_the_resume_command(deep, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_and_sigterm_keep_the_layers_and_print_the_resume_command(
+    deep, tmp_path, monkeypatch, capsys, sig, status, word
+):
     reference = run_quantization(opts_for(deep, tmp_path / "whole")).output
     out = tmp_path / "out"
     original = LayerStore.store
@@ -151,16 +156,16 @@ def test_ctrl_c_keeps_the_layers_and_prints_the_resume_command(deep, tmp_path, m
     def store(self, i, *args, **kwargs):
         original(self, i, *args, **kwargs)
         if i == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     with monkeypatch.context() as m:
         m.setattr(LayerStore, "store", store)
         code = main(_cli_args(deep, out))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m")]
-    assert code == 130 and len(err) == 1, err  # one line besides the progress bar
+    assert code == status and len(err) == 1, err  # one line besides the progress bar
     (partial,) = _partials(out)
     assert err[0].startswith(
-        f"python -m tsq_vllm.quantize: interrupted; 2 of 4 decoder layers are done and kept in "
+        f"python -m tsq_vllm.quantize: {word}; 2 of 4 decoder layers are done and kept in "
         f"{partial}; resume with: python -m tsq_vllm.quantize --model "
     )
     command = err[0].split("resume with: python -m tsq_vllm.quantize ")[1].split()

@@ -4,7 +4,10 @@ User data is never deleted: `--overwrite` replaces only an empty directory or a 
 tool wrote (its `tsq_manifest.json` lists every file, and nothing else is there), and never the
 source model, the working directory or a directory around either. The writer works in a hidden
 `.NAME.<pid>.<hex>.partial` sibling holding a `.tsq-partial` marker with its pid, so a later run
-can tell a partial left by a killed process (marker, dead pid) from anything else.
+can tell a partial left by a killed process (marker, dead pid) from anything else. Such a partial
+is removed by the next run, unless it is resumable (its `tsq_journal.json` lists finished decoder
+layers, see `checkpoint.journal`): that one may hold hours of work, so it is kept and reported
+until a `--resume` consumes it or the user deletes it.
 """
 
 from __future__ import annotations

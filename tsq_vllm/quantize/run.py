@@ -66,7 +66,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
 
     from ..checkpoint.atomic import check_output, check_writable, remove_stale_partials
     from ..checkpoint.hf import CheckpointSpec, finish_checkpoint
-    from ..checkpoint.journal import Journal
+    from ..checkpoint.journal import JOURNAL_NAME, Journal
     from ..data import check_text_source, load_documents, sample_windows, tokenize_documents
     from ..models import check_quantizable, load_config, load_tokenizer, resolve_source
     from .layer_store import LayerStore, journal_key
@@ -128,7 +128,7 @@ def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> Quanti
         )
     except KeyboardInterrupt as e:
         # Ctrl-C or SIGTERM: the finished layers stay for --resume; nothing to keep otherwise.
-        if journal.done and journal.directory.is_dir():
+        if journal.done and (journal.directory / JOURNAL_NAME).is_file():
             e.resumable = Resumable(journal.directory, journal.done, n_layers)  # type: ignore[attr-defined]
         else:
             shutil.rmtree(journal.directory, ignore_errors=True)
