@@ -58,3 +58,20 @@ def test_dtype_changes_only_the_unquantized_tensors(models, tmp_path, name, dtyp
         else:
             assert c[key].dtype == want and torch.equal(c[key], a[key].to(want)), key
     assert json.loads((cast / "config.json").read_text())["dtype"] == dtype
+
+
+def test_a_value_beyond_the_storage_dtype_is_refused_in_one_line():
+    from torch import nn
+
+    from tsq_vllm.checkpoint.hf import checkpoint_tensors
+
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight[0, 0] = 1e6  # beyond float16's 65504
+    assert checkpoint_tensors(model, {}, torch.bfloat16)["weight"].dtype == torch.bfloat16
+    with pytest.raises(ValueError) as info:
+        checkpoint_tensors(model, {}, torch.float16)
+    assert str(info.value) == (
+        "weight has values beyond the range of float16: store the unquantized tensors in "
+        "bfloat16 or float32 (--dtype)"
+    )

@@ -64,12 +64,6 @@ def _read(directory: Path) -> dict[str, Any] | None:
     return data
 
 
-def _describe(key: str, value: Any) -> str:
-    if key == "calibration":
-        return "other calibration windows (the text, --calib, --nsamples, --seqlen or --seed)"
-    return f"{key}={value!r}"
-
-
 class LayerFiles(Mapping[str, torch.Tensor]):
     """The tensors of the journal's layer files by name, each read only when asked for."""
 
@@ -140,11 +134,15 @@ class Journal:
         theirs = candidates[0][2]["key"]
         # In the key's order: an option that differs explains more than the windows it changed.
         field = next(k for k in [*key, *theirs] if key.get(k) != theirs.get(k))
+        if field == "calibration":
+            what = (
+                "was calibrated on other token windows than this run (the calibration text changed)"
+            )
+        else:
+            what = f"was made with {field}={theirs.get(field)!r}, this one with {key.get(field)!r}"
         raise ValueError(
-            f"--resume: the interrupted run in {str(candidates[0][1])!r} was made with "
-            f"{_describe(field, theirs.get(field))}, this one with "
-            f"{_describe(field, key.get(field))}: rerun with the same options and calibration, "
-            "or without --resume to start over"
+            f"--resume: the interrupted run in {str(candidates[0][1])!r} {what}: rerun with the "
+            "same options and calibration, or without --resume to start over"
         )
 
     @classmethod
