@@ -144,7 +144,9 @@ def _cli_args(deep: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "sig,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+    "sig,status,word",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
 )
 def test_ctrl_c_and_sigterm_keep_the_layers_and_print_the_resume_command(
     deep, tmp_path, monkeypatch, capsys, sig, status, word

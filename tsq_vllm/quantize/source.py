@@ -132,12 +132,15 @@ class SourceTensors:
 
         reader = GGUFReader(str(path))  # memory-mapped: tensor data is read when dequantized
         arch = read_field(reader, "general.architecture")[0]
-        if arch in _GGUF_MERGING:
+        if arch in _GGUF_MERGING or _gguf_has_new_loader(arch):
             return None
         # The same processor and name map `load_gguf_checkpoint` uses for the whole file.
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
-        mapping = get_gguf_hf_weights_map(skeleton, processor)
+        try:
+            mapping = get_gguf_hf_weights_map(skeleton, processor)
+        except (NotImplementedError, ValueError, KeyError):
+            return None  # an architecture gguf-py cannot name: loaded whole
         names = {mapping[t.name]: t for t in reader.tensors if t.name in mapping}
 
         def read(_name: str, t: Any) -> torch.Tensor:
@@ -148,6 +151,16 @@ class SourceTensors:
             return torch.from_numpy(np.copy(out.weights))
 
         return cls(names, read)
+
+
+def _gguf_has_new_loader(arch: str) -> bool:
+    """transformers >= 5.x loads some GGUF architectures through weight converters instead of
+    the per-tensor processors used here; those are loaded whole."""
+    try:
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    except ImportError:
+        return False
+    return bool(is_gguf_arch_supported(arch))
 
 
 def _leaves(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]:
