@@ -119,6 +119,24 @@ def test_resume_on_changed_calibration_text_is_refused(deep, tmp_path, monkeypat
         run_quantization(opts_for(deep, out, calib=f"text:{text}", resume=True))
 
 
+def test_resume_never_takes_the_partial_of_a_running_process(deep, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 0)
+        with pytest.raises(KeyboardInterrupt) as info:
+            run_quantization(opts_for(deep, out))
+    partial = info.value.resumable.directory  # type: ignore[attr-defined]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (partial / PARTIAL_MARKER).write_text(f"{live.pid}\n")  # as if another run owned it
+        with pytest.raises(UsageError, match="no interrupted run of --output"):
+            run_quantization(opts_for(deep, out, resume=True))
+        assert partial.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_resume_without_an_interrupted_run_is_refused(deep, tmp_path):
     with pytest.raises(UsageError, match="no interrupted run of --output .* run without --resume"):
         run_quantization(opts_for(deep, tmp_path / "out", resume=True))

@@ -27,6 +27,7 @@ __all__ = [
     "JOURNAL_NAME",
     "partial_siblings",
     "claim_partial",
+    "owner_alive",
     "resumable_layers",
     "check_output",
     "check_writable",
@@ -160,6 +161,16 @@ def partial_siblings(output: Path) -> list[Path]:
         and d.is_dir()
         and (d / PARTIAL_MARKER).is_file()
     ]
+
+
+def owner_alive(directory: Path) -> bool:
+    """True if another running process owns a partial directory (its marker names a live pid
+    other than ours: an earlier run interrupted in this same process may be taken over)."""
+    try:
+        pid = int((directory / PARTIAL_MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and _alive(pid)
 
 
 def claim_partial(directory: Path) -> Path:

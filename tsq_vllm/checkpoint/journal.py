@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from .atomic import JOURNAL_NAME, claim_partial, new_sibling, partial_siblings, resumable_layers
+from .atomic import (
+    JOURNAL_NAME,
+    claim_partial,
+    new_sibling,
+    owner_alive,
+    partial_siblings,
+    resumable_layers,
+)
 
 __all__ = ["JOURNAL_NAME", "SPILL_DIR", "Journal", "LayerFiles", "resumable_layers"]
 
@@ -119,6 +126,8 @@ class Journal:
         """Take over the newest resumable partial run of `output` made with the same `key`."""
         candidates = []
         for d in partial_siblings(output):
+            if owner_alive(d):
+                continue  # a run in progress (another process) is not ours to take
             data = _read(d)
             if data and data["layers"]:
                 candidates.append((d.stat().st_mtime, d, data))
