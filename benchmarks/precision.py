@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tsq_vllm.core import HessianAccumulator, layer_objective
-from tsq_vllm.data import load_documents, sample_windows, tokenize_documents
-from tsq_vllm.models import load_model, load_tokenizer, resolve_source
-from tsq_vllm.quantize import LayerScheme, quantize_weight
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's tsq_vllm, not an installed one
+
+from tsq_vllm.core import HessianAccumulator, layer_objective  # noqa: E402
+from tsq_vllm.data import load_documents, sample_windows, tokenize_documents  # noqa: E402
+from tsq_vllm.models import load_model, load_tokenizer, resolve_source  # noqa: E402
+from tsq_vllm.quantize import LayerScheme, quantize_weight  # noqa: E402
+
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
 
