@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -93,9 +93,17 @@ def make_config(
 
 
 def make_tiny_model(
-    path: str | Path, arch: str = "llama", *, seed: int = 0, dtype=torch.float32, **cfg
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    dtype=torch.float32,
+    max_shard_size: str | None = None,
+    **cfg,
 ) -> Path:
     """Save a tiny random `arch` causal LM with a trained tokenizer under `path`; returns the path.
+
+    `max_shard_size` (e.g. "200KB") saves it as safetensors shards with an index.
 
     Weights are drawn with a larger spread than the default init so that quantization error is
     visible in the logits, and greedy decoding does not collapse onto one token.
@@ -111,7 +119,8 @@ def make_tiny_model(
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0.0, 0.08)
-    model.save_pretrained(path, safe_serialization=True)
+    shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **shard)
     make_tokenizer(config.vocab_size).save_pretrained(path)
     (path / "calib.txt").write_text("\n".join(corpus(64, seed=1)))
     return path
@@ -149,3 +158,20 @@ def opts_for(model_dir: Path, output: Path, **kw) -> QuantizeOptions:
 def linear_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The quantized linears of a checkpoint's tensors, by name."""
     return sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+
+
+def quantize_in_memory(opts: QuantizeOptions) -> tuple[torch.nn.Module, Any]:
+    """The whole source model loaded in memory and quantized in place with `opts` (no
+    checkpoint written), and its `QuantizeResult`: the in-memory quantized model a streamed run
+    (`run_quantization`, whose `job.model` is a released skeleton) does not keep."""
+    from tsq_vllm.data import load_documents, sample_windows, tokenize_documents
+    from tsq_vllm.models import load_model, load_tokenizer, resolve_source
+    from tsq_vllm.quantize.pipeline import quantize_model
+
+    src = resolve_source(opts.model)
+    docs = load_documents(opts.calib, split="calib")
+    windows = sample_windows(
+        tokenize_documents(load_tokenizer(src), docs), opts.nsamples, opts.seqlen, opts.seed
+    )
+    model = load_model(src)
+    return model, quantize_model(model, windows, opts)

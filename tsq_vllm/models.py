@@ -158,8 +158,11 @@ def decoder_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def check_quantizable(config: Any, bits: int, group_size: int, *, bcq: bool = False) -> int:
-    """Raise a one-line error if some decoder linear cannot be stored; returns how many there are.
+def check_quantizable(
+    config: Any, bits: int, group_size: int, *, bcq: bool = False
+) -> tuple[int, int]:
+    """Raise a one-line error if some decoder linear cannot be stored; returns how many there are,
+    and how many decoder layers.
 
     The GPTQ layout packs codes along in_features and zero points along out_features, so both must
     be whole packing runs, and in_features must split into whole groups. The BCQ layout (`bcq`)
@@ -188,4 +191,4 @@ def check_quantizable(config: Any, bits: int, group_size: int, *, bcq: bool = Fa
             except ValueError as e:
                 raise ValueError(f"{stack_name}.{i}.{name}: {e}") from None
             count += 1
-    return count
+    return count, len(layers)

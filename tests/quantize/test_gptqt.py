@@ -17,7 +17,7 @@ import torch
 
 import tsq_vllm
 from tests.core.conftest import correlated_inputs
-from tests.helpers import opts_for, single_thread
+from tests.helpers import opts_for, quantize_in_memory, single_thread
 from tsq_vllm.quantize.__main__ import main
 from tsq_vllm.quantize.gptqt_layer import GPTQTWeight
 from tsq_vllm.quantize.method import quantize_linear
@@ -69,7 +69,9 @@ CASES = [
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_bcq_checkpoint_end_to_end(models, tmp_path, name, kw):
-    job = run_quantization(opts_for(models[name], tmp_path / "out", method="gptqt", **kw))
+    opts = opts_for(models[name], tmp_path / "out", method="gptqt", **kw)
+    job = run_quantization(opts)
+    quantized, _ = quantize_in_memory(opts)  # the streamed run releases its layers
     t = read_checkpoint(job.output)
     prefixes = sorted(k[: -len(".bcq_bits")] for k in t if k.endswith(".bcq_bits"))
     assert len(prefixes) == 14 and not any(k.endswith(".qweight") for k in t)
@@ -85,7 +87,7 @@ def test_bcq_checkpoint_end_to_end(models, tmp_path, name, kw):
         )
         assert (f"{prefix}.g_idx" in t) == bool(kw.get("act_order"))
         W, size = bcq_weight(t, prefix)
-        in_memory = job.model.get_submodule(prefix).weight.double()  # the b0-bit reading
+        in_memory = quantized.get_submodule(prefix).weight.double()  # the b0-bit reading
         assert ((W - in_memory).abs() <= 2**-11 * (size + in_memory.abs()) + 1e-6).all()
     # k planes + fp16 alpha (k) and offset per group, and int32 g_idx with act-order.
     shapes = [(t[f"{p}.bcq_bits"].shape[1] * 32, t[f"{p}.bcq_bits"].shape[2]) for p in prefixes]
@@ -96,7 +98,7 @@ def test_bcq_checkpoint_end_to_end(models, tmp_path, name, kw):
     assert type(reloaded.get_submodule(prefixes[0])).__name__ == "BCQLinear"
     ids = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got, expected = reloaded(input_ids=ids).logits, job.model(input_ids=ids).logits
+        got, expected = reloaded(input_ids=ids).logits, quantized(input_ids=ids).logits
     # The reload serves the BCQ decode: the fp16 rounding of its coefficients, nothing more.
     assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
     decoded = reloaded.get_submodule(prefixes[0]).dequantized_weight().double()

@@ -324,7 +324,7 @@ def test_checkpoint_from_before_the_manifest_may_be_overwritten(ws, written, cap
     assert code == 2 and "holds files this tool did not write" in err and snapshot(ws) == before
 
 
-def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
+def test_stale_partials_of_dead_runs_are_removed_and_said_resumable_ones_kept(ws, capsys, caplog):
     dead, live = dead_pid(), os.getpid()
     partials = {}
     for tag, pid, marker in (
@@ -332,6 +332,7 @@ def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
         ("live", live, True),
         ("unmarked", dead, False),
         ("other", dead, True),
+        ("resumable", dead, True),
     ):
         name = "other" if tag == "other" else "out"
         d = ws / f".{name}.{pid}.{os.urandom(4).hex()}.partial"
@@ -339,16 +340,22 @@ def test_stale_partials_of_dead_runs_are_removed_and_said(ws, capsys, caplog):
         (d / "model-00001-of-00002.safetensors").write_bytes(b"half")
         if marker:
             (d / ".tsq-partial").write_text(f"{pid}\n")
+        if tag == "resumable":  # a killed run that finished a decoder layer
+            layers = [{"index": 0, "file": "layer-00000.safetensors", "sha256": "0", "stats": {}}]
+            (d / "tsq_journal.json").write_text(json.dumps({"version": 1, "layers": layers}))
         partials[tag] = d
     with caplog.at_level("INFO", logger="tsq_vllm"):
         code, err = _run(capsys, [])
     assert code == 0, err
     assert not partials["dead"].exists()
-    assert (
-        partials["live"].exists() and partials["unmarked"].exists() and partials["other"].exists()
-    )
+    assert all(partials[t].exists() for t in ("live", "unmarked", "other", "resumable"))
     said = [r.getMessage() for r in caplog.records if "partial" in r.getMessage()]
-    assert said == [f"removed 1 partial checkpoint(s) left by killed runs: {partials['dead']}"]
+    assert said == [
+        f"removed 1 partial checkpoint(s) left by killed runs: {partials['dead']}",
+        f"kept 1 interrupted run(s) of this --output that can be resumed: {partials['resumable']} "
+        "(1 decoder layer(s) done); rerun the same command with --resume to continue, or delete "
+        "the directory",
+    ]
     assert ".tsq-partial" not in {p.name for p in (ws / "out").iterdir()}
 
 

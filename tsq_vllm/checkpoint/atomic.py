@@ -4,7 +4,10 @@ User data is never deleted: `--overwrite` replaces only an empty directory or a 
 tool wrote (its `tsq_manifest.json` lists every file, and nothing else is there), and never the
 source model, the working directory or a directory around either. The writer works in a hidden
 `.NAME.<pid>.<hex>.partial` sibling holding a `.tsq-partial` marker with its pid, so a later run
-can tell a partial left by a killed process (marker, dead pid) from anything else.
+can tell a partial left by a killed process (marker, dead pid) from anything else. Such a partial
+is removed by the next run, unless it is resumable (its `tsq_journal.json` lists finished decoder
+layers, see `checkpoint.journal`): that one may hold hours of work, so it is kept and reported
+until a `--resume` consumes it or the user deletes it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from pathlib import Path
 __all__ = [
     "MANIFEST_NAME",
     "PARTIAL_MARKER",
+    "JOURNAL_NAME",
+    "partial_siblings",
+    "claim_partial",
+    "owner_alive",
+    "resumable_layers",
     "check_output",
     "check_writable",
     "new_sibling",
@@ -34,6 +42,7 @@ logger = logging.getLogger("tsq_vllm.checkpoint")
 
 MANIFEST_NAME = "tsq_manifest.json"
 PARTIAL_MARKER = ".tsq-partial"
+JOURNAL_NAME = "tsq_journal.json"  # the per-layer journal (checkpoint.journal) of a run
 # What checkpoints written before the manifest existed hold; they are recognised by their
 # quantize_config.json saying quant_method "tsq" and holding nothing outside this list.
 _LEGACY_NAMES = re.compile(
@@ -123,11 +132,56 @@ def new_sibling(path: Path, tag: str) -> Path:
     """
     # mkdir (unlike mkdtemp) honours the umask, so the finished checkpoint gets ordinary
     # permissions.
-    d = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
+    d = _sibling_path(path, tag)
     d.mkdir()
     if tag == "partial":
         (d / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
     return d
+
+
+def _sibling_path(path: Path, tag: str) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{tag}"
+
+
+def _partial_pattern(output: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(output.name)}\.(\d+)\.[0-9a-f]{{8}}\.partial")
+
+
+def partial_siblings(output: Path) -> list[Path]:
+    """The partial directories of `output` (named like ours and holding the marker), any pid."""
+    out = Path(output).expanduser().absolute()
+    if not out.parent.is_dir():
+        return []
+    pattern = _partial_pattern(out)
+    return [
+        d
+        for d in sorted(out.parent.iterdir())
+        if pattern.fullmatch(d.name)
+        and not d.is_symlink()
+        and d.is_dir()
+        and (d / PARTIAL_MARKER).is_file()
+    ]
+
+
+def owner_alive(directory: Path) -> bool:
+    """True if another running process owns a partial directory (its marker names a live pid
+    other than ours: an earlier run interrupted in this same process may be taken over)."""
+    try:
+        pid = int((directory / PARTIAL_MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and _alive(pid)
+
+
+def claim_partial(directory: Path) -> Path:
+    """Rename a partial directory of a dead run to this process's name and pid, marker too."""
+    m = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]{8}\.partial", directory.name)
+    assert m, directory
+    output = directory.parent / m.group(1)
+    fresh = _sibling_path(output, "partial")
+    os.replace(directory, fresh)
+    (fresh / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
+    return fresh
 
 
 def write_manifest(directory: Path) -> None:
@@ -171,28 +225,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def resumable_layers(directory: Path) -> int:
+    """How many finished layers the journal in partial `directory` lists (0: none, no journal)."""
+    try:
+        layers = json.loads((directory / JOURNAL_NAME).read_text()).get("layers")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return len(layers) if isinstance(layers, list) else 0
+
+
 def remove_stale_partials(output: Path) -> list[Path]:
-    """Remove the partial siblings of `output` left by killed runs (marker present, pid dead)."""
+    """Remove the partial siblings of `output` left by killed runs (marker present, pid dead),
+    except resumable ones (a journal listing finished layers): those are kept and reported with
+    how to resume or remove them, since they may hold hours of work the user wants."""
     out = Path(output).expanduser().absolute()
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[0-9a-f]{{8}}\.partial")
-    removed = []
-    for d in sorted(out.parent.iterdir()):
+    pattern = _partial_pattern(out)
+    removed, kept = [], []
+    for d in partial_siblings(out):
         m = pattern.fullmatch(d.name)
-        if not m or d.is_symlink() or not d.is_dir():
-            continue
+        assert m is not None
         try:
             pid = int((d / PARTIAL_MARKER).read_text().strip())
         except (OSError, ValueError):
-            continue  # no marker: not provably ours, so kept
-        if pid == int(m.group(1)) and not _alive(pid):
-            shutil.rmtree(d)
-            removed.append(d)
+            continue  # an unreadable marker: not provably ours, so kept
+        if pid != int(m.group(1)) or _alive(pid):
+            continue
+        done = resumable_layers(d)
+        if done:
+            kept.append(f"{d} ({done} decoder layer(s) done)")
+            continue
+        shutil.rmtree(d)
+        removed.append(d)
     if removed:
         logger.warning(
             "removed %d partial checkpoint(s) left by killed runs: %s",
             len(removed),
             ", ".join(str(d) for d in removed),
+        )
+    if kept:
+        logger.warning(
+            "kept %d interrupted run(s) of this --output that can be resumed: %s; rerun the same "
+            "command with --resume to continue, or delete the directory",
+            len(kept),
+            ", ".join(kept),
         )
     return removed

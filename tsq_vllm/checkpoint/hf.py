@@ -17,110 +17,30 @@ import copy
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..format.bcq import BCQ_TENSOR_NAMES, BCQTensors
+from ..format.bcq import BCQTensors
 from ..format.config import INTEGRITY_KEY, CheckpointQuantConfig
-from ..format.gptq import TENSOR_NAMES, GPTQLayer
+from ..format.gptq import GPTQLayer
 from .atomic import check_output, new_sibling, normal_permissions, replace_dir, write_manifest
 from .config import read_quantization_config
 from .integrity import INDEX_NAME, WEIGHTS_NAME, fingerprint, verify_fingerprint, weight_files
+from .modules import BCQLinear, QuantLinear
 
-__all__ = ["BCQLinear", "QuantLinear", "save_quantized", "load_quantized", "checkpoint_tensors"]
-
-
-class QuantLinear(nn.Module):
-    """A linear layer stored as GPTQ tensors; each forward decodes W with the torch reference."""
-
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor
-
-    def __init__(self, layer: GPTQLayer, bias: torch.Tensor | None):
-        super().__init__()
-        self.in_features, self.out_features = layer.K, layer.N
-        self.bits, self.group_size, self.checkpoint_format = (
-            layer.bits,
-            layer.group_size,
-            layer.checkpoint_format,
-        )
-        for name, t in zip(
-            TENSOR_NAMES, (layer.qweight, layer.qzeros, layer.scales, layer.full_g_idx), strict=True
-        ):
-            self.register_buffer(name, t)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @property
-    def layer(self) -> GPTQLayer:
-        """The buffers as a `GPTQLayer` (they follow the module across devices)."""
-        return GPTQLayer(
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            self.bits,
-            self.group_size,
-            self.checkpoint_format,
-        )
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W in nn.Linear orientation [N, K]."""
-        return self.layer.dequantize(dtype=dtype or torch.float32).t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"checkpoint_format={self.checkpoint_format}, bias={self.bias is not None}"
-        )
-
-
-class BCQLinear(nn.Module):
-    """A linear layer stored as BCQ tensors, decoded once by the reference (`dequantize_bcq`).
-
-    The packed tensors are the persistent buffers; the decoded weight [N, K] is kept beside them
-    (not saved) in the activation dtype, so forward is one dense matmul.
-    """
-
-    bcq_bits: torch.Tensor
-    bcq_alpha: torch.Tensor
-    bcq_offset: torch.Tensor
-    weight: torch.Tensor
-
-    def __init__(self, layer: BCQTensors, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.bits = layer.K, layer.N, layer.bits
-        for name in BCQ_TENSOR_NAMES[:3]:
-            self.register_buffer(name, getattr(layer, name))
-        if layer.g_idx is not None:
-            self.register_buffer("g_idx", layer.g_idx)
-        self.register_buffer(
-            "weight", layer.dequantize(torch.float32).t().contiguous().to(dtype), persistent=False
-        )
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W in nn.Linear orientation [N, K], by the reference decode."""
-        g_idx = getattr(self, "g_idx", None)
-        layer = BCQTensors(self.bcq_bits, self.bcq_alpha, self.bcq_offset, g_idx)
-        return layer.dequantize(dtype or torch.float32).t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bcq_bits={self.bits}, bias={self.bias is not None}"
-        )
+__all__ = [
+    "BCQLinear",
+    "QuantLinear",
+    "CheckpointSpec",
+    "save_quantized",
+    "finish_checkpoint",
+    "load_quantized",
+    "checkpoint_tensors",
+]
 
 
 def _tied_targets(model: Any) -> set[str]:
@@ -133,54 +53,101 @@ def _tied_targets(model: Any) -> set[str]:
     return tied
 
 
+def _stored(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """An unquantized tensor as written: on CPU, in `dtype` if it is floating, finite."""
+    value = value.detach().to("cpu")
+    if not value.is_floating_point():
+        return value
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(
+            f"{key} contains NaN/inf values, which are never written: the source model is "
+            f"corrupt; re-download or re-export it"
+        )
+    if dtype is not None and value.dtype != dtype:
+        value = value.to(dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{key} has values beyond the range of {str(dtype).removeprefix('torch.')}: "
+                "store the unquantized tensors in bfloat16 or float32 (--dtype)"
+            )
+    return value
+
+
 def checkpoint_tensors(
-    model: Any, packed: dict[str, GPTQLayer | BCQTensors]
+    model: Any,
+    packed: Mapping[str, GPTQLayer | BCQTensors],
+    dtype: torch.dtype | None = None,
+    *,
+    prefix: str = "",
+    exclude: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Everything the checkpoint stores: unquantized tensors in their dtype, and packed linears."""
+    """Everything the checkpoint stores: unquantized tensors in `dtype` (default: their own), and
+    packed linears (GPTQ or BCQ).
+
+    `model` may be one module of the model whose keys start with `prefix` (a decoder layer:
+    "model.layers.3."); keys starting with `exclude` are left out (the decoder stack, when its
+    layers were written one by one)."""
     out: dict[str, torch.Tensor] = {}
-    tied = _tied_targets(model)
+    tied = _tied_targets(model) if hasattr(model, "config") else set()
     seen: dict[tuple[int, int], str] = {}
-    for key, value in model.state_dict().items():
-        prefix, _, leaf = key.rpartition(".")
-        if prefix in packed and leaf == "weight":
+    for rel, value in model.state_dict().items():
+        key = prefix + rel
+        if exclude is not None and key.startswith(exclude):
+            continue
+        owner, _, leaf = key.rpartition(".")
+        if owner in packed and leaf == "weight":
             continue  # the packed tensors replace it
         storage = (value.untyped_storage().data_ptr(), value.storage_offset())
         if key in tied and storage in seen:
             continue  # tied to a tensor already written; the loader re-ties it
         seen.setdefault(storage, key)
         # clone() also breaks any other storage sharing, which safetensors refuses.
-        out[key] = value.detach().to("cpu").contiguous().clone()
-    for prefix, t in packed.items():
-        out.update({k: v.contiguous() for k, v in t.tensors(prefix).items()})
+        out[key] = _stored(key, value, dtype).contiguous().clone()
+    for name, t in packed.items():
+        out.update({k: v.contiguous() for k, v in t.tensors(name).items()})
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _nbytes(tensors: Mapping[str, torch.Tensor], key: str) -> int:
+    # A lazy mapping (the journal's layer files) knows the size without reading the tensor.
+    size = getattr(tensors, "nbytes", None)
+    if callable(size):
+        return int(size(key))
+    t = tensors[key]
+    return t.numel() * t.element_size()
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
+        nbytes = _nbytes(tensors, key)
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensors[key]
+        shards[-1].append(key)
         size += nbytes
     return shards
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> list[str]:
+def _write_weights(
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_bytes: int
+) -> list[str]:
+    """Write the shards one at a time: only one shard's tensors are read at once."""
     from safetensors.torch import save_file
 
     shards = _shards(tensors, max_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k] for k in shards[0]}, str(directory / WEIGHTS_NAME), {"format": "pt"}
+        )
         return [WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for name, keys in zip(names, shards, strict=True):
+        save_file({k: tensors[k] for k in keys}, str(directory / name), {"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(_nbytes(tensors, k) for k in tensors)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names
@@ -195,49 +162,72 @@ def save_quantized(
     tokenizer: Any = None,
     overwrite: bool = False,
     max_shard_bytes: int = 4 * 10**9,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` with its linears in `packed` replaced by GPTQ (or BCQ) tensors; returns the
-    output path."""
+    """Write `model` with its linears in `packed` replaced by GPTQ (or BCQ) tensors, its other
+    floating tensors in `dtype` (default: the model's); returns the output path."""
     output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_sibling(output, "partial")
     try:
-        tensors = checkpoint_tensors(model, packed)
-        for key, value in tensors.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(
-                    f"{key} contains NaN/inf values, which are never written: the source model is "
-                    f"corrupt; re-download or re-export it"
-                )
-        files = _write_weights(tensors, tmp, max_shard_bytes)
-        # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
-        qconfig = dataclasses.replace(
-            qconfig,
-            tsq={
-                **qconfig.tsq,
-                INTEGRITY_KEY: fingerprint(qconfig.to_dict(), [tmp / f for f in files]),
-            },
-        )
-        config = copy.deepcopy(model.config)
-        config.quantization_config = qconfig.to_dict()
-        config.dtype = model.dtype  # what the unquantized tensors were written in
-        # GGUF-derived configs lack it, and vLLM picks the model class by it.
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_manifest(tmp)
-        normal_permissions(tmp)
-        replace_dir(tmp, output)
+        spec = CheckpointSpec(model, qconfig, tokenizer, overwrite, max_shard_bytes, dtype)
+        finish_checkpoint(tmp, checkpoint_tensors(model, packed, dtype), spec, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """Everything a checkpoint directory is written from, besides its tensors."""
+
+    model: Any
+    qconfig: CheckpointQuantConfig
+    tokenizer: Any = None
+    overwrite: bool = False
+    max_shard_bytes: int = 4 * 10**9
+    dtype: torch.dtype | None = None
+
+
+def finish_checkpoint(
+    tmp: Path,
+    tensors: Mapping[str, torch.Tensor],
+    spec: CheckpointSpec,
+    output: Path,
+    discard: Callable[[], None] | None = None,
+) -> None:
+    """Write the weights, config and tokenizer into the partial directory `tmp`, then move it to
+    `output`. `discard` runs once the weights are written (it removes what they were read from)."""
+    files = _write_weights(tensors, tmp, spec.max_shard_bytes)
+    if discard is not None:
+        discard()
+    # The fingerprint lets loaders detect a hand-edited format field or a changed weight file.
+    qconfig = dataclasses.replace(
+        spec.qconfig,
+        tsq={
+            **spec.qconfig.tsq,
+            INTEGRITY_KEY: fingerprint(spec.qconfig.to_dict(), [tmp / f for f in files]),
+        },
+    )
+    model = spec.model
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig.to_dict()
+    config.dtype = spec.dtype or model.dtype  # what the unquantized tensors were written in
+    # GGUF-derived configs lack it, and vLLM picks the model class by it.
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if spec.tokenizer is not None:
+        spec.tokenizer.save_pretrained(tmp)
+    check_output(output, spec.overwrite)  # it may have appeared while quantizing
+    write_manifest(tmp)
+    normal_permissions(tmp)
+    replace_dir(tmp, output)
 
 
 def _weight_files(path: Path) -> list[Path]:

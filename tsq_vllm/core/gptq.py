@@ -23,9 +23,12 @@ from .grid import Grid
 __all__ = ["asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
 
 
-def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), from a damped, positive definite H."""
-    L, info = torch.linalg.cholesky_ex(H.double())
+def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), from a damped, positive definite H.
+
+    The factorizations run in `dtype` (float64 by default; float32 is the fast choice on GPUs,
+    benchmarks/results/precision.md measures what it costs); U is returned in float32."""
+    L, info = torch.linalg.cholesky_ex(H.to(dtype))
     if int(info):
         raise ValueError(
             "H is not positive definite even after damping: raise damp (e.g. 0.05) or use more "
@@ -36,7 +39,11 @@ def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
 
 
 def asymmetric_target(
-    W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, alpha: float = 1.0
+    W: torch.Tensor,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    alpha: float = 1.0,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """W' = W − α·W R H⁻¹ [N, K]: GPTAQ's asymmetric calibration (arXiv 2504.02692) as a target.
 
@@ -44,17 +51,23 @@ def asymmetric_target(
     stream X̃ is w'ᵀ = wᵀE[X̃Xᵀ]H⁻¹ = wᵀ(H − R)H⁻¹, and E‖qᵀX − wᵀX̃‖² = (q − w')ᵀH(q − w') + const.
     So GPTQ (and its grid search) run on W' minimize the FP-stream error, and the codes — not only
     the scales — absorb it. α < 1 damps the correction (GPTAQ's reference code uses 0.25).
-    H must be the damped Hessian (positive definite).
+    H must be the damped Hessian (positive definite); the solve runs in `dtype`.
     """
-    L, info = torch.linalg.cholesky_ex(H.double())
+    L, info = torch.linalg.cholesky_ex(H.to(dtype))
     if int(info):
         raise ValueError("H is not positive definite even after damping: raise damp (e.g. 0.05)")
-    WR = W.double() @ R.double()  # [N, K]: rows wᵀR
-    return (W.double() - alpha * torch.cholesky_solve(WR.t(), L).t()).to(W.dtype)
+    WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
+    return (W.to(dtype) - alpha * torch.cholesky_solve(WR.t(), L).t()).to(W.dtype)
 
 
 def gptq_quantize(
-    W: torch.Tensor, H: torch.Tensor, grid: Grid, group_size: int, *, block_size: int = 128
+    W: torch.Tensor,
+    H: torch.Tensor,
+    grid: Grid,
+    group_size: int,
+    *,
+    block_size: int = 128,
+    factor_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, float]:
     """Integer codes [N, K] for W [N, K] on the fixed grid, minimizing (q − w)ᵀ H (q − w) per row.
 
@@ -65,8 +78,8 @@ def gptq_quantize(
     W = W.float().clone()
     N, K = W.shape
     maxq = grid.maxq
-    Hinv = inverse_hessian_factor(H)
-    codes = torch.zeros(N, K, dtype=torch.float32)
+    Hinv = inverse_hessian_factor(H, factor_dtype)
+    codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
     loss = 0.0
     scale = grid.scale.float()  # [N, n_groups]
     zero = grid.zero.float()

@@ -132,13 +132,13 @@ def search_grid(
         if H is None:
             raise ValueError("the hessian scale search (stage 1) needs H")
         n_groups = Wg.shape[0]
-        idx = torch.arange(n_groups * group_size).reshape(n_groups, group_size)  # [n_groups, g]
+        idx = torch.arange(n_groups * group_size, device=W.device).reshape(n_groups, group_size)
         Hb = H.float()[idx[:, :, None], idx[:, None, :]]  # [n_groups, g, g] diagonal blocks
-    betas = clip_grid(points)
+    betas = clip_grid(points).to(W.device)
     step = 1 if coarse is None else max(1, points // coarse)
 
     best, best_err = _candidate_error(Wg, bits, sym, 1.0, zero_min, Hb, norm)
-    best_idx = torch.zeros(best_err.shape, dtype=torch.long)
+    best_idx = torch.zeros(best_err.shape, dtype=torch.long, device=best_err.device)
 
     def consider(idx: torch.Tensor) -> None:
         nonlocal best_err

@@ -6,8 +6,9 @@
   D = E[(X − X̃)(X − X̃)ᵀ]  tracked with R: the constant of eq. (7) and the FP output energy
                            wᵀE[X̃X̃ᵀ]w = wᵀ(H − R − Rᵀ + D)w, which the per-linear log reports
 
-Both are K×K with K = in_features. Accumulation is a running mean in float64, so the result does
-not depend on how the tokens were batched beyond rounding, and large token counts do not overflow.
+Both are K×K with K = in_features. Accumulation is a running mean (in float64 by default), so the
+result does not depend on how the tokens were batched beyond rounding, and large token counts do
+not overflow.
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ class HessianAccumulator:
     """Running means of X Xᵀ and, when the full-precision stream is given, ΔX Xᵀ and ΔX ΔXᵀ."""
 
     def __init__(
-        self, in_features: int, *, with_r: bool = False, device: torch.device | str = "cpu"
+        self,
+        in_features: int,
+        *,
+        with_r: bool = False,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float64,
     ):
         self.in_features = in_features
         self.count = 0
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.R = torch.zeros_like(self.H) if with_r else None
         self.D = torch.zeros_like(self.H) if with_r else None
 

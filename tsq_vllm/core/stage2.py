@@ -157,7 +157,7 @@ def scale_system(
         sys.w_r_w = (W * WR).sum(-1).double()
         if D is not None:
             sys.w_d_w = (W * (W @ D.float())).sum(-1).double()
-    A = torch.empty(N, n_g, n_g, dtype=torch.float32)
+    A = torch.empty(N, n_g, n_g, dtype=torch.float32, device=W.device)
     for r in range(0, N, row_chunk):  # row chunks keep V in cache: about 2x faster than whole rows
         Uc = U[r : r + row_chunk]
         for j in range(n_g):

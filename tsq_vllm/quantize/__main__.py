@@ -5,7 +5,8 @@
 Exit status: 0 only when the complete checkpoint is in place; 2 for bad input (one line on
 stderr, checked before any model weights are read); 1 when quantizing or writing fails. On any
 failure nothing is left at --output, and an existing checkpoint there is kept. Ctrl-C exits 130,
-SIGTERM 143; --debug adds the traceback to a failure's one line.
+SIGTERM 143, both keeping the finished decoder layers for --resume and printing the command that
+resumes; --debug adds the traceback to a failure's one line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import signal
 import sys
 import traceback
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .options import QuantizeOptions, flag_of
-from .run import UsageError, run_quantization
+from .run import Resumable, UsageError, run_quantization
 
 __all__ = ["build_parser", "main", "parse_options"]
 
@@ -98,6 +100,20 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[QuantizeOptions, b
     return QuantizeOptions(**args), debug
 
 
+def _kept(e: BaseException, argv: Sequence[str] | None) -> str:
+    """What an interrupted run left: nothing, or finished layers and the command that resumes."""
+    kept: Resumable | None = getattr(e, "resumable", None)
+    if kept is None:
+        return "nothing was written"
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return (
+        f"{kept.done} of {kept.total} decoder layers are done and kept in {kept.directory}; "
+        f"resume with: {PROG} {shlex.join(args)}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -122,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except _Terminated as e:
-        print(f"{PROG}: terminated; nothing was written", file=sys.stderr)
-        return 128 + int(e.args[0] if e.args else signal.SIGTERM)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        word = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"{PROG}: {word}; {_kept(e, argv)}", file=sys.stderr)
+        if isinstance(e, _Terminated):
+            return 128 + int(e.args[0] if e.args else signal.SIGTERM)
         return 130
     except Exception as e:  # anything else is still one line; --debug shows where it came from
         if debug:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
-from .streams import ActivationStreams, InputMoments, _move_outside
+from .streams import ActivationStreams, InputMoments, Stream, _move_outside
 
 __all__ = ["find_head", "head_moments", "untie_head"]
 
@@ -64,7 +64,7 @@ def _head_inputs(
     stack: nn.ModuleList,
     head: nn.Linear,
     input_ids: torch.Tensor,
-    outputs: list[torch.Tensor],
+    outputs: Stream,
     batch_size: int,
     device: torch.device,
 ) -> list[torch.Tensor]:
@@ -123,9 +123,11 @@ def head_moments(
         xs_fp = list(
             _head_inputs(model, stack, head, input_ids, streams.hidden_fp, batch_size, device)
         )
-    acc = HessianAccumulator(head.in_features, with_r=streams.with_fp, device=device)
+    acc = HessianAccumulator(
+        head.in_features, with_r=streams.with_fp, device=device, dtype=streams.accumulate_dtype
+    )
     for x, x_fp in zip(xs, xs_fp, strict=True):
         acc.add(x, x_fp)
     H, R = acc.finalize()
     D = acc.finalize_delta()
-    return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
+    return InputMoments(H, R, D)  # on the compute device, like the decoder linears' moments

@@ -69,11 +69,12 @@ class QuantizedWeight:
         return self.to_gptq(checkpoint_format)
 
     def to_gptq(self, checkpoint_format: str = "gptq") -> GPTQLayer:
+        """The packed checkpoint tensors, on CPU whatever device the math ran on."""
         return pack_linear(
-            self.codes,
-            self.scales,
-            self.zeros,
-            self.g_idx,
+            self.codes.cpu(),
+            self.scales.cpu(),
+            self.zeros.cpu(),
+            self.g_idx.cpu(),
             self.bits,
             checkpoint_format,
             group_size=self.group_size,
@@ -131,7 +132,7 @@ def prepare_layer(
     perm = (
         torch.argsort(torch.diagonal(H), descending=True, stable=True)
         if s.act_order
-        else torch.arange(K)
+        else torch.arange(K, device=W.device)
     )
     W = W.float()[:, perm]  # [N, K]
     H = H[perm][:, perm]
@@ -143,7 +144,10 @@ def prepare_layer(
         )
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
-    Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha) if R is not None and gptaq else W.clone()
+    if R is not None and gptaq:
+        Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha, dtype=s.math_dtype)
+    else:
+        Wq = W.clone()
     Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
     return LayerProblem(W, H, R, D, Hd, Wq, perm, gptaq)
 
@@ -173,10 +177,12 @@ def linear_pass(
     stats["time_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    col_group = torch.arange(p.W.shape[1]) // s.group_size  # [K]
+    col_group = torch.arange(p.W.shape[1], device=p.W.device) // s.group_size  # [K]
     loss_damped = 0.0
     if s.gptq:
-        codes, loss_damped = gptq_quantize(p.Wq, p.Hd, grid, s.group_size, block_size=s.block_size)
+        codes, loss_damped = gptq_quantize(
+            p.Wq, p.Hd, grid, s.group_size, block_size=s.block_size, factor_dtype=s.math_dtype
+        )
     else:
         codes = quantize_codes(p.Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
     stats["time_gptq"] = time.perf_counter() - t
@@ -207,7 +213,7 @@ def quantize_weight(
     K = W.shape[1]
     true_stats = R is None or D is not None
     grid, codes, loss_damped, stats = linear_pass(p, s, bits)
-    col_group = torch.arange(K) // group_size  # [K]
+    col_group = torch.arange(K, device=W.device) // group_size  # [K]
 
     t = time.perf_counter()
     U = (codes - grid.zero[:, col_group]).float()  # [N, K] frozen integer weights

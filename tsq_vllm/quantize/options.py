@@ -15,38 +15,31 @@ from typing import Any
 
 from ..format.bcq import BCQ_FORMAT
 from ..format.config import SUPPORTED_GROUP_SIZES, CheckpointQuantConfig
-from ..format.gptq import CHECKPOINT_FORMATS
 from ..format.packing import SUPPORTED_BITS
+from .method_options import AUTO_FORMAT, OUTPUT_FORMATS, check_method, flag_of
 from .scheme import (
-    BCQ_BITS,
     DEFAULT_ERROR_FEEDBACK_ALPHA,
     DEFAULT_GPTAQ_ALPHA,
     DEFAULT_REFINE_LR,
     DEFAULT_SCALE_BOX,
     INTERMEDIATE_BITS,
     METHODS,
+    PRECISIONS,
     SCALE_SEARCHES,
     BlockRefineScheme,
     LayerScheme,
 )
+from .source import STORAGE_DTYPES
 
 __all__ = ["QuantizeOptions", "SCALE_SEARCHES", "DEFAULT_MODEL", "flag_of", "parse_size"]
 
 DEFAULT_MODEL = "smollm2"
 # --checkpoint-format's default: GPTQ v1 for tsq, binary coding for gptqt.
-AUTO_FORMAT = "auto"
-OUTPUT_FORMATS = (AUTO_FORMAT, *CHECKPOINT_FORMATS, BCQ_FORMAT)
 _CALIB_RE = re.compile(r"^(wiki|text:.+|hf:[^:]+(:[^:]+)?)$")
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
-
-
-def flag_of(name: str, default: Any) -> str:
-    """The CLI flag of a field: booleans that default to True are switched off by --no-<name>."""
-    base = name.replace("_", "-")
-    return f"--no-{base}" if default is True else f"--{base}"
 
 
 @dataclass
@@ -163,16 +156,42 @@ class QuantizeOptions:
         "weights as plain GPTQ at --intermediate-bits",
         choices=OUTPUT_FORMATS,
     )
+    max_memory: str | None = _opt(
+        None,
+        "RAM for the calibration activation streams (both streams and the cached FP inputs), "
+        "e.g. 8GiB; a stream over it is kept in a memory-mapped file in the output's temporary "
+        "directory instead (same results, more disk I/O). Default: no limit",
+    )
+    dtype: str = _opt(
+        "auto",
+        "dtype of the unquantized tensors in the checkpoint (embeddings, norms, lm_head, biases): "
+        "'auto' keeps the source's, bfloat16 for a GGUF source (which transformers dequantizes "
+        "to float32); the quantization math runs in its own precision either way",
+        choices=STORAGE_DTYPES,
+    )
     max_shard_size: str = _opt(
         "4GB", "largest safetensors shard, e.g. 500MB or 4GB; bigger models are sharded"
     )
     device: str = _opt(
-        "cpu", "compute device for the decoder layer being quantized, e.g. cpu or cuda:0"
+        "cpu",
+        "compute device of the decoder layer being quantized and of all the quantization math, "
+        "e.g. cpu or cuda:0",
+    )
+    precision: str = _opt(
+        "float64",
+        "dtype of the Hessian accumulation and of GPTQ's factorizations; float32 is faster on "
+        "GPUs (benchmarks/results/precision.md measures what it changes)",
+        choices=PRECISIONS,
     )
     seed: int = _opt(
         0, "seed of the calibration window sampling; the same seed gives the same checkpoint bytes"
     )
     overwrite: bool = _opt(False, "replace an existing --output directory")
+    resume: bool = _opt(
+        False,
+        "continue the interrupted run of --output (Ctrl-C, SIGTERM or kill -9) after its last "
+        "finished decoder layer; needs the same options and calibration, and gives the same bytes",
+    )
 
     def __post_init__(self) -> None:
         if not self.output:
@@ -190,6 +209,10 @@ class QuantizeOptions:
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
             )
         self._check_method()
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"--dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)}"
+            )
         if not _CALIB_RE.match(self.calib):
             raise ValueError(
                 f"--calib {self.calib!r} is not understood: use 'wiki', 'text:PATH' or "
@@ -210,69 +233,14 @@ class QuantizeOptions:
             # be wasted work, and the config should record what was really used.
             self.error_feedback = False
         parse_size(self.max_shard_size)
+        if self.max_memory is not None:
+            parse_size(self.max_memory, "--max-memory")
         self.layer_scheme()  # the per-layer settings (damp, scale search, ...) validate themselves
         self.refine_scheme()
 
     def _check_method(self) -> None:
-        """The method's flags, and the checkpoint format resolved from "auto"."""
-        if self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not supported: use one of {METHODS}")
-        if self.checkpoint_format not in OUTPUT_FORMATS:
-            raise ValueError(
-                f"--checkpoint-format {self.checkpoint_format!r} is not supported: use one of "
-                f"{OUTPUT_FORMATS}"
-            )
-        gptqt = self.method == "gptqt"
-        if self.checkpoint_format == AUTO_FORMAT:
-            self.checkpoint_format = BCQ_FORMAT if gptqt else "gptq"
-        if not gptqt:
-            if self.checkpoint_format == BCQ_FORMAT:
-                raise ValueError(
-                    "--checkpoint-format bcq stores binary coding: add --method gptqt, or write "
-                    "gptq / gptq_v2"
-                )
-            for name, default in (
-                ("intermediate_bits", 4),
-                ("requantize", True),
-                ("reexplore", True),
-            ):
-                if getattr(self, name) != default:
-                    flag = flag_of(name, default)
-                    raise ValueError(f"{flag} applies to --method gptqt only: add --method gptqt")
-            return
-        if self.bits not in BCQ_BITS:
-            raise ValueError(
-                f"--bits {self.bits} is not supported with --method gptqt: binary coding uses "
-                f"{' or '.join(map(str, BCQ_BITS))} bits"
-            )
-        if self.intermediate_bits not in INTERMEDIATE_BITS:
-            raise ValueError(
-                f"--intermediate-bits {self.intermediate_bits} is not supported: use one of "
-                f"{', '.join(map(str, INTERMEDIATE_BITS))}"
-            )
-        if self.checkpoint_format != BCQ_FORMAT and self.intermediate_bits not in SUPPORTED_BITS:
-            raise ValueError(
-                f"--checkpoint-format {self.checkpoint_format} cannot hold "
-                f"--intermediate-bits {self.intermediate_bits} codes (GPTQ packs "
-                f"{', '.join(map(str, SUPPORTED_BITS))} bits): write --checkpoint-format bcq or "
-                "use --intermediate-bits 4"
-            )
-        if not self.gptq:
-            raise ValueError(
-                "--no-gptq (round to nearest) is a tsq baseline: GPTQT's passes are GPTQ; drop it"
-            )
-        if self.energy_match:
-            raise ValueError("--energy-match applies to --method tsq only: drop it")
-        if self.refine_block:
-            raise ValueError(
-                f"--refine-block {self.refine_block} applies to --method tsq only (it refines "
-                "uniform-grid scales): drop it"
-            )
-        if self.quantize_lm_head and self.checkpoint_format == BCQ_FORMAT:
-            raise ValueError(
-                "--quantize-lm-head with --checkpoint-format bcq is not supported (BCQ serving has "
-                "no quantized lm_head): add --checkpoint-format gptq or drop --quantize-lm-head"
-            )
+        """The method's flags; resolves the checkpoint format from "auto" (`method_options`)."""
+        self.checkpoint_format = check_method(self)
 
     @property
     def stored_bits(self) -> int:
@@ -284,6 +252,10 @@ class QuantizeOptions:
     @property
     def output_path(self) -> Path:
         return Path(self.output).expanduser()
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory, "--max-memory")
 
     @property
     def zero_min(self) -> int:
@@ -314,6 +286,7 @@ class QuantizeOptions:
             intermediate_bits=self.intermediate_bits,
             requantize=self.requantize,
             reexplore=self.reexplore,
+            precision=self.precision,
         )
 
     def refine_scheme(self) -> BlockRefineScheme:
@@ -371,6 +344,8 @@ class QuantizeOptions:
                 },
                 "source_model": model_source,
                 "version": tool_version,
+                # Recorded when not the default, so default checkpoints keep their config bytes.
+                **({"precision": self.precision} if self.precision != "float64" else {}),
             },
         )
 
@@ -392,10 +367,10 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """Bytes in a size such as '500MB', '4GB' or '2GiB'."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else ""
     if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"--max-shard-size {text!r} is not a size: write e.g. 500MB or 4GB")
+        raise ValueError(f"{flag} {text!r} is not a size: write e.g. 500MB or 4GB")
     return int(float(m.group(1)) * _UNITS[unit])

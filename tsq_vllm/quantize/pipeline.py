@@ -4,12 +4,14 @@ Per decoder layer, its nn.Linear modules are grouped by identical input tensor (
 then gate/up; then down in Llama-like blocks) in execution order, found by running the layer
 once with hooks, so no architecture table is needed. Groups are quantized in that order ("true
 sequential"): each group's inputs are recomputed through the layer with the earlier groups
-already quantized. The activation streams (quantized and full precision) and their capture
-and replay live in `streams`; this module is the per-layer loop.
+already quantized; with --refine-block the block's scales are then refined together, and the
+layer is packed. The activation streams (quantized and full precision) and their capture and
+replay live in `streams`; this module is the per-layer loop.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,15 +20,25 @@ import torch
 from torch import nn
 
 from ..models import decoder_linears, find_decoder_layers
+from .checks import check_finite as _check_finite
+from .checks import check_positive as _check_positive
+from .checks import log_linear as _log_linear
 from .head import find_head, head_moments, untie_head
 from .layer import QuantizedWeight
+from .layer_store import LayerStore
 from .method import PackedLinear, QuantizedLinear, quantize_linear
 from .options import QuantizeOptions
 from .refine import refine_block
-from .scheme import LayerScheme
+from .scheme import BlockRefineScheme, LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, InputMoments, input_groups
 
-__all__ = ["FP_CACHE_BYTES", "QuantizeResult", "quantize_head", "quantize_model", "input_groups"]
+__all__ = [
+    "FP_CACHE_BYTES",
+    "QuantizeResult",
+    "quantize_head",
+    "quantize_model",
+    "input_groups",
+]
 
 logger = logging.getLogger("tsq_vllm.quantize")
 
@@ -46,77 +58,12 @@ class QuantizeResult:
     seconds: float = 0.0
 
 
-_NON_FINITE = {
-    "weight": "the weight contains {bad} NaN/inf value(s) of {n}: the source model is corrupt; "
-    "re-download or re-export it",
-    "inputs": "its calibration inputs contain NaN/inf (the embeddings or layers in front of it "
-    "give non-finite activations): the source model is corrupt; re-download or re-export it",
-    "scales": "quantizing gave {bad} NaN/inf scale(s), which are never written: retry with "
-    "--no-stage2 or a larger --damp",
-}
-
-
-def _check_finite(name: str, what: str, t: torch.Tensor) -> None:
-    """A NaN/inf would otherwise surface as a meaningless packing or Cholesky error, or be
-    written."""
-    bad = int((~torch.isfinite(t)).sum())
-    if bad:
-        raise ValueError(f"{name}: " + _NON_FINITE[what].format(bad=bad, n=t.numel()))
-
-
-def _check_positive(name: str, scales: torch.Tensor, boxed: bool) -> None:
-    """The paper requires s > 0; the scale box guarantees it, so a negative one there is a bug.
-
-    (A scale that fp16 rounds to 0 belongs to a group of weights below fp16's range: harmless.)
-
-    Only the unbounded ablation (--scale-box 0) may flip a scale's sign: that is written, with a
-    warning, because it is what the ablation measures.
-    """
-    bad = int((scales < 0).sum())
-    if not bad:
-        return
-    if boxed:
-        raise ValueError(
-            f"{name}: {bad} of {scales.numel()} scales are negative although stage 2 "
-            f"kept them in its box: this is a bug; retry with --no-stage2 and report it"
-        )
-    logger.warning(
-        "%s: %d of %d scales are negative (--scale-box 0 leaves stage 2 unbounded)",
-        name,
-        bad,
-        scales.numel(),
-    )
-
-
-def _log_linear(name: str, stats: dict[str, float]) -> None:
-    # rel error = E‖QX − WX̃‖² / E‖WX̃‖² (the true eq. (7), constant included); energy = E‖QX‖² /
-    # E‖WX̃‖².
-    quality = ""
-    if "rel_error" in stats:
-        quality = (
-            f"rel error {stats['rel_error_gptq']:.4g} -> {stats['rel_error']:.4g}, output energy "
-            f"{stats['energy_ratio_gptq']:.3f} -> {stats['energy_ratio']:.3f} after stage 2; "
-        )
-    if "time_convert" in stats:  # GPTQT: layer losses of the b0-bit pass and the binary coding
-        logger.info(
-            "%s: loss %.4g (b0-bit GPTQ) -> %.4g (binary coding); grid %.2fs, gptq %.2fs, "
-            "convert %.2fs",
-            name,
-            stats["loss_gptq"],
-            stats["loss"],
-            stats["time_grid"],
-            stats["time_gptq"],
-            stats["time_convert"],
-        )
-        return
-    logger.info(
-        "%s: %sgrid %.2fs, gptq %.2fs, stage2 %.2fs",
-        name,
-        quality,
-        stats["time_grid"],
-        stats["time_gptq"],
-        stats["time_stage2"],
-    )
+def _set_quantized(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> None:
+    """Give a layer finished by an earlier run the weights it was left with (`LayerStore.finished`
+    gives exactly those values)."""
+    for name, weight in weights.items():
+        w = linears[name].weight
+        w.data = weight.to(device=w.device, dtype=w.dtype)
 
 
 @torch.no_grad()
@@ -127,22 +74,39 @@ def quantize_model(
     *,
     progress: bool = False,
     fp_cache_bytes: int = FP_CACHE_BYTES,
+    store: LayerStore | None = None,
 ) -> QuantizeResult:
-    """Quantize every decoder linear of `model` (on CPU) in place, calibrated on `input_ids` [n, L];
-    with `opts.quantize_lm_head` the output head too, after the stack (`quantize_head`).
+    """Quantize every decoder linear of `model` in place, calibrated on `input_ids` [n, L]; with
+    `opts.quantize_lm_head` the output head too, after the stack (`quantize_head`).
 
     `opts` supplies the layer scheme, device and checkpoint format. With error feedback, one
     layer's full-precision linear inputs are kept for all windows when they fit in
     `fp_cache_bytes`; otherwise they are recomputed per group from a copy of the layer.
+    With a `store`, each decoder layer is read from it before it is quantized and handed back
+    once done (written to the run's journal and released; `result.packed` then holds only the
+    head), and the layers an earlier run finished are replayed, not quantized again.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     device = torch.device(opts.device)
     scheme = opts.layer_scheme()
     refine = opts.refine_scheme()
     stack_name, stack = find_decoder_layers(model)
     with_r = opts.error_feedback and (opts.stage2 or opts.gptaq_alpha > 0 or refine.steps > 0)
+    result = QuantizeResult(tokens=int(input_ids.numel()))
+    resume_at = store.resume_at if store is not None else 0
+    if store is not None:
+        for i in range(resume_at):
+            result.stats.update(store.stats(i))
+    if resume_at == len(stack) and not opts.quantize_lm_head:
+        return result  # an earlier run finished every layer: nothing to replay
+    logger.info(
+        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s%s",
+        input_ids.shape[0],
+        input_ids.shape[1],
+        len(stack),
+        "on" if with_r else "off",
+        f"; resuming after layer {resume_at - 1}" if resume_at else "",
+    )
     streams = ActivationStreams(
         model,
         stack,
@@ -151,38 +115,85 @@ def quantize_model(
         device=device,
         with_fp=with_r,
         fp_cache_bytes=fp_cache_bytes,
+        accumulate_dtype=scheme.math_dtype,
+        max_memory=opts.max_memory_bytes,
+        spill_dir=store.spill_dir if store is not None else None,
     )
-    result = QuantizeResult(tokens=streams.tokens)
-    logger.info(
-        "calibration: %d windows x %d tokens, %d decoder layers, error feedback %s",
-        input_ids.shape[0],
-        input_ids.shape[1],
-        len(stack),
-        "on" if with_r else "off",
-    )
-    for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
-        layer = stack[i].to(device)
-        linears = decoder_linears(layer)
-        qws: dict[str, QuantizedLinear] = {}
-        for group in streams.begin_layer(i, layer):
-            m = streams.hessian(group[0])
-            for name in group:
-                full = f"{stack_name}.{i}.{name}"
-                qws[name] = _quantize_linear_in_place(full, linears[name], m, scheme)
-        if refine.steps:
-            tsq_qws = {n: qw for n, qw in qws.items() if isinstance(qw, QuantizedWeight)}
-            assert len(tsq_qws) == len(qws), "--refine-block is a tsq mode (options check it)"
-            qws = dict(refine_block(layer, tsq_qws, streams.block_batches(), refine, i))
-            for name, qw in qws.items():
-                _check_finite(f"{stack_name}.{i}.{name}", "scales", qw.scales)
-        for name, qw in qws.items():
-            _pack(f"{stack_name}.{i}.{name}", qw, scheme, opts, result)
-        streams.end_layer()
-        layer.to("cpu")
-    if opts.quantize_lm_head:
-        quantize_head(model, stack, input_ids, streams, scheme, opts, result)
+    try:
+        _quantize_stack(stack_name, stack, streams, opts, scheme, refine, result, store, progress)
+        if opts.quantize_lm_head:
+            # After a resume too: the replayed streams are bit-identical, so is the head.
+            quantize_head(model, stack, input_ids, streams, scheme, opts, result)
+    finally:
+        streams.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _quantize_stack(
+    stack_name: str,
+    stack: nn.ModuleList,
+    streams: ActivationStreams,
+    opts: QuantizeOptions,
+    scheme: LayerScheme,
+    refine: BlockRefineScheme,
+    result: QuantizeResult,
+    store: LayerStore | None,
+    progress: bool,
+) -> None:
+    """Every decoder layer in order: quantized, or replayed when an earlier run finished it."""
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(len(stack)), desc="quantizing", unit="layer", disable=not progress):
+        if store is not None:
+            store.load(i, stack[i])
+        layer = stack[i].to(streams.device)
+        linears = decoder_linears(layer)
+        finished = store.finished(i) if store is not None else None
+        if finished is not None:
+            streams.replay_layer(i, layer, functools.partial(_set_quantized, linears, finished))
+        else:
+            _quantize_layer(f"{stack_name}.{i}", i, layer, streams, opts, scheme, refine, result)
+            streams.end_layer()
+        layer.to("cpu")
+        if store is not None:
+            prefix = f"{stack_name}.{i}."
+            store.store(
+                i,
+                layer,
+                {n: result.packed.pop(prefix + n) for n in linears if prefix + n in result.packed},
+                {prefix + n: result.stats[prefix + n] for n in linears},
+            )
+
+
+def _quantize_layer(
+    prefix: str,
+    i: int,
+    layer: nn.Module,
+    streams: ActivationStreams,
+    opts: QuantizeOptions,
+    scheme: LayerScheme,
+    refine: BlockRefineScheme,
+    result: QuantizeResult,
+) -> None:
+    """Quantize one decoder layer's linears group by group, in place (true sequential), refine
+    the block's scales if asked, then pack."""
+    linears = decoder_linears(layer)
+    qws: dict[str, QuantizedLinear] = {}
+    for group in streams.begin_layer(i, layer):
+        m = streams.hessian(group[0])
+        for name in group:
+            qws[name] = _quantize_linear_in_place(
+                f"{prefix}.{name}", linears[name], m, scheme, streams.device
+            )
+    if refine.steps:
+        tsq_qws = {n: qw for n, qw in qws.items() if isinstance(qw, QuantizedWeight)}
+        assert len(tsq_qws) == len(qws), "--refine-block is a tsq mode (options check it)"
+        qws = dict(refine_block(layer, tsq_qws, streams.block_batches(), refine, i))
+        for name, qw in qws.items():
+            _check_finite(f"{prefix}.{name}", "scales", qw.scales)
+    for name, qw in qws.items():
+        _pack(f"{prefix}.{name}", qw, scheme, opts, result)
 
 
 def quantize_head(
@@ -203,19 +214,26 @@ def quantize_head(
     if untie_head(model, head):
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
-    _pack(name, _quantize_linear_in_place(name, head, m, scheme), scheme, opts, result)
+    qw = _quantize_linear_in_place(name, head, m, scheme, streams.device)
+    _pack(name, qw, scheme, opts, result)
 
 
 def _quantize_linear_in_place(
-    name: str, lin: nn.Linear, m: InputMoments, scheme: LayerScheme
+    name: str, lin: nn.Linear, m: InputMoments, scheme: LayerScheme, device: torch.device
 ) -> QuantizedLinear:
     """Quantize one linear on its input moments, checked; its weight becomes the dequantized one
-    (so later groups and layers see the quantized output)."""
-    for t in (m.H, m.R, m.D):
+    (so later groups and layers see the quantized output).
+
+    The tsq math runs on the compute `device`; GPTQT's conversion (`core.gptqt`) on CPU tensors.
+    """
+    math_device = torch.device("cpu") if scheme.method == "gptqt" else device
+    H, R, D = (None if t is None else t.to(math_device) for t in m)
+    for t in (H, R, D):
         if t is not None:
             _check_finite(name, "inputs", t)
     _check_finite(name, "weight", lin.weight)
-    qw = quantize_linear(lin.weight.detach().float().cpu(), m.H, scheme, R=m.R, D=m.D)
+    assert H is not None
+    qw = quantize_linear(lin.weight.detach().float().to(math_device), H, scheme, R=R, D=D)
     _check_finite(name, "scales", qw.scales)  # before later groups see its output
     # GPTQT's b0-bit reading s (x - z), not its BCQ decode (which rounds the coefficients to
     # fp16): both of its checkpoint formats then hold the same codes.

@@ -82,7 +82,9 @@ def refine_block(
     seconds = time.perf_counter() - t0
     refined: dict[str, QuantizedWeight] = {}
     for n, s in zip(names, out.scales, strict=True):
-        qw = replace(qws[n], scales=s.cpu().contiguous(), stats=dict(qws[n].stats))
+        # On the device of the other tensors of the weight (the compute device, see pipeline).
+        scales = s.to(qws[n].codes.device).contiguous()
+        qw = replace(qws[n], scales=scales, stats=dict(qws[n].stats))
         qw.stats.update(
             refine_loss_start=out.loss_start,
             refine_loss=out.loss,

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_GPTAQ_ALPHA",
     "DEFAULT_SCALE_BOX",
     "SCALE_SEARCHES",
+    "PRECISIONS",
     "LayerScheme",
 ]
 
@@ -30,6 +31,7 @@ SCALE_SEARCHES = ("minmax", "mse")
 METHODS = ("tsq", "gptqt")
 BCQ_BITS = (2, 3)  # k of GPTQT's binary coding
 INTERMEDIATE_BITS = (4, 5)  # GPTQT's first-pass depth b0
+PRECISIONS = ("float64", "float32")
 # The best of the grid measured on SmolLM2-135M INT2 and INT3 g64
 # (benchmarks/results/stage2_variants.md).
 DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
@@ -58,6 +60,8 @@ class LayerScheme:
       `intermediate_bits` = b₀, the codes are converted to `bits`-bit binary coding, requantized
       by a second GPTQ pass (`requantize`) and the scales re-explored (`reexplore`; its stage 2
       is `stage2`, with `scale_box` and R weighted by `error_feedback_alpha`).
+    precision: dtype of the Hessian accumulation and of GPTQ's and GPTAQ's factorizations
+      ("float64" or "float32"; the other steps run in float32 with float64 reductions either way).
     """
 
     bits: int
@@ -82,6 +86,7 @@ class LayerScheme:
     intermediate_bits: int = 4
     requantize: bool = True
     reexplore: bool = True
+    precision: str = "float64"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -130,8 +135,16 @@ class LayerScheme:
                 f"--scale-box {self.scale_box} must be 0 (no box) or at least 1 (the interval "
                 "[s0/B, B*s0])"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision {self.precision!r} is not supported: use one of {PRECISIONS}"
+            )
         if not 0.0 <= self.gptaq_alpha <= 1.0:
             raise ValueError(f"--gptaq-alpha {self.gptaq_alpha} must lie in [0, 1] (0 is off)")
+
+    @property
+    def math_dtype(self) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else torch.float32
 
     @property
     def grid_method(self) -> str:

@@ -20,19 +20,32 @@ recomputes them per group instead (same values, more compute, bounded memory).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from ..core.hessian import HessianAccumulator
 from ..models import decoder_linears
+from .spill import StreamSpill
 
 __all__ = ["FP_CACHE_BYTES", "ActivationStreams", "BlockBatch", "InputMoments", "input_groups"]
 
 FP_CACHE_BYTES = 2 * 2**30
+
+logger = logging.getLogger("tsq_vllm.quantize")
+
+
+class Stream(Protocol):
+    """One activation stream: a tensor per calibration batch (a list, or a `SpilledStream`)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, b: int, /) -> torch.Tensor: ...
+    def __setitem__(self, b: int, t: torch.Tensor, /) -> None: ...
 
 
 class InputMoments(NamedTuple):
@@ -93,12 +106,12 @@ def _move_outside(model: nn.Module, stack: nn.ModuleList, device: torch.device) 
         if id(mod) in inside:
             continue
         for p in mod._parameters.values():
-            if p is not None:
+            if p is not None and not p.is_meta:  # a streamed skeleton's unread lm_head
                 p.data = p.data.to(
                     device
                 )  # keeps tied parameters tied: the Parameter object is shared
         for k, b in mod._buffers.items():
-            if b is not None:
+            if b is not None and not b.is_meta:
                 mod._buffers[k] = b.to(device)
 
 
@@ -253,21 +266,37 @@ class ActivationStreams:
         device: torch.device,
         with_fp: bool,
         fp_cache_bytes: int = FP_CACHE_BYTES,
+        accumulate_dtype: torch.dtype = torch.float64,
+        max_memory: int | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.device = device
+        self.accumulate_dtype = accumulate_dtype
         self.with_fp = with_fp
         self.fp_cache_bytes = fp_cache_bytes
         self.tokens = int(input_ids.numel())
-        self.hidden_q, self.calls = _record_layer_calls(model, stack, input_ids, batch_size, device)
+        hidden, self.calls = _record_layer_calls(model, stack, input_ids, batch_size, device)
         # Both streams start from the same embeddings; entries are replaced, never modified in
         # place.
-        self.hidden_fp = list(self.hidden_q) if with_fp else []
+        self.hidden_q: Stream = hidden
+        self.hidden_fp: Stream = list(hidden) if with_fp else []
+        self._spill = StreamSpill(spill_dir)
+        if max_memory is not None:
+            # The streams (the quantized one first) and the FP input cache within the budget.
+            spilled, left = self._spill.fit(hidden, ("q", "fp") if with_fp else ("q",), max_memory)
+            self.hidden_q = spilled.get("q", self.hidden_q)
+            self.hidden_fp = spilled.get("fp", self.hidden_fp)
+            self.fp_cache_bytes = min(self.fp_cache_bytes, left)
         self._layer: nn.Module | None = None
         self._i = -1
         self.groups: list[list[str]] = []
         self._fp_inputs: list[dict[str, torch.Tensor]] | None = None
         self._fp_layer: nn.Module | None = None
         self._fp_advanced = False  # hidden_fp already holds this layer's FP outputs
+
+    def close(self) -> None:
+        """Remove the spill files."""
+        self._spill.close()
 
     def begin_layer(self, i: int, layer: nn.Module) -> list[list[str]]:
         """Start decoder layer i (full precision, on the device); returns its groups of linears."""
@@ -296,13 +325,15 @@ class ActivationStreams:
         return self.groups
 
     def hessian(self, first: str) -> InputMoments:
-        """H (and R, D with the FP stream) of the input of linear `first`, on CPU."""
+        """H (and R, D with the FP stream) of the input of linear `first`, on the compute device."""
         layer = self._layer
         assert layer is not None, "begin_layer first"
         assert self._fp_layer is None or not self._fp_advanced, "hessian after block_batches"
         lin = decoder_linears(layer)[first]
         fp_lin = decoder_linears(self._fp_layer)[first] if self._fp_layer is not None else None
-        acc = HessianAccumulator(lin.in_features, with_r=self.with_fp, device=self.device)
+        acc = HessianAccumulator(
+            lin.in_features, with_r=self.with_fp, device=self.device, dtype=self.accumulate_dtype
+        )
         for b, call in enumerate(self.calls[self._i]):
             x = _capture_input(layer, lin, self.hidden_q[b], call)  # [b, L, K]
             if self._fp_inputs is not None:
@@ -313,9 +344,20 @@ class ActivationStreams:
                 x_fp = None
             acc.add(x, x_fp)
         H, R = acc.finalize()
-        D = acc.finalize_delta()
-        # The core math runs on CPU tensors; only the forward passes use the compute device.
-        return InputMoments(H.cpu(), None if R is None else R.cpu(), None if D is None else D.cpu())
+        return InputMoments(H, R, acc.finalize_delta())  # on the compute device, like the math
+
+    def replay_layer(self, i: int, layer: nn.Module, quantize: Callable[[], None]) -> None:
+        """Advance both streams through decoder layer i, which an earlier run quantized: the FP
+        stream through the layer as read from the source, then the quantized one after
+        `quantize()` gave it its quantized weights. The same passes as `begin_layer` and
+        `end_layer` make, so the streams come out bit-identical."""
+        calls = self.calls[i]
+        if self.with_fp:
+            for b, call in enumerate(calls):
+                self.hidden_fp[b] = call.run(layer, self.hidden_fp[b])
+        quantize()
+        for b, call in enumerate(calls):
+            self.hidden_q[b] = call.run(layer, self.hidden_q[b])
 
     def block_batches(self) -> list[BlockBatch]:
         """The current layer's quantized-stream inputs with the FP layer's outputs on the FP
@@ -328,10 +370,8 @@ class ActivationStreams:
             for b, call in enumerate(calls):
                 self.hidden_fp[b] = call.run(self._fp_layer, self.hidden_fp[b])
             self._fp_advanced = True
-        return [
-            BlockBatch(h, t, c)
-            for h, t, c in zip(self.hidden_q, self.hidden_fp, calls, strict=True)
-        ]
+        # Indexed, not iterated: a spilled stream hands out one batch at a time.
+        return [BlockBatch(self.hidden_q[b], self.hidden_fp[b], c) for b, c in enumerate(calls)]
 
     def end_layer(self) -> None:
         """Replay the (now quantized) layer, and its FP copy, into the next layer's inputs."""
