@@ -35,6 +35,7 @@ __all__ = [
     "read_header",
     "fingerprint",
     "verify_fingerprint",
+    "sha256_file",
 ]
 
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -101,7 +102,8 @@ def read_header(path: Path) -> dict[str, Any]:
     return tensors
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(2**24), b""):
@@ -113,7 +115,7 @@ def fingerprint(fields: dict[str, Any], files: Iterable[Path]) -> dict[str, Any]
     """The `integrity` block for weight `files` packed with the format `fields`."""
     return {
         **{k: fields[k] for k in FINGERPRINT_FIELDS},
-        "files": {f.name: _sha256(f) for f in sorted(files)},
+        "files": {f.name: sha256_file(f) for f in sorted(files)},
     }
 
 
@@ -129,7 +131,7 @@ def verify_fingerprint(directory: Path, tsq: dict[str, Any] | None) -> bool:
                 f"corrupt checkpoint: {name}, recorded in quantization_config.tsq.integrity, is "
                 f"missing from {directory}: re-download or re-quantize"
             )
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise ValueError(
                 f"corrupt checkpoint: {f} differs from the sha256 recorded when it was written "
                 f"(quantization_config.tsq.integrity): re-download or re-quantize"

@@ -22,7 +22,6 @@ deletes one that is not wanted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from .atomic import (
     partial_siblings,
     resumable_layers,
 )
+from .integrity import sha256_file
 
 __all__ = ["JOURNAL_NAME", "SPILL_DIR", "Journal", "LayerFiles", "resumable_layers"]
 
@@ -49,14 +49,6 @@ SPILL_DIR = "spill"  # activation streams over --max-memory, only while the run 
 logger = logging.getLogger("tsq_vllm.checkpoint")
 
 _VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read(directory: Path) -> dict[str, Any] | None:
@@ -160,7 +152,7 @@ class Journal:
         good: list[dict[str, Any]] = []
         for i, entry in enumerate(layers):
             f = fresh / str(entry.get("file"))
-            if entry.get("index") != i or not f.is_file() or _sha256(f) != entry.get("sha256"):
+            if entry.get("index") != i or not f.is_file() or sha256_file(f) != entry.get("sha256"):
                 logger.warning("layer %d of the interrupted run is damaged: redoing it", i)
                 break
             good.append(entry)
@@ -186,7 +178,12 @@ class Journal:
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / name)
         self.layers.append(
-            {"index": index, "file": name, "sha256": _sha256(self.directory / name), "stats": stats}
+            {
+                "index": index,
+                "file": name,
+                "sha256": sha256_file(self.directory / name),
+                "stats": stats,
+            }
         )
         self._save()
 
