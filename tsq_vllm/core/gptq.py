@@ -26,8 +26,8 @@ __all__ = ["asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
 def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), from a damped, positive definite H.
 
-    The factorizations run in `dtype` (float64 by default; float32 is the fast choice on GPUs,
-    benchmarks/results/precision.md measures what it costs); U is returned in float32."""
+    The factorizations run in `dtype` (float64 by default; float32 is meant for GPUs,
+    benchmarks/precision.py measures what it costs); U is returned in float32."""
     L, info = torch.linalg.cholesky_ex(H.to(dtype))
     if int(info):
         raise ValueError(

@@ -179,8 +179,8 @@ class QuantizeOptions:
     )
     precision: str = _opt(
         "float64",
-        "dtype of the Hessian accumulation and of GPTQ's factorizations; float32 is faster on "
-        "GPUs (benchmarks/results/precision.md measures what it changes)",
+        "dtype of the Hessian accumulation and of GPTQ's factorizations; float32 is meant for "
+        "GPUs, where float64 is slow (benchmarks/precision.py measures what it changes)",
         choices=PRECISIONS,
     )
     seed: int = _opt(
