@@ -130,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # keeps a bad-input run to the one error line
     # A plain `kill` should clean up like Ctrl-C does: the writer removes its partial directory.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT raises KeyboardInterrupt (keep the finished layers, print the resume command) even
+    # when the parent started us with SIGINT ignored, as a non-interactive shell's `cmd &` does.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with logging_redirect_tqdm():
             s = run_quantization(opts, progress=True).summary
@@ -151,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     print(
         f"wrote {s['output']}: {s['linears']} linears, {s['bytes'] / 2**20:.1f} MiB, "
         f"{s['tokens']} calibration tokens; load {s['load_seconds']:.0f}s, quantize "
