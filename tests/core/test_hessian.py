@@ -63,3 +63,11 @@ def test_delta_gram_matches_a_direct_computation():
     torch.testing.assert_close(D.double(), dX.t() @ dX / 80, rtol=1e-5, atol=1e-6)
     assert torch.equal(D, D.t())
     assert HessianAccumulator(8).finalize_delta() is None  # no FP stream: nothing to track
+
+
+def test_d_accumulates_in_float32_beside_float64_h_and_r():
+    acc = HessianAccumulator(8, with_r=True)
+    x = torch.randn(16, 8)
+    acc.add(x, x + 0.1)
+    assert acc.H.dtype == acc.R.dtype == torch.float64 and acc.D.dtype == torch.float32
+    torch.testing.assert_close(acc.D, torch.full((8, 8), 0.01), rtol=1e-5, atol=1e-7)

@@ -199,3 +199,22 @@ def test_alpha_zero_ignores_r_and_alpha_moves_the_scales(box):
     assert not torch.equal(a1.scales, a0.scales)
     for qw in (a0, a1):
         assert qw.stats["loss"] <= qw.stats["loss_gptq"]  # the objective stage 2 minimized
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_d_only_feeds_the_statistics(bits, group_size):
+    """D adds a per-row constant to eq. (7): with or without it (and so in whatever precision it
+    is accumulated) the default writes the same codes, zeros and scales."""
+    from ..core.test_stage2 import _moments, _samples
+
+    X, Xt = _samples(K=128, T=2048, noise=0.5, seed=7)
+    H, R, D = (m.float() for m in _moments(X, Xt))
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(8))
+    scheme = LayerScheme(bits=bits, group_size=group_size)  # the default: GPTAQ, R, box
+    with_d = quantize_weight(W, H, scheme, R=R, D=D)
+    rounded = quantize_weight(W, H, scheme, R=R, D=D.half().float())
+    without = quantize_weight(W, H, scheme, R=R)
+    for other in (rounded, without):
+        assert torch.equal(other.codes, with_d.codes) and torch.equal(other.zeros, with_d.zeros)
+        assert torch.equal(other.scales, with_d.scales)
+    assert "rel_error" in with_d.stats and "rel_error" not in without.stats
