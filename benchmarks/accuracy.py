@@ -345,9 +345,10 @@ def main() -> int:
                     "--stats-json",
                     str(stats),
                 ]
-                # One GPTQModel worker: the rows run pinned to one core with one torch thread.
-                prefix = "GPTQMODEL_CPU_WORKERS=1 " if PEER_TOOL[key] == "gptqmodel" else ""
-                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "1"}
+                # GPTQModel 7.7 refuses fewer than 2 CPU workers (its model-loader pool asks for 2);
+                # pinned to one core with one torch thread, the two share that core.
+                prefix = "GPTQMODEL_CPU_WORKERS=2 " if PEER_TOOL[key] == "gptqmodel" else ""
+                env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2"}
                 wall = _run(
                     cmd, work / f"{tag}.quantize.log", env=env, cwd=work
                 )  # GPTQModel writes logs/ in cwd

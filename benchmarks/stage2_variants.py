@@ -130,6 +130,15 @@ ROWS = [
         ["--gptaq-alpha", "0.25", "--error-feedback-alpha", "0.25", "--scale-box", "2"],
     ),
     ("gq0.25_s1", "GPTQ + stage 1, GPTAQ target 0.25", ["--no-stage2", "--gptaq-alpha", "0.25"]),
+    # The GPTAQ damping at the default's stage 2 (alpha 0.25, box 2): is 0.25 right per bit width?
+    *[
+        (
+            f"gq{g}_a{a}_box2",
+            f"both stages, alpha {a}, box 2, GPTAQ target {g}",
+            ["--gptaq-alpha", g, "--error-feedback-alpha", a, "--scale-box", "2"],
+        )
+        for g, a in (("0.5", "0.25"), ("1", "0.25"), ("0.25", "0"))
+    ],
     # Table 3 again with today's settings: GPTQ (GPTAQ target 0.25), + stage 1 (the row above),
     # + stage 2 (alpha 0.25, box 2), both (the default, gq0.25_a0.25_box2).
     (
