@@ -161,6 +161,7 @@ ROWS = [
     ),
     # The default with the accumulation and factorizations in float32 (issue 15's --precision):
     # what it changes in perplexity and in the quantization loop's time.
+    ("default", "the default command (no flags)", []),
     ("default_fp32", "default, --precision float32", ["--precision", "float32"]),
     # Block-output reconstruction of the scales on top of the default (issue 16).
     *[
