@@ -114,8 +114,40 @@ def run_eval(model: str, tag: str, work: Path, eval_args: list[str]) -> tuple[di
     return json.loads(out.read_text()), _shell(cmd)
 
 
-def worker(stats_json: str, quantize_args: list[str]) -> int:
-    """Run one quantization as the CLI would and write its timings, summed over linears, as JSON."""
+def wiki_calib_args(nsamples: int, seqlen: int, seed: int) -> list[str]:
+    """The `python -m tsq_vllm.quantize` calibration flags every grid row shares."""
+    return ["--calib", "wiki", "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+            "--seed", str(seed)]  # fmt: skip
+
+
+def quantize_row(script: str, work: Path, tag: str, qargs: list[str]) -> tuple[dict, str]:
+    """Quantize one row in a `script --worker` subprocess (log: TAG.quantize.log in `work`): its
+    wall seconds with what the worker wrote, and the equivalent `python -m tsq_vllm.quantize`."""
+    stats = work / f"{tag}.stats.json"
+    wall = _run(
+        [sys.executable, script, "--worker", str(stats), "--", *qargs], work / f"{tag}.quantize.log"
+    )
+    fields = {"process_seconds": wall, **json.loads(stats.read_text())}
+    return fields, _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs])
+
+
+def read_rows(results: Path) -> list[dict]:
+    """The finished rows of a JSON-lines results file; none before its first row."""
+    return (
+        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    )
+
+
+def append_row(results: Path, done: list[dict], entry: dict) -> None:
+    """One finished row, kept in `done` and appended to the results file (so a rerun resumes)."""
+    done.append(entry)
+    with results.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def quantize_like_cli(quantize_args: list[str]):
+    """The QuantizationJob of one quantization in this process, through the CLI's parser and
+    `run_quantization` (the code path of `python -m tsq_vllm.quantize`)."""
     import logging
 
     from tsq_vllm.quantize.__main__ import parse_options
@@ -123,7 +155,12 @@ def worker(stats_json: str, quantize_args: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     opts, _ = parse_options(quantize_args)
-    job = run_quantization(opts, progress=False)
+    return run_quantization(opts, progress=False)
+
+
+def worker(stats_json: str, quantize_args: list[str]) -> int:
+    """Run one quantization as the CLI would and write its timings, summed over linears, as JSON."""
+    job = quantize_like_cli(quantize_args)
     stats = job.result.stats.values()
     out = {
         **job.summary,
@@ -227,24 +264,13 @@ def main() -> int:
     )
     results = Path(args.results or RESULTS / f"accuracy{suffix}.jsonl")
     md, png = results.with_suffix(".md"), results.with_suffix(".png")
-    done = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    )
+    done = read_rows(results)
     if args.report_only:
         write_report(done, md, png, subject)
         return 0
     work = Path(args.workdir or f"/tmp/tsq-accuracy{suffix.replace('_', '-')}")
     work.mkdir(parents=True, exist_ok=True)
-    calib = [
-        "--calib",
-        "wiki",
-        "--nsamples",
-        str(args.nsamples),
-        "--seqlen",
-        str(args.seqlen),
-        "--seed",
-        str(args.seed),
-    ]
+    calib = wiki_calib_args(args.nsamples, args.seqlen, args.seed)
     ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
     setup = {
         "nsamples": args.nsamples,
@@ -269,9 +295,7 @@ def main() -> int:
             "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             "machine": _machine(),
         }
-        done.append(entry)
-        with results.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_row(results, done, entry)
         write_report(done, md, png, subject)
         ppl = entry["eval"]["ppl"]
         print(
@@ -306,19 +330,14 @@ def main() -> int:
                 tag = f"int{bits}-g{gs}-{key}"
                 flags = dict((k, f) for k, _, f in TSQ_ROWS)[key]
                 qargs = smollm2_quantize_args(bits, gs, [*calib, *flags], work / tag, args.model)
-                stats = work / f"{tag}.stats.json"
-                wall = _run(
-                    [sys.executable, __file__, "--worker", str(stats), "--", *qargs],
-                    work / f"{tag}.quantize.log",
-                )
+                fields, cmd = quantize_row(__file__, work, tag, qargs)
                 record(
                     {
                         "row": key,
                         "bits": bits,
                         "group_size": gs,
-                        "process_seconds": wall,
-                        **json.loads(stats.read_text()),
-                        "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                        **fields,
+                        "command": cmd,
                         "eval": evaluate(str(work / tag), tag),
                     }
                 )

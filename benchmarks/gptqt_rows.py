@@ -22,7 +22,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from accuracy import _machine, _run, _shell, run_eval, smollm2_quantize_args  # noqa: E402  (benchmarks/ is not a package)
+from accuracy import (  # noqa: E402  (benchmarks/ is not a package)
+    _machine,
+    append_row,
+    quantize_like_cli,
+    quantize_row,
+    read_rows,
+    run_eval,
+    smollm2_quantize_args,
+    wiki_calib_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
@@ -65,19 +74,10 @@ SPECS = {k: (lab, b, g, f) for k, lab, b, g, f in ROWS}
 
 def worker(stats_json: str, quantize_args: list[str]) -> int:
     """Quantize as the CLI would; write the run summary as JSON."""
-    import logging
-
     import torch
 
-    from tsq_vllm.quantize.__main__ import build_parser
-    from tsq_vllm.quantize.options import QuantizeOptions
-    from tsq_vllm.quantize.run import run_quantization
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
-    args = vars(build_parser().parse_args(quantize_args))
-    args.pop("debug", None)  # the CLI's own switch, not an option
-    job = run_quantization(QuantizeOptions(**args), progress=False)
+    job = quantize_like_cli(quantize_args)
     Path(stats_json).write_text(json.dumps(job.summary, indent=1))
     return 0
 
@@ -154,15 +154,13 @@ def main() -> int:
     if args.worker:
         return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
     results = Path(args.results)
-    done = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    )
+    done = read_rows(results)
     if args.report_only:
         write_report(done, RESULTS / "gptqt.md")
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    calib = ["--calib", "wiki", "--nsamples", "32", "--seqlen", "256", "--seed", "0"]
+    calib = wiki_calib_args(32, 256, 0)
     ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
 
     def record(entry: dict) -> None:
@@ -172,9 +170,7 @@ def main() -> int:
             "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             "machine": _machine(),
         }
-        done.append(entry)
-        with results.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_row(results, done, entry)
         write_report(done, RESULTS / "gptqt.md")
         print(f"{entry['row']}: ppl {entry['eval']['ppl']:.3f}", flush=True)
 
@@ -190,11 +186,7 @@ def main() -> int:
         _, bits, gs, flags = SPECS[key]
         tag = f"int{bits}-g{gs}-{key}"
         qargs = smollm2_quantize_args(bits, gs, [*calib, *flags], work / tag)
-        stats = work / f"{tag}.stats.json"
-        wall = _run(
-            [sys.executable, __file__, "--worker", str(stats), "--", *qargs],
-            work / f"{tag}.quantize.log",
-        )
+        fields, qcmd = quantize_row(__file__, work, tag, qargs)
         bpw = bits_per_weight(work / tag)
         result, cmd = run_eval(str(work / tag), tag, work, ev)
         record(
@@ -202,10 +194,9 @@ def main() -> int:
                 "row": key,
                 "bits": bits,
                 "group_size": gs,
-                "process_seconds": wall,
-                **json.loads(stats.read_text()),
+                **fields,
                 "bits_per_weight": bpw,
-                "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                "command": qcmd,
                 "eval": {**result, "command": cmd},
             }
         )

@@ -22,6 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from accuracy import wiki_calib_args  # benchmarks/ is on sys.path as the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (key, label, extra quantize flags); the first two are the comparison the issue asks for.
@@ -90,23 +92,8 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    common = [
-        "--model",
-        "smollm2",
-        "--bits",
-        "3",
-        "--group-size",
-        "64",
-        "--calib",
-        "wiki",
-        "--nsamples",
-        str(args.nsamples),
-        "--seqlen",
-        str(args.seqlen),
-        "--seed",
-        "0",
-        "--overwrite",
-    ]
+    common = ["--model", "smollm2", "--bits", "3", "--group-size", "64",
+              *wiki_calib_args(args.nsamples, args.seqlen, 0), "--overwrite"]  # fmt: skip
     ev = ["--seqlen", str(args.eval_seqlen), "--max-tokens", str(args.eval_tokens)]
     load_before = os.getloadavg()
     rows, commands = [], []

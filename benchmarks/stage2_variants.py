@@ -20,14 +20,22 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 # This checkout's package, not whichever one the venv has installed; and benchmarks/ for
 # accuracy.py.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from accuracy import _machine, _run, _shell, run_eval, smollm2_quantize_args  # noqa: E402  (benchmarks/ is not a package)
+from accuracy import (  # noqa: E402  (benchmarks/ is not a package)
+    _machine,
+    append_row,
+    quantize_like_cli,
+    quantize_row,
+    read_rows,
+    run_eval,
+    smollm2_quantize_args,
+    wiki_calib_args,
+)
 from stage2_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,17 +198,10 @@ LABELS = {k: lab for k, lab, _ in ROWS}
 
 def worker(stats_json: str, quantize_args: list[str]) -> int:
     """Quantize as the CLI would; write the run summary, summed timings and per-linear stats."""
-    import logging
-
-    from tsq_vllm.quantize.__main__ import parse_options
-    from tsq_vllm.quantize.run import run_quantization
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
     torch.set_num_threads(1)
-    opts, _ = parse_options(quantize_args)
-    job = run_quantization(opts, progress=False)
+    job = quantize_like_cli(quantize_args)
     stats = job.result.stats
     # time_refine is the block's time, repeated on each of its linears: count it once per block.
     blocks = {n.rsplit(".", 2)[0]: s.get("time_refine", 0.0) for n, s in stats.items()}
@@ -288,9 +289,7 @@ def main() -> int:
     if args.worker:
         return worker(args.worker, rest[1:] if rest[:1] == ["--"] else rest)
     results = Path(args.results)
-    done = (
-        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    )
+    done = read_rows(results)
     note = "python benchmarks/stage2_variants.py"
     if args.report_only:
         for r in done:  # per-linear stats kept in the workdir may carry more than the results file
@@ -302,16 +301,7 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     setup = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
-    calib = [
-        "--calib",
-        "wiki",
-        "--nsamples",
-        str(args.nsamples),
-        "--seqlen",
-        str(args.seqlen),
-        "--seed",
-        str(args.seed),
-    ]
+    calib = wiki_calib_args(args.nsamples, args.seqlen, args.seed)
     ev = ["--seqlen", "512", "--max-tokens", "8192"]
     isa, machine = _isa(), _machine()
 
@@ -326,9 +316,7 @@ def main() -> int:
             "isa": isa,
             "when": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         }
-        done.append(entry)
-        with results.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_row(results, done, entry)
         write_report(done, RESULTS / "stage2_variants.md", note, LABELS)
 
     cells = [tuple(map(int, c.split(":"))) for c in args.cells]
@@ -346,23 +334,15 @@ def main() -> int:
             tag = f"int{bits}-g{gs}-{row}"
             ckpt = work / tag
             qargs = smollm2_quantize_args(bits, gs, [*calib, *FLAGS[key]], ckpt)
-            stats_file = work / f"{tag}.stats.json"
-            t = time.perf_counter()
-            _run(
-                [sys.executable, __file__, "--worker", str(stats_file), "--", *qargs],
-                work / f"{tag}.quantize.log",
-            )
-            wall = time.perf_counter() - t
-            stats = json.loads(stats_file.read_text())
-            per_linear = stats.pop("linears_stats")
+            fields, cmd = quantize_row(__file__, work, tag, qargs)
+            per_linear = fields.pop("linears_stats")
             entry = {
                 "row": row,
                 "bits": bits,
                 "group_size": gs,
                 "setup": setup,
-                "process_seconds": wall,
-                **stats,
-                "command": _shell([sys.executable, "-m", "tsq_vllm.quantize", *qargs]),
+                **fields,
+                "command": cmd,
                 "scales": count_scales(ckpt),
                 "linear_summary": summarize_linears(per_linear),
                 "eval": evaluate(str(ckpt), tag),

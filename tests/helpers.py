@@ -73,11 +73,19 @@ def make_config(
     kv_heads: int = 2,
     vocab_size: int = 384,
     tie_word_embeddings: bool = False,
+    **extra,
 ):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny `arch` config; `extra` sets (or overrides) any other field of its config class."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
-    return cls(
+    cls = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "mistral": MistralConfig,
+        "phi3": Phi3Config,
+        "gemma3": Gemma3TextConfig,
+    }[arch]
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -90,6 +98,7 @@ def make_config(
         eos_token_id=2,
         pad_token_id=0,
     )
+    return cls(**{**fields, **extra})
 
 
 def make_tiny_model(

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import tsq_vllm
-from tests.helpers import linear_prefixes, opts_for, single_thread
+from tests.helpers import linear_prefixes, make_config, opts_for, single_thread
 from tsq_vllm.models import ModelSource, load_model
 from tsq_vllm.quantize.run import run_quantization
 
@@ -184,22 +184,13 @@ def test_loader_rejects_corrupt_checkpoints(models, tmp_path):
 
 def test_fused_projections_and_reload(tmp_path):
     """Phi-3 fuses q/k/v and gate/up into one linear each: groups follow the modules, not names."""
-    from transformers import AutoModelForCausalLM, Phi3Config
+    from transformers import AutoModelForCausalLM
 
     from tsq_vllm.checkpoint.hf import save_quantized
     from tsq_vllm.quantize.pipeline import quantize_model
 
     torch.manual_seed(0)
-    cfg = Phi3Config(
-        vocab_size=384,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
+    cfg = make_config("phi3", max_position_embeddings=256)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
     opts = opts_for(tmp_path, tmp_path / "out", bits=4, group_size=32)

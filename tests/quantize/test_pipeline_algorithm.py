@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tsq_vllm
-from tests.helpers import linear_prefixes, make_tiny_model, opts_for, single_thread
+from tests.helpers import linear_prefixes, make_config, make_tiny_model, opts_for, single_thread
 from tsq_vllm.quantize.run import run_quantization
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
@@ -161,16 +161,12 @@ def test_linears_grouped_by_shared_input_in_execution_order(models, arch):
 
 
 def _gemma3_sliding_then_full():
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=384,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    cfg = make_config(
+        "gemma3",
+        tie_word_embeddings=True,  # Gemma 3's default
         head_dim=32,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],

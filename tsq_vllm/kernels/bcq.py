@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format.bcq import BCQTensors, unpack_planes
-from .cpu import _INT4_N_ALIGN, _int4_plane, block_layout, int4_kernel_available
+from .cpu import _INT4_N_ALIGN, _as_rows, _int4_plane, block_layout, int4_kernel_available
 
 __all__ = [
     "BCQ_CPU_PATHS",
@@ -115,13 +115,8 @@ class CPUBCQLinear:
     perm: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features but this layer takes in_features="
-                f"{self.in_features}: pass x of shape [..., {self.in_features}]"
-            )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        x2 = _as_rows(x, self.in_features).to(self.act_dtype)
         if self.path == "dense":
             assert self.weight is not None
             y = F.linear(x2, self.weight)

@@ -91,13 +91,8 @@ class CPUQuantizedLinear:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features but this layer takes in_features="
-                f"{self.in_features}: pass x of shape [..., {self.in_features}]"
-            )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = _as_rows(x, self.in_features)
         if self.path == "dense":
             assert self.weight is not None
             y = F.linear(x2.to(self.weight.dtype), self.weight)
@@ -125,18 +120,35 @@ class CPUQuantizedLinear:
         return y
 
 
+def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., in_features] as rows [M, in_features] (the input check of every CPU layer)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"input has {x.shape[-1]} features but this layer takes in_features="
+            f"{in_features}: pass x of shape [..., {in_features}]"
+        )
+    return x.reshape(-1, in_features)
+
+
 def block_layout(
     g_idx: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """Regroup the K columns into blocks of `group_size` columns that share one group.
+    """Regroup the K columns into blocks of `group_size` columns that share one group, for the
+    aten int4 kernel (None where it does not take `group_size`); see `_group_blocks`."""
+    if group_size not in _INT4_GROUP_SIZES or g_idx.numel() % group_size:
+        return None
+    return _group_blocks(g_idx, group_size)
 
-    Returns (perm, block_group): perm is the column order (None if the identity) and
-    block_group[j] the group whose scales serve block j; None when no such layout exists
-    (a group whose column count is not a multiple of group_size).
+
+def _group_blocks(
+    g_idx: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """(perm, block_group): perm is the column order that makes every group whole blocks of
+    `group_size` columns (None if the identity), block_group[j] the group whose scales serve
+    block j; None when no such layout exists (a group whose column count is not a multiple of
+    group_size). K must be a multiple of group_size.
     """
     K = g_idx.numel()
-    if group_size not in _INT4_GROUP_SIZES or K % group_size:
-        return None
     g = g_idx.long()
     order = torch.argsort(g, stable=True)
     blocks = g[order].view(-1, group_size)

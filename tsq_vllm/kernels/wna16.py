@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..format.gptq import GPTQLayer
 from ..format.packing import pack
+from .cpu import _as_rows, _group_blocks
 
 __all__ = [
     "WNA16Linear",
@@ -114,18 +115,12 @@ def _isa_hint(act_dtype: torch.dtype) -> str | None:
 
 
 def _block_layout(layer: GPTQLayer) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """(perm, block_group): the input-column order that makes every group a run of G columns
-    (None if already so) and the group of each run; None when the groups cannot be so arranged."""
-    K, G = layer.K, layer.group_size
+    """(perm, block_group) of `cpu._group_blocks` for any group size: the input-column order that
+    makes every group whole runs of G columns (None if already so) and the group of each run; None
+    when the groups cannot be so arranged."""
     if layer.g_idx is None:
-        return None, torch.arange(K // G)
-    g = layer.g_idx.long()
-    order = torch.argsort(g, stable=True)
-    blocks = g[order].view(-1, G)
-    if not bool((blocks == blocks[:, :1]).all()):
-        return None
-    perm = None if torch.equal(order, torch.arange(K)) else order
-    return perm, blocks[:, 0].contiguous()
+        return None, torch.arange(layer.K // layer.group_size)
+    return _group_blocks(layer.g_idx, layer.group_size)
 
 
 def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str | None]:
@@ -226,13 +221,8 @@ class WNA16Linear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] in any float dtype (computed in act_dtype) -> y [..., N] in x's dtype."""
-        if x.shape[-1] != self.K:
-            raise ValueError(
-                f"input has {x.shape[-1]} features but this layer takes in_features={self.K}: "
-                f"pass x of shape [..., {self.K}]"
-            )
         lead = x.shape[:-1]
-        xa = x.reshape(-1, self.K).to(self.act_dtype)
+        xa = _as_rows(x, self.K).to(self.act_dtype)
         # The op reads rows with stride(0) and assumes unit column stride; index_select is
         # contiguous.
         xa = xa.index_select(1, self.perm) if self.perm is not None else xa.contiguous()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.parameter import (
     GroupQuantScaleParameter,
     ModelWeightParameter,
@@ -29,6 +29,7 @@ from vllm.model_executor.parameter import (
 )
 
 from ..format.bcq import BCQ_TENSOR_NAMES, BCQTensors
+from .params import fused_shard_ids
 
 __all__ = ["BCQLinearMethod"]
 
@@ -188,13 +189,7 @@ class BCQLinearMethod(LinearMethodBase):
             p.tsq_int = name in ("bcq_bits", "g_idx")
             p.tsq_out = None if name == "g_idx" else len(full[name]) - 1
             layer.register_parameter(name, p)
-        n_shards = len(output_partition_sizes)
-        if n_shards == 1:
-            layer.tsq_shard_ids = (None,)
-        elif isinstance(layer, QKVParallelLinear):
-            layer.tsq_shard_ids = ("q", "k", "v")[:n_shards]
-        else:
-            layer.tsq_shard_ids = tuple(range(n_shards))
+        layer.tsq_shard_ids = fused_shard_ids(layer, len(output_partition_sizes))
 
     def process_weights_after_loading(self, layer: Any) -> None:
         names = [n for n in BCQ_TENSOR_NAMES if hasattr(layer, n)]

@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear
+from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..format.gptq import TENSOR_NAMES, GPTQLayer, check_linear_shape, packed_shapes
@@ -44,6 +44,7 @@ from .params import (
     _ReplicatedZeros,
     _ShardedScales,
     _ShardedZeros,
+    fused_shard_ids,
 )
 
 if TYPE_CHECKING:
@@ -214,18 +215,9 @@ class TsqLinearMethod(LinearMethodBase):
         )
         for name, param in zip(TENSOR_NAMES, (qweight, qzeros, scales, g_idx), strict=True):
             layer.register_parameter(name, param)
-        # vLLM's shard ids for fused layers: "q"/"k"/"v" for QKV, 0..n-1 for merged columns.
-        n_shards = len(output_partition_sizes)
-        shard_ids: tuple[Any, ...]
-        if n_shards == 1:
-            shard_ids = (None,)
-        elif isinstance(layer, QKVParallelLinear):
-            shard_ids = ("q", "k", "v")[:n_shards]
-        else:
-            shard_ids = tuple(range(n_shards))
         sharded_groups = row_parallel and not replicate
         layer.tsq = LayerState(
-            shard_ids=shard_ids,
+            shard_ids=fused_shard_ids(layer, len(output_partition_sizes)),
             group_offset=int(getattr(layer, "tp_rank", 0)) * n_groups if sharded_groups else 0,
         )
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.linear import QKVParallelLinear
 from vllm.model_executor.parameter import (
     ChannelQuantScaleParameter,
     GroupQuantScaleParameter,
@@ -23,8 +24,18 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-# Private to the serve package: `linear` builds these, nothing else should.
+# Private to the serve package: `linear` (and `bcq`, for fused_shard_ids) use these, nothing else.
 __all__: list[str] = []
+
+
+def fused_shard_ids(layer: Any, n_shards: int) -> tuple[Any, ...]:
+    """vLLM's shard ids of a layer's fused parts, as the loaders receive them (and `tsq_loaded`
+    records them): "q"/"k"/"v" for QKV, 0..n-1 for merged columns, (None,) for a plain layer."""
+    if n_shards == 1:
+        return (None,)
+    if isinstance(layer, QKVParallelLinear):
+        return ("q", "k", "v")[:n_shards]
+    return tuple(range(n_shards))
 
 
 @dataclass(frozen=True)
