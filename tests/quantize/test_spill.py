@@ -84,3 +84,34 @@ def test_without_a_partial_directory_the_spill_goes_to_a_temporary_one(models, t
 def test_a_bad_max_memory_is_one_line(models, tmp_path):
     with pytest.raises(ValueError, match="--max-memory 'lots' is not a size: write e.g. 500MB"):
         opts_for(models["llama"], tmp_path / "o", max_memory="lots")
+
+
+def test_block_batches_read_a_spilled_stream_one_batch_at_a_time(models, monkeypatch):
+    """--refine-block under --max-memory: the block's batches are read on access, not all at
+    once, and equal what the streams hold."""
+    from tsq_vllm.models import ModelSource, find_decoder_layers, load_model
+
+    model = load_model(ModelSource(str(models["llama"])))
+    ids = torch.randint(0, 384, (6, 16), generator=torch.Generator().manual_seed(0))
+    _, stack = find_decoder_layers(model)
+    s = streams_mod.ActivationStreams(
+        model, stack, ids, batch_size=2, device=torch.device("cpu"), with_fp=True, max_memory=1
+    )
+    for group in s.begin_layer(0, stack[0]):
+        s.hessian(group[0])
+    reads: list[int] = []
+    original = SpilledStream.__getitem__
+
+    def counting(self, b):
+        reads.append(b)
+        return original(self, b)
+
+    monkeypatch.setattr(SpilledStream, "__getitem__", counting)
+    batches = s.block_batches()  # advances the FP stream through the FP layer copy first
+    reads.clear()
+    assert len(batches) == 3
+    hidden, target, _ = batches[1]
+    assert reads == [1, 1]  # the quantized input and the FP target of batch 1 only
+    assert torch.equal(hidden, original(s.hidden_q, 1))
+    assert torch.equal(target, original(s.hidden_fp, 1))
+    s.close()

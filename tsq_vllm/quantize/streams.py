@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, overload
 
 import torch
 from torch import nn
@@ -66,6 +66,26 @@ class BlockBatch(NamedTuple):
     hidden: torch.Tensor
     target: torch.Tensor
     call: _Call
+
+
+class _BlockBatches(Sequence[BlockBatch]):
+    """The block batches of one layer, read from the streams on access: a spilled stream hands
+    out one batch at a time, so `--max-memory` holds during `--refine-block` too."""
+
+    def __init__(self, hidden: Stream, target: Stream, calls: Sequence[_Call]) -> None:
+        self._hidden, self._target, self._calls = hidden, target, calls
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    @overload
+    def __getitem__(self, b: int) -> BlockBatch: ...
+    @overload
+    def __getitem__(self, b: slice) -> Sequence[BlockBatch]: ...
+    def __getitem__(self, b: int | slice) -> BlockBatch | Sequence[BlockBatch]:
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        return BlockBatch(self._hidden[b], self._target[b], self._calls[b])
 
 
 class _Stop(Exception):
@@ -359,7 +379,7 @@ class ActivationStreams:
         for b, call in enumerate(calls):
             self.hidden_q[b] = call.run(layer, self.hidden_q[b])
 
-    def block_batches(self) -> list[BlockBatch]:
+    def block_batches(self) -> Sequence[BlockBatch]:
         """The current layer's quantized-stream inputs with the FP layer's outputs on the FP
         stream, per batch (needs the FP stream; call after every group's `hessian`)."""
         if not self.with_fp:
@@ -370,8 +390,7 @@ class ActivationStreams:
             for b, call in enumerate(calls):
                 self.hidden_fp[b] = call.run(self._fp_layer, self.hidden_fp[b])
             self._fp_advanced = True
-        # Indexed, not iterated: a spilled stream hands out one batch at a time.
-        return [BlockBatch(self.hidden_q[b], self.hidden_fp[b], c) for b, c in enumerate(calls)]
+        return _BlockBatches(self.hidden_q, self.hidden_fp, calls)
 
     def end_layer(self) -> None:
         """Replay the (now quantized) layer, and its FP copy, into the next layer's inputs."""
