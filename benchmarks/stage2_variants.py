@@ -171,6 +171,8 @@ ROWS = [
     # what it changes in perplexity and in the quantization loop's time.
     ("default", "the default command (no flags)", []),
     ("default_fp32", "default, --precision float32", ["--precision", "float32"]),
+    # Unquantized tensors stored in float32 instead of the source-derived default (bf16 for GGUF).
+    ("default_f32store", "default, --dtype float32", ["--dtype", "float32"]),
     # Block-output reconstruction of the scales on top of the default (issue 16).
     *[
         (
