@@ -99,3 +99,24 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "does not exist" in err
     assert main(["--model", str(tmp_path), "--seqlen", "1"]) == 2
     assert "--seqlen 1 must be at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,expected", [(None, "float32"), ("auto", "float16"), ("bfloat16", "bfloat16")]
+)
+def test_eval_computes_in_float32_unless_told_whatever_the_config_declares(
+    tiny, tmp_path, flag, expected
+):
+    """A checkpoint whose config says float16 (AutoRound writes that) is measured in float32 by
+    default, like every other row of a comparison; --dtype auto keeps the declared dtype."""
+    from transformers import AutoModelForCausalLM
+
+    fp16 = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(tiny).to(torch.float16).save_pretrained(fp16)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (fp16 / f).write_bytes((tiny / f).read_bytes())
+    out = tmp_path / "r.json"
+    args = ["--model", str(fp16), "--data", f"text:{tiny}/calib.txt", "--seqlen", "32"]
+    args += ["--max-tokens", "64", "--output-json", str(out)]
+    assert main(args + (["--dtype", flag] if flag else [])) == 0
+    assert json.loads(out.read_text())["dtype"] == expected

@@ -30,6 +30,7 @@ from torch import nn
 __all__ = ["perplexity", "load_for_eval", "evaluate", "main"]
 
 PROG = "python -m tsq_vllm.eval"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @torch.no_grad()
@@ -58,23 +59,28 @@ def perplexity(
 
 
 def load_for_eval(
-    model: str | None, gguf_file: str | None = None
+    model: str | None, gguf_file: str | None = None, dtype: str = "float32"
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model, tokenizer, description) for a quantized checkpoint or a full-precision source."""
+    """(model, tokenizer, description) for a quantized checkpoint or a full-precision source,
+    computing in `dtype` ("auto": the dtype the checkpoint or source declares)."""
     from .checkpoint.hf import load_quantized
     from .models import load_model, load_tokenizer
 
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     target, qc = _resolve(model, gguf_file)
     if qc is not None:
         from transformers import AutoTokenizer
 
+        lm = load_quantized(target)
+        tok = AutoTokenizer.from_pretrained(target)
         info = {"model": str(target), "kind": qc.quant_method, "quantization_config": qc.to_dict()}
-        return load_quantized(target), AutoTokenizer.from_pretrained(target), info
-    return (
-        load_model(target),
-        load_tokenizer(target),
-        {"model": target.label, "kind": "fp", "quantization_config": None},
-    )
+    else:
+        lm, tok = load_model(target), load_tokenizer(target)
+        info = {"model": target.label, "kind": "fp", "quantization_config": None}
+    if dtype != "auto":
+        lm = lm.to(getattr(torch, dtype))
+    return lm, tok, {**info, "dtype": str(next(lm.parameters()).dtype).removeprefix("torch.")}
 
 
 def _resolve(model: str | None, gguf_file: str | None) -> tuple[Any, Any]:
@@ -100,6 +106,7 @@ def evaluate(
     max_tokens: int | None = 16384,
     batch_size: int = 4,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Load, tokenize the test text and measure perplexity; returns the JSON-ready result."""
     from .data import (
@@ -121,7 +128,7 @@ def evaluate(
     check_text_source(data)
     docs = load_documents(data, split="test")
     start = time.perf_counter()
-    lm, tok, info = load_for_eval(model, gguf_file)
+    lm, tok, info = load_for_eval(model, gguf_file, dtype)
     load_s = time.perf_counter() - start
     windows = contiguous_windows(tokenize_documents(tok, docs), seqlen, max_tokens)
     t = time.perf_counter()
@@ -173,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="windows per forward pass; quantized layers are decoded once per pass",
     )
     p.add_argument("--device", default="cpu", help="device to evaluate on, e.g. cpu or cuda:0")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="compute dtype; float32 measures every checkpoint at the same precision whatever its "
+        "config declares (a float16 config would otherwise run emulated, slowly, on CPU); 'auto' "
+        "keeps the declared one",
+    )
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
     return p
 
@@ -191,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tokens=args.max_tokens or None,
             batch_size=args.batch_size,
             device=args.device,
+            dtype=args.dtype,
         )
     except (ValueError, RuntimeError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
