@@ -197,7 +197,14 @@ def write_report(done: list[dict], md: Path, png: Path, subject: Subject = SMOLL
         f"Calibration: {setup['nsamples']} windows × {setup['seqlen']} tokens of the wiki "
         f"calibration split, seed {setup['seed']}, the same token windows for every row, the "
         f"peers' included. Evaluation: {fp_row['eval']['tokens']} predicted tokens of the "
-        f"wiki test split in {setup['eval_seqlen']}-token windows; FP perplexity **{fp:.3f}**.",
+        f"wiki test split in {setup['eval_seqlen']}-token windows; FP perplexity **{fp:.3f}**. "
+        "Every row is evaluated in float32 (`python -m tsq_vllm.eval`'s default `--dtype "
+        "float32`; the AutoRound checkpoints declare float16, and their first evaluation in it "
+        "is kept in the results file as `eval_as_declared`). tsq rows recorded since unquantized "
+        "tensors are stored in the source's dtype (bf16 for a GGUF source: the embedding, which "
+        "SmolLM2 ties to its output head, and the norms) carry that rounding; earlier rows stored "
+        "them in fp32 (`benchmarks/results/stage2_variants.md` measures the difference, row "
+        "*default, --dtype float32*).",
         'Asymmetric grids for tsq rows (the tsq default). "settings": *paper* rows ran with '
         "the paper's settings (`--gptaq-alpha 0 --error-feedback-alpha 1 --scale-box 0`, which "
         "were the defaults when the early rows were recorded), *default* is the default command "
