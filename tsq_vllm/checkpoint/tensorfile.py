@@ -101,7 +101,7 @@ class SafetensorsFile:
         raw = torch.empty(end - start, dtype=torch.uint8)
         with self.path.open("rb", buffering=0) as f:
             f.seek(self._data_start + start)
-            view, got = memoryview(raw.numpy()), 0
+            view, got = raw.numpy().data, 0
             while got < len(view):  # readinto may return less than asked for
                 n = f.readinto(view[got:])
                 if not n:
@@ -142,5 +142,5 @@ def write_safetensors(
             t = get(k)
             if tensor_info(t) != infos[k]:
                 raise RuntimeError(f"{k} is {tensor_info(t)}, its header says {infos[k]}: a bug")
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del t

@@ -1,0 +1,56 @@
+"""The process-wide allocator policy of the quantize CLI (`run.return_freed_memory`)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+_GLIBC = hasattr(ctypes.CDLL(None), "mallinfo2")
+
+# In a fresh interpreter: free one 6 MiB block, allocate another, and report whether glibc served
+# it from mmap (returned to the OS when freed) or from its heap (stays resident when freed).
+_PROBE = """
+import ctypes, sys
+from tsq_vllm.quantize.run import return_freed_memory
+if sys.argv[1] == "1":
+    print("set", return_freed_memory())
+class M(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks "
+                                              "fsmblks uordblks fordblks keepcost").split()]
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = M
+n = 6 * 2**20
+libc.free(libc.malloc(n))  # glibc's default raises its mmap threshold to 6 MiB here
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(n)
+print("mmapped", libc.mallinfo2().hblkhd - before >= n)
+libc.free(p)
+"""
+
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc's malloc policy")
+@pytest.mark.parametrize(
+    "call,env,mmapped",
+    [(True, {}, True), (False, {}, False), (True, {"MALLOC_MMAP_THRESHOLD_": "33554432"}, False)],
+    ids=["set", "glibc-default", "user-setting-kept"],
+)
+def test_large_blocks_go_back_to_the_os_once_set(call, env, mmapped):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    res = subprocess.run(
+        [sys.executable, "-c", _PROBE, "1" if call else "0"],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.split("\n")
+    assert f"mmapped {mmapped}" in lines
+    if call:
+        assert f"set {not env}" in lines
