@@ -21,8 +21,9 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .heap import return_freed_memory
 from .options import QuantizeOptions, flag_of
-from .run import Resumable, UsageError, return_freed_memory, run_quantization
+from .run import Resumable, UsageError, run_quantization
 
 __all__ = ["build_parser", "main", "parse_options"]
 

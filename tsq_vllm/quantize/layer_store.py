@@ -28,6 +28,7 @@ from ..checkpoint.tensorfile import TensorInfo, tensor_info
 from ..format.bcq import BCQTensors
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from ..models import ModelSource, decoder_linears, find_decoder_layers
+from . import heap
 from .options import QuantizeOptions
 from .source import LayerStreamer
 
@@ -145,6 +146,7 @@ class LayerStore:
             for leaf, p in mod._parameters.items():
                 if p is not None and not p.is_meta:
                     mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+        heap.trim()  # the layer's freed memory back to the OS, not left in the heap
 
     def checkpoint_tensors(
         self, packed: Mapping[str, GPTQLayer | BCQTensors]

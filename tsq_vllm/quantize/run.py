@@ -12,9 +12,7 @@ runs before the model's weights are read, so bad input costs seconds, not a cali
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import resource
 import shutil
 import time
@@ -27,15 +25,7 @@ from torch import nn
 from .options import QuantizeOptions, parse_size
 from .pipeline import QuantizeResult
 
-__all__ = [
-    "UsageError",
-    "Resumable",
-    "QuantizationJob",
-    "run_quantization",
-    "peak_rss_mib",
-    "return_freed_memory",
-    "MMAP_THRESHOLD",
-]
+__all__ = ["UsageError", "Resumable", "QuantizationJob", "run_quantization", "peak_rss_mib"]
 
 logger = logging.getLogger("tsq_vllm.quantize")
 
@@ -68,31 +58,6 @@ class QuantizationJob:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# glibc's mallopt parameter, and the size from which freed blocks go back to the OS at once.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 * 2**20
-
-
-def return_freed_memory() -> bool:
-    """Make glibc give every freed block of MMAP_THRESHOLD or more back to the OS at once; True if
-    it was set. For the CLI's process, before any work.
-
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32
-    MiB), so from the first decoder layer on, the per-layer tensors of a few MiB come from the
-    heap, whose freed holes stay resident: peak RSS then grew with every layer (measured in
-    benchmarks/results/bench_memory.md). A fixed threshold also stops that adjustment. A
-    MALLOC_MMAP_THRESHOLD_ the user set is left as it is; other C libraries are left alone.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.uname().sysname != "Linux":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def run_quantization(opts: QuantizeOptions, *, progress: bool = False) -> QuantizationJob:
