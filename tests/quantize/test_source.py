@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,43 @@ def test_a_value_beyond_the_storage_dtype_is_refused_in_one_line():
         "weight has values beyond the range of float16: store the unquantized tensors in "
         "bfloat16 or float32 (--dtype)"
     )
+
+
+def _held(files) -> list[str]:
+    """Memory maps and open file descriptors of this process on any of `files`."""
+    names = {str(f.resolve()) for f in files}
+    maps = [
+        ln for ln in Path("/proc/self/maps").read_text().splitlines() if ln.split()[-1] in names
+    ]
+    fds = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if str(fd.readlink()) in names:
+                fds.append(str(fd))
+        except OSError:
+            pass
+    return maps + fds
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("shard", [None, "150KB"], ids=["one-file", "sharded"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reading_layers_keeps_no_part_of_the_source_mapped_or_open(tmp_path, arch, shard):
+    # Pages read through a memory map stay resident while it lives: a mapped source would grow
+    # the process by each layer's bytes.
+    from tests.helpers import make_tiny_model
+    from tsq_vllm.quantize.source import open_model
+
+    path = make_tiny_model(tmp_path / arch, arch, layers=3, max_shard_size=shard)
+    files = sorted(path.glob("*.safetensors"))
+    assert (len(files) > 1) == (shard is not None)
+    src = ModelSource(str(path))
+    model, streamer = open_model(src, load_config(src))
+    assert streamer is not None
+    assert _held(files) == []
+    for i, layer in enumerate(streamer.stack):
+        streamer.load_layer(i, layer)
+        assert not any(p.is_meta for p in layer.parameters())
+        assert _held(files) == [], f"after layer {i}"
+    streamer.load_outside(with_output=True)
+    assert _held(files) == []

@@ -4,6 +4,7 @@ atomic      the --output directory: overwrite rules, temporary sibling, rename, 
 hf          save_quantized / load_quantized (transformers model <-> safetensors shards), QuantLinear
 config      read_quantization_config (the one reader), read_checkpoint_config (strict, for serving)
 integrity   safetensors headers and the sha256 fingerprint of the weight files
+tensorfile  safetensors read and written one tensor at a time with plain file I/O, no mmap
 validate    check_checkpoint_files, the launcher's pre-check of every shard and packed tensor
 """
 

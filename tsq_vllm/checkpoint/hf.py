@@ -31,6 +31,7 @@ from .atomic import check_output, new_sibling, normal_permissions, replace_dir, 
 from .config import read_quantization_config
 from .integrity import INDEX_NAME, WEIGHTS_NAME, fingerprint, verify_fingerprint, weight_files
 from .modules import BCQLinear, QuantLinear
+from .tensorfile import TensorInfo, nbytes, tensor_info, write_safetensors
 
 __all__ = [
     "BCQLinear",
@@ -108,46 +109,44 @@ def checkpoint_tensors(
     return out
 
 
-def _nbytes(tensors: Mapping[str, torch.Tensor], key: str) -> int:
-    # A lazy mapping (the journal's layer files) knows the size without reading the tensor.
-    size = getattr(tensors, "nbytes", None)
-    if callable(size):
-        return int(size(key))
-    t = tensors[key]
-    return t.numel() * t.element_size()
+def _info(tensors: Mapping[str, torch.Tensor], key: str) -> TensorInfo:
+    # A lazy mapping (the journal's layer files) knows it without reading the tensor.
+    info = getattr(tensors, "info", None)
+    return info(key) if callable(info) else tensor_info(tensors[key])
 
 
-def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+def _shards(infos: dict[str, TensorInfo], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
-    for key in sorted(tensors):
-        nbytes = _nbytes(tensors, key)
-        if shards[-1] and size + nbytes > max_bytes:
+    for key in sorted(infos):
+        n = nbytes(infos[key])
+        if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(key)
-        size += nbytes
+        size += n
     return shards
 
 
 def _write_weights(
     tensors: Mapping[str, torch.Tensor], directory: Path, max_bytes: int
 ) -> list[str]:
-    """Write the shards one at a time: only one shard's tensors are read at once."""
-    from safetensors.torch import save_file
-
-    shards = _shards(tensors, max_bytes)
+    """Write the shards one at a time and each tensor on its own (`write_safetensors`): memory
+    holds one tensor of a lazy mapping at a time, in the bytes `save_file` would write."""
+    infos = {k: _info(tensors, k) for k in tensors}
+    shards = _shards(infos, max_bytes)
     if len(shards) == 1:
-        save_file(
-            {k: tensors[k] for k in shards[0]}, str(directory / WEIGHTS_NAME), {"format": "pt"}
-        )
-        return [WEIGHTS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, keys in zip(names, shards, strict=True):
-        save_file({k: tensors[k] for k in keys}, str(directory / name), {"format": "pt"})
+        shard = {k: infos[k] for k in keys}
+        write_safetensors(directory / name, shard, tensors.__getitem__, {"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
-    total = sum(_nbytes(tensors, k) for k in tensors)
+    if len(shards) == 1:
+        return names
+    total = sum(nbytes(i) for i in infos.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names

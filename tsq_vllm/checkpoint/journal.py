@@ -41,6 +41,7 @@ from .atomic import (
     resumable_layers,
 )
 from .integrity import sha256_file
+from .tensorfile import SafetensorsFile, TensorInfo
 
 __all__ = ["JOURNAL_NAME", "SPILL_DIR", "Journal", "LayerFiles", "resumable_layers"]
 
@@ -64,18 +65,18 @@ def _read(directory: Path) -> dict[str, Any] | None:
 
 
 class LayerFiles(Mapping[str, torch.Tensor]):
-    """The tensors of the journal's layer files by name, each read only when asked for."""
+    """The tensors of the journal's layer files by name, each read only when asked for, with
+    plain reads: nothing stays mapped (or open), so writing the checkpoint from them holds one
+    tensor at a time."""
 
     def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         for f in files:
-            handle = safe_open(str(f), framework="pt")
-            self._where.update(dict.fromkeys(handle.keys(), handle))
+            layer = SafetensorsFile(f)
+            self._where.update(dict.fromkeys(layer.keys(), layer))
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        return self._where[key].read(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -83,15 +84,9 @@ class LayerFiles(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._where)
 
-    def nbytes(self, key: str) -> int:
-        s = self._where[key].get_slice(key)
-        n = 1
-        for d in s.get_shape():
-            n *= d
-        return n * _ITEMSIZE[s.get_dtype()]
-
-
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "I16": 2, "I8": 1, "U8": 1}
+    def info(self, key: str) -> TensorInfo:
+        """dtype and shape of tensor `key`, from its file's header (nothing is read)."""
+        return self._where[key].info(key)
 
 
 class Journal:
@@ -191,9 +186,7 @@ class Journal:
         return LayerFiles([self.directory / e["file"] for e in self.layers])
 
     def read_layer(self, index: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.directory / self.layers[index]["file"]))
+        return SafetensorsFile(self.directory / self.layers[index]["file"]).read_all()
 
     def discard_layers(self) -> None:
         """Remove the layer files and the journal (their tensors are in the checkpoint now)."""

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .heap import return_freed_memory
 from .options import QuantizeOptions, flag_of
 from .run import Resumable, UsageError, run_quantization
 
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # keeps a bad-input run to the one error line
+    return_freed_memory()  # else peak RSS grows with every decoder layer (glibc's heap)
     # A plain `kill` should clean up like Ctrl-C does: the writer removes its partial directory.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     # SIGINT raises KeyboardInterrupt (keep the finished layers, print the resume command) even

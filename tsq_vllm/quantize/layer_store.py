@@ -24,9 +24,11 @@ from torch import nn
 
 from ..checkpoint.hf import checkpoint_tensors
 from ..checkpoint.journal import SPILL_DIR, Journal
+from ..checkpoint.tensorfile import TensorInfo, tensor_info
 from ..format.bcq import BCQTensors
 from ..format.gptq import TENSOR_NAMES, GPTQLayer
 from ..models import ModelSource, decoder_linears, find_decoder_layers
+from . import heap
 from .options import QuantizeOptions
 from .source import LayerStreamer
 
@@ -144,6 +146,7 @@ class LayerStore:
             for leaf, p in mod._parameters.items():
                 if p is not None and not p.is_meta:
                     mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+        heap.trim()  # the layer's freed memory back to the OS, not left in the heap
 
     def checkpoint_tensors(
         self, packed: Mapping[str, GPTQLayer | BCQTensors]
@@ -173,8 +176,5 @@ class _Union(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(set(self.first) | {k for k in self.second if _in_checkpoint(k)})
 
-    def nbytes(self, key: str) -> int:
-        if key in self.first:
-            t = self.first[key]
-            return t.numel() * t.element_size()
-        return int(self.second.nbytes(key))
+    def info(self, key: str) -> TensorInfo:
+        return tensor_info(self.first[key]) if key in self.first else self.second.info(key)

@@ -5,9 +5,10 @@ lm_head, biases). `open_model` gives the model to quantize: a skeleton whose par
 the meta device (no memory) except the ones in front of the decoder stack (the embeddings), and
 a `LayerStreamer` that materializes one decoder layer at a time from the source and releases its
 quantized weights once they are packed, so peak memory does not grow with depth. Safetensors
-sources are read with `safe_open` (sharded or not, one tensor at a time); GGUF files through
-transformers' own GGUF reader, name mapping and dequantization, one tensor at a time, so the
-values are those `from_pretrained` would give. A source that cannot be streamed (a hub id, a GGUF
+sources are read one tensor at a time with plain file reads (`checkpoint.tensorfile`), sharded or
+not, so nothing of the source stays mapped; GGUF files through transformers' own GGUF reader,
+name mapping and dequantization, one tensor at a time, so the values are those `from_pretrained`
+would give. A source that cannot be streamed (a hub id, a GGUF
 architecture whose tensors transformers merges, tensor names that differ from the model's) is
 loaded whole, as before, with one log line.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.integrity import read_header, weight_files
+from ..checkpoint.tensorfile import SafetensorsFile
 from ..models import ModelSource, find_decoder_layers, load_model
 
 __all__ = [
@@ -101,20 +103,18 @@ class SourceTensors:
 
     @classmethod
     def safetensors(cls, path: Path) -> SourceTensors | None:
-        from safetensors import safe_open
-
         files, _ = weight_files(path, "re-download the model")
         if not files:
             return None
         names: dict[str, Any] = {}
         for f in files:
-            names.update(dict.fromkeys(read_header(f), f))
-        handles: dict[Path, Any] = {}
+            shard = SafetensorsFile(f)
+            names.update(dict.fromkeys(shard.keys(), shard))
 
-        def read(name: str, f: Path) -> torch.Tensor:
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")  # memory-mapped, lazy
-            return handles[f].get_tensor(name)
+        # Plain reads, not `safe_open`'s memory map: pages read through a map stay resident for
+        # as long as it lives, so the process would grow by every layer's source bytes.
+        def read(name: str, shard: SafetensorsFile) -> torch.Tensor:
+            return shard.read(name)
 
         return cls(names, read)
 
