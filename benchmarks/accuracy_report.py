@@ -199,11 +199,12 @@ def write_report(done: list[dict], md: Path, png: Path, subject: Subject = SMOLL
         f"peers' included. Evaluation: {fp_row['eval']['tokens']} predicted tokens of the "
         f"wiki test split in {setup['eval_seqlen']}-token windows; FP perplexity **{fp:.3f}**. "
         "Every row is evaluated in float32 (`python -m tsq_vllm.eval`'s default `--dtype "
-        "float32`; the AutoRound checkpoints declare float16, and their first evaluation in it "
-        "is kept in the results file as `eval_as_declared`). tsq rows recorded since unquantized "
-        "tensors are stored in the source's dtype (bf16 for a GGUF source: the embedding, which "
-        "SmolLM2 ties to its output head, and the norms) carry that rounding; earlier rows stored "
-        "them in fp32 (`benchmarks/results/stage2_variants.md` measures the difference, row "
+        "float32`; the AutoRound checkpoints declare float16 and today's tsq checkpoints of the "
+        "GGUF source bfloat16, and rows first evaluated in the declared dtype keep that result in "
+        "the results file as `eval_as_declared`: bfloat16 compute added 0.2 % at INT2 g64). tsq "
+        "rows recorded since unquantized tensors are stored in the source's dtype (bf16 for a "
+        "GGUF source: the embedding, which SmolLM2 ties to its output head, and the norms) carry "
+        "that rounding, 0.01 % at INT2 g64 (`benchmarks/results/stage2_variants.md`, row "
         "*default, --dtype float32*).",
         'Asymmetric grids for tsq rows (the tsq default). "settings": *paper* rows ran with '
         "the paper's settings (`--gptaq-alpha 0 --error-feedback-alpha 1 --scale-box 0`, which "
