@@ -89,6 +89,16 @@ def _quantize_seconds(log: str) -> float:
     return float(m.group(1))
 
 
+def _quantize_args(work: Path, name: str) -> list[str]:
+    """`python -m tsq_vllm.quantize` arguments (after `-m`) of configuration `name`."""
+    return ["tsq_vllm.quantize", *BASE, *CONFIGS[name][1], "--output", str(work / name),
+            "--overwrite"]  # fmt: skip
+
+
+def _shown(cmd: list[str]) -> str:
+    return " ".join(cmd).replace(sys.executable, "python")
+
+
 def time_configs(work: Path, names: list[str], repeat: int) -> list[str]:
     """Markdown lines: the median quantize time of each configuration over `repeat` alternating
     runs, and each run's time in order."""
@@ -96,9 +106,8 @@ def time_configs(work: Path, names: list[str], repeat: int) -> list[str]:
     cmds = {}
     for _ in range(repeat):
         for name in names:
-            cmd = [sys.executable, "-m", "tsq_vllm.quantize", *BASE, *CONFIGS[name][1],
-                   "--output", str(work / name), "--overwrite"]  # fmt: skip
-            cmds[name] = " ".join(cmd).replace(sys.executable, "python")
+            cmd = [sys.executable, "-m", *_quantize_args(work, name)]
+            cmds[name] = _shown(cmd)
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
             runs[name].append(_quantize_seconds(out.stdout + out.stderr))
     base = statistics.median(runs[names[0]])
@@ -140,10 +149,9 @@ def main() -> int:
         return 0
     commands = []
     for name in args.configs:
-        cmd = [sys.executable, "-m", "cProfile", "-o", str(work / f"{name}.prof"),
-               "-m", "tsq_vllm.quantize", *BASE, *CONFIGS[name][1],
-               "--output", str(work / name), "--overwrite"]  # fmt: skip
-        commands.append(" ".join(cmd).replace(sys.executable, "python"))
+        prof = str(work / f"{name}.prof")
+        cmd = [sys.executable, "-m", "cProfile", "-o", prof, "-m", *_quantize_args(work, name)]
+        commands.append(_shown(cmd))
         if not args.report_only:
             with (work / f"{name}.log").open("w") as log:
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=True)

@@ -11,6 +11,7 @@ hands the free pages left inside the heap back. Other C libraries are left alone
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 MMAP_THRESHOLD = 4 * 2**20  # blocks this big or bigger are mapped, and unmapped when freed
 
 
+@functools.cache  # looked up once: `trim` runs after every decoder layer
 def _glibc(name: str) -> Any:
     if os.uname().sysname != "Linux":
         return None
