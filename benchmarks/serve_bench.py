@@ -1,9 +1,12 @@
-"""Serving throughput in vLLM (CPU): SmolLM2-135M in bf16 vs tsq INT4 / INT3 / INT2, side by side.
+"""Serving throughput in vLLM (CPU): bf16 vs tsq INT4 / INT3 / INT2, side by side, and llama.cpp.
 
-    python benchmarks/serve_bench.py                          # quantizes what it needs, ~15 min
+    python benchmarks/serve_bench.py                          # SmolLM2-135M; quantizes what it
+                                                              # needs, ~15 min
     python benchmarks/serve_bench.py --checkpoint 3=DIR ...   # reuse existing tsq checkpoints
     python benchmarks/serve_bench.py --bits 4 --lm-head --streams 1 16   # INT4 with and without
                                                               # a quantized lm_head, vs bf16
+    python benchmarks/serve_bench.py --model Q.gguf --rtn --llamacpp Q4_K_M Q3_K_M Q2_K \
+        --output benchmarks/results/serve_qwen.md             # another model, with llama.cpp
 
 For each model, one at a time, it starts vLLM's OpenAI server (`python -m tsq_vllm.serve` for tsq
 checkpoints; vLLM's own API server entry for the bf16 baseline), all with the same flags
@@ -15,7 +18,11 @@ time to first token. Reported: the median over rounds of output tok/s, the media
 server's memory (PSS and RSS summed over the API server and its engine processes, after the
 run). Then the same engine without the HTTP front end (`vllm.LLM.generate` on 1, 4, 16 prompts in
 a child process), which separates the model's decode speed from the server's per-token overhead.
-Writes benchmarks/results/serve.md, serve.png and serve.json.
+With --llamacpp, the same model's GGUF at those k-quant types is served by llama.cpp's own
+server and measured by the same client (serve_llamacpp.py), its engine-only figure from
+`llama-batched-bench`. --rtn quantizes the tsq checkpoints by rounding to nearest instead (same
+packed format, same kernels, minutes instead of hours for a 1.5B model): for speed rows only.
+Writes --output (markdown), and .png and .json beside it.
 """
 
 from __future__ import annotations
@@ -29,9 +36,13 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import serve_llamacpp  # benchmarks/ is on sys.path as the script's directory
+from serve_client import measure, memory_mib
+from transformers import AutoTokenizer
+
+from tsq_vllm.models import resolve_source
 from tsq_vllm.serve.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +53,14 @@ PROMPT = (
     "combined movable metal type, oil-based ink and a wooden press adapted from wine making. "
     "Within a few decades printing spread across Europe, and"
 )
+
+
+def resolve_gguf(model: str) -> Path:
+    """The GGUF file behind --model (a .gguf path, or 'smollm2' for the embedded one)."""
+    src = resolve_source(model)
+    if src.gguf_file is None:
+        raise SystemExit(f"--llamacpp needs a GGUF model; --model {model!r} is not one")
+    return Path(src.path) / src.gguf_file
 
 
 def _shell(cmd: list[str]) -> str:
@@ -59,8 +78,12 @@ def _variant(key: str) -> tuple[int, bool]:
     return int(bits), bool(head)
 
 
+# What quantizes a speed-only checkpoint (--rtn): round to nearest, no stage, no FP stream.
+RTN_FLAGS = ["--no-gptq", "--no-stage1", "--no-stage2", "--gptaq-alpha", "0", "--no-error-feedback"]
+
+
 def prepare(
-    work: Path, given: dict[str, str], calib: dict, keys: list[str]
+    work: Path, given: dict[str, str], calib: dict, keys: list[str], model: str, rtn: bool
 ) -> tuple[Path, dict[str, Path], list[str]]:
     """The bf16 baseline's HF directory and a tsq checkpoint per key ("4", "4-lm-head", ...);
     the commands that made them.
@@ -73,9 +96,10 @@ def prepare(
     from accuracy import export_hf_model  # benchmarks/ is on sys.path as the script's directory
 
     commands = []
-    hf = work / "smollm2-hf"
-    export_hf_model(hf, torch.bfloat16)
+    hf = work / ("smollm2-hf" if model == "smollm2" else "model-hf")
+    export_hf_model(hf, torch.bfloat16, model)
     flags = [
+        *(RTN_FLAGS if rtn else []),
         "--calib",
         calib["dataset"],
         *(a for k in ("nsamples", "seqlen", "seed") for a in (f"--{k}", str(calib[k]))),
@@ -95,7 +119,7 @@ def prepare(
             "-m",
             "tsq_vllm.quantize",
             "--model",
-            "smollm2",
+            model,
             "--bits",
             str(bits),
             "--group-size",
@@ -107,11 +131,22 @@ def prepare(
             "--overwrite",
         ]
         commands.append(_shell(cmd))
-        if _calibration(ckpts[key]) != calib or _lm_head(ckpts[key]) != head:
+        if (
+            _calibration(ckpts[key]) != calib
+            or _lm_head(ckpts[key]) != head
+            or _rtn(ckpts[key]) != rtn
+        ):
             subprocess.run(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     return hf, ckpts, commands
+
+
+def _rtn(ckpt: Path) -> bool | None:
+    cfg = ckpt / "quantize_config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text()).get("tsq", {}).get("gptq") is False
 
 
 def _lm_head(ckpt: Path) -> bool | None:
@@ -123,69 +158,6 @@ def backends_in_log(log: Path) -> list[str]:
     """The kernel backends the tsq linear method chose, from a server log (`kernels.backends`)."""
     found = re.findall(r"using (\S+) backend", log.read_text(errors="replace"))
     return sorted(set(found))
-
-
-def memory_mib(pid: int) -> dict[str, float]:
-    """PSS and RSS summed over process `pid` and every descendant (vLLM's engine core, workers)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    pss = rss = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            info = p.memory_full_info()
-        except psutil.Error:
-            continue
-        pss, rss = pss + info.pss, rss + info.rss
-    return {"pss_mib": pss / 2**20, "rss_mib": rss / 2**20}
-
-
-def _one_request(client, model: str, max_tokens: int) -> dict:
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    stream = client.completions.create(
-        model=model,
-        prompt=PROMPT,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].text:
-            ttft = time.perf_counter() - t0
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return {"ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - t0}
-
-
-def measure(server: ServerProcess, streams: list[int], repeats: int, max_tokens: int) -> dict:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="none", timeout=600)
-    model = client.models.list().data[0].id
-    _one_request(client, model, max_tokens)  # warm-up
-    out = {}
-    for n in streams:
-        rounds, ttfts = [], []
-        with ThreadPoolExecutor(n) as pool:
-            for _ in range(repeats):
-                t = time.perf_counter()
-                reqs = list(pool.map(lambda _: _one_request(client, model, max_tokens), range(n)))
-                wall = time.perf_counter() - t
-                if any(r["tokens"] != max_tokens for r in reqs):
-                    raise SystemExit(
-                        f"a request returned {[r['tokens'] for r in reqs]} tokens, not {max_tokens}"
-                    )
-                rounds.append(sum(r["tokens"] for r in reqs) / wall)
-                ttfts += [r["ttft"] for r in reqs]
-        out[n] = {
-            "tok_s": statistics.median(rounds),
-            "tok_s_rounds": rounds,
-            "ttft_s": statistics.median(ttfts),
-        }
-    return out
 
 
 def make_llm(model_dir: str, quantization: str | None):
@@ -274,6 +246,39 @@ def main() -> int:
     p.add_argument(
         "--seqlen", type=int, default=256, help="calibration window length when quantizing"
     )
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="the model as `tsq_vllm.quantize --model` takes it (a .gguf for --llamacpp)",
+    )
+    p.add_argument("--label", help="the model's name in the report (default: from --model)")
+    p.add_argument(
+        "--rtn",
+        action="store_true",
+        help="quantize the tsq checkpoints by round to nearest (speed rows only; same format)",
+    )
+    p.add_argument(
+        "--llamacpp",
+        nargs="+",
+        default=[],
+        metavar="KQUANT",
+        help="also serve the GGUF with llama.cpp at these k-quant types, e.g. Q4_K_M Q3_K_M",
+    )
+    p.add_argument(
+        "--goal",
+        nargs="+",
+        default=["1=1.5", "16=1.0"],
+        metavar="N=X",
+        help="report whether tsq reaches X× bf16 tokens/s at N streams",
+    )
+    p.add_argument(
+        "--report-from",
+        metavar="ROWS_JSON",
+        help="write the report from a run's saved rows (WORKDIR/rows.json) instead of measuring",
+    )
+    p.add_argument(
+        "--skip-engine", action="store_true", help="skip the engine-only (no HTTP) measurements"
+    )
     p.add_argument("--workdir", default="/tmp/tsq-serve-bench", help="checkpoints and server logs")
     p.add_argument(
         "--output", default=str(RESULTS / "serve.md"), help="markdown report (PNG beside it)"
@@ -293,6 +298,14 @@ def main() -> int:
         Path(args.engine_worker[1]).write_text(json.dumps(res))
         return 0
 
+    if args.report_from:
+        rows = json.loads(Path(args.report_from).read_text())
+        for r in rows:  # JSON made the stream counts strings
+            r["streams"] = {int(n): v for n, v in r["streams"].items()}
+            r["engine"] = {int(n): v for n, v in r["engine"].items()}
+        commands = [f"# rows from {args.report_from}"]
+        write_report(rows, args, commands, os.getloadavg()[0], PROMPT)
+        return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     keys = [f"{b}{suffix}" for b in args.bits for suffix in ("", "-lm-head")[: 1 + args.lm_head]]
@@ -307,54 +320,75 @@ def main() -> int:
             )
         given[key] = d
     calib = {"dataset": "wiki", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
-    hf, ckpts, commands = prepare(work, given, calib, keys)
-    models = [
-        (
-            "bf16",
-            hf,
-            None,
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.launchers.api_server.entry",
-                "--model",
-                str(hf),
-            ],
+    hf, ckpts, commands = prepare(work, given, calib, keys, args.model, args.rtn)
+    bf16_cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
+    models = [{"name": "bf16", "dir": hf, "quantization": None, "cmd": [*bf16_cmd, str(hf)]}]
+    for k in keys:
+        bits, head = _variant(k)
+        models.append(
+            {
+                "name": f"tsq INT{bits} g64{' + lm_head' if head else ''}",
+                "dir": ckpts[k],
+                "quantization": "tsq",
+                "cmd": [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],
+                "bits": bits,
+            }
         )
-    ]
-    models += [
-        (
-            f"tsq INT{_variant(k)[0]} g64{' + lm_head' if _variant(k)[1] else ''}",
-            ckpts[k],
-            "tsq",
-            [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],
-        )
-        for k in keys
-    ]
+    if args.llamacpp:
+        ggufs, made = serve_llamacpp.kquant_ggufs(resolve_gguf(args.model), work, args.llamacpp)
+        commands += made
+        ctx = int(COMMON[COMMON.index("--max-model-len") + 1])
+        models += [
+            {
+                "name": f"llama.cpp {kq}",
+                "gguf": g,
+                "cmd": serve_llamacpp.server_command(g, max(args.streams), ctx),
+                "bits": serve_llamacpp.bits_of(kq),
+            }
+            for kq, g in ggufs.items()
+        ]
+    prompt_tokens = len(AutoTokenizer.from_pretrained(hf)(PROMPT)["input_ids"])
     load_start = os.getloadavg()[0]
     rows = []
-    for name, model_dir, quantization, cmd in models:
+    for m in models:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        log = work / name.replace(" ", "-")
-        with ServerProcess([*cmd, *COMMON], log.with_suffix(".log"), env=env, cwd=ROOT) as server:
-            res = measure(server, args.streams, args.repeats, args.max_tokens)
+        log = work / m["name"].replace(" ", "-")
+        with ServerProcess(
+            [*m["cmd"], *([] if "gguf" in m else COMMON)],
+            log.with_suffix(".log"),
+            env=env,
+            cwd=ROOT,
+        ) as server:
+            res = measure(server, args.streams, args.repeats, args.max_tokens, PROMPT)
             mem = memory_mib(server.proc.pid)
-        engine = _run_engine_worker(model_dir, quantization, args, log.with_suffix(".engine.log"))
-        weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
+        if args.skip_engine:
+            engine = {}
+        elif "gguf" in m:
+            engine = serve_llamacpp.engine_only(
+                m["gguf"], args.streams, args.repeats, prompt_tokens, args.max_tokens
+            )
+        else:
+            engine = _run_engine_worker(
+                m["dir"], m["quantization"], args, log.with_suffix(".engine.log")
+            )
+        files = [m["gguf"]] if "gguf" in m else list(Path(m["dir"]).glob("*.safetensors"))
         rows.append(
             {
-                "name": name,
+                "name": m["name"],
+                "bits": m.get("bits"),
                 "command": _shell(server.cmd),
                 "startup_s": server.startup_s,
                 "streams": res,
                 "engine": engine,
-                "weights_mib": weights,
-                "backends": backends_in_log(log.with_suffix(".log")),
+                "weights_mib": sum(f.stat().st_size for f in files) / 2**20,
+                "backends": backends_in_log(log.with_suffix(".log")) if "dir" in m else [],
                 **mem,
             }
         )
+        # Kept after every model, so a failure later loses nothing (--report-from rebuilds).
+        (work / "rows.json").write_text(json.dumps(rows, indent=1))
         print(
-            name,
+            m["name"],
             json.dumps({n: round(v["tok_s"], 1) for n, v in res.items()}),
             "engine only",
             json.dumps({n: round(v["tok_s"], 1) for n, v in engine.items()}),
