@@ -236,7 +236,12 @@ def main() -> int:
         help="use this tsq checkpoint for BITS instead of quantizing one (BITS-lm-head=DIR: "
         "the --lm-head variant)",
     )
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="tsq bit widths to serve")
+    p.add_argument(
+        "--bits",
+        nargs="+",
+        default=["4", "3", "2"],
+        help="tsq bit widths to serve; BITS-lm-head for a quantized lm_head at that width only",
+    )
     p.add_argument(
         "--lm-head",
         action="store_true",
@@ -308,7 +313,15 @@ def main() -> int:
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    keys = [f"{b}{suffix}" for b in args.bits for suffix in ("", "-lm-head")[: 1 + args.lm_head]]
+    bad = [b for b in args.bits if not re.fullmatch(r"[234](-lm-head)?", b)]
+    if bad:
+        raise SystemExit(f"--bits {' '.join(bad)}: expected 2, 3 or 4, or e.g. 3-lm-head")
+    keys = [
+        f"{b}{sfx}"
+        for b in args.bits
+        for sfx in ("", "-lm-head")[: 1 + (args.lm_head and len(b) == 1)]
+    ]
+    keys = list(dict.fromkeys(keys))  # e.g. 3-lm-head both given and implied by --lm-head
     given = {}
     for c in args.checkpoint:
         key, _, d = c.partition("=")
