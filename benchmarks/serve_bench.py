@@ -270,6 +270,12 @@ def main() -> int:
         help="also serve the GGUF with llama.cpp at these k-quant types, e.g. Q4_K_M Q3_K_M",
     )
     p.add_argument(
+        "--llamacpp-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads (default: one per CPU, what a user would pass)",
+    )
+    p.add_argument(
         "--goal",
         nargs="+",
         default=["1=1.5", "16=1.0"],
@@ -353,9 +359,16 @@ def main() -> int:
         ctx = int(COMMON[COMMON.index("--max-model-len") + 1])
         models += [
             {
-                "name": f"llama.cpp {kq}",
+                "name": f"llama.cpp {kq}"
+                + (
+                    ""
+                    if args.llamacpp_threads == os.cpu_count()
+                    else f" ({args.llamacpp_threads} thr)"
+                ),
                 "gguf": g,
-                "cmd": serve_llamacpp.server_command(g, max(args.streams), ctx),
+                "cmd": serve_llamacpp.server_command(
+                    g, max(args.streams), ctx, args.llamacpp_threads
+                ),
                 "bits": serve_llamacpp.bits_of(kq),
             }
             for kq, g in ggufs.items()
@@ -378,7 +391,12 @@ def main() -> int:
             engine = {}
         elif "gguf" in m:
             engine = serve_llamacpp.engine_only(
-                m["gguf"], args.streams, args.repeats, prompt_tokens, args.max_tokens
+                m["gguf"],
+                args.streams,
+                args.repeats,
+                prompt_tokens,
+                args.max_tokens,
+                args.llamacpp_threads,
             )
         else:
             engine = _run_engine_worker(

@@ -10,7 +10,6 @@ of serve_bench's engine-only table: the same decode without the HTTP front end.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -60,10 +59,9 @@ def kquant_ggufs(source: Path, work: Path, kquants: list[str]) -> tuple[dict[str
     return out, commands
 
 
-def server_command(gguf: Path, slots: int, ctx_per_slot: int) -> list[str]:
-    """llama-server on `gguf`: `slots` parallel sequences of `ctx_per_slot` tokens each, one
-    thread per CPU (prompt and decode); ServerProcess appends --port."""
-    threads = str(os.cpu_count() or 1)
+def server_command(gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> list[str]:
+    """llama-server on `gguf`: `slots` parallel sequences of `ctx_per_slot` tokens each,
+    `threads` threads for prompt and decode; ServerProcess appends --port."""
     return [
         str(_binary("llama-server")),
         "-m",
@@ -75,20 +73,19 @@ def server_command(gguf: Path, slots: int, ctx_per_slot: int) -> list[str]:
         "-np",
         str(slots),
         "-t",
-        threads,
+        str(threads),
         "-tb",
-        threads,
+        str(threads),
         "--no-webui",
     ]
 
 
 def engine_only(
-    gguf: Path, streams: list[int], repeats: int, prompt_tokens: int, max_tokens: int
+    gguf: Path, streams: list[int], repeats: int, prompt_tokens: int, max_tokens: int, threads: int
 ) -> dict[int, dict]:
     """Output tok/s of llama.cpp's decode without its server: `llama-batched-bench` with n
     parallel sequences of `prompt_tokens` prompt tokens and `max_tokens` new tokens each;
     output tokens / (prompt + generation time), as serve_bench's engine-only figure counts."""
-    threads = str(os.cpu_count() or 1)
     cmd = [
         str(_binary("llama-batched-bench")),
         "-m",
@@ -102,9 +99,9 @@ def engine_only(
         "-npl",
         ",".join(map(str, streams)),
         "-t",
-        threads,
+        str(threads),
         "-tb",
-        threads,
+        str(threads),
         "--output-format",
         "jsonl",
     ]
