@@ -23,7 +23,7 @@ from ..core.gptq import asymmetric_target, gptq_quantize
 from ..core.grid import Grid, quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import energy_match as match_energy
-from ..core.stage2 import layer_objective, output_stats, refine_scales, scale_system
+from ..core.stage2 import output_stats, refine_scales, scale_system
 from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
 from .scheme import LayerScheme
 
@@ -243,26 +243,25 @@ def quantize_weight(
             for key, sc in (("_gptq", grid.scale), ("", scale)):
                 o = system.output_stats(sc)
                 stats["rel_error" + key], stats["energy_ratio" + key] = o.rel_error, o.energy_ratio
-    elif s.gptq and not gptaq:
-        # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
-        dQ = scale[:, col_group] * U - Wq  # [N, K]
-        err_h = loss_damped - float((torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0))
+    else:
+        Q = scale[:, col_group] * U  # [N, K]
+        if s.gptq and not gptaq:
+            # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
+            dQ = Q - Wq
+            err_h = loss_damped - float(
+                (torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0)
+            )
+        else:
+            # One Q·H GEMM, shared by the loss and the statistics (the K × K products dominate
+            # an RTN run's time).
+            dQ = Q - W
+            err_h = float(((dQ @ H) * dQ).sum(dtype=torch.float64))
         loss = err_h
         if R is not None:
             loss += 2 * float(((W @ R) * dQ).sum())
         stats["loss_gptq"] = stats["loss"] = loss
         if true_stats:
-            o = output_stats(
-                W, scale[:, col_group] * U, H, R, D, err_h=err_h
-            )  # H is 0 on dead inputs
-            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
-            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
-    else:
-        stats["loss_gptq"] = stats["loss"] = layer_objective(
-            W, scale[:, col_group] * U, H, R, dtype=torch.float32
-        )
-        if true_stats:
-            o = output_stats(W, scale[:, col_group] * U, H, R, D)
+            o = output_stats(W, Q, H, R, D, err_h=err_h)  # H is 0 on dead inputs
             stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
             stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
     stats["time_stage2"] = time.perf_counter() - t
