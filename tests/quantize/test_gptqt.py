@@ -20,6 +20,7 @@ from tests.core.conftest import correlated_inputs
 from tests.helpers import opts_for, quantize_in_memory, single_thread
 from tsq_vllm.quantize.__main__ import main
 from tsq_vllm.quantize.gptqt_layer import GPTQTWeight
+from tsq_vllm.quantize.layer import prepare_input
 from tsq_vllm.quantize.method import quantize_linear
 from tsq_vllm.quantize.options import QuantizeOptions
 from tsq_vllm.quantize.run import run_quantization
@@ -138,11 +139,11 @@ def test_layer_dispatch_and_reexploration(tmp_path):
     X = correlated_inputs(128, 512)
     W, H = torch.randn(48, 128, generator=g), X.t() @ X / 512
     base = dict(bits=3, group_size=32, method="gptqt", intermediate_bits=4)
-    qw = quantize_linear(W, H, LayerScheme(**base))
-    plain = quantize_linear(W, H, LayerScheme(**base, reexplore=False))
+    qw = quantize_linear(W, prepare_input(H, LayerScheme(**base)))
+    plain = quantize_linear(W, prepare_input(H, LayerScheme(**base, reexplore=False)))
     assert isinstance(qw, GPTQTWeight) and isinstance(plain, GPTQTWeight)
     assert qw.stats["loss"] <= plain.stats["loss"] * (1 + 1e-6)
-    tsq = quantize_linear(W, H, LayerScheme(bits=3, group_size=32))
+    tsq = quantize_linear(W, prepare_input(H, LayerScheme(bits=3, group_size=32)))
     assert type(tsq).__name__ == "QuantizedWeight"
     packed = qw.pack("bcq")
     w_bcq, w = packed.dequantize(torch.float32).t().double(), qw.dequantize().double()
