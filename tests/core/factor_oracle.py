@@ -40,7 +40,7 @@ def old_moments(acc: HessianAccumulator):
 class OldFactor(HessianFactor):
     """Every request recomputed from Hd with the old formulas (nothing shared, nothing in place)."""
 
-    def solve(self, B: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(self.Hd.to(self.dtype))
         assert not int(info)
         return torch.cholesky_solve(B, L)
@@ -55,8 +55,11 @@ def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
 
 
 def use_old_factorizations(monkeypatch) -> None:
-    """Make `quantize.layer` (and so the pipeline) run the old arithmetic."""
+    """Make `quantize.layer` (and so the pipeline) and GPTQT's second pass run the old
+    arithmetic."""
+    from tsq_vllm.core import gptqt
     from tsq_vllm.quantize import layer
 
     monkeypatch.setattr(layer, "HessianFactor", OldFactor)
+    monkeypatch.setattr(gptqt, "HessianFactor", OldFactor)
     monkeypatch.setattr(layer, "asymmetric_target", old_target_from_factor)

@@ -81,7 +81,11 @@ def test_factor_in_place_gives_the_bits_of_the_two_cholesky_code(dtype, K):
     want_W = old_asymmetric_target(W, Hd, R, 0.25, dtype)
     f = HessianFactor(Hd, dtype, solves=1)
     got_W = asymmetric_target(W, f, R, 0.25)
+    assert f._L is not None
+    buffer = f._L.data_ptr()
     U = f.inverse_factor()
+    if dtype == torch.float32:  # U is the buffer L was computed in: the chain ran in place
+        assert U.data_ptr() == buffer
     assert torch.equal(got_W, want_W) and got_W.dtype == W.dtype
     assert torch.equal(U, want_U) and U.stride() == want_U.stride()  # GEMMs see the same layout
     assert f._L is None  # the last solve is done and U exists: L was released

@@ -69,13 +69,12 @@ class HessianFactor:
             self._L = L
         return self._L
 
-    def solve(self, B: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
         """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹).
 
-        overwrite: the result may take B's memory (in place when B is column-major, like the
-        transpose of a row-major [M, K] matrix)."""
-        L = self._cholesky()
-        X = torch.cholesky_solve(B, L, out=B) if overwrite else torch.cholesky_solve(B, L)
+        torch's cholesky_solve works on copies of B and L (its out= copies too): while it runs,
+        L is there twice."""
+        X = torch.cholesky_solve(B, self._cholesky())
         self.solves_left = max(self.solves_left - 1, 0)
         if self.solves_left == 0 and self._U is not None:
             self._L = None  # the last announced solve: only U is still needed
@@ -123,8 +122,9 @@ def asymmetric_target(
     # W R first, while L does not exist yet (the factor is lazy): the float64 copies of W and R
     # (R is another K×K matrix) are freed before it is computed.
     WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
-    Xt = factor.solve(WR.t(), overwrite=True).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ, in WR's memory
-    # W − α·X in place with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE.
+    Xt = factor.solve(WR.t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
+    del WR
+    # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE.
     return Xt.mul_(-alpha).add_(W.to(dtype)).to(W.dtype)
 
 

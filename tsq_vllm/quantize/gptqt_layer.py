@@ -161,7 +161,8 @@ def quantize_weight_gptqt_on(W: torch.Tensor, inp: LinearInput) -> GPTQTWeight:
         G,
         _settings(s),
         R=R_alpha,
-        H_damped=p.Hd,
+        # The second pass factorizes in float64: at that precision the first pass's U is its U.
+        H_damped=p.factor if p.factor.dtype == torch.float64 else p.Hd,
         gptq_target=p.Wq,
     )
     bw.scale = to_fp16(bw.scale)
