@@ -10,6 +10,8 @@ inputs exist and reports the growth of VmHWM over VmRSS during the path, and the
 Paths, at the default precision (float64):
   gptq      U, the upper Cholesky factor of Hd⁻¹ (plain GPTQ, one linear)
   gptaq     GPTAQ's target W − α·W R Hd⁻¹ and then U (the default run, one linear)
+  qkv       gptaq for three linears of one input, W [4096 | 1024 | 1024, K] (Llama-3-8B's
+            q/k/v_proj): one shared factorization now, three before (run for K ≤ 8192 only)
   finalize  the accumulators H, R (float64) and D (float32) to the float32 moments
 "old" is a copy of the code before this change (two Choleskys of Hd; whole-matrix temporaries);
 "new" is the library's. Both give the same bits (tests/core/test_gptq.py, test_hessian.py).
@@ -38,7 +40,8 @@ from tsq_vllm.core.gptq import inverse_hessian_factor  # noqa: E402
 
 N_OUT = 4096  # rows of W: Llama-3-8B's down_proj is [4096, 14336]
 ALPHA = 0.25  # the default --gptaq-alpha
-PATHS = ("gptq", "gptaq", "finalize")
+PATHS = ("gptq", "gptaq", "qkv", "finalize")
+QKV_ROWS = (4096, 1024, 1024)
 
 
 def _old_inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,9 +89,10 @@ def _inputs(K: int, path: str) -> dict:
     Hd = Hd.add_(Hd.t().clone()).mul_(0.5)  # symmetric, entries in [0, 1)
     Hd.diagonal().add_(K)  # diagonally dominant: positive definite
     out = {"Hd": Hd}
-    if path == "gptaq":
+    if path in ("gptaq", "qkv"):
         out["R"] = torch.randn(K, K, generator=g).mul_(0.01)
-        out["W"] = torch.randn(N_OUT, K, generator=g)
+        rows = QKV_ROWS if path == "qkv" else (N_OUT,)
+        out["Ws"] = [torch.randn(n, K, generator=g) for n in rows]
     return out
 
 
@@ -97,15 +101,19 @@ def _run(version: str, path: str, x: dict) -> list:
     if path == "finalize":
         acc = x.pop("acc")
         return list(_old_finalize(acc) if version == "old" else acc.take())
-    if version == "old":
-        Wq = (
-            _old_asymmetric_target(x["W"], x["Hd"], x["R"], ALPHA, f64) if path == "gptaq" else None
-        )
-        return [Wq, _old_inverse_hessian_factor(x["Hd"], f64)]
     if path == "gptq":
+        if version == "old":
+            return [_old_inverse_hessian_factor(x["Hd"], f64)]
         return [inverse_hessian_factor(x["Hd"], f64)]
-    factor = HessianFactor(x["Hd"], f64, solves=1)
-    return [asymmetric_target(x["W"], factor, x["R"], ALPHA), factor.inverse_factor()]
+    out = []
+    factor = HessianFactor(x["Hd"], f64, solves=len(x["Ws"]))
+    for W in x["Ws"]:  # one linear after the other, as the pipeline runs them
+        if version == "old":
+            out += [_old_asymmetric_target(W, x["Hd"], x["R"], ALPHA, f64)]
+            out += [_old_inverse_hessian_factor(x["Hd"], f64)]
+        else:
+            out += [asymmetric_target(W, factor, x["R"], ALPHA), factor.inverse_factor()]
+    return out
 
 
 def child(K: int, path: str, version: str) -> dict:
@@ -117,7 +125,7 @@ def child(K: int, path: str, version: str) -> dict:
     out = _run(version, path, x)
     seconds = time.perf_counter() - t
     peak = _status("VmHWM")
-    kept = sum(o.numel() * o.element_size() for o in out if o is not None)
+    kept = sum(o.numel() * o.element_size() for o in {id(o): o for o in out}.values())
     return {"peak_delta": peak - base, "kept": kept, "seconds": seconds}
 
 
@@ -155,6 +163,8 @@ def main() -> None:
     rows = []
     for K in args.k:
         for path in args.paths:
+            if path == "qkv" and K > 8192:
+                continue  # no input of that width feeds more than one linear in Llama-3-8B
             for version in ("old", "new"):
                 cmd = [sys.executable, __file__, "--child", str(K), path, version]
                 r = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -282,6 +282,9 @@ def test_linears_of_one_input_share_its_preparation_bit_identically(
     s = LayerScheme(bits=3, group_size=32, act_order=act_order, gptaq_alpha=gptaq_alpha)
     Ws = [torch.randn(n, 128, generator=torch.Generator().manual_seed(n)) for n in (64, 32, 32)]
     inp = prepare_input(H, s, R, D, readers=len(Ws))
+    for M, Mp in zip((H, R, D), (inp.H, inp.R, inp.D), strict=True):
+        assert torch.equal(Mp, M[inp.perm][:, inp.perm])  # processing order, the same values
+        assert act_order or Mp is M  # no copy without act-order
     for W in Ws:
         _same_problem(monkeypatch, W, inp, H, s, R, D)
         _same_result(quantize_weight_on(W, inp), _old_quantize(monkeypatch, W, H, s, R, D))

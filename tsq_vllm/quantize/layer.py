@@ -139,9 +139,10 @@ def prepare_input(
     if s.act_order:
         # Work in processing order, where groups are contiguous column ranges.
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        H = H[perm][:, perm]
-        R = None if R is None else R[perm][:, perm]
-        D = None if D is None else D[perm][:, perm]
+        rows, cols = perm[:, None], perm  # one gather: no [perm]-then-[:, perm] intermediate
+        H = H[rows, cols]
+        R = None if R is None else R[rows, cols]
+        D = None if D is None else D[rows, cols]
     else:
         perm = torch.arange(K, device=H.device)  # nothing reads these in place: no copies
     Hd = damp_hessian(H, s.damp)
