@@ -123,6 +123,8 @@ def prepare_input(
 ) -> LinearInput:
     """Check the moments' shapes and put them in processing order, for `readers` linears."""
     s = scheme
+    if readers < 1:
+        raise ValueError(f"readers={readers}: an input is prepared for at least one linear")
     K = H.shape[-1]
     if H.shape != (K, K):
         raise ValueError(f"H has shape {tuple(H.shape)}, expected a square [K, K]")
@@ -144,7 +146,7 @@ def prepare_input(
         R = None if R is None else R[rows, cols]
         D = None if D is None else D[rows, cols]
     else:
-        perm = torch.arange(K, device=H.device)  # nothing reads these in place: no copies
+        perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
     factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0)
