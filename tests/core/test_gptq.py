@@ -93,20 +93,33 @@ def test_factor_in_place_gives_the_bits_of_the_two_cholesky_code(dtype, K):
     assert torch.equal(asymmetric_target(W, Hd, R, 0.25, dtype), want_W)
 
 
-def test_factor_shared_by_linears_keeps_l_for_each_solve():
-    """q/k/v: one factor, U asked for between the solves (from a copy of L), and a solve more
-    than announced (L recomputed): every answer is the one a fresh factorization gives."""
+@pytest.mark.parametrize("uses", [3, 1])
+def test_factor_shared_by_linears_keeps_l_for_each_solve_and_u_for_each_use(uses):
+    """q/k/v: one factor, U asked for between the solves (from a copy of L), a solve and a use
+    more than announced (recomputed): every answer is the one a fresh factorization gives, and
+    L and U are released after their last announced request."""
     K = 128
     Hd = _damped(K, seed=3)
     R = 0.1 * torch.randn(K, K, generator=torch.Generator().manual_seed(4))
     Ws = [torch.randn(24, K, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    f = HessianFactor(Hd, solves=3)
+    f = HessianFactor(Hd, solves=3, uses=uses)
     for i, W in enumerate(Ws):
         assert torch.equal(
             asymmetric_target(W, f, R, 0.5), old_asymmetric_target(W, Hd, R, 0.5, torch.float64)
         )
         assert torch.equal(f.inverse_factor(), old_inverse_hessian_factor(Hd, torch.float64))
         assert (f._L is None) == (i >= 2)  # kept until the third (announced) solve is done
+        assert (f._U is None) == (i + 1 >= uses)  # kept until the last announced use
+
+
+def test_factor_without_gptq_releases_l_after_the_last_solve():
+    """RTN with GPTAQ: no GPTQ pass asks for U, so L goes with the last solve."""
+    Hd = _damped(64, seed=8)
+    R = 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(8))
+    f = HessianFactor(Hd, solves=2, uses=0)
+    for i in range(2):
+        asymmetric_target(torch.randn(8, 64), f, R, 0.25)
+        assert (f._L is None) == (i == 1) and f._U is None
 
 
 def test_factor_matches_independent_formulas():

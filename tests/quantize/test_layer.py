@@ -290,3 +290,17 @@ def test_linears_of_one_input_share_its_preparation_bit_identically(
         _same_result(quantize_weight_on(W, inp), _old_quantize(monkeypatch, W, H, s, R, D))
     for M, M0 in zip((H, R, D), before, strict=True):
         assert torch.equal(M, M0)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(gptaq_alpha=0.0), dict(gptq=False), dict(act_order=True)]
+)
+def test_the_factorizations_are_released_after_the_last_reader(kw):
+    """Nothing of Hd's factorization outlives the group's last GPTQ pass (its stage 2 runs
+    without it)."""
+    H, R = _streams(K=64, T=512, noise=0.5, seed=4)
+    s = LayerScheme(bits=3, group_size=32, **kw)
+    inp = prepare_input(H, s, R, 0.1 * H, readers=3)
+    for n in (32, 16, 16):
+        quantize_weight_on(torch.randn(n, 64, generator=torch.Generator().manual_seed(n)), inp)
+    assert inp.factor._L is None and inp.factor._U is None

@@ -41,18 +41,23 @@ class HessianFactor:
     out-of-place ops (tests/core/test_gptq.py compares them). L is computed on first use, so a
     caller can finish its other float64 work (GPTAQ's W R) before L exists.
 
-    solves: how many `solve` calls to keep L for (GPTAQ: one per linear reading this input). U
-    asked for before the last of them is computed from a copy of L; a solve after L was released
-    recomputes it (the same bits, at the cost of a Cholesky).
+    solves: how many `solve` calls to keep L for (GPTAQ: one per linear reading this input); uses:
+    how many times U will be asked for (GPTQ passes), after which it is released, so the last
+    linear's stage 2 runs without it. U asked for before the last solve is computed from a copy
+    of L. Counting too high only keeps a factor longer; a request after the release recomputes
+    it (the same bits, at the cost of the factorization).
     """
 
-    def __init__(self, Hd: torch.Tensor, dtype: torch.dtype = torch.float64, solves: int = 0):
+    def __init__(
+        self, Hd: torch.Tensor, dtype: torch.dtype = torch.float64, solves: int = 0, uses: int = 1
+    ):
         K = Hd.shape[-1]
         if Hd.shape != (K, K):
             raise ValueError(f"Hd has shape {tuple(Hd.shape)}, expected a square [K, K]")
         self.Hd = Hd
         self.dtype = dtype
         self.solves_left = solves
+        self.uses_left = uses
         self._L: torch.Tensor | None = None
         self._U: torch.Tensor | None = None
 
@@ -76,8 +81,8 @@ class HessianFactor:
         L is there twice."""
         X = torch.cholesky_solve(B, self._cholesky())
         self.solves_left = max(self.solves_left - 1, 0)
-        if self.solves_left == 0 and self._U is not None:
-            self._L = None  # the last announced solve: only U is still needed
+        if self.solves_left == 0 and (self._U is not None or self.uses_left <= 0):
+            self._L = None  # the last announced solve, and U exists or is not wanted
         return X
 
     def inverse_factor(self) -> torch.Tensor:
@@ -90,7 +95,12 @@ class HessianFactor:
             torch.cholesky_inverse(buf, out=buf)
             torch.linalg.cholesky(buf, upper=True, out=buf)
             self._U = buf.float()  # a no-op for float32: then U is the buffer itself
-        return self._U
+            del buf
+        U = self._U
+        self.uses_left -= 1
+        if self.uses_left <= 0:
+            self._U = None  # the caller's reference is the last one
+        return U
 
 
 def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:

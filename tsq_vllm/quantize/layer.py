@@ -97,7 +97,8 @@ class LinearInput:
 
     H, R, D permuted by `perm` (act-order; without it they are the caller's tensors, not copies);
     Hd the damped H; factor Hd's `HessianFactor`, which keeps GPTAQ's L for one solve per reader
-    and then only U. `scheme` is the one it was prepared for (damp, act_order, precision, GPTAQ).
+    and U for one GPTQ pass per reader. `scheme` is the one it was prepared for (damp, act_order,
+    precision, GPTAQ, GPTQ).
     """
 
     H: torch.Tensor
@@ -149,7 +150,9 @@ def prepare_input(
         perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
-    factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0)
+    # GPTQ asks for U once per linear; GPTQT twice (its second pass reuses a float64 U).
+    uses = readers * (2 if s.method == "gptqt" else 1) if s.gptq else 0
+    factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses)
     return LinearInput(H, R, D, Hd, perm, factor, s)
 
 
