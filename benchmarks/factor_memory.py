@@ -106,7 +106,7 @@ def _run(version: str, path: str, x: dict) -> list:
             return [_old_inverse_hessian_factor(x["Hd"], f64)]
         return [inverse_hessian_factor(x["Hd"], f64)]
     out = []
-    factor = HessianFactor(x["Hd"], f64, solves=len(x["Ws"]))
+    factor = HessianFactor(x["Hd"], f64, solves=len(x["Ws"]), uses=len(x["Ws"]))
     for W in x["Ws"]:  # one linear after the other, as the pipeline runs them
         if version == "old":
             out += [_old_asymmetric_target(W, x["Hd"], x["R"], ALPHA, f64)]
