@@ -1,7 +1,19 @@
 import pytest
 import torch
 
-from tsq_vllm.core import damp_hessian, gptq_quantize, layer_objective, quantize_codes, search_grid
+from tsq_vllm.core import (
+    HessianFactor,
+    asymmetric_target,
+    damp_hessian,
+    gptq_quantize,
+    inverse_hessian_factor,
+    layer_objective,
+    quantize_codes,
+    search_grid,
+)
+
+from .conftest import correlated_inputs
+from .factor_oracle import old_asymmetric_target, old_inverse_hessian_factor
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -40,8 +52,6 @@ def test_not_positive_definite_is_a_clear_error():
 
 
 def test_asymmetric_target_is_the_least_squares_map_to_the_fp_outputs():
-    from tsq_vllm.core import asymmetric_target
-
     from .test_stage2 import _moments, _samples
 
     X, Xt = _samples(K=64, T=2048, noise=0.5)
@@ -53,3 +63,102 @@ def test_asymmetric_target_is_the_least_squares_map_to_the_fp_outputs():
     half = asymmetric_target(W, H, R, 0.5)
     torch.testing.assert_close(half, 0.5 * (W + want), rtol=1e-6, atol=1e-8)  # linear in α
     torch.testing.assert_close(asymmetric_target(W, H, R, 0.0), W)
+
+
+def _damped(K: int, seed: int = 0, dead: int = 0) -> torch.Tensor:
+    X = correlated_inputs(K, 4 * K, seed=seed)
+    X[:, :dead] = 0  # dead inputs: damp_hessian gives them a unit diagonal
+    return damp_hessian(X.t() @ X / X.shape[0], 0.01)  # [K, K] float32, as the pipeline has it
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [96, 384])
+def test_factor_in_place_gives_the_bits_of_the_two_cholesky_code(dtype, K):
+    Hd = _damped(K, seed=K, dead=3)
+    W = torch.randn(40, K, generator=torch.Generator().manual_seed(K))
+    R = 0.1 * torch.randn(K, K, generator=torch.Generator().manual_seed(K + 1))
+    want_U = old_inverse_hessian_factor(Hd, dtype)
+    want_W = old_asymmetric_target(W, Hd, R, 0.25, dtype)
+    f = HessianFactor(Hd, dtype, solves=1)
+    got_W = asymmetric_target(W, f, R, 0.25)
+    assert f._L is not None
+    buffer = f._L.data_ptr()
+    U = f.inverse_factor()
+    if dtype == torch.float32:  # U is the buffer L was computed in: the chain ran in place
+        assert U.data_ptr() == buffer
+    assert torch.equal(got_W, want_W) and got_W.dtype == W.dtype
+    assert torch.equal(U, want_U) and U.stride() == want_U.stride()  # GEMMs see the same layout
+    assert f._L is None  # the last solve is done and U exists: L was released
+    assert torch.equal(inverse_hessian_factor(Hd, dtype), want_U)
+    assert torch.equal(asymmetric_target(W, Hd, R, 0.25, dtype), want_W)
+
+
+@pytest.mark.parametrize("uses", [3, 1])
+def test_factor_shared_by_linears_keeps_l_for_each_solve_and_u_for_each_use(uses):
+    """q/k/v: one factor, U asked for between the solves (from a copy of L), a solve and a use
+    more than announced (recomputed): every answer is the one a fresh factorization gives, and
+    L and U are released after their last announced request."""
+    K = 128
+    Hd = _damped(K, seed=3)
+    R = 0.1 * torch.randn(K, K, generator=torch.Generator().manual_seed(4))
+    Ws = [torch.randn(24, K, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    f = HessianFactor(Hd, solves=3, uses=uses)
+    for i, W in enumerate(Ws):
+        assert torch.equal(
+            asymmetric_target(W, f, R, 0.5), old_asymmetric_target(W, Hd, R, 0.5, torch.float64)
+        )
+        assert torch.equal(f.inverse_factor(), old_inverse_hessian_factor(Hd, torch.float64))
+        assert (f._L is None) == (i >= 2)  # kept until the third (announced) solve is done
+        assert (f._U is None) == (i + 1 >= uses)  # kept until the last announced use
+
+
+def test_factor_without_gptq_releases_l_after_the_last_solve():
+    """RTN with GPTAQ: no GPTQ pass asks for U, so L goes with the last solve."""
+    Hd = _damped(64, seed=8)
+    R = 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(8))
+    f = HessianFactor(Hd, solves=2, uses=0)
+    for i in range(2):
+        asymmetric_target(torch.randn(8, 64), f, R, 0.25)
+        assert (f._L is None) == (i == 1) and f._U is None
+
+
+def test_factor_matches_independent_formulas():
+    """U against H⁻¹ from torch.linalg.inv and its Cholesky; the target against an explicit
+    solve; GPTQ's codes on the factor against GPTQ on that independent U."""
+    K = 192
+    Hd = _damped(K, seed=5, dead=2).double()
+    g = torch.Generator().manual_seed(6)
+    W, R = torch.randn(32, K, generator=g), 0.1 * torch.randn(K, K, generator=g)
+    f = HessianFactor(Hd.float(), solves=1)
+    Hinv = torch.linalg.inv(Hd)
+    U_ref = torch.linalg.cholesky(0.5 * (Hinv + Hinv.t()), upper=True)
+    target_ref = W.double() - 0.3 * torch.linalg.solve(Hd, (W.double() @ R.double()).t()).t()
+    torch.testing.assert_close(
+        asymmetric_target(W, f, R, 0.3).double(), target_ref, rtol=1e-5, atol=1e-6
+    )
+    U = f.inverse_factor()
+    torch.testing.assert_close(U.double(), U_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(U.double().t() @ U.double(), Hinv, rtol=1e-4, atol=1e-6)
+
+    class Reference(HessianFactor):
+        def inverse_factor(self) -> torch.Tensor:
+            return U_ref.float().t().contiguous().t()  # column-major, like LAPACK's
+
+    grid = search_grid(W, 3, 64, method="minmax", zero_min=1)
+    codes, loss = gptq_quantize(W, f, grid, 64)
+    codes_ref, loss_ref = gptq_quantize(W, Reference(Hd.float()), grid, 64)
+    assert torch.equal(codes, codes_ref)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gptq_on_a_shared_factor_gives_the_codes_of_gptq_on_h(bits, dtype):
+    Hd = _damped(256, seed=bits)
+    W = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits))
+    grid = search_grid(W, bits, 32, method="minmax", zero_min=1)
+    f = HessianFactor(Hd, dtype)
+    want = gptq_quantize(W, Hd, grid, 32, factor_dtype=dtype)
+    for _ in range(2):  # the second linear of the input reuses U
+        codes, loss = gptq_quantize(W, f, grid, 32)
+        assert torch.equal(codes, want[0]) and loss == want[1]

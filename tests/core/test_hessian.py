@@ -1,6 +1,9 @@
+import pytest
 import torch
 
 from tsq_vllm.core import HessianAccumulator, damp_hessian, dead_columns
+
+from .factor_oracle import old_moments
 
 
 def test_running_mean_matches_batch_statistics():
@@ -71,3 +74,26 @@ def test_d_accumulates_in_float32_beside_float64_h_and_r():
     acc.add(x, x + 0.1)
     assert acc.H.dtype == acc.R.dtype == torch.float64 and acc.D.dtype == torch.float32
     torch.testing.assert_close(acc.D, torch.full((8, 8), 0.01), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_r", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [24, 1100])  # 1100: the symmetrization takes two row blocks
+def test_take_gives_the_bits_of_the_whole_matrix_formulas_and_releases(with_r, dtype, K):
+    g = torch.Generator().manual_seed(K)
+    acc = HessianAccumulator(K, with_r=with_r, dtype=dtype)
+    X = torch.randn(2, 64, K, generator=g)
+    for x in X:
+        acc.add(x, x + 0.1 * torch.randn(x.shape, generator=g) if with_r else None)
+    want = old_moments(acc)
+    assert torch.equal(acc.finalize()[0], want[0])  # finalize is the same formula, repeatable
+    if with_r:
+        assert torch.equal(acc.finalize_delta(), want[2])
+    got = acc.take()
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b) and a.dtype == torch.float32
+    assert acc.H.numel() == 0 and acc.R is None and acc.D is None  # the accumulators are freed
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        acc.take()

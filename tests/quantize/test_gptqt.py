@@ -20,6 +20,7 @@ from tests.core.conftest import correlated_inputs
 from tests.helpers import opts_for, quantize_in_memory, single_thread
 from tsq_vllm.quantize.__main__ import main
 from tsq_vllm.quantize.gptqt_layer import GPTQTWeight
+from tsq_vllm.quantize.layer import prepare_input
 from tsq_vllm.quantize.method import quantize_linear
 from tsq_vllm.quantize.options import QuantizeOptions
 from tsq_vllm.quantize.run import run_quantization
@@ -138,11 +139,11 @@ def test_layer_dispatch_and_reexploration(tmp_path):
     X = correlated_inputs(128, 512)
     W, H = torch.randn(48, 128, generator=g), X.t() @ X / 512
     base = dict(bits=3, group_size=32, method="gptqt", intermediate_bits=4)
-    qw = quantize_linear(W, H, LayerScheme(**base))
-    plain = quantize_linear(W, H, LayerScheme(**base, reexplore=False))
+    qw = quantize_linear(W, prepare_input(H, LayerScheme(**base)))
+    plain = quantize_linear(W, prepare_input(H, LayerScheme(**base, reexplore=False)))
     assert isinstance(qw, GPTQTWeight) and isinstance(plain, GPTQTWeight)
     assert qw.stats["loss"] <= plain.stats["loss"] * (1 + 1e-6)
-    tsq = quantize_linear(W, H, LayerScheme(bits=3, group_size=32))
+    tsq = quantize_linear(W, prepare_input(H, LayerScheme(bits=3, group_size=32)))
     assert type(tsq).__name__ == "QuantizedWeight"
     packed = qw.pack("bcq")
     w_bcq, w = packed.dequantize(torch.float32).t().double(), qw.dequantize().double()
@@ -188,3 +189,37 @@ def test_defaults_resolve_the_format():
     o = QuantizeOptions(output="x", method="gptqt", bits=2)
     assert (o.checkpoint_format, o.stored_bits, o.zero_min) == ("bcq", 2, 1)
     assert QuantizeOptions(output="x", method="gptqt", checkpoint_format="gptq").stored_bits == 4
+
+
+@pytest.mark.parametrize("gptaq_alpha", [0.0, 0.25])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_gptqt_with_the_shared_factor_is_bit_identical_to_the_old_code(
+    monkeypatch, gptaq_alpha, act_order, precision
+):
+    """Both GPTQ passes on the input's one factorization (the second reuses a float64 U) give
+    what the code that factorized Hd per pass gave."""
+    from tests.core.factor_oracle import use_old_factorizations
+    from tsq_vllm.quantize.gptqt_layer import quantize_weight_gptqt
+
+    from .test_layer import _streams
+
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(2))
+    H, R = _streams(K=128, T=1024, noise=0.5, seed=2)
+    s = LayerScheme(
+        bits=2,
+        group_size=32,
+        method="gptqt",
+        act_order=act_order,
+        gptaq_alpha=gptaq_alpha,
+        precision=precision,
+    )
+    new = quantize_weight_gptqt(W, H, s, R=R)
+    with monkeypatch.context() as m:
+        use_old_factorizations(m)
+        old = quantize_weight_gptqt(W, H, s, R=R)
+    for f in ("codes", "scale", "zero", "low", "steps", "signs"):
+        assert torch.equal(getattr(new.bcq, f), getattr(old.bcq, f)), f
+    assert torch.equal(new.perm, old.perm)
+    keep = [k for k in new.stats if not k.startswith("time_")]
+    assert {k: new.stats[k] for k in keep} == {k: old.stats[k] for k in keep}

@@ -3,8 +3,10 @@ import torch
 
 from tsq_vllm.core import layer_objective
 from tsq_vllm.quantize import LayerScheme, quantize_weight
+from tsq_vllm.quantize.layer import prepare_input, prepare_layer, quantize_weight_on
 
 from ..core.conftest import correlated_inputs
+from ..core.factor_oracle import use_old_factorizations
 from ..core.test_stage2 import _streams
 
 VARIANTS = {
@@ -218,3 +220,87 @@ def test_d_only_feeds_the_statistics(bits, group_size):
         assert torch.equal(other.codes, with_d.codes) and torch.equal(other.zeros, with_d.zeros)
         assert torch.equal(other.scales, with_d.scales)
     assert "rel_error" in with_d.stats and "rel_error" not in without.stats
+
+
+def _same_result(a, b) -> None:
+    for f in ("codes", "scales", "zeros", "g_idx", "grid_scales"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    drop = {k for k in a.stats if k.startswith("time_")}
+    assert {k: v for k, v in a.stats.items() if k not in drop} == {
+        k: v for k, v in b.stats.items() if k not in drop
+    }
+
+
+def _old_quantize(monkeypatch, W, H, scheme, R, D):
+    """quantize_weight with the factorizations computed as before `HessianFactor`."""
+    with monkeypatch.context() as m:
+        use_old_factorizations(m)
+        return quantize_weight(W, H, scheme, R=R, D=D)
+
+
+def _same_problem(monkeypatch, W, inp, H, scheme, R, D) -> None:
+    """GPTQ's inputs bit for bit: the target Wq (GPTAQ) and the factor U, new and old."""
+    p = prepare_layer(W, inp)
+    with monkeypatch.context() as m:
+        use_old_factorizations(m)
+        old = prepare_layer(W, prepare_input(H, scheme, R, D))
+    assert torch.equal(p.Wq, old.Wq) and torch.equal(p.Hd, old.Hd)
+    assert torch.equal(p.factor.inverse_factor(), old.factor.inverse_factor())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("gptaq_alpha", [0.0, 0.25])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_quantize_weight_is_bit_identical_to_the_two_cholesky_code(
+    monkeypatch, bits, gptaq_alpha, act_order, precision
+):
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(bits))
+    H, R = _streams(K=128, T=1024, noise=0.5, seed=bits)
+    D = 0.1 * H  # any symmetric matrix: D only feeds the statistics
+    s = LayerScheme(
+        bits=bits,
+        group_size=32,
+        act_order=act_order,
+        gptaq_alpha=gptaq_alpha,
+        precision=precision,
+    )
+    _same_result(quantize_weight(W, H, s, R=R, D=D), _old_quantize(monkeypatch, W, H, s, R, D))
+    _same_problem(monkeypatch, W, prepare_input(H, s, R, D), H, s, R, D)
+
+
+@pytest.mark.parametrize("gptaq_alpha", [0.0, 0.25])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_linears_of_one_input_share_its_preparation_bit_identically(
+    monkeypatch, gptaq_alpha, act_order
+):
+    """q/k/v: one `prepare_input` for three weights gives what three separate old runs give, and
+    leaves the caller's moments untouched."""
+    H, R = _streams(K=128, T=1024, noise=0.5, seed=9)
+    D = 0.1 * H
+    before = [M.clone() for M in (H, R, D)]
+    s = LayerScheme(bits=3, group_size=32, act_order=act_order, gptaq_alpha=gptaq_alpha)
+    Ws = [torch.randn(n, 128, generator=torch.Generator().manual_seed(n)) for n in (64, 32, 32)]
+    inp = prepare_input(H, s, R, D, readers=len(Ws))
+    for M, Mp in zip((H, R, D), (inp.H, inp.R, inp.D), strict=True):
+        assert torch.equal(Mp, M[inp.perm][:, inp.perm])  # processing order, the same values
+        assert act_order or Mp is M  # no copy without act-order
+    for W in Ws:
+        _same_problem(monkeypatch, W, inp, H, s, R, D)
+        _same_result(quantize_weight_on(W, inp), _old_quantize(monkeypatch, W, H, s, R, D))
+    for M, M0 in zip((H, R, D), before, strict=True):
+        assert torch.equal(M, M0)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(gptaq_alpha=0.0), dict(gptq=False), dict(act_order=True)]
+)
+def test_the_factorizations_are_released_after_the_last_reader(kw):
+    """Nothing of Hd's factorization outlives the group's last GPTQ pass (its stage 2 runs
+    without it)."""
+    H, R = _streams(K=64, T=512, noise=0.5, seed=4)
+    s = LayerScheme(bits=3, group_size=32, **kw)
+    inp = prepare_input(H, s, R, 0.1 * H, readers=3)
+    for n in (32, 16, 16):
+        quantize_weight_on(torch.randn(n, 64, generator=torch.Generator().manual_seed(n)), inp)
+    assert inp.factor._L is None and inp.factor._U is None

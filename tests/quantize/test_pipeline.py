@@ -211,3 +211,28 @@ def test_fused_projections_and_reload(tmp_path):
         torch.testing.assert_close(
             tsq_vllm.load_quantized(out)(input_ids=ids).logits, model(input_ids=ids).logits
         )
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("llama", dict(bits=3, group_size=32)),  # the default: GPTAQ target, both stages, R
+        ("mistral", dict(bits=2, group_size=32, act_order=True, quantize_lm_head=True)),
+        ("qwen2", dict(bits=4, group_size=64, stage1=False, stage2=False, gptaq_alpha=0.0)),
+    ],
+    ids=["llama-default", "mistral-int2-act-order-head", "qwen2-plain-gptq"],
+)
+def test_shared_in_place_factorizations_write_the_bytes_of_the_old_code(
+    models, tmp_path, monkeypatch, name, kw
+):
+    """One factorization per input, in place, and the accumulators released as they are
+    finalized: the checkpoint is byte for byte the one the two-Cholesky code wrote."""
+    from tests.core.factor_oracle import old_moments, use_old_factorizations
+    from tsq_vllm.core import HessianAccumulator
+
+    new = run_quantization(opts_for(models[name], tmp_path / "new", **kw)).output
+    with monkeypatch.context() as m:
+        use_old_factorizations(m)
+        m.setattr(HessianAccumulator, "take", old_moments)
+        old = run_quantization(opts_for(models[name], tmp_path / "old", **kw)).output
+    assert checkpoint_digest(new) == checkpoint_digest(old)

@@ -197,9 +197,10 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
     seen = []
     real = pipeline.quantize_linear
 
-    def spy(W, H, scheme, R=None, D=None):
-        seen.append((H.clone(), R.clone(), D.clone()))
-        return real(W, H, scheme, R=R, D=D)
+    def spy(W, inp):
+        inv = torch.argsort(inp.perm)  # the moments as accumulated, before act-order
+        seen.append(tuple(M[inv][:, inv].clone() for M in (inp.H, inp.R, inp.D)))
+        return real(W, inp)
 
     monkeypatch.setattr(pipeline, "quantize_linear", spy)
     fp, model = build(models), build(models)

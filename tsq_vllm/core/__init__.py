@@ -1,6 +1,6 @@
 """Pure tensor math: Hessian statistics, grids and scale searches, GPTQ, stage 2. No nn.Module."""
 
-from .gptq import asymmetric_target, gptq_quantize, inverse_hessian_factor
+from .gptq import HessianFactor, asymmetric_target, gptq_quantize, inverse_hessian_factor
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
 from .hessian import HessianAccumulator, damp_hessian, dead_columns
 from .stage2 import (
@@ -17,6 +17,7 @@ from .stage2 import (
 __all__ = [
     "Grid",
     "HessianAccumulator",
+    "HessianFactor",
     "OutputStats",
     "ScaleSystem",
     "Stage2Result",

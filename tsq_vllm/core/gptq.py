@@ -20,7 +20,87 @@ import torch
 
 from .grid import Grid
 
-__all__ = ["asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
+__all__ = ["HessianFactor", "asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
+
+_NOT_PD = (
+    "H is not positive definite even after damping: raise damp (e.g. 0.05) or use more "
+    "calibration tokens"
+)
+
+
+class HessianFactor:
+    """The factorizations of one damped Hessian Hd [K, K], each computed once and shared.
+
+    GPTAQ's target needs L (Hd = L Lᵀ) for one solve per linear, GPTQ needs U, the upper Cholesky
+    factor of Hd⁻¹ (Hd⁻¹ = Uᵀ U). Both come from a single Cholesky of Hd: L, then
+    Hd⁻¹ = cholesky_inverse(L), then U; linears that read the same input (q/k/v) share one factor.
+
+    Memory: at K = 14336 (Llama-3-8B's down_proj) one float64 K×K matrix is 1.6 GiB, so the
+    chain runs in one column-major buffer overwritten in place (Hd → L → Hd⁻¹ → U). torch's
+    out= variants of these three ops alias their input safely and give the same bits as the
+    out-of-place ops (tests/core/test_gptq.py compares them). L is computed on first use, so a
+    caller can finish its other float64 work (GPTAQ's W R) before L exists.
+
+    solves: how many `solve` calls to keep L for (GPTAQ: one per linear reading this input); uses:
+    how many times U will be asked for (GPTQ passes), after which it is released, so the last
+    linear's stage 2 runs without it. U asked for before the last solve is computed from a copy
+    of L. Counting too high only keeps a factor longer; a request after the release recomputes
+    it (the same bits, at the cost of the factorization).
+    """
+
+    def __init__(
+        self, Hd: torch.Tensor, dtype: torch.dtype = torch.float64, solves: int = 0, uses: int = 1
+    ):
+        K = Hd.shape[-1]
+        if Hd.shape != (K, K):
+            raise ValueError(f"Hd has shape {tuple(Hd.shape)}, expected a square [K, K]")
+        self.Hd = Hd
+        self.dtype = dtype
+        self.solves_left = solves
+        self.uses_left = uses
+        self._L: torch.Tensor | None = None
+        self._U: torch.Tensor | None = None
+
+    def _cholesky(self) -> torch.Tensor:
+        """L [K, K] in `dtype`, column-major (the layout LAPACK works in, so out= needs no copy)."""
+        if self._L is None:
+            K = self.Hd.shape[0]
+            L = torch.empty_strided((K, K), (1, K), dtype=self.dtype, device=self.Hd.device)
+            L.copy_(self.Hd)
+            info = torch.empty((), dtype=torch.int32, device=L.device)
+            torch.linalg.cholesky_ex(L, out=(L, info))
+            if int(info):
+                raise ValueError(_NOT_PD)
+            self._L = L
+        return self._L
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹).
+
+        torch's cholesky_solve works on copies of B and L (its out= copies too): while it runs,
+        L is there twice."""
+        X = torch.cholesky_solve(B, self._cholesky())
+        self.solves_left = max(self.solves_left - 1, 0)
+        if self.solves_left == 0 and (self._U is not None or self.uses_left <= 0):
+            self._L = None  # the last announced solve, and U exists or is not wanted
+        return X
+
+    def inverse_factor(self) -> torch.Tensor:
+        """U [K, K] float32 (column-major), the upper Cholesky factor of Hd⁻¹."""
+        if self._U is None:
+            L = self._cholesky()
+            buf = L.clone() if self.solves_left else L  # clone keeps the column-major strides
+            self._L = L if self.solves_left else None
+            del L
+            torch.cholesky_inverse(buf, out=buf)
+            torch.linalg.cholesky(buf, upper=True, out=buf)
+            self._U = buf.float()  # a no-op for float32: then U is the buffer itself
+            del buf
+        U = self._U
+        self.uses_left -= 1
+        if self.uses_left <= 0:
+            self._U = None  # the caller's reference is the last one
+        return U
 
 
 def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -28,19 +108,12 @@ def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) 
 
     The factorizations run in `dtype` (float64 by default; float32 is meant for GPUs,
     benchmarks/precision.py measures what it costs); U is returned in float32."""
-    L, info = torch.linalg.cholesky_ex(H.to(dtype))
-    if int(info):
-        raise ValueError(
-            "H is not positive definite even after damping: raise damp (e.g. 0.05) or use more "
-            "calibration tokens"
-        )
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float()
+    return HessianFactor(H, dtype).inverse_factor()
 
 
 def asymmetric_target(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | HessianFactor,
     R: torch.Tensor,
     alpha: float = 1.0,
     dtype: torch.dtype = torch.float64,
@@ -51,18 +124,23 @@ def asymmetric_target(
     stream X̃ is w'ᵀ = wᵀE[X̃Xᵀ]H⁻¹ = wᵀ(H − R)H⁻¹, and E‖qᵀX − wᵀX̃‖² = (q − w')ᵀH(q − w') + const.
     So GPTQ (and its grid search) run on W' minimize the FP-stream error, and the codes — not only
     the scales — absorb it. α < 1 damps the correction (GPTAQ's reference code uses 0.25).
-    H must be the damped Hessian (positive definite); the solve runs in `dtype`.
+    H must be the damped Hessian (positive definite), or its `HessianFactor` (whose dtype then
+    replaces `dtype`); the solve runs in `dtype`.
     """
-    L, info = torch.linalg.cholesky_ex(H.to(dtype))
-    if int(info):
-        raise ValueError("H is not positive definite even after damping: raise damp (e.g. 0.05)")
+    factor = H if isinstance(H, HessianFactor) else HessianFactor(H, dtype, solves=1)
+    dtype = factor.dtype
+    # W R first, while L does not exist yet (the factor is lazy): the float64 copies of W and R
+    # (R is another K×K matrix) are freed before it is computed.
     WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
-    return (W.to(dtype) - alpha * torch.cholesky_solve(WR.t(), L).t()).to(W.dtype)
+    Xt = factor.solve(WR.t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
+    del WR
+    # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE.
+    return Xt.mul_(-alpha).add_(W.to(dtype)).to(W.dtype)
 
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | HessianFactor,
     grid: Grid,
     group_size: int,
     *,
@@ -71,14 +149,17 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, float]:
     """Integer codes [N, K] for W [N, K] on the fixed grid, minimizing (q − w)ᵀ H (q − w) per row.
 
-    H must already be damped (see `damp_hessian`). Column j belongs to group j // group_size.
+    H must already be damped (see `damp_hessian`), or be its `HessianFactor` (shared with the other
+    linears of the same input; its dtype replaces `factor_dtype`). Column j belongs to group
+    j // group_size.
     Also returns Σ Err², which equals Σ_rows (q − w)ᵀ H (q − w) exactly for the H given: the
     Cholesky factor splits the quadratic form into one independent square per column.
     """
     W = W.float().clone()
     N, K = W.shape
     maxq = grid.maxq
-    Hinv = inverse_hessian_factor(H, factor_dtype)
+    factor = H if isinstance(H, HessianFactor) else HessianFactor(H, factor_dtype)
+    Hinv = factor.inverse_factor()  # [K, K] float32, upper triangular
     codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
     loss = 0.0
     scale = grid.scale.float()  # [N, n_groups]

@@ -38,7 +38,7 @@ from .bcq import (
     map_codes,
     search_levels,
 )
-from .gptq import inverse_hessian_factor
+from .gptq import HessianFactor
 from .grid import Grid
 from .stage2 import ScaleSystem, layer_objective, refine_scales, scale_system
 
@@ -165,7 +165,7 @@ class GPTQTSettings:
 
 def gptq_quantize_levels(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | HessianFactor,
     grid: Grid,
     tables: torch.Tensor,
     group_size: int,
@@ -174,12 +174,13 @@ def gptq_quantize_levels(
 ) -> torch.Tensor:
     """Codes [N, K] of GPTQ with the two-step quantizer: b₀-bit grid, then tables [N, n_g, M+1].
 
-    The column loop of `core.gptq.gptq_quantize` (H damped, lazy block updates) with its rounding
-    replaced by table lookup; `tables[n, g, x]` is the level that code x of group g maps to.
+    The column loop of `core.gptq.gptq_quantize` (H damped or its `HessianFactor`, lazy block
+    updates) with its rounding replaced by table lookup; `tables[n, g, x]` is the level that
+    code x of group g maps to.
     """
     W = W.float().clone()
     N, K = W.shape
-    Hinv = inverse_hessian_factor(H)
+    Hinv = (H if isinstance(H, HessianFactor) else HessianFactor(H)).inverse_factor()
     codes = torch.zeros(N, K, dtype=torch.int64)
     scale, zero = grid.scale.float(), grid.zero.float()
     for i1 in range(0, K, block_size):
@@ -209,15 +210,17 @@ def gptqt_convert(
     settings: GPTQTSettings,
     *,
     R: torch.Tensor | None = None,
-    H_damped: torch.Tensor | None = None,
+    H_damped: torch.Tensor | HessianFactor | None = None,
     gptq_target: torch.Tensor | None = None,
 ) -> BCQWeight:
     """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ.
 
     H [K, K] is the objective's Hessian: its diagonal weights the critical-point search, its
     blocks and all of it (with R) score re-exploration. H_damped (default H) drives the second
-    GPTQ pass and must be positive definite; gptq_target (default W) is the weight that pass
-    quantizes (a GPTAQ-style target), while re-exploration always scores against W. stats:
+    GPTQ pass and must be positive definite; it may be the first pass's float64 `HessianFactor`,
+    whose U that pass then reuses instead of factorizing again; gptq_target (default W) is the
+    weight that pass quantizes (a GPTAQ-style target), while re-exploration always scores
+    against W. stats:
     "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the first pass), "loss" (the layer loss of the
     result), and with re-exploration "loss_mapped" (before it) and "rows_reverted" (see
     `reexplore_scales`).
@@ -247,7 +250,8 @@ def gptqt_convert(
         code_histogram(codes, torch.diagonal(H).clamp(min=0), group_size, grid.bits), cand
     )
     if settings.requantize:
-        Hd = H if H_damped is None else H_damped.float()
+        Hd = H if H_damped is None else H_damped
+        Hd = Hd.float() if isinstance(Hd, torch.Tensor) else Hd
         target = W if gptq_target is None else gptq_target
         codes = gptq_quantize_levels(
             target, Hd, grid, cand.mapped[best], group_size, block_size=settings.block_size

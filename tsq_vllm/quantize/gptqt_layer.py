@@ -23,10 +23,10 @@ from ..core.stage2 import layer_objective
 from ..format.bcq import BCQ_FORMAT, BCQTensors, pack_bcq
 from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
 from ..format.packing import SUPPORTED_BITS
-from .layer import linear_pass, prepare_layer, to_fp16
+from .layer import LinearInput, linear_pass, prepare_input, prepare_layer, to_fp16
 from .scheme import LayerScheme
 
-__all__ = ["GPTQTWeight", "quantize_weight_gptqt"]
+__all__ = ["GPTQTWeight", "quantize_weight_gptqt", "quantize_weight_gptqt_on"]
 
 
 @dataclass
@@ -134,10 +134,15 @@ def quantize_weight_gptqt(
     (the b₀-bit first pass's layer loss), "loss" (after conversion, fp16 scales), and with
     re-exploration "loss_mapped" and "rows_reverted" (`core.gptqt.reexplore_scales`).
     """
-    if scheme.method != "gptqt":
-        raise ValueError(f"scheme.method={scheme.method!r}: quantize_weight_gptqt needs 'gptqt'")
-    s = scheme
-    p = prepare_layer(W, H, s, R, D)
+    return quantize_weight_gptqt_on(W, prepare_input(H, scheme, R, D))
+
+
+def quantize_weight_gptqt_on(W: torch.Tensor, inp: LinearInput) -> GPTQTWeight:
+    """`quantize_weight_gptqt` on an input prepared once for all the linears that read it."""
+    s = inp.scheme
+    if s.method != "gptqt":
+        raise ValueError(f"scheme.method={s.method!r}: quantize_weight_gptqt needs 'gptqt'")
+    p = prepare_layer(W, inp)
     grid, codes, _, stats = linear_pass(p, s, s.intermediate_bits)
     G = s.group_size
     R_alpha = None if p.R is None else s.error_feedback_alpha * p.R
@@ -156,7 +161,8 @@ def quantize_weight_gptqt(
         G,
         _settings(s),
         R=R_alpha,
-        H_damped=p.Hd,
+        # The second pass factorizes in float64: at that precision the first pass's U is its U.
+        H_damped=p.factor if p.factor.dtype == torch.float64 else p.Hd,
         gptq_target=p.Wq,
     )
     bw.scale = to_fp16(bw.scale)

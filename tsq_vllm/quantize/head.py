@@ -128,6 +128,4 @@ def head_moments(
     )
     for x, x_fp in zip(xs, xs_fp, strict=True):
         acc.add(x, x_fp)
-    H, R = acc.finalize()
-    D = acc.finalize_delta()
-    return InputMoments(H, R, D)  # on the compute device, like the decoder linears' moments
+    return InputMoments(*acc.take())  # on the compute device, like the decoder linears' moments

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.gptq import asymmetric_target, gptq_quantize
+from ..core.gptq import HessianFactor, asymmetric_target, gptq_quantize
 from ..core.grid import Grid, quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
 from ..core.stage2 import energy_match as match_energy
@@ -29,10 +29,13 @@ from .scheme import LayerScheme
 
 __all__ = [
     "LayerProblem",
+    "LinearInput",
     "QuantizedWeight",
     "linear_pass",
+    "prepare_input",
     "prepare_layer",
     "quantize_weight",
+    "quantize_weight_on",
     "to_fp16",
 ]
 
@@ -87,11 +90,79 @@ def to_fp16(s: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class LinearInput:
+    """The moments of one linear input [K, K] in processing order, prepared once for every linear
+    that reads it (q/k/v, gate/up): the permutation, the damping and the factorizations of Hd are
+    the same for all of them.
+
+    H, R, D permuted by `perm` (act-order; without it they are the caller's tensors, not copies);
+    Hd the damped H; factor Hd's `HessianFactor`, which keeps GPTAQ's L for one solve per reader
+    and U for one GPTQ pass per reader. `scheme` is the one it was prepared for (damp, act_order,
+    precision, GPTAQ, GPTQ).
+    """
+
+    H: torch.Tensor
+    R: torch.Tensor | None
+    D: torch.Tensor | None
+    Hd: torch.Tensor
+    perm: torch.Tensor
+    factor: HessianFactor
+    scheme: LayerScheme
+
+    @property
+    def gptaq(self) -> bool:
+        return self.scheme.gptaq_alpha > 0 and self.R is not None
+
+
+def prepare_input(
+    H: torch.Tensor,
+    scheme: LayerScheme,
+    R: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    *,
+    readers: int = 1,
+) -> LinearInput:
+    """Check the moments' shapes and put them in processing order, for `readers` linears."""
+    s = scheme
+    if readers < 1:
+        raise ValueError(f"readers={readers}: an input is prepared for at least one linear")
+    K = H.shape[-1]
+    if H.shape != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected a square [K, K]")
+    for name, M in (("R", R), ("D", D)):
+        if M is not None and M.shape != (K, K):
+            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
+    if s.energy_match and R is not None and D is None:
+        raise ValueError(
+            "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
+        )
+    H = H.float()
+    R = None if R is None else R.float()
+    D = None if D is None else D.float()
+    if s.act_order:
+        # Work in processing order, where groups are contiguous column ranges.
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        rows, cols = perm[:, None], perm  # one gather: no [perm]-then-[:, perm] intermediate
+        H = H[rows, cols]
+        R = None if R is None else R[rows, cols]
+        D = None if D is None else D[rows, cols]
+    else:
+        perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
+    Hd = damp_hessian(H, s.damp)
+    gptaq = s.gptaq_alpha > 0 and R is not None
+    # GPTQ asks for U once per linear; GPTQT twice (its second pass reuses a float64 U).
+    uses = readers * (2 if s.method == "gptqt" else 1) if s.gptq else 0
+    factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses)
+    return LinearInput(H, R, D, Hd, perm, factor, s)
+
+
+@dataclass
 class LayerProblem:
     """One layer in processing order (act-order permutes the columns; groups are then contiguous).
 
-    W, H, R, D permuted by `perm`; Hd the damped H; Wq the weight the grid and GPTQ quantize (W,
-    or GPTAQ's target), dead inputs zeroed.
+    W, H, R, D permuted by `perm`; Hd the damped H and `factor` its factorizations (both shared
+    with the other linears of the same input); Wq the weight the grid and GPTQ quantize (W, or
+    GPTAQ's target), dead inputs zeroed.
     """
 
     W: torch.Tensor
@@ -102,54 +173,30 @@ class LayerProblem:
     Wq: torch.Tensor
     perm: torch.Tensor
     gptaq: bool
+    factor: HessianFactor
 
 
-def prepare_layer(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    scheme: LayerScheme,
-    R: torch.Tensor | None = None,
-    D: torch.Tensor | None = None,
-) -> LayerProblem:
-    """Check the shapes and put the layer in processing order (see `quantize_weight`)."""
-    s = scheme
-    group_size = s.group_size
+def prepare_layer(W: torch.Tensor, inp: LinearInput) -> LayerProblem:
+    """Check W against its input and put it in processing order (see `quantize_weight`)."""
+    group_size = inp.scheme.group_size
     N, K = W.shape
-    if H.shape != (K, K):
+    if inp.H.shape != (K, K):
         raise ValueError(
-            f"H has shape {tuple(H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}"
+            f"H has shape {tuple(inp.H.shape)}, expected [K, K] = [{K}, {K}] for W {tuple(W.shape)}"
         )
-    for name, M in (("R", R), ("D", D)):
-        if M is not None and M.shape != (K, K):
-            raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
     if K % group_size:
         raise ValueError(
             f"in_features={K} is not a multiple of group_size={group_size}: pick a group size "
             f"that divides {K}"
         )
-    H = H.float()
-    # Work in processing order, where groups are contiguous column ranges.
-    perm = (
-        torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        if s.act_order
-        else torch.arange(K, device=W.device)
-    )
-    W = W.float()[:, perm]  # [N, K]
-    H = H[perm][:, perm]
-    R = None if R is None else R.float()[perm][:, perm]
-    D = None if D is None else D.float()[perm][:, perm]
-    if s.energy_match and R is not None and D is None:
-        raise ValueError(
-            "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
-        )
-    Hd = damp_hessian(H, s.damp)
-    gptaq = s.gptaq_alpha > 0 and R is not None
-    if R is not None and gptaq:
-        Wq = asymmetric_target(W, Hd, R, s.gptaq_alpha, dtype=s.math_dtype)
+    W = W.float()[:, inp.perm]  # [N, K]
+    if inp.gptaq:
+        assert inp.R is not None
+        Wq = asymmetric_target(W, inp.factor, inp.R, inp.scheme.gptaq_alpha)
     else:
         Wq = W.clone()
-    Wq[:, dead_columns(H)] = 0  # a dead input's weight is free: zero quantizes exactly
-    return LayerProblem(W, H, R, D, Hd, Wq, perm, gptaq)
+    Wq[:, dead_columns(inp.H)] = 0  # a dead input's weight is free: zero quantizes exactly
+    return LayerProblem(W, inp.H, inp.R, inp.D, inp.Hd, Wq, inp.perm, inp.gptaq, inp.factor)
 
 
 def linear_pass(
@@ -181,7 +228,7 @@ def linear_pass(
     loss_damped = 0.0
     if s.gptq:
         codes, loss_damped = gptq_quantize(
-            p.Wq, p.Hd, grid, s.group_size, block_size=s.block_size, factor_dtype=s.math_dtype
+            p.Wq, p.factor, grid, s.group_size, block_size=s.block_size
         )
     else:
         codes = quantize_codes(p.Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
@@ -206,9 +253,14 @@ def quantize_weight(
       when the true eq. (7) is known (no R, or R with D): "rel_error[_gptq]" = E‖QX − WX̃‖² / E‖WX̃‖²
       and "energy_ratio[_gptq]" = E‖QX‖² / E‖WX̃‖², after and before stage 2.
     """
-    s = scheme
+    return quantize_weight_on(W, prepare_input(H, scheme, R, D))
+
+
+def quantize_weight_on(W: torch.Tensor, inp: LinearInput) -> QuantizedWeight:
+    """`quantize_weight` on an input prepared once for all the linears that read it (its scheme)."""
+    s = inp.scheme
     bits, group_size = s.bits, s.group_size
-    p = prepare_layer(W, H, s, R, D)
+    p = prepare_layer(W, inp)
     W, H, R, D, Hd, Wq, perm, gptaq = p.W, p.H, p.R, p.D, p.Hd, p.Wq, p.perm, p.gptaq
     K = W.shape[1]
     true_stats = R is None or D is not None

@@ -11,9 +11,8 @@ import torch
 
 from ..format.bcq import BCQTensors
 from ..format.gptq import GPTQLayer
-from .gptqt_layer import GPTQTWeight, quantize_weight_gptqt
-from .layer import QuantizedWeight, quantize_weight
-from .scheme import LayerScheme
+from .gptqt_layer import GPTQTWeight, quantize_weight_gptqt_on
+from .layer import LinearInput, QuantizedWeight, quantize_weight_on
 
 __all__ = ["PackedLinear", "QuantizedLinear", "quantize_linear"]
 
@@ -21,14 +20,9 @@ QuantizedLinear = QuantizedWeight | GPTQTWeight
 PackedLinear = GPTQLayer | BCQTensors
 
 
-def quantize_linear(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    scheme: LayerScheme,
-    R: torch.Tensor | None = None,
-    D: torch.Tensor | None = None,
-) -> QuantizedLinear:
-    """Quantize W [N, K] by `scheme.method`: "tsq" (`quantize_weight`) or "gptqt"."""
-    if scheme.method == "gptqt":
-        return quantize_weight_gptqt(W, H, scheme, R=R, D=D)
-    return quantize_weight(W, H, scheme, R=R, D=D)
+def quantize_linear(W: torch.Tensor, inp: LinearInput) -> QuantizedLinear:
+    """Quantize W [N, K] on its prepared input (`layer.prepare_input`) by `inp.scheme.method`:
+    "tsq" (`quantize_weight`) or "gptqt"."""
+    if inp.scheme.method == "gptqt":
+        return quantize_weight_gptqt_on(W, inp)
+    return quantize_weight_on(W, inp)

@@ -24,7 +24,7 @@ from .checks import check_finite as _check_finite
 from .checks import check_positive as _check_positive
 from .checks import log_linear as _log_linear
 from .head import find_head, head_moments, untie_head
-from .layer import QuantizedWeight
+from .layer import LinearInput, QuantizedWeight, prepare_input
 from .layer_store import LayerStore
 from .method import PackedLinear, QuantizedLinear, quantize_linear
 from .options import QuantizeOptions
@@ -181,11 +181,14 @@ def _quantize_layer(
     linears = decoder_linears(layer)
     qws: dict[str, QuantizedLinear] = {}
     for group in streams.begin_layer(i, layer):
-        m = streams.hessian(group[0])
+        # One preparation (permutation, damping, factorizations) per input, shared by the group;
+        # released when the group is done.
+        inp = _prepare_input(
+            f"{prefix}.{group[0]}", streams.hessian(group[0]), scheme, len(group), streams.device
+        )
         for name in group:
-            qws[name] = _quantize_linear_in_place(
-                f"{prefix}.{name}", linears[name], m, scheme, streams.device
-            )
+            qws[name] = _quantize_linear_in_place(f"{prefix}.{name}", linears[name], inp)
+        del inp
     if refine.steps:
         tsq_qws = {n: qw for n, qw in qws.items() if isinstance(qw, QuantizedWeight)}
         assert len(tsq_qws) == len(qws), "--refine-block is a tsq mode (options check it)"
@@ -214,15 +217,14 @@ def quantize_head(
     if untie_head(model, head):
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
-    qw = _quantize_linear_in_place(name, head, m, scheme, streams.device)
+    qw = _quantize_linear_in_place(name, head, _prepare_input(name, m, scheme, 1, streams.device))
     _pack(name, qw, scheme, opts, result)
 
 
-def _quantize_linear_in_place(
-    name: str, lin: nn.Linear, m: InputMoments, scheme: LayerScheme, device: torch.device
-) -> QuantizedLinear:
-    """Quantize one linear on its input moments, checked; its weight becomes the dequantized one
-    (so later groups and layers see the quantized output).
+def _prepare_input(
+    name: str, m: InputMoments, scheme: LayerScheme, readers: int, device: torch.device
+) -> LinearInput:
+    """The checked moments of one input, prepared once for the `readers` linears that read it.
 
     The tsq math runs on the compute `device`; GPTQT's conversion (`core.gptqt`) on CPU tensors.
     """
@@ -231,9 +233,15 @@ def _quantize_linear_in_place(
     for t in (H, R, D):
         if t is not None:
             _check_finite(name, "inputs", t)
-    _check_finite(name, "weight", lin.weight)
     assert H is not None
-    qw = quantize_linear(lin.weight.detach().float().to(math_device), H, scheme, R=R, D=D)
+    return prepare_input(H, scheme, R, D, readers=readers)
+
+
+def _quantize_linear_in_place(name: str, lin: nn.Linear, inp: LinearInput) -> QuantizedLinear:
+    """Quantize one linear on its prepared input, checked; its weight becomes the dequantized one
+    (so later groups and layers see the quantized output)."""
+    _check_finite(name, "weight", lin.weight)
+    qw = quantize_linear(lin.weight.detach().float().to(inp.H.device), inp)
     _check_finite(name, "scales", qw.scales)  # before later groups see its output
     # GPTQT's b0-bit reading s (x - z), not its BCQ decode (which rounds the coefficients to
     # fp16): both of its checkpoint formats then hold the same codes.

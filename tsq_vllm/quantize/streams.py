@@ -363,8 +363,8 @@ class ActivationStreams:
             else:
                 x_fp = None
             acc.add(x, x_fp)
-        H, R = acc.finalize()
-        return InputMoments(H, R, acc.finalize_delta())  # on the compute device, like the math
+        # On the compute device, like the math; the float64 accumulators are released as they go.
+        return InputMoments(*acc.take())
 
     def replay_layer(self, i: int, layer: nn.Module, quantize: Callable[[], None]) -> None:
         """Advance both streams through decoder layer i, which an earlier run quantized: the FP

@@ -1,0 +1,65 @@
+"""The factorization code as it was before `HessianFactor`: the oracle for bit-identity tests.
+
+Two Choleskys of the same damped H per linear (one in GPTAQ's target, one in GPTQ's factor),
+out-of-place torch ops, whole-matrix symmetrization of the accumulators. `OldFactor` serves the
+library's `HessianFactor` interface from these formulas, so a test can run the library's pipeline
+with the old arithmetic (monkeypatched in) and compare bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tsq_vllm.core import HessianAccumulator, HessianFactor
+
+
+def old_inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(H.to(dtype))
+    assert not int(info)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).float()
+
+
+def old_asymmetric_target(
+    W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, alpha: float, dtype: torch.dtype
+) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(H.to(dtype))
+    assert not int(info)
+    WR = W.to(dtype) @ R.to(dtype)
+    return (W.to(dtype) - alpha * torch.cholesky_solve(WR.t(), L).t()).to(W.dtype)
+
+
+def old_moments(acc: HessianAccumulator):
+    """(H, R, D) as `finalize` and `finalize_delta` computed them."""
+    H = (0.5 * (acc.H + acc.H.t())).float()
+    R = None if acc.R is None else acc.R.float()
+    D = None if acc.D is None else (0.5 * (acc.D + acc.D.t())).float()
+    return H, R, D
+
+
+class OldFactor(HessianFactor):
+    """Every request recomputed from Hd with the old formulas (nothing shared, nothing in place)."""
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        L, info = torch.linalg.cholesky_ex(self.Hd.to(self.dtype))
+        assert not int(info)
+        return torch.cholesky_solve(B, L)
+
+    def inverse_factor(self) -> torch.Tensor:
+        return old_inverse_hessian_factor(self.Hd, self.dtype)
+
+
+def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
+    """`asymmetric_target`'s call in `prepare_layer`, computed the old way from the factor's Hd."""
+    return old_asymmetric_target(W, factor.Hd, R, alpha, factor.dtype)
+
+
+def use_old_factorizations(monkeypatch) -> None:
+    """Make `quantize.layer` (and so the pipeline) and GPTQT's second pass run the old
+    arithmetic."""
+    from tsq_vllm.core import gptqt
+    from tsq_vllm.quantize import layer
+
+    monkeypatch.setattr(layer, "HessianFactor", OldFactor)
+    monkeypatch.setattr(gptqt, "HessianFactor", OldFactor)
+    monkeypatch.setattr(layer, "asymmetric_target", old_target_from_factor)
