@@ -55,6 +55,15 @@ PROMPT = (
 )
 
 
+def load_rows(path: Path) -> list[dict]:
+    """The rows a run saved (WORKDIR/rows.json), with the stream counts as ints again."""
+    rows = json.loads(path.read_text())
+    for r in rows:
+        r["streams"] = {int(n): v for n, v in r["streams"].items()}
+        r["engine"] = {int(n): v for n, v in r["engine"].items()}
+    return rows
+
+
 def resolve_gguf(model: str) -> Path:
     """The GGUF file behind --model (a .gguf path, or 'smollm2' for the embedded one)."""
     src = resolve_source(model)
@@ -288,6 +297,12 @@ def main() -> int:
         help="write the report from a run's saved rows (WORKDIR/rows.json) instead of measuring",
     )
     p.add_argument(
+        "--reuse-rows",
+        metavar="ROWS_JSON",
+        help="take the rows of models already measured there (same name) instead of measuring "
+        "them again, e.g. to finish an interrupted run",
+    )
+    p.add_argument(
         "--skip-engine", action="store_true", help="skip the engine-only (no HTTP) measurements"
     )
     p.add_argument("--workdir", default="/tmp/tsq-serve-bench", help="checkpoints and server logs")
@@ -310,10 +325,7 @@ def main() -> int:
         return 0
 
     if args.report_from:
-        rows = json.loads(Path(args.report_from).read_text())
-        for r in rows:  # JSON made the stream counts strings
-            r["streams"] = {int(n): v for n, v in r["streams"].items()}
-            r["engine"] = {int(n): v for n, v in r["engine"].items()}
+        rows = load_rows(Path(args.report_from))
         commands = [f"# rows from {args.report_from}"]
         write_report(rows, args, commands, os.getloadavg()[0], PROMPT)
         return 0
@@ -376,7 +388,11 @@ def main() -> int:
     prompt_tokens = len(AutoTokenizer.from_pretrained(hf)(PROMPT)["input_ids"])
     load_start = os.getloadavg()[0]
     rows = []
+    done = {r["name"]: r for r in (load_rows(Path(args.reuse_rows)) if args.reuse_rows else [])}
     for m in models:
+        if m["name"] in done:  # measured by an earlier run (--reuse-rows)
+            rows.append(done[m["name"]])
+            continue
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
         log = work / m["name"].replace(" ", "-")
         with ServerProcess(

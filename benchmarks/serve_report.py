@@ -239,6 +239,8 @@ def _report(
                 f"| {r['name']} | "
                 + " | ".join(
                     f"{e[n]['tok_s']:.1f} ({e[n]['tok_s'] / ebase[n]['tok_s']:.2f}×)"
+                    if n in e
+                    else "not measured"
                     for n in streams
                 )
                 + " |"
