@@ -65,7 +65,12 @@ def child(N: int, K: int, library: str) -> dict:
     assert Path(tsq_vllm.__file__).is_relative_to(library), tsq_vllm.__file__
     W, H, R, D = _inputs(N, K)
     scheme = LayerScheme(bits=3, group_size=64)  # the CLI's defaults
-    readers = method.linear_readers(W.shape, scheme) if hasattr(method, "linear_readers") else 1
+    try:  # the library at --old-ref has no row blocks: one read
+        from tsq_vllm.quantize.row_blocks import row_blocks
+
+        readers = len(row_blocks(*W.shape))
+    except ImportError:
+        readers = 1
     clear = Path("/proc/self/clear_refs")
     out: dict = {"base": _status("VmRSS"), "readers": readers}
     clear.write_text("5")  # VmHWM := VmRSS: the inputs' own build peak is gone

@@ -165,8 +165,9 @@ def prepare_input(
         perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
-    # GPTQ asks for U once per linear; GPTQT twice (its second pass reuses a float64 U).
-    uses = readers * (2 if s.method == "gptqt" else 1) if s.gptq else 0
+    # GPTQ asks for U once per linear; GPTQT twice when its second pass reuses a float64 U.
+    second = s.method == "gptqt" and s.requantize and s.math_dtype == torch.float64
+    uses = readers * (2 if second else 1) if s.gptq else 0
     factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses)
     return LinearInput(H, R, D, Hd, perm, factor, s)
 

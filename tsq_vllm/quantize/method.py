@@ -13,10 +13,8 @@ from ..format.bcq import BCQTensors
 from ..format.gptq import GPTQLayer
 from .gptqt_layer import GPTQTWeight, quantize_weight_gptqt_on
 from .layer import LinearInput, QuantizedWeight, quantize_weight_on
-from .row_blocks import row_blocks
-from .scheme import LayerScheme
 
-__all__ = ["PackedLinear", "QuantizedLinear", "linear_readers", "quantize_linear"]
+__all__ = ["PackedLinear", "QuantizedLinear", "quantize_linear"]
 
 QuantizedLinear = QuantizedWeight | GPTQTWeight
 PackedLinear = GPTQLayer | BCQTensors
@@ -28,10 +26,3 @@ def quantize_linear(W: torch.Tensor, inp: LinearInput) -> QuantizedLinear:
     if inp.scheme.method == "gptqt":
         return quantize_weight_gptqt_on(W, inp)
     return quantize_weight_on(W, inp)
-
-
-def linear_readers(shape: torch.Size | tuple[int, int], scheme: LayerScheme) -> int:
-    """How many reads of its prepared input quantizing a weight of `shape` [N, K] makes: "tsq"
-    one per row block (`row_blocks`), "gptqt" one (it is not blocked: its conversion runs on
-    the whole weight)."""
-    return 1 if scheme.method == "gptqt" else len(row_blocks(*shape))

@@ -26,9 +26,10 @@ from .checks import log_linear as _log_linear
 from .head import find_head, head_moments, untie_head
 from .layer import LinearInput, QuantizedWeight, prepare_input
 from .layer_store import LayerStore
-from .method import PackedLinear, QuantizedLinear, linear_readers, quantize_linear
+from .method import PackedLinear, QuantizedLinear, quantize_linear
 from .options import QuantizeOptions
 from .refine import refine_block
+from .row_blocks import row_blocks
 from .scheme import BlockRefineScheme, LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, InputMoments, input_groups
 
@@ -183,7 +184,7 @@ def _quantize_layer(
     for group in streams.begin_layer(i, layer):
         # One preparation (permutation, damping, factorizations) per input, shared by the group;
         # released when the group is done.
-        readers = sum(linear_readers(linears[n].weight.shape, scheme) for n in group)
+        readers = sum(len(row_blocks(*linears[n].weight.shape)) for n in group)
         inp = _prepare_input(
             f"{prefix}.{group[0]}", streams.hessian(group[0]), scheme, readers, streams.device
         )
@@ -219,7 +220,7 @@ def quantize_head(
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
     # A vocabulary-wide head is quantized in row blocks, each one read of its input.
-    readers = linear_readers(head.weight.shape, scheme)
+    readers = len(row_blocks(*head.weight.shape))
     inp = _prepare_input(name, m, scheme, readers, streams.device)
     qw = _quantize_linear_in_place(name, head, inp)
     _pack(name, qw, scheme, opts, result)
