@@ -108,9 +108,10 @@ def main() -> None:
     p.add_argument(
         "--min-free-gib",
         type=float,
-        default=20.0,
-        help="run the old version only when MemAvailable is at least this (it peaked at ~17 GiB "
-        "in a full --quantize-lm-head run): the machine is shared",
+        default=14.0,
+        help="run the old version only when MemAvailable is at least this many GiB: the machine "
+        "is shared, and by its whole-weight temporaries (a float64 GPTAQ solve of [N, K], the "
+        "int64 codes, ...) the old path needs about ten float32 [N, K] matrices (9 GiB here)",
     )
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/head_memory.md"))
     p.add_argument("--child", nargs=3, metavar=("N", "K", "LIB"), help=argparse.SUPPRESS)
