@@ -4,9 +4,10 @@ Given the input's moments (H, R, D), every step of the per-linear math that cost
 is independent per output row: stage 1 searches each row's clips, GPTQ propagates a row's error
 along its own columns, GPTAQ's target and stage 2's quadratic (`ScaleSystem`) are per row, and so
 are GPTQT's level search, second pass and re-exploration grid. Only stage 2's sweeps are not (they
-stop on the objective summed over the layer; GPTQT's re-exploration runs them too): those run once
-on the stacked per-row systems, which are small (n_groups² per row). So a linear is quantized a block of rows at a time against the same
-prepared input, and its many [N, K] float32/int64 intermediates exist for one block only.
+stop on the objective summed over the layer; GPTQT's re-exploration runs them too): those run
+once on the stacked per-row systems, which are small (n_groups² per row). So a linear is
+quantized a block of rows at a time against the same prepared input, and its many [N, K]
+float32/int64 intermediates exist for one block only.
 """
 
 from __future__ import annotations
