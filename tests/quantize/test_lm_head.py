@@ -100,3 +100,23 @@ def test_unstorable_head_shape_is_refused_before_loading(tmp_path):
     with pytest.raises(UsageError, match=r"--quantize-lm-head: lm_head: .*392"):
         run_quantization(opts_for(src, tmp_path / "ck", bits=3, quantize_lm_head=True))
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("method,fmt", [("tsq", "gptq"), ("gptqt", "gptq")])
+def test_row_blocks_write_the_same_checkpoint(tied, tmp_path, monkeypatch, method, fmt):
+    """Blocks of 64 rows (the head's 384 rows in six, and the wider decoder linears too): the
+    pipeline announces one read of each input per block and writes the unblocked bytes."""
+    from tsq_vllm.quantize import row_blocks
+
+    # GPTQT's lm_head is written as its b0-bit GPTQ reading (BCQ serving has no quantized head).
+    kw = dict(bits=3, method=method, checkpoint_format=fmt, quantize_lm_head=True)
+    run_quantization(opts_for(tied, tmp_path / "whole", **kw))
+    src = AutoModelForCausalLM.from_pretrained(tied, dtype=torch.float32)
+    K = src.lm_head.in_features
+    monkeypatch.setattr(row_blocks, "BLOCK_ELEMENTS", 64 * K)
+    assert len(row_blocks.row_blocks(*src.lm_head.weight.shape)) == 6
+    run_quantization(opts_for(tied, tmp_path / "blocked", **kw))
+    whole, blocked = read_checkpoint(tmp_path / "whole"), read_checkpoint(tmp_path / "blocked")
+    assert whole.keys() == blocked.keys() and any(k.startswith("lm_head.") for k in whole)
+    for k in whole:
+        assert torch.equal(whole[k], blocked[k]), k

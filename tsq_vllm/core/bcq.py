@@ -243,8 +243,34 @@ class BCQWeight:
             raise ValueError(
                 f"BCQWeight levels must satisfy d >= 0, m >= 0 and m + sum(d) <= {self.maxq}"
             )
-        if not torch.equal(self._codes_from_signs(), self.codes.long()):
-            raise ValueError("BCQWeight.codes disagree with low + sum(steps * (signs + 1) / 2)")
+        # A row block at a time: the whole check's [k, N, K] int64 temporaries of a
+        # vocabulary-wide head would be several GiB.
+        step = max(1, (1 << 22) // max(K, 1))
+        for r in range(0, N, step):
+            rows = slice(r, r + step)
+            if not torch.equal(self._codes_from_signs(rows), self.codes[rows].long()):
+                raise ValueError("BCQWeight.codes disagree with low + sum(steps * (signs + 1) / 2)")
+
+    @staticmethod
+    def cat(parts: list[BCQWeight]) -> BCQWeight:
+        """The weight of all rows of `parts` (disjoint row blocks, in order); stats are left to
+        the caller. One part is returned as it is."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def rows(name: str, dim: int = 0) -> torch.Tensor:
+            return torch.cat([getattr(p, name) for p in parts], dim=dim)
+
+        return BCQWeight(
+            codes=rows("codes"),
+            scale=rows("scale"),
+            zero=rows("zero"),
+            low=rows("low"),
+            steps=rows("steps"),
+            signs=rows("signs", dim=1),  # [k, N, K]
+            base_bits=parts[0].base_bits,
+            group_size=parts[0].group_size,
+        )
 
     @property
     def bits(self) -> int:
@@ -257,10 +283,10 @@ class BCQWeight:
     def _per_column(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.group_size, dim=1)  # [N, n_g, ...] -> [N, K, ...]
 
-    def _codes_from_signs(self) -> torch.Tensor:
-        beta = (self.signs.long() + 1) // 2  # [k, N, K]
-        d = self._per_column(self.steps).movedim(-1, 0)  # [k, N, K]
-        return self._per_column(self.low) + (d * beta).sum(0)
+    def _codes_from_signs(self, rows: slice = slice(None)) -> torch.Tensor:
+        beta = (self.signs[:, rows].long() + 1) // 2  # [k, n, K]
+        d = self._per_column(self.steps[rows]).movedim(-1, 0)  # [k, n, K]
+        return self._per_column(self.low[rows]) + (d * beta).sum(0)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -280,9 +306,10 @@ class BCQWeight:
         """s (c − z) [N, n_g]: the per-group offset the checkpoint stores."""
         return self.scale * (self.offset - self.zero.float())
 
-    def dequantize(self) -> torch.Tensor:
-        """W [N, K] = s (codes − z), the b₀-bit GPTQ reading of the same weights."""
-        return self._per_column(self.scale) * (self.codes - self._per_column(self.zero)).float()
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """W [N, K] = s (codes − z), the b₀-bit GPTQ reading of the same weights (of `rows`)."""
+        scale, zero = self._per_column(self.scale[rows]), self._per_column(self.zero[rows])
+        return scale * (self.codes[rows] - zero).float()
 
     def dequantize_bcq(self) -> torch.Tensor:
         """W [N, K] = Σ_i (s α_i) b_i + s (c − z), the binary-coding reading (equal up to

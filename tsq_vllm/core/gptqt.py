@@ -40,14 +40,17 @@ from .bcq import (
 )
 from .gptq import HessianFactor
 from .grid import Grid
-from .stage2 import ScaleSystem, layer_objective, refine_scales, scale_system
+from .stage2 import ScaleSystem, layer_objective, refine_system, scale_system
 
 __all__ = [
     "GPTQTSettings",
     "Reexplore",
     "gptq_quantize_levels",
+    "explore_multipliers",
     "gptqt_convert",
+    "gptqt_levels",
     "reexplore_scales",
+    "settle_scales",
 ]
 
 
@@ -107,7 +110,22 @@ def reexplore_scales(
 
     Returns the scales and stats: "loss_mapped" and "loss" (the layer loss with H and R before and
     after), "rows_reverted" (rows that kept their scales because nothing improved their loss).
+    The γ grid and the system are per row (`explore_multipliers`, `scale_system`); stage 2's
+    sweeps and the stats read all rows (`settle_scales`).
     """
+    best = explore_multipliers(W, U, scale, H, group_size, options)
+    return settle_scales(scale_system(W, U, H, R, group_size), scale, best, options)
+
+
+def explore_multipliers(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    scale: torch.Tensor,
+    H: torch.Tensor,
+    group_size: int,
+    options: Reexplore,
+) -> torch.Tensor:
+    """Each group's best scale γ·s [N, n_g] float64 on the γ grid, by its diagonal block's loss."""
     N, K = W.shape
     n_g = K // group_size
     Wg = W.double().reshape(N, n_g, group_size).transpose(0, 1)  # [n_g, N, g]
@@ -122,19 +140,18 @@ def reexplore_scales(
     low, arg = block_loss.min(0)
     # Move only on a strict improvement: groups whose codes sit at the zero point keep s.
     unit = int((options.multipliers() == 1).nonzero())
-    best = torch.where(low < block_loss[unit], sigma.gather(0, arg[None])[0], s0)
-    system = scale_system(W, U, H, R, group_size)
+    return torch.where(low < block_loss[unit], sigma.gather(0, arg[None])[0], s0)
+
+
+def settle_scales(
+    system: ScaleSystem, scale: torch.Tensor, best: torch.Tensor, options: Reexplore
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 2 from the explored scales `best` on `system` (all rows), then every row whose layer
+    loss did not improve on `scale` keeps it; the scales [N, n_g] float32 and the stats."""
+    s0 = scale.double()
     if options.stage2:
-        best = refine_scales(
-            W,
-            U,
-            best.float(),
-            H,
-            R,
-            group_size,
-            box=options.box,
-            max_sweeps=options.stage2_sweeps,
-            system=system,
+        best = refine_system(
+            system, best.float(), box=options.box, max_sweeps=options.stage2_sweeps
         ).scale.double()
     before, after = _row_losses(system, s0), _row_losses(system, best)
     worse = after > before
@@ -213,17 +230,47 @@ def gptqt_convert(
     H_damped: torch.Tensor | HessianFactor | None = None,
     gptq_target: torch.Tensor | None = None,
 ) -> BCQWeight:
-    """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ.
+    """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ:
+    steps 1 and 2 (`gptqt_levels`, whose doc describes the arguments), then re-exploration
+    (step 3) or, without it, the layer loss. stats: "map_error", "loss", and with
+    re-exploration "loss_mapped" and "rows_reverted" (see `reexplore_scales`).
+    """
+    bw = gptqt_levels(
+        W, H, codes, grid, group_size, settings, H_damped=H_damped, gptq_target=gptq_target
+    )  # re-exploration then scores against W, with H (and R) whole
+    H = H.float()
+    U = (bw.codes - grid.zero.repeat_interleave(group_size, dim=1)).float()
+    if settings.reexplore is not None:
+        bw.scale, more = reexplore_scales(
+            W.float(), U, bw.scale, H, group_size, settings.reexplore, R=R
+        )
+        bw.stats.update(more)
+    else:
+        bw.stats["loss"] = layer_objective(
+            W, bw.scale.repeat_interleave(group_size, dim=1) * U, H, R
+        )
+    return bw
 
-    H [K, K] is the objective's Hessian: its diagonal weights the critical-point search, its
-    blocks and all of it (with R) score re-exploration. H_damped (default H) drives the second
-    GPTQ pass and must be positive definite; it may be the first pass's float64 `HessianFactor`,
-    whose U that pass then reuses instead of factorizing again; gptq_target (default W) is the
-    weight that pass quantizes (a GPTAQ-style target), while re-exploration always scores
-    against W. stats:
-    "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the first pass), "loss" (the layer loss of the
-    result), and with re-exploration "loss_mapped" (before it) and "rows_reverted" (see
-    `reexplore_scales`).
+
+def gptqt_levels(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    grid: Grid,
+    group_size: int,
+    settings: GPTQTSettings,
+    *,
+    H_damped: torch.Tensor | HessianFactor | None = None,
+    gptq_target: torch.Tensor | None = None,
+) -> BCQWeight:
+    """Steps 1 and 2 for the b₀-bit pass (codes [N, K] on `grid`) of W [N, K]: the BCQ weight on
+    the grid's scales, stats "map_error" (Σ H_jj (x_j − ℓ*(x_j))² of the first pass). Per row,
+    like the first pass: a wide W may run in row blocks.
+
+    H [K, K] is the objective's Hessian: its diagonal weights the critical-point search. H_damped
+    (default H) drives the second GPTQ pass and must be positive definite; it may be the first
+    pass's float64 `HessianFactor`, whose U that pass then reuses instead of factorizing again;
+    gptq_target (default W) is the weight that pass quantizes (a GPTAQ-style target).
     """
     bits = settings.bits
     check_bits(bits, grid.bits)
@@ -258,16 +305,9 @@ def gptqt_convert(
         )
     new_codes, signs = map_codes(codes, best, cand, group_size)  # the identity on requantized codes
     stats = {"map_error": float(cost.double().sum())}
-    scale = grid.scale.float()
-    U = (new_codes - grid.zero.repeat_interleave(group_size, dim=1)).float()
-    if settings.reexplore is not None:
-        scale, more = reexplore_scales(W.float(), U, scale, H, group_size, settings.reexplore, R=R)
-        stats.update(more)
-    else:
-        stats["loss"] = layer_objective(W, scale.repeat_interleave(group_size, dim=1) * U, H, R)
     return BCQWeight(
         new_codes,
-        scale,
+        grid.scale.float(),
         grid.zero.long(),
         cand.low[best],
         cand.steps[best],

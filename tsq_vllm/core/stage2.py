@@ -41,6 +41,7 @@ __all__ = [
     "layer_objective",
     "output_stats",
     "refine_scales",
+    "refine_system",
     "scale_system",
 ]
 
@@ -58,6 +59,14 @@ class OutputStats:
     loss: float
     fp_energy: float
     q_energy: float
+
+    def __add__(self, other: OutputStats) -> OutputStats:
+        """The stats of two disjoint sets of rows together: every field is a sum over rows."""
+        return OutputStats(
+            self.loss + other.loss,
+            self.fp_energy + other.fp_energy,
+            self.q_energy + other.q_energy,
+        )
 
     @property
     def rel_error(self) -> float:
@@ -82,6 +91,25 @@ class ScaleSystem:
     b_r: torch.Tensor | None = None
     w_r_w: torch.Tensor | None = None
     w_d_w: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[ScaleSystem]) -> ScaleSystem:
+        """The system of all rows of `parts` (disjoint row blocks, in order): every field is per
+        row, so the blocks' systems stack; one part is returned as it is."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def rows(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+        return ScaleSystem(
+            A=torch.cat([p.A for p in parts]),
+            b_h=torch.cat([p.b_h for p in parts]),
+            w_h_w=torch.cat([p.w_h_w for p in parts]),
+            b_r=rows([p.b_r for p in parts]),
+            w_r_w=rows([p.w_r_w for p in parts]),
+            w_d_w=rows([p.w_d_w for p in parts]),
+        )
 
     def b(self, alpha: float = 1.0) -> torch.Tensor:
         return self.b_h if self.b_r is None else self.b_h - alpha * self.b_r
@@ -192,12 +220,30 @@ def refine_scales(
     when a sweep lowers L_α by less than `rtol`·|L_α|. Groups whose codes are all at the zero point
     (A_ii = 0) have no effect on q and keep their scale.
     """
+    sys = system if system is not None else scale_system(W, U, H, R, group_size)
+    return refine_system(sys, scale, alpha=alpha, box=box, max_sweeps=max_sweeps, rtol=rtol)
+
+
+def refine_system(
+    sys: ScaleSystem,
+    scale: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    box: float | None = None,
+    max_sweeps: int = 20,
+    rtol: float = 1e-6,
+) -> Stage2Result:
+    """`refine_scales` on a system already formed: the sweeps need nothing of W, U, H or R.
+
+    The stopping rule reads the objective summed over all rows of `sys`, so the sweeps are not
+    row-independent: a caller that forms the system in row blocks stacks them (`ScaleSystem.cat`)
+    and sweeps once.
+    """
     if box is not None and not box >= 1.0:
         raise ValueError(
             f"scale box {box} must be at least 1 (the interval [s0/box, box*s0]), or None for no "
             "box"
         )
-    sys = system if system is not None else scale_system(W, U, H, R, group_size)
     A, b = sys.A, sys.b(alpha)
     s = scale.double().clone()
     if box is not None:

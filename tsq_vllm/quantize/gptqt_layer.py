@@ -4,26 +4,36 @@
     qw.pack("bcq")     # BCQ tensors (format/bcq.py), or qw.pack("gptq"): a plain b₀-bit GPTQ layer
 
 Steps: the first pass of `quantize.layer` (stage-1 grid and GPTQ, at b₀ = intermediate_bits),
-then `core.gptqt.gptqt_convert` (critical points, the second GPTQ pass, scale re-exploration
-with stage 2 inside the scale box). Re-explored scales are rounded to fp16 (the GPTQ export
-stores them so) before the final loss is computed. Act-order runs in processing order, where
-groups are contiguous, and the result maps back through `g_idx`.
+then those of `core.gptqt.gptqt_convert` (critical points, the second GPTQ pass, scale
+re-exploration with stage 2 inside the scale box). Re-explored scales are rounded to fp16 (the
+GPTQ export stores them so) before the final loss is computed. Act-order runs in processing
+order, where groups are contiguous, and the result maps back through `g_idx`. A wide weight runs
+in row blocks (`row_blocks`).
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ..core.bcq import BCQWeight
-from ..core.gptqt import GPTQTSettings, Reexplore, gptqt_convert
-from ..core.stage2 import layer_objective
+from ..core.gptqt import (
+    GPTQTSettings,
+    Reexplore,
+    explore_multipliers,
+    gptqt_levels,
+    settle_scales,
+)
+from ..core.stage2 import ScaleSystem, layer_objective, scale_system
 from ..format.bcq import BCQ_FORMAT, BCQTensors, pack_bcq
 from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
 from ..format.packing import SUPPORTED_BITS
 from .layer import LinearInput, linear_pass, prepare_input, prepare_layer, to_fp16
+from .row_blocks import row_blocks
 from .scheme import LayerScheme
 
 __all__ = ["GPTQTWeight", "quantize_weight_gptqt", "quantize_weight_gptqt_on"]
@@ -138,14 +148,64 @@ def quantize_weight_gptqt(
 
 
 def quantize_weight_gptqt_on(W: torch.Tensor, inp: LinearInput) -> GPTQTWeight:
-    """`quantize_weight_gptqt` on an input prepared once for all the linears that read it."""
+    """`quantize_weight_gptqt` on an input prepared once for all the linears that read it.
+
+    A wide W runs in row blocks (`row_blocks`, one read of the input each): both GPTQ passes, the
+    level search and re-exploration's γ grid and system per block, its stage 2 and per-row check
+    once on all rows (`core.gptqt.settle_scales`).
+    """
     s = inp.scheme
     if s.method != "gptqt":
         raise ValueError(f"scheme.method={s.method!r}: quantize_weight_gptqt needs 'gptqt'")
+    settings = _settings(s)
+    R_alpha = None if inp.R is None else s.error_feedback_alpha * inp.R
+    blocks = row_blocks(*W.shape)
+    parts = [_convert_rows(W[rows], inp, settings, R_alpha) for rows in blocks]
+    stats = {k: _total(parts, k) for k in ("time_grid", "time_gptq", "loss_gptq", "map_error")}
+    t = time.perf_counter()
+    bw = BCQWeight.cat([b.bcq for b in parts])
+    if settings.reexplore is not None:
+        system = ScaleSystem.cat([b.system for b in parts if b.system is not None])
+        best = torch.cat([b.best for b in parts if b.best is not None])
+        bw.scale, more = settle_scales(system, bw.scale, best, settings.reexplore)
+        stats.update(more)
+        del system, best
+    bw.scale = to_fp16(bw.scale)
+    # The layer loss of what is written (fp16 scales), W's rows in processing order again.
+    stats["loss"] = functools.reduce(
+        operator.add,
+        (
+            layer_objective(W[rows].float()[:, inp.perm], bw.dequantize(rows), inp.H, R_alpha)
+            for rows in blocks
+        ),
+    )
+    stats["time_convert"] = _total(parts, "time_convert") + time.perf_counter() - t
+    return GPTQTWeight(bw, inp.perm, s.act_order, stats)
+
+
+@dataclass
+class _Rows:
+    """One row block's BCQ weight on its grid's scales, re-exploration's explored scales and
+    system of its rows (with re-exploration), and its stats (times, first-pass loss)."""
+
+    bcq: BCQWeight
+    best: torch.Tensor | None
+    system: ScaleSystem | None
+    stats: dict[str, float]
+
+
+def _total(parts: list[_Rows], key: str) -> float:
+    return functools.reduce(operator.add, (b.stats[key] for b in parts))
+
+
+def _convert_rows(
+    W: torch.Tensor, inp: LinearInput, settings: GPTQTSettings, R_alpha: torch.Tensor | None
+) -> _Rows:
+    """The first pass and the per-row part of the conversion, on rows W [n, K]."""
+    s = inp.scheme
+    G = s.group_size
     p = prepare_layer(W, inp)
     grid, codes, _, stats = linear_pass(p, s, s.intermediate_bits)
-    G = s.group_size
-    R_alpha = None if p.R is None else s.error_feedback_alpha * p.R
     stats["loss_gptq"] = layer_objective(
         p.W,
         grid.scale.repeat_interleave(G, 1) * (codes - grid.zero.repeat_interleave(G, 1)),
@@ -153,20 +213,23 @@ def quantize_weight_gptqt_on(W: torch.Tensor, inp: LinearInput) -> GPTQTWeight:
         R_alpha,
     )
     t = time.perf_counter()
-    bw = gptqt_convert(
+    bw = gptqt_levels(
         p.W,
         p.H,
         codes,
         grid,
         G,
-        _settings(s),
-        R=R_alpha,
+        settings,
         # The second pass factorizes in float64: at that precision the first pass's U is its U.
         H_damped=p.factor if p.factor.dtype == torch.float64 else p.Hd,
         gptq_target=p.Wq,
     )
-    bw.scale = to_fp16(bw.scale)
-    stats.update(bw.stats)
-    stats["loss"] = layer_objective(p.W, bw.dequantize(), p.H, R_alpha)
+    stats["map_error"] = bw.stats["map_error"]
+    out = _Rows(bw, None, None, stats)
+    if settings.reexplore is not None:
+        H, Wf = p.H.float(), p.W.float()
+        U = (bw.codes - grid.zero.repeat_interleave(G, dim=1)).float()
+        out.best = explore_multipliers(Wf, U, bw.scale, H, G, settings.reexplore)
+        out.system = scale_system(Wf, U, H, R_alpha, G)
     stats["time_convert"] = time.perf_counter() - t
-    return GPTQTWeight(bw, p.perm, s.act_order, stats)
+    return out

@@ -14,6 +14,8 @@ the objective that is optimized and logged is the one the checkpoint really has.
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +24,16 @@ import torch
 from ..core.gptq import HessianFactor, asymmetric_target, gptq_quantize
 from ..core.grid import Grid, quantize_codes, search_grid
 from ..core.hessian import damp_hessian, dead_columns
+from ..core.stage2 import (
+    OutputStats,
+    ScaleSystem,
+    output_stats,
+    refine_system,
+    scale_system,
+)
 from ..core.stage2 import energy_match as match_energy
-from ..core.stage2 import output_stats, refine_scales, scale_system
 from ..format.gptq import CHECKPOINT_FORMATS, GPTQLayer, pack_linear
+from .row_blocks import row_blocks
 from .scheme import LayerScheme
 
 __all__ = [
@@ -60,8 +69,13 @@ class QuantizedWeight:
     stats: dict[str, float] = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
+        """W [N, K] float32 = s (codes − z), a row block at a time: elementwise the same values,
+        without the whole weight's int64 and float32 temporaries."""
         g = self.g_idx
-        return self.scales[:, g] * (self.codes - self.zeros[:, g]).float()  # [N, K]
+        out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
+        for r in row_blocks(*self.codes.shape):
+            out[r] = self.scales[r][:, g] * (self.codes[r] - self.zeros[r][:, g]).float()
+        return out
 
     def pack(self, checkpoint_format: str = "gptq") -> GPTQLayer:
         """The checkpoint tensors (what the pipeline writes): GPTQ at `bits`."""
@@ -150,8 +164,9 @@ def prepare_input(
         perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
     Hd = damp_hessian(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
-    # GPTQ asks for U once per linear; GPTQT twice (its second pass reuses a float64 U).
-    uses = readers * (2 if s.method == "gptqt" else 1) if s.gptq else 0
+    # GPTQ asks for U once per linear; GPTQT twice when its second pass reuses a float64 U.
+    second = s.method == "gptqt" and s.requantize and s.math_dtype == torch.float64
+    uses = readers * (2 if second else 1) if s.gptq else 0
     factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses)
     return LinearInput(H, R, D, Hd, perm, factor, s)
 
@@ -257,47 +272,98 @@ def quantize_weight(
 
 
 def quantize_weight_on(W: torch.Tensor, inp: LinearInput) -> QuantizedWeight:
-    """`quantize_weight` on an input prepared once for all the linears that read it (its scheme)."""
-    s = inp.scheme
-    bits, group_size = s.bits, s.group_size
-    p = prepare_layer(W, inp)
-    W, H, R, D, Hd, Wq, perm, gptaq = p.W, p.H, p.R, p.D, p.Hd, p.Wq, p.perm, p.gptaq
-    K = W.shape[1]
-    true_stats = R is None or D is not None
-    grid, codes, loss_damped, stats = linear_pass(p, s, bits)
-    col_group = torch.arange(K, device=W.device) // group_size  # [K]
+    """`quantize_weight` on an input prepared once for all the linears that read it (its scheme).
 
+    A wide W is quantized in row blocks (`row_blocks`; the input must be prepared for one reader
+    per block): the grids, codes and stage 2's per-row systems block by block, stage 2's sweeps
+    once on all rows. Stats are sums over rows, so the blocks' add up.
+    """
+    s = inp.scheme
+    N, K = W.shape
+    col_group = torch.arange(K, device=W.device) // s.group_size  # [K]
+    inv = torch.argsort(inp.perm)
+    codes = torch.empty(N, K, dtype=torch.int64, device=W.device)
+    parts = [_quantize_rows(W[rows], inp, codes[rows], inv) for rows in row_blocks(N, K)]
+    grid_scale = torch.cat([b.grid.scale for b in parts])
+    stats = {k: sum(b.stats[k] for b in parts) for k in ("time_grid", "time_gptq")}
     t = time.perf_counter()
-    U = (codes - grid.zero[:, col_group]).float()  # [N, K] frozen integer weights
-    scale = grid.scale
+    scale = grid_scale
     if s.stage2:
-        # Stage 2 targets the true objective (undamped H); it needs no inverse.
-        system = scale_system(W, U, H, R, group_size, D=D)
-        res = refine_scales(
-            W,
-            U,
-            grid.scale,
-            H,
-            R,
-            group_size,
+        system = ScaleSystem.cat([b.system for b in parts if b.system is not None])
+        res = refine_system(
+            system,
+            grid_scale,
             alpha=s.error_feedback_alpha,
             box=s.scale_box or None,
             max_sweeps=s.stage2_sweeps,
-            system=system,
         )
         scale = to_fp16(match_energy(system, res.scale) if s.energy_match else res.scale)
         stats["stage2_sweeps"] = len(res.objective) - 1
         stats["stage2_at_bound"] = res.at_bound / res.scale.numel()
         # The objective stage 2 minimizes: eq. (7) without its constant, R weighted by α.
-        stats["loss_gptq"] = system.objective(grid.scale.double(), s.error_feedback_alpha)
+        stats["loss_gptq"] = system.objective(grid_scale.double(), s.error_feedback_alpha)
         stats["loss"] = system.objective(scale.double(), s.error_feedback_alpha)
-        if true_stats:
-            for key, sc in (("_gptq", grid.scale), ("", scale)):
+        if inp.R is None or inp.D is not None:
+            for key, sc in (("_gptq", grid_scale), ("", scale)):
                 o = system.output_stats(sc)
                 stats["rel_error" + key], stats["energy_ratio" + key] = o.rel_error, o.energy_ratio
     else:
-        Q = scale[:, col_group] * U  # [N, K]
-        if s.gptq and not gptaq:
+        stats["loss_gptq"] = stats["loss"] = functools.reduce(operator.add, (b.loss for b in parts))
+        if parts[0].quality is not None:
+            o = functools.reduce(operator.add, (b.quality for b in parts if b.quality is not None))
+            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
+            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
+    stats["time_stage2"] = sum(b.stats["time_stage2"] for b in parts) + time.perf_counter() - t
+    return QuantizedWeight(
+        codes=codes,
+        scales=scale.contiguous(),
+        zeros=torch.cat([b.grid.zero for b in parts]).contiguous(),
+        g_idx=col_group[inv],  # group of each original input column
+        bits=s.bits,
+        group_size=s.group_size,
+        sym=s.sym,
+        grid_scales=grid_scale.contiguous(),
+        stats=stats,
+    )
+
+
+@dataclass
+class _Rows:
+    """What one row block leaves for the whole linear once its [rows, K] tensors are released:
+    its grid, and stage 2's system of its rows (with stage 2) or its loss and `OutputStats`
+    (without; quality only when the true eq. (7) is known), and its step times."""
+
+    grid: Grid
+    system: ScaleSystem | None
+    loss: float
+    quality: OutputStats | None
+    stats: dict[str, float]
+
+
+def _quantize_rows(
+    W: torch.Tensor, inp: LinearInput, codes_out: torch.Tensor, inv: torch.Tensor
+) -> _Rows:
+    """Steps 1 and 2 on rows W [n, K] (their codes into `codes_out` [n, K], in input order), and
+    what stage 2 or the stats need of them."""
+    s = inp.scheme
+    group_size = s.group_size
+    p = prepare_layer(W, inp)
+    W, H, R, D, Hd, Wq = p.W, p.H, p.R, p.D, p.Hd, p.Wq
+    true_stats = R is None or D is not None
+    grid, codes, loss_damped, stats = linear_pass(p, s, s.bits)
+    codes_out.copy_(codes[:, inv])
+    col_group = torch.arange(W.shape[1], device=W.device) // group_size  # [K]
+
+    t = time.perf_counter()
+    U = (codes - grid.zero[:, col_group]).float()  # [n, K] frozen integer weights
+    del codes
+    out = _Rows(grid, None, 0.0, None, stats)
+    if s.stage2:
+        # Stage 2 targets the true objective (undamped H); it needs no inverse.
+        out.system = scale_system(W, U, H, R, group_size, D=D)
+    else:
+        Q = grid.scale[:, col_group] * U  # [n, K]
+        if s.gptq and not p.gptaq:
             # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
             dQ = Q - Wq
             err_h = loss_damped - float(
@@ -308,25 +374,10 @@ def quantize_weight_on(W: torch.Tensor, inp: LinearInput) -> QuantizedWeight:
             # an RTN run's time).
             dQ = Q - W
             err_h = float(((dQ @ H) * dQ).sum(dtype=torch.float64))
-        loss = err_h
+        out.loss = err_h
         if R is not None:
-            loss += 2 * float(((W @ R) * dQ).sum())
-        stats["loss_gptq"] = stats["loss"] = loss
-        if true_stats:
-            o = output_stats(W, Q, H, R, D, err_h=err_h)  # H is 0 on dead inputs
-            stats["rel_error_gptq"] = stats["rel_error"] = o.rel_error
-            stats["energy_ratio_gptq"] = stats["energy_ratio"] = o.energy_ratio
+            out.loss += 2 * float(((W @ R) * dQ).sum())
+        if true_stats:  # H is 0 on dead inputs
+            out.quality = output_stats(W, Q, H, R, D, err_h=err_h)
     stats["time_stage2"] = time.perf_counter() - t
-
-    inv = torch.argsort(perm)
-    return QuantizedWeight(
-        codes=codes[:, inv].contiguous(),
-        scales=scale.contiguous(),
-        zeros=grid.zero.contiguous(),
-        g_idx=col_group[inv],  # group of each original input column
-        bits=bits,
-        group_size=group_size,
-        sym=s.sym,
-        grid_scales=grid.scale.contiguous(),
-        stats=stats,
-    )
+    return out

@@ -29,6 +29,7 @@ from .layer_store import LayerStore
 from .method import PackedLinear, QuantizedLinear, quantize_linear
 from .options import QuantizeOptions
 from .refine import refine_block
+from .row_blocks import row_blocks
 from .scheme import BlockRefineScheme, LayerScheme
 from .streams import FP_CACHE_BYTES, ActivationStreams, InputMoments, input_groups
 
@@ -183,8 +184,9 @@ def _quantize_layer(
     for group in streams.begin_layer(i, layer):
         # One preparation (permutation, damping, factorizations) per input, shared by the group;
         # released when the group is done.
+        readers = sum(len(row_blocks(*linears[n].weight.shape)) for n in group)
         inp = _prepare_input(
-            f"{prefix}.{group[0]}", streams.hessian(group[0]), scheme, len(group), streams.device
+            f"{prefix}.{group[0]}", streams.hessian(group[0]), scheme, readers, streams.device
         )
         for name in group:
             qws[name] = _quantize_linear_in_place(f"{prefix}.{name}", linears[name], inp)
@@ -217,7 +219,10 @@ def quantize_head(
     if untie_head(model, head):
         logger.info("%s: untied from the input embedding, which stays in full precision", name)
     m = head_moments(model, stack, head, input_ids, streams, opts.batch_size)
-    qw = _quantize_linear_in_place(name, head, _prepare_input(name, m, scheme, 1, streams.device))
+    # A vocabulary-wide head is quantized in row blocks, each one read of its input.
+    readers = len(row_blocks(*head.weight.shape))
+    inp = _prepare_input(name, m, scheme, readers, streams.device)
+    qw = _quantize_linear_in_place(name, head, inp)
     _pack(name, qw, scheme, opts, result)
 
 
