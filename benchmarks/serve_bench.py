@@ -76,9 +76,15 @@ def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
 
 
-def _calibration(ckpt: Path) -> dict | None:
+def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool] | None:
+    """(calibration, quantized lm_head, round to nearest) as a checkpoint's quantize_config.json
+    records them; None when there is no checkpoint there."""
     cfg = ckpt / "quantize_config.json"
-    return json.loads(cfg.read_text()).get("tsq", {}).get("calibration") if cfg.exists() else None
+    if not cfg.exists():
+        return None
+    c = json.loads(cfg.read_text())
+    tsq = c.get("tsq", {})
+    return tsq.get("calibration"), bool(c.get("lm_head")), tsq.get("gptq") is False
 
 
 def _variant(key: str) -> tuple[int, bool]:
@@ -140,27 +146,11 @@ def prepare(
             "--overwrite",
         ]
         commands.append(_shell(cmd))
-        if (
-            _calibration(ckpts[key]) != calib
-            or _lm_head(ckpts[key]) != head
-            or _rtn(ckpts[key]) != rtn
-        ):
+        if _recorded(ckpts[key]) != (calib, head, rtn):
             subprocess.run(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     return hf, ckpts, commands
-
-
-def _rtn(ckpt: Path) -> bool | None:
-    cfg = ckpt / "quantize_config.json"
-    if not cfg.exists():
-        return None
-    return json.loads(cfg.read_text()).get("tsq", {}).get("gptq") is False
-
-
-def _lm_head(ckpt: Path) -> bool | None:
-    cfg = ckpt / "quantize_config.json"
-    return bool(json.loads(cfg.read_text()).get("lm_head")) if cfg.exists() else None
 
 
 def backends_in_log(log: Path) -> list[str]:
