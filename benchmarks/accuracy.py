@@ -36,6 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
+# This checkout's tsq_vllm, not an installed one (a worktree shares the venv of another checkout),
+# here and in every row's subprocess.
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
+)
 # Each peer tool: (its venv's python, its script, the setup script that creates the venv).
 PEER_TOOLS = {
     "gptqmodel": ("benchmarks/.venv-gptqmodel/bin/python", "benchmarks/gptqmodel_peer.py",
@@ -44,9 +50,12 @@ PEER_TOOLS = {
                   "benchmarks/setup_autoround.sh"),
 }  # fmt: skip
 
-# The paper's settings (the defaults before GPTAQ, damped R and the scale box): the Table 3 rows
-# keep them pinned, so rows recorded before the defaults changed stay comparable.
-PAPER = ["--gptaq-alpha", "0", "--error-feedback-alpha", "1", "--scale-box", "0"]
+# The paper's settings (the defaults before GPTAQ, damped R, the scale box and act-order): the
+# Table 3 rows keep them pinned, so rows recorded before the defaults changed stay comparable.
+PAPER = [
+    "--gptaq-alpha", "0", "--error-feedback-alpha", "1", "--scale-box", "0",
+    "--gptq-order", "natural",
+]  # fmt: skip
 # (key, label, extra `python -m tsq_vllm.quantize` flags), in the paper's Table 3 order, then the
 # current default command (no flags).
 TSQ_ROWS = [
@@ -56,7 +65,12 @@ TSQ_ROWS = [
     ("gptq_s2", "GPTQ + stage 2", ["--no-stage1", *PAPER]),
     ("tsq", "GPTQ + stage 1 + stage 2 (paper: R, no box)", PAPER),
     ("tsq_noR", "GPTQ + stage 1 + stage 2, no R", ["--no-error-feedback", *PAPER]),
-    ("default", "tsq default (GPTAQ 0.25, R 0.25, box 2)", []),
+    ("default", "tsq default (act-order, GPTAQ 0.25, R 0.25, box 2)", []),
+    (
+        "default_natural",
+        "tsq default in input order (the previous default)",
+        ["--gptq-order", "natural"],
+    ),
 ]
 # (key, label, peer script flags); PEER_TOOL names each row's tool.
 PEER_ROWS = [
@@ -73,7 +87,7 @@ PEER_ROWS = [
 ]  # fmt: skip
 PEER_TOOL = {k: "autoround" if k.startswith("autoround") else "gptqmodel" for k, _, _ in PEER_ROWS}
 # Order of work: the rows the goals compare first, so a cut-short run still answers them.
-RUN_ORDER = ["gptq", "default", "tsq", "rtn", "gptq_s1", "gptq_s2", "tsq_noR"]
+RUN_ORDER = ["gptq", "default", "default_natural", "tsq", "rtn", "gptq_s1", "gptq_s2", "tsq_noR"]
 LABELS = {k: lab for k, lab, _ in TSQ_ROWS + PEER_ROWS}
 ORDER = [k for k, _, _ in TSQ_ROWS + PEER_ROWS]
 

@@ -26,7 +26,7 @@ SMOLLM2 = Subject(
 # The paper's Table 3 rows (recorded with the paper's settings: no GPTAQ target, R at weight 1,
 # unbounded scales), the current default command, then the peers.
 PAPER_ROWS = ["rtn", "gptq", "gptq_s1", "gptq_s2", "tsq", "tsq_noR"]
-OURS = [*PAPER_ROWS, "default"]
+OURS = [*PAPER_ROWS, "default", "default_natural"]
 PEERS = ["gptqmodel", "gptqmodel_mse", "gptqmodel_gptaq", "autoround_i50", "autoround_i200"]
 AUTOROUND = ["autoround_i50", "autoround_i200"]
 ROWS = [*OURS, *PEERS]
@@ -37,14 +37,19 @@ LABELS = {
     "gptq_s2": "GPTQ + stage 2",
     "tsq": "GPTQ + stage 1 + stage 2 (paper: R, no box)",
     "tsq_noR": "GPTQ + stage 1 + stage 2, no R",
-    "default": "tsq default (GPTAQ 0.25, R 0.25, box 2)",
+    "default": "tsq default (act-order, GPTAQ 0.25, R 0.25, box 2)",
+    "default_natural": "tsq default in input order (the previous default)",
     "gptqmodel": "GPTQModel 7.7 defaults",
     "gptqmodel_mse": "GPTQModel 7.7 mse=2.4",
     "gptqmodel_gptaq": "GPTQModel 7.7 GPTAQ (alpha 0.25) + mse=2.4",
     "autoround_i50": "AutoRound 0.16.1 iters=50 (light recipe: lr 5e-3)",
     "autoround_i200": "AutoRound 0.16.1 iters=200 (its default: lr 1/200)",
 }
-SETTINGS = {**dict.fromkeys(PAPER_ROWS, "paper"), "default": "default"}
+SETTINGS = {
+    **dict.fromkeys(PAPER_ROWS, "paper"),
+    "default": "default",
+    "default_natural": "previous default",
+}
 PPL_GOAL = {(2, 64): 100.0, (3, 64): 22.0}
 COST_GOAL = 1.5
 AUTOROUND_TIME_GOAL = 1 / 3
@@ -79,7 +84,9 @@ def _goals(res: dict, cells: list[tuple[int, int]]) -> list[str]:
         dp = _ppl(d)
         others = {k: res[(bits, gs, k)] for k in ROWS if k != "default" and (bits, gs, k) in res}
         lower = sorted((k for k in others if _ppl(others[k]) < dp), key=lambda k: _ppl(others[k]))
-        if not lower:
+        if not others:
+            verdict = "the only row of this cell so far"
+        elif not lower:
             best = min(others, key=lambda k: _ppl(others[k]))
             verdict = (
                 f"**lowest of all {len(others) + 1} rows** (next: {LABELS[best]} "
@@ -142,6 +149,7 @@ def _plot(res: dict, cells: list[tuple[int, int]], fp: float, png: Path, name: s
         "tsq": "#08519c",
         "tsq_noR": "#3182bd",
         "default": "#2ca25f",
+        "default_natural": "#99d8c9",
         "gptqmodel": "#fdae6b",
         "gptqmodel_mse": "#e6550d",
         "gptqmodel_gptaq": "#a63603",
@@ -208,8 +216,11 @@ def write_report(done: list[dict], md: Path, png: Path, subject: Subject = SMOLL
         "*default, --dtype float32*).",
         'Asymmetric grids for tsq rows (the tsq default). "settings": *paper* rows ran with '
         "the paper's settings (`--gptaq-alpha 0 --error-feedback-alpha 1 --scale-box 0`, which "
-        "were the defaults when the early rows were recorded), *default* is the default command "
-        "(no flags). GPTQModel rows use its defaults (symmetric, damp 0.05, act_group_aware) "
+        "were the defaults when the early rows were recorded, and `--gptq-order natural`), "
+        "*default* is the default command (no flags), *previous default* the default before "
+        "GPTQ's loop moved to act-order with static groups (`--gptq-order natural`; those rows "
+        "were recorded as the flagless command of their time). GPTQModel rows use its defaults "
+        "(symmetric, damp 0.05, act_group_aware) "
         "plus the named options; its GPTAQ switch is `QuantizeConfig(gptaq=GPTAQConfig(alpha="
         "0.25))`, run with `mse=2.4` (its best scale search here). AutoRound rows are "
         "asymmetric (like ours; its own default is symmetric), SignRound with its defaults "

@@ -38,20 +38,35 @@ def old_moments(acc: HessianAccumulator):
 
 
 class OldFactor(HessianFactor):
-    """Every request recomputed from Hd with the old formulas (nothing shared, nothing in place)."""
+    """Every request recomputed from Hd with the old formulas (nothing shared, nothing in place),
+    on P Hd Pᵀ when the factor has a GPTQ column order."""
+
+    def _ordered(self) -> torch.Tensor:
+        o = self.order
+        return self.Hd if o is None else self.Hd[o][:, o]
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        L, info = torch.linalg.cholesky_ex(self.Hd.to(self.dtype))
+        L, info = torch.linalg.cholesky_ex(self._ordered().to(self.dtype))
         assert not int(info)
-        return torch.cholesky_solve(B, L)
+        if self.order is None:
+            return torch.cholesky_solve(B, L)
+        X = torch.empty_like(B)
+        X[self.order] = torch.cholesky_solve(B[self.order], L)
+        return X
 
     def inverse_factor(self) -> torch.Tensor:
-        return old_inverse_hessian_factor(self.Hd, self.dtype)
+        return old_inverse_hessian_factor(self._ordered(), self.dtype)
 
 
 def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
-    """`asymmetric_target`'s call in `prepare_layer`, computed the old way from the factor's Hd."""
-    return old_asymmetric_target(W, factor.Hd, R, alpha, factor.dtype)
+    """`asymmetric_target`'s call in `prepare_layer`, computed the old way from the factor's Hd
+    (in the factor's column order, then back: the order its solve runs in)."""
+    o = factor.order
+    if o is None:
+        return old_asymmetric_target(W, factor.Hd, R, alpha, factor.dtype)
+    inv = torch.argsort(o)
+    Hp, Rp = factor.Hd[o][:, o], R[o][:, o]
+    return old_asymmetric_target(W[:, o], Hp, Rp, alpha, factor.dtype)[:, inv]
 
 
 def use_old_factorizations(monkeypatch) -> None:

@@ -162,3 +162,58 @@ def test_gptq_on_a_shared_factor_gives_the_codes_of_gptq_on_h(bits, dtype):
     for _ in range(2):  # the second linear of the input reuses U
         codes, loss = gptq_quantize(W, f, grid, 32)
         assert torch.equal(codes, want[0]) and loss == want[1]
+
+
+def _obs_in_order(W, Hd, scale, zero, group_size, maxq, order):
+    """Independent oracle: Optimal Brain Quantization one column at a time in `order`, with the
+    inverse of the remaining columns' Hessian recomputed at every step (no Cholesky, no lazy
+    blocks), each column on its own group's grid."""
+    W = W.double().clone()
+    codes = torch.zeros(W.shape, dtype=torch.int64)
+    left = list(range(W.shape[1]))
+    for j in order.tolist():
+        Hinv = torch.linalg.inv(Hd.double()[left][:, left])
+        jj = left.index(j)
+        g = j // group_size
+        c = torch.clamp(torch.round(W[:, j] / scale[:, g].double()) + zero[:, g], 0, maxq)
+        codes[:, j] = c.long()
+        err = (W[:, j] - scale[:, g].double() * (c - zero[:, g])) / Hinv[jj, jj]
+        W[:, left] -= err[:, None] * Hinv[jj][None, :]
+        left.remove(j)
+    return codes
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("block_size", [4, 128])
+def test_gptq_in_act_order_with_static_groups_is_obq_in_that_order(seed, block_size):
+    g = torch.Generator().manual_seed(seed)
+    K, gs = 24, 8
+    X = correlated_inputs(K, 256, seed=seed)
+    Hd = damp_hessian(X.t() @ X / 256, 0.01).double()
+    W = torch.randn(6, K, generator=g, dtype=torch.float64)
+    grid = search_grid(W.float(), 3, gs, method="minmax", zero_min=1)
+    order = torch.argsort(torch.diagonal(Hd), descending=True)
+    assert not torch.equal(order, torch.arange(K))  # the test exercises a real reordering
+    codes, loss = gptq_quantize(W, Hd, grid, gs, block_size=block_size, order=order)
+    want = _obs_in_order(W, Hd, grid.scale, grid.zero, gs, grid.maxq, order)
+    assert torch.equal(codes, want)
+    col = torch.arange(K) // gs
+    Q = grid.scale[:, col].double() * (codes - grid.zero[:, col])
+    dQ = Q - W
+    assert loss == pytest.approx(float(((dQ @ Hd) * dQ).sum()), rel=1e-4)
+
+
+def test_an_ordered_factor_solves_in_input_order_and_must_match_the_loop_order():
+    K = 48
+    Hd = _damped(K, seed=5)
+    order = torch.randperm(K, generator=torch.Generator().manual_seed(0))
+    B = torch.randn(K, 7, dtype=torch.float64)
+    f = HessianFactor(Hd, torch.float64, solves=1, order=order)
+    torch.testing.assert_close(f.solve(B), torch.linalg.solve(Hd.double(), B))
+    U = HessianFactor(Hd, torch.float64, order=order).inverse_factor().double()
+    Hp = Hd.double()[order][:, order]  # U is the factor of the permuted Hessian's inverse
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hp), rtol=1e-4, atol=1e-6)
+    W = torch.randn(4, K)
+    grid = search_grid(W, 3, 16, method="minmax")
+    with pytest.raises(ValueError, match="another column order"):
+        gptq_quantize(W, HessianFactor(Hd), grid, 16, order=order)

@@ -71,6 +71,23 @@ def test_round_trip(bits, dim):
     assert torch.equal(unpack(packed, bits, dim=dim), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_packing_in_row_blocks_gives_the_words_of_the_stream_reference(monkeypatch, bits, dtype):
+    """`pack` converts a few rows at a time to int64; with blocks of 2–3 rows (and a ragged last
+    block) the words are still the bit-stream reference's, whatever the codes' integer dtype."""
+    from tsq_vllm.format import packing
+
+    monkeypatch.setattr(packing, "_BLOCK", 3 * run_length(bits) - 1)  # 2 rows per block
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (7, run_length(bits)), generator=g).to(dtype)
+    packed = pack(codes, bits, dim=1)
+    for row, words in zip(codes.tolist(), packed.tolist(), strict=True):
+        assert words == _stream_pack(row, bits)
+    assert torch.equal(pack(codes.t(), bits, dim=0), packed.t())
+    assert pack(codes[:0], bits, dim=1).shape == (0, run_length(bits) * bits // 32)
+
+
 def test_pack_factor_is_exact():
     assert pack_factor(3) * 3 == 32
     assert [run_length(b) for b in (2, 3, 4, 8)] == [16, 32, 8, 4]

@@ -81,6 +81,38 @@ def test_act_order_changes_grouping_and_helps(correlated_layer):
     assert layer_objective(W, ordered.dequantize(), H) < layer_objective(W, plain.dequantize(), H)
 
 
+@pytest.mark.parametrize("stages", [dict(stage1=False, stage2=False), dict()])
+def test_static_act_order_keeps_input_groups_and_helps(correlated_layer, stages):
+    """`gptq_order="act"` changes only GPTQ's loop order: the same grid, input-order groups (no
+    g_idx for the kernels to follow), and a lower layer loss than the input-order loop."""
+    W, H = correlated_layer
+    kw = dict(bits=3, group_size=64, **stages)
+    natural = quantize_weight(W, H, LayerScheme(**kw))
+    static = quantize_weight(W, H, LayerScheme(gptq_order="act", **kw))
+    assert torch.equal(static.g_idx, torch.arange(256) // 64)
+    # The grid (stage 1's or min-max) is chosen before the loop: the same in both orders.
+    assert torch.equal(static.grid_scales, natural.grid_scales)
+    assert not torch.equal(static.codes, natural.codes)
+    assert layer_objective(W, static.dequantize(), H) < layer_objective(W, natural.dequantize(), H)
+    t = static.to_gptq("gptq")
+    torch.testing.assert_close(t.dequantize(dtype=torch.float32).t(), static.dequantize())
+
+
+def test_gptq_order_resolves_per_method_and_is_recorded():
+    from tsq_vllm.quantize import QuantizeOptions
+
+    tsq = QuantizeOptions(output="x")
+    assert tsq.layer_scheme().gptq_order == "act"
+    assert tsq.quantization_config(model_source="m", tool_version="v").tsq["gptq_order"] == "act"
+    gptqt = QuantizeOptions(output="x", method="gptqt", bits=2)
+    assert gptqt.layer_scheme().gptq_order == "natural"
+    assert QuantizeOptions(output="x", gptq_order="natural").layer_scheme().gptq_order == "natural"
+    with pytest.raises(ValueError, match="--gptq-order act is not supported with --method gptqt"):
+        QuantizeOptions(output="x", method="gptqt", bits=2, gptq_order="act")
+    with pytest.raises(ValueError, match="--gptq-order 'reverse' is not supported"):
+        LayerScheme(bits=3, group_size=64, gptq_order="reverse")
+
+
 def test_dead_inputs_and_v1_zero_points():
     X = correlated_inputs(64, 512)
     X[:, 5] = 0

@@ -46,18 +46,30 @@ class HessianFactor:
     linear's stage 2 runs without it. U asked for before the last solve is computed from a copy
     of L. Counting too high only keeps a factor longer; a request after the release recomputes
     it (the same bits, at the cost of the factorization).
+
+    order [K] (optional): GPTQ's column order (act-order with static groups). L and U are then
+    the factors of P Hd Pᵀ, the Hessian in that order, which is what GPTQ's loop needs; `solve`
+    still takes and returns rows in Hd's own order, since Hd⁻¹ B = Pᵀ (P Hd Pᵀ)⁻¹ (P B).
     """
 
     def __init__(
-        self, Hd: torch.Tensor, dtype: torch.dtype = torch.float64, solves: int = 0, uses: int = 1
+        self,
+        Hd: torch.Tensor,
+        dtype: torch.dtype = torch.float64,
+        solves: int = 0,
+        uses: int = 1,
+        order: torch.Tensor | None = None,
     ):
         K = Hd.shape[-1]
         if Hd.shape != (K, K):
             raise ValueError(f"Hd has shape {tuple(Hd.shape)}, expected a square [K, K]")
+        if order is not None and order.shape != (K,):
+            raise ValueError(f"order has shape {tuple(order.shape)}, expected [{K}]")
         self.Hd = Hd
         self.dtype = dtype
         self.solves_left = solves
         self.uses_left = uses
+        self.order = order
         self._L: torch.Tensor | None = None
         self._U: torch.Tensor | None = None
 
@@ -66,7 +78,12 @@ class HessianFactor:
         if self._L is None:
             K = self.Hd.shape[0]
             L = torch.empty_strided((K, K), (1, K), dtype=self.dtype, device=self.Hd.device)
-            L.copy_(self.Hd)
+            if self.order is None:
+                L.copy_(self.Hd)
+            else:  # P Hd Pᵀ gathered a row block at a time: no K×K temporary beside L
+                rows = max(1, (1 << 22) // K)
+                for i in range(0, K, rows):
+                    L[i : i + rows] = self.Hd[self.order[i : i + rows]][:, self.order]
             info = torch.empty((), dtype=torch.int32, device=L.device)
             torch.linalg.cholesky_ex(L, out=(L, info))
             if int(info):
@@ -79,14 +96,19 @@ class HessianFactor:
 
         torch's cholesky_solve works on copies of B and L (its out= copies too): while it runs,
         L is there twice."""
-        X = torch.cholesky_solve(B, self._cholesky())
+        if self.order is None:
+            X = torch.cholesky_solve(B, self._cholesky())
+        else:
+            X = torch.empty_like(B)
+            X[self.order] = torch.cholesky_solve(B[self.order], self._cholesky())
         self.solves_left = max(self.solves_left - 1, 0)
         if self.solves_left == 0 and (self._U is not None or self.uses_left <= 0):
             self._L = None  # the last announced solve, and U exists or is not wanted
         return X
 
     def inverse_factor(self) -> torch.Tensor:
-        """U [K, K] float32 (column-major), the upper Cholesky factor of Hd⁻¹."""
+        """U [K, K] float32 (column-major), the upper Cholesky factor of Hd⁻¹ (of (P Hd Pᵀ)⁻¹,
+        in GPTQ's column order, when the factor has an `order`)."""
         if self._U is None:
             L = self._cholesky()
             buf = L.clone() if self.solves_left else L  # clone keeps the column-major strides
@@ -146,20 +168,30 @@ def gptq_quantize(
     *,
     block_size: int = 128,
     factor_dtype: torch.dtype = torch.float64,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Integer codes [N, K] for W [N, K] on the fixed grid, minimizing (q − w)ᵀ H (q − w) per row.
 
     H must already be damped (see `damp_hessian`), or be its `HessianFactor` (shared with the other
     linears of the same input; its dtype replaces `factor_dtype`). Column j belongs to group
     j // group_size.
+    order [K]: the columns in the order the loop quantizes them (act-order with static groups:
+    decreasing H_jj, each column keeping its own group's scale); a `HessianFactor` passed as H
+    must have been built with the same order. Codes and W stay in column order either way.
     Also returns Σ Err², which equals Σ_rows (q − w)ᵀ H (q − w) exactly for the H given: the
     Cholesky factor splits the quadratic form into one independent square per column.
     """
-    W = W.float().clone()
     N, K = W.shape
+    factor = H if isinstance(H, HessianFactor) else HessianFactor(H, factor_dtype, order=order)
+    if (factor.order is None) != (order is None) or (
+        order is not None and factor.order is not None and not torch.equal(factor.order, order)
+    ):
+        raise ValueError("the HessianFactor was built for another column order than `order`")
+    W = W.float().clone() if order is None else W.float()[:, order]  # [N, K] in loop order
+    col_group = torch.arange(K, device=W.device) // group_size
+    groups = (col_group if order is None else col_group[order]).tolist()  # group of loop column
     maxq = grid.maxq
-    factor = H if isinstance(H, HessianFactor) else HessianFactor(H, factor_dtype)
-    Hinv = factor.inverse_factor()  # [K, K] float32, upper triangular
+    Hinv = factor.inverse_factor()  # [K, K] float32, upper triangular, in loop order
     codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
     loss = 0.0
     scale = grid.scale.float()  # [N, n_groups]
@@ -171,7 +203,7 @@ def gptq_quantize(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = (i1 + i) // group_size
+            g = groups[i1 + i]
             s, z = scale[:, g], zero[:, g]
             w = W1[:, i]
             c = torch.clamp(torch.round(w / s) + z, 0, maxq)
@@ -183,4 +215,6 @@ def gptq_quantize(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         loss += float(Err1.square().sum())
 
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]  # back to column order
     return codes.to(torch.int64), loss

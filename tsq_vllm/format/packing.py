@@ -11,7 +11,7 @@ values fit in one word.
 from __future__ import annotations
 
 from fractions import Fraction
-from math import gcd
+from math import gcd, prod
 
 import torch
 
@@ -62,24 +62,39 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     dim = dim % codes.ndim
     length = codes.shape[dim]
     _check_length(length, bits, f"packed dimension {dim}")
-    c = codes.movedim(dim, -1).to(torch.int64)
+    c = codes.movedim(dim, -1)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
         raise ValueError(
             f"codes span [{int(c.min())}, {int(c.max())}], outside [0, {(1 << bits) - 1}] "
             f"for {bits}-bit packing"
         )
+    lead = c.shape[:-1]
+    c = c.reshape(prod(lead), length)  # [M, length]
+    out = torch.empty(c.shape[0], length * bits // 32, dtype=torch.int32)
+    # The shifts need int64; a block of rows at a time keeps that copy small (an lm_head's codes
+    # are 2^28 values: 2 GiB as int64).
+    rows = max(1, _BLOCK // max(length, 1))
+    for i in range(0, c.shape[0], rows):
+        out[i : i + rows] = _pack_rows(c[i : i + rows].to(torch.int64), bits)
+    return out.reshape(*lead, out.shape[-1]).movedim(-1, dim).contiguous()
+
+
+_BLOCK = 1 << 22  # codes per block of `pack`
+
+
+def _pack_rows(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 codes [M, length] → int32 words [M, length * bits / 32]."""
     n = run_length(bits)
     words_per_run = n * bits // 32
-    c = c.reshape(*c.shape[:-1], length // n, n)  # [..., runs, n]
+    c = c.reshape(c.shape[0], c.shape[1] // n, n)  # [M, runs, n]
     out = torch.zeros(*c.shape[:-1], words_per_run, dtype=torch.int64)
     for j, (word, shift) in enumerate(_layout(bits)):
         v = c[..., j]
         out[..., word] |= (v << shift) & 0xFFFFFFFF
         if shift + bits > 32:  # the high bits spill into the next word
             out[..., word + 1] |= v >> (32 - shift)
-    out = out.reshape(*out.shape[:-2], -1)  # [..., length * bits / 32]
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-    return out.movedim(-1, dim).contiguous()
+    out = out.reshape(out.shape[0], out.shape[1] * words_per_run)  # [M, length * bits / 32]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:

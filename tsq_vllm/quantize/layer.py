@@ -53,8 +53,9 @@ __all__ = [
 class QuantizedWeight:
     """A quantized [N, K] weight in `nn.Linear` orientation.
 
-    codes [N, K] int64, scales [N, n_groups] float32 (fp16-representable), zeros [N, n_groups]
-    int64, g_idx [K] int64 (group of each input column), plus per-step statistics.
+    codes [N, K] uint8 (every supported width fits; an int64 lm_head's codes would be 2 GiB),
+    scales [N, n_groups] float32 (fp16-representable), zeros [N, n_groups] int64, g_idx [K] int64
+    (group of each input column), plus per-step statistics.
     grid_scales [N, n_groups]: the scales GPTQ quantized with (the centre of the scale box).
     """
 
@@ -111,8 +112,9 @@ class LinearInput:
 
     H, R, D permuted by `perm` (act-order; without it they are the caller's tensors, not copies);
     Hd the damped H; factor Hd's `HessianFactor`, which keeps GPTAQ's L for one solve per reader
-    and U for one GPTQ pass per reader. `scheme` is the one it was prepared for (damp, act_order,
-    precision, GPTAQ, GPTQ).
+    and U for one GPTQ pass per reader; with `gptq_order="act"` (static groups) the factor also
+    holds GPTQ's column order (`factor.order`), while H, R, D and the groups stay in input order.
+    `scheme` is the one it was prepared for (damp, act_order, gptq_order, precision, GPTAQ, GPTQ).
     """
 
     H: torch.Tensor
@@ -153,9 +155,12 @@ def prepare_input(
     H = H.float()
     R = None if R is None else R.float()
     D = None if D is None else D.float()
+    # Act-order: columns by decreasing H_jj, dead inputs (H_jj = 0) last.
+    static_act = s.gptq and s.gptq_order == "act" and not s.act_order
+    act = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     if s.act_order:
         # Work in processing order, where groups are contiguous column ranges.
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        perm = act
         rows, cols = perm[:, None], perm  # one gather: no [perm]-then-[:, perm] intermediate
         H = H[rows, cols]
         R = None if R is None else R[rows, cols]
@@ -167,7 +172,9 @@ def prepare_input(
     # GPTQ asks for U once per linear; GPTQT twice when its second pass reuses a float64 U.
     second = s.method == "gptqt" and s.requantize and s.math_dtype == torch.float64
     uses = readers * (2 if second else 1) if s.gptq else 0
-    factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses)
+    # Static groups: only GPTQ's loop runs in act-order, so only its factor is permuted.
+    order = act if static_act else None
+    factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses, order=order)
     return LinearInput(H, R, D, Hd, perm, factor, s)
 
 
@@ -243,7 +250,7 @@ def linear_pass(
     loss_damped = 0.0
     if s.gptq:
         codes, loss_damped = gptq_quantize(
-            p.Wq, p.factor, grid, s.group_size, block_size=s.block_size
+            p.Wq, p.factor, grid, s.group_size, block_size=s.block_size, order=p.factor.order
         )
     else:
         codes = quantize_codes(p.Wq, grid.scale[:, col_group], grid.zero[:, col_group], bits).long()
@@ -282,7 +289,7 @@ def quantize_weight_on(W: torch.Tensor, inp: LinearInput) -> QuantizedWeight:
     N, K = W.shape
     col_group = torch.arange(K, device=W.device) // s.group_size  # [K]
     inv = torch.argsort(inp.perm)
-    codes = torch.empty(N, K, dtype=torch.int64, device=W.device)
+    codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
     parts = [_quantize_rows(W[rows], inp, codes[rows], inv) for rows in row_blocks(N, K)]
     grid_scale = torch.cat([b.grid.scale for b in parts])
     stats = {k: sum(b.stats[k] for b in parts) for k in ("time_grid", "time_gptq")}

@@ -22,6 +22,7 @@ from .scheme import (
     DEFAULT_GPTAQ_ALPHA,
     DEFAULT_REFINE_LR,
     DEFAULT_SCALE_BOX,
+    GPTQ_ORDERS,
     INTERMEDIATE_BITS,
     METHODS,
     PRECISIONS,
@@ -82,7 +83,16 @@ class QuantizeOptions:
     )
     sym: bool = _opt(False, "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric")
     act_order: bool = _opt(
-        False, "GPTQ act-order: quantize columns by decreasing Hessian diagonal (desc_act)"
+        False,
+        "GPTQ act-order with groups formed in that order (desc_act: a g_idx the kernels must "
+        "follow); see --gptq-order for act-order without it",
+    )
+    gptq_order: str = _opt(
+        "auto",
+        "order of GPTQ's column loop: 'act' (decreasing Hessian diagonal, groups kept in input "
+        "order: static groups, no g_idx, no serving cost), 'natural' (input order); 'auto' is "
+        "act for tsq and natural for gptqt",
+        choices=("auto", *GPTQ_ORDERS),
     )
     calib: str = _opt(
         "wiki",
@@ -209,6 +219,8 @@ class QuantizeOptions:
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
             )
         self._check_method()
+        if self.gptq_order == "auto":
+            self.gptq_order = "natural" if self.method == "gptqt" else "act"
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"--dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)}"
@@ -270,6 +282,7 @@ class QuantizeOptions:
             group_size=self.group_size,
             sym=self.sym,
             act_order=self.act_order,
+            gptq_order=self.gptq_order,
             damp=self.damp,
             stage1=self.stage1,
             stage2=self.stage2,
@@ -322,6 +335,7 @@ class QuantizeOptions:
             lm_head=self.quantize_lm_head,
             tsq={
                 **method,
+                "gptq_order": "act" if self.act_order else self.gptq_order,
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "error_feedback": self.error_feedback,

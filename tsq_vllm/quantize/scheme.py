@@ -21,6 +21,7 @@ __all__ = [
     "BlockRefineScheme",
     "DEFAULT_GPTAQ_ALPHA",
     "DEFAULT_SCALE_BOX",
+    "GPTQ_ORDERS",
     "SCALE_SEARCHES",
     "PRECISIONS",
     "LayerScheme",
@@ -32,6 +33,7 @@ METHODS = ("tsq", "gptqt")
 BCQ_BITS = (2, 3)  # k of GPTQT's binary coding
 INTERMEDIATE_BITS = (4, 5)  # GPTQT's first-pass depth b0
 PRECISIONS = ("float64", "float32")
+GPTQ_ORDERS = ("act", "natural")
 # The best of the grid measured on SmolLM2-135M INT2 and INT3 g64
 # (benchmarks/results/stage2_variants.md).
 DEFAULT_ERROR_FEEDBACK_ALPHA = 0.25
@@ -47,6 +49,10 @@ class LayerScheme:
       ("minmax", or "mse" with exponent `mse_norm`: the plain-GPTQ choices).
     stage2: refine the scales after GPTQ on eq. (7), with R when given (up to `stage2_sweeps`).
     act_order: process columns by decreasing H_jj; groups are formed in that order (`desc_act`).
+    gptq_order: "act" runs GPTQ's column loop by decreasing H_jj with the groups kept in input
+      order (act-order with static groups: the grid is fixed before the loop anyway, so each
+      column uses its own group's scale; no g_idx, no serving cost), "natural" in input order.
+      GPTQT's passes run in input order only (unless `act_order`).
     gptq: False rounds to nearest on the grid instead (the RTN baseline).
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
     damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
@@ -68,6 +74,7 @@ class LayerScheme:
     group_size: int
     sym: bool = False
     act_order: bool = False
+    gptq_order: str = "natural"
     damp: float = 0.01
     stage1: bool = True
     stage2: bool = True
@@ -103,6 +110,15 @@ class LayerScheme:
                     f"{' or '.join(map(str, BCQ_BITS))} bits"
                 )
         check_bits(self.bits)
+        if self.gptq_order not in GPTQ_ORDERS:
+            raise ValueError(
+                f"--gptq-order {self.gptq_order!r} is not supported: use one of {GPTQ_ORDERS}"
+            )
+        if self.gptq_order == "act" and self.method == "gptqt" and not self.act_order:
+            raise ValueError(
+                "--gptq-order act is not supported with --method gptqt (its second pass runs in "
+                "input order): use --gptq-order natural, or --act-order"
+            )
         if self.group_size < 1:
             raise ValueError(
                 f"group_size={self.group_size} must be at least 1: use e.g. 32, 64 or 128"
