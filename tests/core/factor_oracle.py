@@ -64,9 +64,13 @@ def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
     o = factor.order
     if o is None:
         return old_asymmetric_target(W, factor.Hd, R, alpha, factor.dtype)
-    inv = torch.argsort(o)
-    Hp, Rp = factor.Hd[o][:, o], R[o][:, o]
-    return old_asymmetric_target(W[:, o], Hp, Rp, alpha, factor.dtype)[:, inv]
+    dtype = factor.dtype
+    L, info = torch.linalg.cholesky_ex(factor.Hd[o][:, o].to(dtype))
+    assert not int(info)
+    WR = W.to(dtype) @ R.to(dtype)  # in input order, as asymmetric_target forms it
+    X = torch.empty_like(WR.t())
+    X[o] = torch.cholesky_solve(WR.t()[o], L)
+    return (W.to(dtype) - alpha * X.t()).to(W.dtype)
 
 
 def use_old_factorizations(monkeypatch) -> None:

@@ -219,8 +219,6 @@ class QuantizeOptions:
                 f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
             )
         self._check_method()
-        if self.gptq_order == "auto":
-            self.gptq_order = "natural" if self.method == "gptqt" else "act"
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(
                 f"--dtype {self.dtype!r} is not supported: use one of {', '.join(STORAGE_DTYPES)}"
@@ -282,7 +280,7 @@ class QuantizeOptions:
             group_size=self.group_size,
             sym=self.sym,
             act_order=self.act_order,
-            gptq_order=self.gptq_order,
+            gptq_order=None if self.gptq_order == "auto" else self.gptq_order,
             damp=self.damp,
             stage1=self.stage1,
             stage2=self.stage2,
@@ -335,7 +333,7 @@ class QuantizeOptions:
             lm_head=self.quantize_lm_head,
             tsq={
                 **method,
-                "gptq_order": "act" if self.act_order else self.gptq_order,
+                "gptq_order": "act" if self.act_order else self.layer_scheme().gptq_order,
                 "stage1": self.stage1,
                 "stage2": self.stage2,
                 "error_feedback": self.error_feedback,

@@ -51,8 +51,9 @@ class LayerScheme:
     act_order: process columns by decreasing H_jj; groups are formed in that order (`desc_act`).
     gptq_order: "act" runs GPTQ's column loop by decreasing H_jj with the groups kept in input
       order (act-order with static groups: the grid is fixed before the loop anyway, so each
-      column uses its own group's scale; no g_idx, no serving cost), "natural" in input order.
-      GPTQT's passes run in input order only (unless `act_order`).
+      column uses its own group's scale; no g_idx, no serving cost), "natural" in input order;
+      None (the default) is "act" for tsq and "natural" for gptqt, whose passes run in input
+      order only (unless `act_order`).
     gptq: False rounds to nearest on the grid instead (the RTN baseline).
     zero_min: smallest asymmetric zero point; 1 for GPTQ v1 checkpoints, which store z − 1.
     damp: Hessian dampening as a fraction of the mean diagonal; block_size: GPTQ's lazy-batch width.
@@ -74,7 +75,7 @@ class LayerScheme:
     group_size: int
     sym: bool = False
     act_order: bool = False
-    gptq_order: str = "natural"
+    gptq_order: str | None = None
     damp: float = 0.01
     stage1: bool = True
     stage2: bool = True
@@ -110,6 +111,8 @@ class LayerScheme:
                     f"{' or '.join(map(str, BCQ_BITS))} bits"
                 )
         check_bits(self.bits)
+        if self.gptq_order is None:  # the method's own order (frozen: set once, here)
+            object.__setattr__(self, "gptq_order", "natural" if self.method == "gptqt" else "act")
         if self.gptq_order not in GPTQ_ORDERS:
             raise ValueError(
                 f"--gptq-order {self.gptq_order!r} is not supported: use one of {GPTQ_ORDERS}"
