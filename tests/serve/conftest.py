@@ -122,6 +122,14 @@ def reference_greedy(
     src: Path, ckpt: Path, bits: int, prompts: list[list[int]], n_new: int
 ) -> list[list[int]]:
     """Greedy continuations from transformers (fp32) with the checkpoint's dequantized weights."""
+    return reference_greedy_margins(src, ckpt, bits, prompts, n_new)[0]
+
+
+def reference_greedy_margins(
+    src: Path, ckpt: Path, bits: int, prompts: list[list[int]], n_new: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """`reference_greedy`'s tokens, and at each step the logit margin between its top two
+    candidates (a near-tie, where an engine of lower precision may fairly pick the other)."""
     from transformers import AutoModelForCausalLM
 
     state = dequantized_state(ckpt, bits)
@@ -130,15 +138,18 @@ def reference_greedy(
     model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, **untie).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    outs = []
+    outs, margins = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
+            gaps = []
             for _ in range(n_new):
-                nxt = model(ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+                top = model(ids).logits[0, -1].topk(2)
+                gaps.append(float(top.values[0] - top.values[1]))
+                ids = torch.cat([ids, top.indices[:1].view(1, 1)], dim=1)
             outs.append(ids[0, len(prompt) :].tolist())
-    return outs
+            margins.append(gaps)
+    return outs, margins
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 
 The GPTQ-compatibility promise: a tsq checkpoint relabelled `quant_method: "gptq"` (nothing else
 changed) is served by vLLM's built-in GPTQ path, not the tsq plugin, with the greedy tokens
-transformers produces (fp32) on the checkpoint's dequantized weights. vLLM's GPTQ path takes
-4/8-bit symmetric weights and fp16/bf16 activations only: the engine runs fp16, whose 10-bit
-mantissa keeps this tiny model's greedy path exact (bf16 flips a near-tie after 8 tokens). On CPU
+transformers produces (fp32) on the checkpoint's dequantized weights, up to the first near-tie.
+vLLM's GPTQ path takes 4/8-bit symmetric weights and fp16/bf16 activations only: the engine runs
+fp16, so where fp32's top two logits lie within 0.01 (this tiny random model has such steps: one
+of 0.0009 after 8 tokens) it may fairly pick the other token; every token before that must agree,
+and a divergence anywhere else fails. On CPU
 it runs vLLM's WNA16 kernel, which ships in its AVX-512 build, so the test is skipped on other
 hosts. One engine start (about a minute).
 """
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from ..helpers import opts_for
-from .conftest import reference_greedy
+from .conftest import reference_greedy_margins
 from .test_engine import N_NEW, _prompts, _run_worker
 
 pytest.importorskip("vllm")
@@ -65,4 +67,11 @@ def test_vllm_gptq_serves_tsq_sym4_checkpoint(tiny_llama: Path, tmp_path: Path, 
     assert "error" not in res, res
     # vLLM resolves `--quantization gptq` on a GPTQ checkpoint to its GPTQ method, not tsq.
     assert res["quantization"] in ("gptq", "auto_gptq", "gptq_marlin"), res["quantization"]
-    assert res["tokens"] == reference_greedy(tiny_llama, ck, 4, prompts, N_NEW)
+    want, margins = reference_greedy_margins(tiny_llama, ck, 4, prompts, N_NEW)
+    for got, ref, gap in zip(res["tokens"], want, margins, strict=True):
+        first = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
+        if first is not None:
+            assert gap[first] < NEAR_TIE, (first, gap[first], got, ref)
+
+
+NEAR_TIE = 0.01  # logits: fp16's rounding of this model's logits is ~1e-3
