@@ -50,6 +50,8 @@ from functools import cache
 
 import torch
 
+from .blocks import row_slices
+
 __all__ = [
     "BASE_BITS",
     "BCQWeight",
@@ -177,10 +179,9 @@ def search_levels(
     """Best candidate index [*S] and its weighted squared code error [*S] for hist [*S, 2^b₀]."""
     flat = hist.reshape(-1, hist.shape[-1]).float()
     E = cand.error.t().contiguous()  # [M+1, C]
-    rows = max(1, chunk // E.shape[1])  # bound the [rows, C] score block
     best, cost = [], []
-    for r in range(0, flat.shape[0], rows):
-        c, i = (flat[r : r + rows] @ E).min(1)
+    for r in row_slices(flat.shape[0], E.shape[1], chunk):  # bound the [rows, C] score block
+        c, i = (flat[r] @ E).min(1)
         best.append(i)
         cost.append(c)
     shape = hist.shape[:-1]
@@ -245,9 +246,7 @@ class BCQWeight:
             )
         # A row block at a time: the whole check's [k, N, K] int64 temporaries of a
         # vocabulary-wide head would be several GiB.
-        step = max(1, (1 << 22) // max(K, 1))
-        for r in range(0, N, step):
-            rows = slice(r, r + step)
+        for rows in row_slices(N, K, 1 << 22):
             if not torch.equal(self._codes_from_signs(rows), self.codes[rows].long()):
                 raise ValueError("BCQWeight.codes disagree with low + sum(steps * (signs + 1) / 2)")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import row_slices
 from .grid import Grid
 
 __all__ = ["HessianFactor", "asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
@@ -81,9 +82,8 @@ class HessianFactor:
             if self.order is None:
                 L.copy_(self.Hd)
             else:  # P Hd Pᵀ gathered a row block at a time: no K×K temporary beside L
-                rows = max(1, (1 << 22) // K)
-                for i in range(0, K, rows):
-                    L[i : i + rows] = self.Hd[self.order[i : i + rows]][:, self.order]
+                for r in row_slices(K, K, 1 << 22):
+                    L[r] = self.Hd[self.order[r]][:, self.order]
             info = torch.empty((), dtype=torch.int32, device=L.device)
             torch.linalg.cholesky_ex(L, out=(L, info))
             if int(info):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import row_slices
+
 __all__ = ["HessianAccumulator", "damp_hessian", "dead_columns"]
 
 
@@ -96,9 +98,8 @@ def _symmetrized(A: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
     """(A + Aᵀ)/2 in float32, a block of about `block` elements (rows) at a time: elementwise the
     same values as the whole-matrix expression, without its two K×K temporaries in A's dtype."""
     out = torch.empty(A.shape, dtype=torch.float32, device=A.device)
-    rows = max(1, block // max(1, A.shape[1]))
-    for i in range(0, A.shape[0], rows):
-        out[i : i + rows] = 0.5 * (A[i : i + rows] + A[:, i : i + rows].t())
+    for r in row_slices(A.shape[0], A.shape[1], block):
+        out[r] = 0.5 * (A[r] + A[:, r].t())
     return out
 
 

@@ -15,6 +15,8 @@ from math import gcd, prod
 
 import torch
 
+from ..core.blocks import row_slices
+
 __all__ = ["SUPPORTED_BITS", "pack", "unpack", "pack_factor", "run_length", "check_bits"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -73,9 +75,8 @@ def pack(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     out = torch.empty(c.shape[0], length * bits // 32, dtype=torch.int32)
     # The shifts need int64; a block of rows at a time keeps that copy small (an lm_head's codes
     # are 2^28 values: 2 GiB as int64).
-    rows = max(1, _BLOCK // max(length, 1))
-    for i in range(0, c.shape[0], rows):
-        out[i : i + rows] = _pack_rows(c[i : i + rows].to(torch.int64), bits)
+    for r in row_slices(c.shape[0], length, _BLOCK):
+        out[r] = _pack_rows(c[r].to(torch.int64), bits)
     return out.reshape(*lead, out.shape[-1]).movedim(-1, dim).contiguous()
 
 
