@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tsq_vllm.core import HessianAccumulator, HessianFactor
+from tsq_vllm.core import DampedHessian, HessianAccumulator, HessianFactor
 
 
 def old_inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -37,13 +37,18 @@ def old_moments(acc: HessianAccumulator):
     return H, R, D
 
 
+def _dense(Hd) -> torch.Tensor:
+    """The damped Hessian as one tensor, as the old code held it."""
+    return Hd.dense() if isinstance(Hd, DampedHessian) else Hd
+
+
 class OldFactor(HessianFactor):
     """Every request recomputed from Hd with the old formulas (nothing shared, nothing in place),
     on P Hd Pᵀ when the factor has a GPTQ column order."""
 
     def _ordered(self) -> torch.Tensor:
-        o = self.order
-        return self.Hd if o is None else self.Hd[o][:, o]
+        o, Hd = self.order, _dense(self.Hd)
+        return Hd if o is None else Hd[o][:, o]
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(self._ordered().to(self.dtype))
@@ -63,9 +68,9 @@ def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
     (in the factor's column order, then back: the order its solve runs in)."""
     o = factor.order
     if o is None:
-        return old_asymmetric_target(W, factor.Hd, R, alpha, factor.dtype)
+        return old_asymmetric_target(W, _dense(factor.Hd), R, alpha, factor.dtype)
     dtype = factor.dtype
-    L, info = torch.linalg.cholesky_ex(factor.Hd[o][:, o].to(dtype))
+    L, info = torch.linalg.cholesky_ex(_dense(factor.Hd)[o][:, o].to(dtype))
     assert not int(info)
     WR = W.to(dtype) @ R.to(dtype)  # in input order, as asymmetric_target forms it
     X = torch.empty_like(WR.t())

@@ -217,3 +217,18 @@ def test_an_ordered_factor_solves_in_input_order_and_must_match_the_loop_order()
     grid = search_grid(W, 3, 16, method="minmax")
     with pytest.raises(ValueError, match="another column order"):
         gptq_quantize(W, HessianFactor(Hd), grid, 16, order=order)
+
+
+@pytest.mark.parametrize("K, M", [(48, 7), (300, 40)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_factor_solves_like_cholesky_solve(K, M, dtype):
+    """Two triangular solves in place of torch.cholesky_solve (which copies L): Hd⁻¹ B to
+    rounding against an LU solve, and cholesky_solve's own bits with this machine's BLAS (the
+    byte-identity of checkpoints written before the change rests on it)."""
+    Hd = _damped(K, seed=K)
+    B = torch.randn(K, M, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    f = HessianFactor(Hd, dtype, solves=2)
+    X = f.solve(B)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(X.double(), torch.linalg.solve(Hd.double(), B.double()), **tol)
+    assert torch.equal(X, torch.cholesky_solve(B, f._cholesky()))

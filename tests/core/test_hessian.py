@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tsq_vllm.core import HessianAccumulator, damp_hessian, dead_columns
+from tsq_vllm.core import DampedHessian, HessianAccumulator, damp_hessian, dead_columns
 
 from .factor_oracle import old_moments
 
@@ -51,6 +51,27 @@ def test_damping_and_dead_columns():
     live = torch.tensor([0, 1, 3, 4, 5])
     lam = 0.01 * torch.diagonal(H)[live].mean()
     torch.testing.assert_close(torch.diagonal(Hd)[live], torch.diagonal(H)[live] + lam)
+
+
+@pytest.mark.parametrize("dead", [[], [2], [0, 5, 6]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_damped_view_has_the_bits_of_the_damped_copy(dead, dtype):
+    """DampedHessian reads damp_hessian's entries from H: the same bits everywhere, including a
+    −0 off the diagonal, the dead rows and columns, and every way it is read."""
+    X = torch.randn(64, 7, generator=torch.Generator().manual_seed(len(dead)), dtype=dtype)
+    X[:, dead] = 0
+    H = X.t() @ X / 64
+    H[1, 3] = H[3, 1] = -0.0
+    want = damp_hessian(H, 0.01)
+    Hd = DampedHessian.of(H, 0.01)
+    got = Hd.dense()
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))  # −0 stays −0
+    assert torch.equal(Hd.diagonal(), torch.diagonal(want))
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(Hd.rows(perm[:3], perm), want[perm[:3]][:, perm])
+    idx = torch.arange(6).reshape(3, 2)  # [n_groups, g]: stage 1's diagonal blocks
+    assert torch.equal(Hd.at(idx[:, :, None], idx[:, None, :]), want[idx[:, :, None], idx[:, None, :]])
 
 
 def test_delta_gram_matches_a_direct_computation():

@@ -2,7 +2,7 @@
 
 from .gptq import HessianFactor, asymmetric_target, gptq_quantize, inverse_hessian_factor
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
-from .hessian import HessianAccumulator, damp_hessian, dead_columns
+from .hessian import DampedHessian, HessianAccumulator, damp_hessian, dead_columns
 from .stage2 import (
     OutputStats,
     ScaleSystem,
@@ -15,6 +15,7 @@ from .stage2 import (
 )
 
 __all__ = [
+    "DampedHessian",
     "Grid",
     "HessianAccumulator",
     "HessianFactor",

@@ -20,6 +20,7 @@ import torch
 
 from .blocks import row_slices
 from .grid import Grid
+from .hessian import DampedHessian
 
 __all__ = ["HessianFactor", "asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
 
@@ -55,7 +56,7 @@ class HessianFactor:
 
     def __init__(
         self,
-        Hd: torch.Tensor,
+        Hd: torch.Tensor | DampedHessian,
         dtype: torch.dtype = torch.float64,
         solves: int = 0,
         uses: int = 1,
@@ -79,11 +80,15 @@ class HessianFactor:
         if self._L is None:
             K = self.Hd.shape[0]
             L = torch.empty_strided((K, K), (1, K), dtype=self.dtype, device=self.Hd.device)
-            if self.order is None:
-                L.copy_(self.Hd)
-            else:  # P Hd Pᵀ gathered a row block at a time: no K×K temporary beside L
+            Hd = self.Hd
+            if self.order is None and isinstance(Hd, torch.Tensor):
+                L.copy_(Hd)
+            else:  # (P) Hd (Pᵀ) gathered a row block at a time: no K×K temporary beside L
+                order = torch.arange(K, device=L.device) if self.order is None else self.order
                 for r in row_slices(K, K, 1 << 22):
-                    L[r] = self.Hd[self.order[r]][:, self.order]
+                    L[r] = Hd.rows(order[r], order) if isinstance(Hd, DampedHessian) else (
+                        Hd[order[r]][:, order]
+                    )
             info = torch.empty((), dtype=torch.int32, device=L.device)
             torch.linalg.cholesky_ex(L, out=(L, info))
             if int(info):
@@ -92,15 +97,12 @@ class HessianFactor:
         return self._L
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹).
-
-        torch's cholesky_solve works on copies of B and L (its out= copies too): while it runs,
-        L is there twice."""
+        """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹)."""
         if self.order is None:
-            X = torch.cholesky_solve(B, self._cholesky())
+            X = _cholesky_solve(B, self._cholesky())
         else:
             X = torch.empty_like(B)
-            X[self.order] = torch.cholesky_solve(B[self.order], self._cholesky())
+            X[self.order] = _cholesky_solve(B[self.order], self._cholesky())
         self.solves_left = max(self.solves_left - 1, 0)
         if self.solves_left == 0 and (self._U is not None or self.uses_left <= 0):
             self._L = None  # the last announced solve, and U exists or is not wanted
@@ -125,6 +127,18 @@ class HessianFactor:
         return U
 
 
+def _cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ)⁻¹ B as LAPACK's potrs computes it, L y = B then Lᵀ x = y, without its copy of L.
+
+    torch.cholesky_solve copies L (its out= too): at K = 14336 that is another 1.6 GiB while it
+    runs. The two triangular solves read L and Lᵀ as views (L is column-major, so Lᵀ is row-major:
+    no copy either way) and the second overwrites y; with this machine's BLAS they give
+    cholesky_solve's bits (tests/core/test_gptq.py).
+    """
+    Y = torch.linalg.solve_triangular(L, B, upper=False)
+    return torch.linalg.solve_triangular(L.mT, Y, upper=True, out=Y)
+
+
 def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), from a damped, positive definite H.
 
@@ -135,7 +149,7 @@ def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) 
 
 def asymmetric_target(
     W: torch.Tensor,
-    H: torch.Tensor | HessianFactor,
+    H: torch.Tensor | DampedHessian | HessianFactor,
     R: torch.Tensor,
     alpha: float = 1.0,
     dtype: torch.dtype = torch.float64,
@@ -162,7 +176,7 @@ def asymmetric_target(
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor | HessianFactor,
+    H: torch.Tensor | DampedHessian | HessianFactor,
     grid: Grid,
     group_size: int,
     *,

@@ -40,6 +40,7 @@ from .bcq import (
 )
 from .gptq import HessianFactor
 from .grid import Grid
+from .hessian import DampedHessian
 from .stage2 import ScaleSystem, layer_objective, refine_system, scale_system
 
 __all__ = [
@@ -182,7 +183,7 @@ class GPTQTSettings:
 
 def gptq_quantize_levels(
     W: torch.Tensor,
-    H: torch.Tensor | HessianFactor,
+    H: torch.Tensor | DampedHessian | HessianFactor,
     grid: Grid,
     tables: torch.Tensor,
     group_size: int,
@@ -227,7 +228,7 @@ def gptqt_convert(
     settings: GPTQTSettings,
     *,
     R: torch.Tensor | None = None,
-    H_damped: torch.Tensor | HessianFactor | None = None,
+    H_damped: torch.Tensor | DampedHessian | HessianFactor | None = None,
     gptq_target: torch.Tensor | None = None,
 ) -> BCQWeight:
     """Convert the b₀-bit GPTQ pass (codes [N, K] on `grid`, b₀ = grid.bits) of W [N, K] to BCQ:
@@ -260,7 +261,7 @@ def gptqt_levels(
     group_size: int,
     settings: GPTQTSettings,
     *,
-    H_damped: torch.Tensor | HessianFactor | None = None,
+    H_damped: torch.Tensor | DampedHessian | HessianFactor | None = None,
     gptq_target: torch.Tensor | None = None,
 ) -> BCQWeight:
     """Steps 1 and 2 for the b₀-bit pass (codes [N, K] on `grid`) of W [N, K]: the BCQ weight on

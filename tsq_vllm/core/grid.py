@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .hessian import DampedHessian
+
 __all__ = ["Grid", "clip_grid", "fit_grid", "quantize_codes", "dequantize_codes", "search_grid"]
 
 
@@ -108,7 +110,7 @@ def search_grid(
     *,
     sym: bool = False,
     method: str = "minmax",
-    H: torch.Tensor | None = None,
+    H: torch.Tensor | DampedHessian | None = None,
     norm: float = 2.0,
     points: int = 100,
     coarse: int | None = 20,
@@ -133,7 +135,9 @@ def search_grid(
             raise ValueError("the hessian scale search (stage 1) needs H")
         n_groups = Wg.shape[0]
         idx = torch.arange(n_groups * group_size, device=W.device).reshape(n_groups, group_size)
-        Hb = H.float()[idx[:, :, None], idx[:, None, :]]  # [n_groups, g, g] diagonal blocks
+        i, j = idx[:, :, None], idx[:, None, :]
+        # [n_groups, g, g] diagonal blocks
+        Hb = (H.at(i, j) if isinstance(H, DampedHessian) else H[i, j]).float()
     betas = clip_grid(points).to(W.device)
     step = 1 if coarse is None else max(1, points // coarse)
 

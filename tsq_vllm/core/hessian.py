@@ -15,11 +15,13 @@ it), and its product is a third of the default's accumulation time, halved in fl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .blocks import row_slices
 
-__all__ = ["HessianAccumulator", "damp_hessian", "dead_columns"]
+__all__ = ["DampedHessian", "HessianAccumulator", "damp_hessian", "dead_columns"]
 
 
 class HessianAccumulator:
@@ -124,3 +126,54 @@ def damp_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
     lam = damp * (live.mean() if live.numel() else torch.tensor(1.0))
     diag += lam
     return H
+
+
+@dataclass(frozen=True)
+class DampedHessian:
+    """`damp_hessian(H, damp)` read on demand instead of stored: the damped Hessian differs from H
+    only on its diagonal and on the dead inputs' rows and columns, so a K×K copy (0.8 GiB in
+    float32 at K = 14336) is not needed. Every entry it gives has the bits of `damp_hessian`'s.
+
+    H [K, K] (undamped, not copied), dead [K] its dead inputs, diag_add [K] what the damping adds
+    to the diagonal once dead rows and columns are zeroed (λ, or 1 + λ on a dead input).
+    """
+
+    H: torch.Tensor
+    dead: torch.Tensor
+    diag_add: torch.Tensor
+
+    @classmethod
+    def of(cls, H: torch.Tensor, damp: float) -> DampedHessian:
+        dead = dead_columns(H)
+        live = torch.diagonal(H)[~dead]
+        lam = damp * (live.mean() if live.numel() else torch.tensor(1.0))
+        one = torch.ones((), dtype=H.dtype, device=H.device)
+        return cls(H, dead, torch.where(dead, one + lam, lam.to(H.dtype)))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.H.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.H.device
+
+    def at(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """The entries Hd[i, j] for broadcastable index tensors (advanced indexing)."""
+        out = torch.where(self.dead[i] | self.dead[j], 0.0, self.H[i, j])
+        # Added only on the diagonal: x + 0 would turn a −0 off the diagonal into +0.
+        return torch.where(i == j, out + self.diag_add[i], out)
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(Hd) [K]."""
+        return torch.where(self.dead, 0.0, torch.diagonal(self.H)) + self.diag_add
+
+    def rows(self, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """Hd[rows][:, cols] (all columns when cols is None) for 1-D index tensors."""
+        if cols is None:
+            cols = torch.arange(self.H.shape[1], device=self.H.device)
+        return self.at(rows[:, None], cols[None, :])
+
+    def dense(self) -> torch.Tensor:
+        """Hd [K, K] as one tensor (what `damp_hessian` returns)."""
+        return self.rows(torch.arange(self.H.shape[0], device=self.H.device))

@@ -23,7 +23,7 @@ import torch
 
 from ..core.gptq import HessianFactor, asymmetric_target, gptq_quantize
 from ..core.grid import Grid, quantize_codes, search_grid
-from ..core.hessian import damp_hessian, dead_columns
+from ..core.hessian import DampedHessian, dead_columns
 from ..core.stage2 import (
     OutputStats,
     ScaleSystem,
@@ -111,16 +111,17 @@ class LinearInput:
     the same for all of them.
 
     H, R, D permuted by `perm` (act-order; without it they are the caller's tensors, not copies);
-    Hd the damped H; factor Hd's `HessianFactor`, which keeps GPTAQ's L for one solve per reader
-    and U for one GPTQ pass per reader; with `gptq_order="act"` (static groups) the factor also
-    holds GPTQ's column order (`factor.order`), while H, R, D and the groups stay in input order.
+    Hd the damped H (read from H on demand: no K×K copy); factor Hd's `HessianFactor`, which
+    keeps GPTAQ's L for one solve per reader and U for one GPTQ pass per reader; with
+    `gptq_order="act"` (static groups) the factor also holds GPTQ's column order (`factor.order`),
+    while H, R, D and the groups stay in input order.
     `scheme` is the one it was prepared for (damp, act_order, gptq_order, precision, GPTAQ, GPTQ).
     """
 
     H: torch.Tensor
     R: torch.Tensor | None
     D: torch.Tensor | None
-    Hd: torch.Tensor
+    Hd: DampedHessian
     perm: torch.Tensor
     factor: HessianFactor
     scheme: LayerScheme
@@ -167,7 +168,7 @@ def prepare_input(
         D = None if D is None else D[rows, cols]
     else:
         perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
-    Hd = damp_hessian(H, s.damp)
+    Hd = DampedHessian.of(H, s.damp)
     gptaq = s.gptaq_alpha > 0 and R is not None
     # GPTQ asks for U once per linear; GPTQT twice when its second pass reuses a float64 U.
     second = s.method == "gptqt" and s.requantize and s.math_dtype == torch.float64
@@ -191,7 +192,7 @@ class LayerProblem:
     H: torch.Tensor
     R: torch.Tensor | None
     D: torch.Tensor | None
-    Hd: torch.Tensor
+    Hd: DampedHessian
     Wq: torch.Tensor
     perm: torch.Tensor
     gptaq: bool
@@ -374,7 +375,7 @@ def _quantize_rows(
             # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
             dQ = Q - Wq
             err_h = loss_damped - float(
-                (torch.diagonal(Hd) - torch.diagonal(H)) @ dQ.square().sum(0)
+                (Hd.diagonal() - torch.diagonal(H)) @ dQ.square().sum(0)
             )
         else:
             # One Q·H GEMM, shared by the loss and the statistics (the K × K products dominate
