@@ -55,7 +55,7 @@ def _inputs(N: int, K: int):
     return torch.randn(N, K, generator=g), H.float(), R.float(), D.float()
 
 
-def child(N: int, K: int, library: str) -> dict:
+def child(N: int, K: int, library: str, gptq_order: str = "") -> dict:
     sys.path.insert(0, library)
 
     import tsq_vllm
@@ -64,7 +64,11 @@ def child(N: int, K: int, library: str) -> dict:
 
     assert Path(tsq_vllm.__file__).is_relative_to(library), tsq_vllm.__file__
     W, H, R, D = _inputs(N, K)
-    scheme = LayerScheme(bits=3, group_size=64)  # the CLI's defaults
+    # The CLI's defaults; a GPTQ order given by --gptq-order (a library from before the act-order
+    # default knows only the natural order: pin "natural" to compare bytes with it).
+    scheme = LayerScheme(
+        bits=3, group_size=64, **({"gptq_order": gptq_order} if gptq_order else {})
+    )
     try:  # the library at --old-ref has no row blocks: one read
         from tsq_vllm.quantize.row_blocks import row_blocks
 
@@ -113,11 +117,18 @@ def main() -> None:
         "is shared, and by its whole-weight temporaries (a float64 GPTAQ solve of [N, K], the "
         "int64 codes, ...) the old path needs about ten float32 [N, K] matrices (9 GiB here)",
     )
+    p.add_argument(
+        "--gptq-order",
+        choices=("act", "natural"),
+        help="pin the new version's GPTQ column order (default: the scheme's); the old one always "
+        "runs its own default",
+    )
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/head_memory.md"))
-    p.add_argument("--child", nargs=3, metavar=("N", "K", "LIB"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("N", "K", "LIB", "ORDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), int(args.child[1]), args.child[2])))
+        n, k, lib, order = args.child
+        print(json.dumps(child(int(n), int(k), lib, order)))
         return
 
     rows = []
@@ -129,7 +140,16 @@ def main() -> None:
                 rows.append({"version": version, "skipped": f"MemAvailable {free / 2**30:.1f} GiB"})
                 print(f"{version}: skipped, MemAvailable {free / 2**30:.1f} GiB", flush=True)
                 continue
-            cmd = [sys.executable, __file__, "--child", str(args.n), str(args.k), libs[version]]
+            order = (args.gptq_order or "") if version == "new" else ""
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(args.n),
+                str(args.k),
+                libs[version],
+                order,
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 rows.append({"version": version, "skipped": f"exit {r.returncode}"})
@@ -156,7 +176,8 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     )
     N, K = args.n, args.k
     lines = [
-        f"# Peak RSS of quantizing one [{N}, {K}] linear: whole weight (old) vs row blocks (new)",
+        f"# Peak RSS of quantizing one [{N}, {K}] linear: the library at `{args.old_ref}` (old) "
+        "vs the working tree (new)",
         "",
         f"Command: `{env + ' ' if env else ''}python {shlex.join(sys.argv)}` ({now}); old = "
         f"`{args.old_ref}`. torch {torch.__version__}, {len(os.sched_getaffinity(0))} core(s) "

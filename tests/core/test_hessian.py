@@ -71,7 +71,9 @@ def test_the_damped_view_has_the_bits_of_the_damped_copy(dead, dtype):
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
     assert torch.equal(Hd.rows(perm[:3], perm), want[perm[:3]][:, perm])
     idx = torch.arange(6).reshape(3, 2)  # [n_groups, g]: stage 1's diagonal blocks
-    assert torch.equal(Hd.at(idx[:, :, None], idx[:, None, :]), want[idx[:, :, None], idx[:, None, :]])
+    assert torch.equal(
+        Hd.at(idx[:, :, None], idx[:, None, :]), want[idx[:, :, None], idx[:, None, :]]
+    )
 
 
 def test_delta_gram_matches_a_direct_computation():

@@ -86,8 +86,10 @@ class HessianFactor:
             else:  # (P) Hd (Pᵀ) gathered a row block at a time: no K×K temporary beside L
                 order = torch.arange(K, device=L.device) if self.order is None else self.order
                 for r in row_slices(K, K, 1 << 22):
-                    L[r] = Hd.rows(order[r], order) if isinstance(Hd, DampedHessian) else (
-                        Hd[order[r]][:, order]
+                    L[r] = (
+                        Hd.rows(order[r], order)
+                        if isinstance(Hd, DampedHessian)
+                        else Hd[order[r]][:, order]
                     )
             info = torch.empty((), dtype=torch.int32, device=L.device)
             torch.linalg.cholesky_ex(L, out=(L, info))

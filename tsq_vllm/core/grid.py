@@ -135,9 +135,9 @@ def search_grid(
             raise ValueError("the hessian scale search (stage 1) needs H")
         n_groups = Wg.shape[0]
         idx = torch.arange(n_groups * group_size, device=W.device).reshape(n_groups, group_size)
-        i, j = idx[:, :, None], idx[:, None, :]
+        rows, cols = idx[:, :, None], idx[:, None, :]
         # [n_groups, g, g] diagonal blocks
-        Hb = (H.at(i, j) if isinstance(H, DampedHessian) else H[i, j]).float()
+        Hb = (H.at(rows, cols) if isinstance(H, DampedHessian) else H[rows, cols]).float()
     betas = clip_grid(points).to(W.device)
     step = 1 if coarse is None else max(1, points // coarse)
 

@@ -374,9 +374,7 @@ def _quantize_rows(
         if s.gptq and not p.gptaq:
             # GPTQ's own error sum is the damped objective; removing the damping costs no GEMM.
             dQ = Q - Wq
-            err_h = loss_damped - float(
-                (Hd.diagonal() - torch.diagonal(H)) @ dQ.square().sum(0)
-            )
+            err_h = loss_damped - float((Hd.diagonal() - torch.diagonal(H)) @ dQ.square().sum(0))
         else:
             # One Q·H GEMM, shared by the loss and the statistics (the K × K products dominate
             # an RTN run's time).
