@@ -63,16 +63,20 @@ class OldFactor(HessianFactor):
         return old_inverse_hessian_factor(self._ordered(), self.dtype)
 
 
-def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64):
+def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64, *, WR=None):
     """`asymmetric_target`'s call in `prepare_layer`, computed the old way from the factor's Hd
-    (in the factor's column order, then back: the order its solve runs in)."""
+    (in the factor's column order, then back: the order its solve runs in); WR (per-linear
+    feedback) in place of W R."""
     o = factor.order
-    if o is None:
-        return old_asymmetric_target(W, _dense(factor.Hd), R, alpha, factor.dtype)
     dtype = factor.dtype
+    if o is None and WR is None:
+        return old_asymmetric_target(W, _dense(factor.Hd), R, alpha, factor.dtype)
+    o = torch.arange(W.shape[1]) if o is None else o
     L, info = torch.linalg.cholesky_ex(_dense(factor.Hd)[o][:, o].to(dtype))
     assert not int(info)
-    WR = W.to(dtype) @ R.to(dtype)  # in input order, as asymmetric_target forms it
+    if WR is None:
+        WR = W.to(dtype) @ R.to(dtype)  # in input order, as asymmetric_target forms it
+    WR = WR.to(dtype)
     X = torch.empty_like(WR.t())
     X[o] = torch.cholesky_solve(WR.t()[o], L)
     return (W.to(dtype) - alpha * X.t()).to(W.dtype)

@@ -120,3 +120,32 @@ def test_take_gives_the_bits_of_the_whole_matrix_formulas_and_releases(with_r, d
     assert acc.H.numel() == 0 and acc.R is None and acc.D is None  # the accumulators are freed
     with pytest.raises(ValueError, match="no calibration tokens"):
         acc.take()
+
+
+@pytest.mark.parametrize("N", [3, 9])
+def test_feedback_through_the_weights_equals_the_k_by_k_moments(N):
+    """Given the reading linears' weights, the accumulator tracks W R and wᵀDw per row instead
+    of R and D: the same quantities (to rounding) from 2·T·K·N products, and no K×K matrix."""
+    g = torch.Generator().manual_seed(N)
+    K = 8
+    X = torch.randn(3, 40, K, generator=g)
+    X_fp = X + 0.3 * torch.randn(3, 40, K, generator=g)
+    Ws = [torch.randn(N, K, generator=g), torch.randn(2, K, generator=g)]
+    full, per = HessianAccumulator(K, with_r=True), HessianAccumulator(K, with_r=True, weights=Ws)
+    for i in range(3):
+        for lo, hi in ((0, 11), (11, 40)):
+            full.add(X[i, lo:hi], X_fp[i, lo:hi])
+            per.add(X[i, lo:hi], X_fp[i, lo:hi])
+    H, R, D = full.take()
+    H2, R2, D2 = per.take()
+    assert torch.equal(H, H2) and R2 is None and D2 is None
+    assert full.take_feedback() is None
+    fbs = per.take_feedback()
+    assert fbs is not None and len(fbs) == 2
+    for W, fb in zip(Ws, fbs, strict=True):
+        torch.testing.assert_close(fb.WR, W.double() @ R.double(), rtol=1e-5, atol=1e-6)
+        wdw = ((W.double() @ D.double()) * W.double()).sum(-1)
+        torch.testing.assert_close(fb.w_d_w, wdw, rtol=1e-5, atol=1e-6)
+        assert fb.rows(slice(1, 2)).WR.shape == (1, K)
+    with pytest.raises(ValueError, match="full-precision stream"):
+        HessianAccumulator(K, weights=Ws)

@@ -343,3 +343,33 @@ def test_the_factorizations_are_released_after_the_last_reader(kw):
     for n in (32, 16, 16):
         quantize_weight_on(torch.randn(n, 64, generator=torch.Generator().manual_seed(n)), inp)
     assert inp.factor._L is None and inp.factor._U is None
+
+
+@pytest.mark.parametrize("stage2", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64)])
+def test_per_linear_feedback_quantizes_like_r_and_d(stage2, bits, group_size):
+    """An input prepared with one linear's W R and wᵀDw (`RowFeedback`) instead of R and D: the
+    same GPTAQ target bit for bit (its W R is formed the same way here), so the same codes;
+    stage 2's terms to float32 rounding, so scales and statistics to rounding. Without the
+    reader's feedback the input refuses to quantize."""
+    from tsq_vllm.core.hessian import RowFeedback
+
+    from ..core.test_stage2 import _moments, _samples
+
+    X, Xt = _samples(K=128, T=2048, noise=0.5, seed=3)
+    H, R, D = (m.float() for m in _moments(X, Xt))
+    W = torch.randn(40, 128, generator=torch.Generator().manual_seed(4))
+    scheme = LayerScheme(bits=bits, group_size=group_size, stage2=stage2)
+    WR = W.double() @ R.double()  # asymmetric_target's own product
+    fb = RowFeedback(WR, ((W.double() @ D.double()) * W.double()).sum(-1))
+    want = quantize_weight(W, H, scheme, R=R, D=D)
+    inp = prepare_input(H, scheme, feedback={"down_proj": fb})
+    got = quantize_weight_on(W, inp.reader("down_proj"))
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.zeros, want.zeros)
+    torch.testing.assert_close(got.scales, want.scales, rtol=1e-3, atol=0)
+    for key in ("loss", "rel_error", "energy_ratio"):
+        assert got.stats[key] == pytest.approx(want.stats[key], rel=1e-3), key
+    with pytest.raises(ValueError, match="reader"):
+        quantize_weight_on(W, inp)
+    with pytest.raises(ValueError, match="not both"):
+        prepare_input(H, scheme, R, feedback={"down_proj": fb})

@@ -185,7 +185,8 @@ def _llama(models):
     "build", [_llama, lambda models: _gemma3_sliding_then_full()], ids=["llama", "gemma3"]
 )
 def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, build):
-    """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs.
+    """H and R of every linear equal E[X Xᵀ] and E[(X − X̃) Xᵀ] recomputed from whole-model runs
+    (for down_proj, narrow against its input, the per-linear terms W R and wᵀDw instead).
 
     In the final quantized model, a linear's input depends only on linears that ran before it, all
     of which the pipeline had quantized by then: its inputs there are the quantized stream X. The
@@ -199,7 +200,10 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
 
     def spy(W, inp):
         inv = torch.argsort(inp.perm)  # the moments as accumulated, before act-order
-        seen.append(tuple(M[inv][:, inv].clone() for M in (inp.H, inp.R, inp.D)))
+        moments = tuple(
+            None if M is None else M[inv][:, inv].clone() for M in (inp.H, inp.R, inp.D)
+        )
+        seen.append((*moments, inp.feedback, W.detach().double().clone()))
         return real(W, inp)
 
     monkeypatch.setattr(pipeline, "quantize_linear", spy)
@@ -228,18 +232,26 @@ def test_hessians_come_from_the_quantized_and_fp_streams(models, monkeypatch, bu
 
     xq, xf = linear_inputs(model), linear_inputs(fp)
     assert len(seen) == len(names) == 14
-    for name, (H, R, D) in zip(names, seen, strict=True):
+    per_linear = []
+    for name, (H, R, D, fb, W) in zip(names, seen, strict=True):
         X, Xf = xq[name], xf[name]
         scale = float(H.abs().max())
         torch.testing.assert_close(H.double(), X.T @ X / len(X), rtol=1e-4, atol=1e-5 * scale)
-        torch.testing.assert_close(
-            R.double(), (X - Xf).T @ X / len(X), rtol=1e-3, atol=1e-5 * scale
-        )
-        torch.testing.assert_close(
-            D.double(), (X - Xf).T @ (X - Xf) / len(X), rtol=1e-3, atol=1e-5 * scale
-        )
+        R_want, D_want = (X - Xf).T @ X / len(X), (X - Xf).T @ (X - Xf) / len(X)
+        if fb is None:
+            torch.testing.assert_close(R.double(), R_want, rtol=1e-3, atol=1e-5 * scale)
+            torch.testing.assert_close(D.double(), D_want, rtol=1e-3, atol=1e-5 * scale)
+            continue
+        per_linear.append(name)
+        assert R is None and D is None
+        wr_scale = float((W @ R_want).abs().max()) + 1e-30
+        torch.testing.assert_close(fb.WR.double(), W @ R_want, rtol=1e-3, atol=1e-4 * wr_scale)
+        wdw = ((W @ D_want) * W).sum(-1)
+        torch.testing.assert_close(fb.w_d_w, wdw, rtol=1e-3, atol=1e-5 * float(wdw.max()))
+    assert per_linear == [n for n in names if n.endswith("down_proj")]  # only where it is cheaper
     assert torch.count_nonzero(seen[0][1]) == 0  # layer 0 q/k/v: both streams are the embeddings
-    assert float(seen[-1][1].abs().max()) > 1e-3 * float(seen[-1][0].abs().max())
+    o_proj = [r for n, r in zip(names, seen, strict=True) if n.endswith("o_proj")][-1]
+    assert float(o_proj[1].abs().max()) > 1e-3 * float(o_proj[0].abs().max())
 
 
 def test_recomputing_the_fp_stream_gives_the_same_result_as_keeping_it(models):

@@ -152,9 +152,11 @@ def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) 
 def asymmetric_target(
     W: torch.Tensor,
     H: torch.Tensor | DampedHessian | HessianFactor,
-    R: torch.Tensor,
+    R: torch.Tensor | None,
     alpha: float = 1.0,
     dtype: torch.dtype = torch.float64,
+    *,
+    WR: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W' = W − α·W R H⁻¹ [N, K]: GPTAQ's asymmetric calibration (arXiv 2504.02692) as a target.
 
@@ -163,14 +165,18 @@ def asymmetric_target(
     So GPTQ (and its grid search) run on W' minimize the FP-stream error, and the codes — not only
     the scales — absorb it. α < 1 damps the correction (GPTAQ's reference code uses 0.25).
     H must be the damped Hessian (positive definite), or its `HessianFactor` (whose dtype then
-    replaces `dtype`); the solve runs in `dtype`.
+    replaces `dtype`); the solve runs in `dtype`. WR [N, K] = W R, when accumulated per linear
+    (`RowFeedback`), stands in for R.
     """
     factor = H if isinstance(H, HessianFactor) else HessianFactor(H, dtype, solves=1)
     dtype = factor.dtype
-    # W R first, while L does not exist yet (the factor is lazy): the float64 copies of W and R
-    # (R is another K×K matrix) are freed before it is computed.
-    WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
-    Xt = factor.solve(WR.t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
+    if WR is None:
+        if R is None:
+            raise ValueError("asymmetric_target needs R = E[ΔX Xᵀ] or WR = W R")
+        # W R first, while L does not exist yet (the factor is lazy): the float64 copies of W and
+        # R (R is another K×K matrix) are freed before it is computed.
+        WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
+    Xt = factor.solve(WR.to(dtype).t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
     del WR
     # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE.
     return Xt.mul_(-alpha).add_(W.to(dtype)).to(W.dtype)

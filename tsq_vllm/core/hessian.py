@@ -11,35 +11,66 @@ so the result does not depend on how the tokens were batched beyond rounding, an
 counts do not overflow. D is always accumulated in float32: it adds only the constant wᵀDw to
 each row's eq. (7) and never moves a minimizer (the statistics and the opt-in energy match read
 it), and its product is a third of the default's accumulation time, halved in float32.
+
+Every consumer of R and D needs them only through one linear's weight W [N, K]: wᵀR per row (GPTAQ's
+target, stage 2's b_R) and wᵀDw per row (the constant). With P = ΔX Wᵀ [T, N] these are
+E[Pᵀ X] and E[P²] summed over tokens, 2·T·K·N multiply-adds instead of R's T·K² (in float64) and
+D's T·K² (float32). Given `weights`, the accumulator tracks those `RowFeedback` terms instead of
+R and D: cheaper when the linears of an input are narrow against it (down_proj: N = hidden,
+K = intermediate), and no K×K matrix exists (1.6 GiB each at K = 14336).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .blocks import row_slices
 
-__all__ = ["DampedHessian", "HessianAccumulator", "damp_hessian", "dead_columns"]
+__all__ = ["DampedHessian", "HessianAccumulator", "RowFeedback", "damp_hessian", "dead_columns"]
+
+
+class RowFeedback(NamedTuple):
+    """The full-precision stream's terms of one linear's eq. (7), through its weight W [N, K]:
+    WR [N, K] = W R (rows wᵀR) and w_d_w [N] = wᵀDw per row (float64)."""
+
+    WR: torch.Tensor
+    w_d_w: torch.Tensor
+
+    def rows(self, r: slice) -> RowFeedback:
+        return RowFeedback(self.WR[r], self.w_d_w[r])
 
 
 class HessianAccumulator:
-    """Running means of X Xᵀ and, when the full-precision stream is given, ΔX Xᵀ and ΔX ΔXᵀ."""
+    """Running means of X Xᵀ and, when the full-precision stream is given, ΔX Xᵀ and ΔX ΔXᵀ, or
+    with `weights` (the full-precision W [N_i, K] of the linears that read this input) their
+    `RowFeedback` terms W_i R and wᵀDw per row instead."""
 
     def __init__(
         self,
         in_features: int,
         *,
         with_r: bool = False,
+        weights: Sequence[torch.Tensor] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float64,
     ):
+        if weights is not None and not with_r:
+            raise ValueError("per-linear feedback terms need the full-precision stream (with_r)")
         self.in_features = in_features
         self.count = 0
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
-        self.R = torch.zeros_like(self.H) if with_r else None
-        self.D = torch.zeros_like(self.H, dtype=torch.float32) if with_r else None
+        per_linear = weights is not None
+        self.R = torch.zeros_like(self.H) if with_r and not per_linear else None
+        self.D = (
+            torch.zeros_like(self.H, dtype=torch.float32) if with_r and not per_linear else None
+        )
+        self._W = [w.to(device=device, dtype=dtype) for w in weights or ()]  # [N_i, K]
+        self._WR = [torch.zeros_like(w) for w in self._W]
+        self._wdw = [w.new_zeros(w.shape[0], dtype=torch.float64) for w in self._W]
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same
@@ -51,15 +82,20 @@ class HessianAccumulator:
         total = self.count + t
         # Running mean: H ← H·n/(n+t) + XᵀX/(n+t).
         self.H.mul_(self.count / total).addmm_(x.t(), x, alpha=1.0 / total)
-        if self.R is not None and self.D is not None:
+        if self.R is not None or self._W:
             if x_fp is None:
                 raise ValueError(
                     "this accumulator tracks R: pass the full-precision inputs x_fp too"
                 )
             dx = x - x_fp.reshape(-1, self.in_features).to(self.H)  # [T, K]
-            self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
-            dx32 = dx.to(self.D.dtype)
-            self.D.mul_(self.count / total).addmm_(dx32.t(), dx32, alpha=1.0 / total)
+            if self.R is not None and self.D is not None:
+                self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
+                dx32 = dx.to(self.D.dtype)
+                self.D.mul_(self.count / total).addmm_(dx32.t(), dx32, alpha=1.0 / total)
+            for W, WR, wdw in zip(self._W, self._WR, self._wdw, strict=True):
+                P = dx @ W.t()  # [T, N]: ΔX through the linear
+                WR.mul_(self.count / total).addmm_(P.t(), x, alpha=1.0 / total)
+                wdw.mul_(self.count / total).add_(P.square().sum(0).double(), alpha=1.0 / total)
         self.count = total
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,6 +130,15 @@ class HessianAccumulator:
         D = None if self.D is None else _symmetrized(self.D)
         self.D, self.count = None, 0
         return H, R, D
+
+    def take_feedback(self) -> list[RowFeedback] | None:
+        """The `RowFeedback` of each of `weights` (in their order), or None without `weights`;
+        the accumulator releases them."""
+        if not self._W:
+            return None
+        out = [RowFeedback(WR, wdw) for WR, wdw in zip(self._WR, self._wdw, strict=True)]
+        self._W, self._WR, self._wdw = [], [], []
+        return out
 
 
 def _symmetrized(A: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:

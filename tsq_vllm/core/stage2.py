@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hessian import RowFeedback
+
 __all__ = [
     "OutputStats",
     "ScaleSystem",
@@ -164,9 +166,12 @@ def scale_system(
     group_size: int,
     D: torch.Tensor | None = None,
     row_chunk: int = 1024,
+    *,
+    feedback: RowFeedback | None = None,
 ) -> ScaleSystem:
     """The quadratic L(s) per row, for W [N, K], U [N, K] = codes − zeros, H, R and D [K, K].
 
+    `feedback` (W R and wᵀDw of these rows, accumulated per linear) stands in for R and D.
     The GEMMs run in float32 (U holds small integers, so A is accurate to float32 rounding); the
     results are stored in float64 for the sweeps.
     """
@@ -179,7 +184,12 @@ def scale_system(
         b_h=_grouped_sum(U * WH, group_size).double(),
         w_h_w=(W * WH).sum(-1).double(),
     )
-    if R is not None:
+    if feedback is not None:
+        WR = feedback.WR.float()
+        sys.b_r = _grouped_sum(U * WR, group_size).double()
+        sys.w_r_w = (W * WR).sum(-1).double()
+        sys.w_d_w = feedback.w_d_w.double()
+    elif R is not None:
         WR = W @ R.float()  # rows are (Rᵀ w)ᵀ
         sys.b_r = _grouped_sum(U * WR, group_size).double()
         sys.w_r_w = (W * WR).sum(-1).double()
@@ -300,8 +310,10 @@ def output_stats(
     D: torch.Tensor | None = None,
     *,
     err_h: float | None = None,
+    feedback: RowFeedback | None = None,
 ) -> OutputStats:
-    """`OutputStats` of the quantized weight Q [N, K] against W [N, K], directly from H, R, D.
+    """`OutputStats` of the quantized weight Q [N, K] against W [N, K], directly from H, R, D
+    (or `feedback`, W's rows' W R and wᵀDw, in place of R and D).
 
     err_h: Σ (q − w)ᵀ H (q − w) when already known (GPTQ's own error sum), which saves the Q·H GEMM.
     The GEMMs run in float32 (they are only for statistics), the reductions in float64.
@@ -313,13 +325,15 @@ def output_stats(
     if err_h is None:
         err_h = _dot(dQ @ H, dQ)
     q_energy = err_h + 2 * w_h_q - w_h_w  # (q − w)ᵀH(q − w) = qᵀHq − 2wᵀHq + wᵀHw
-    if R is None:
+    if feedback is not None:
+        WR, w_d_w = feedback.WR.float(), float(feedback.w_d_w.double().sum())
+    elif R is None:
         return OutputStats(err_h, w_h_w, q_energy)
-    if D is None:
+    elif D is None:
         raise ValueError("the true eq. (7) needs D = E[ΔX ΔXᵀ] when R is given")
-    WR = W @ R.float()
+    else:
+        WR, w_d_w = W @ R.float(), _dot(W, W @ D.float())
     w_r_w, w_r_dq = _dot(W, WR), _dot(WR, dQ)  # wᵀRw, wᵀR(q − w)
-    w_d_w = _dot(W, W @ D.float())
     return OutputStats(err_h + 2 * w_r_dq + w_d_w, w_h_w - 2 * w_r_w + w_d_w, q_energy)
 
 

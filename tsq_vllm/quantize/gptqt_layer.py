@@ -157,6 +157,8 @@ def quantize_weight_gptqt_on(W: torch.Tensor, inp: LinearInput) -> GPTQTWeight:
     s = inp.scheme
     if s.method != "gptqt":
         raise ValueError(f"scheme.method={s.method!r}: quantize_weight_gptqt needs 'gptqt'")
+    if inp.feedbacks is not None:
+        raise ValueError("GPTQT reads R = E[ΔX Xᵀ] itself: prepare its input without feedback")
     settings = _settings(s)
     R_alpha = None if inp.R is None else s.error_feedback_alpha * inp.R
     blocks = row_blocks(*W.shape)

@@ -14,16 +14,18 @@ the objective that is optimized and logged is the one the checkpoint really has.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ..core.gptq import HessianFactor, asymmetric_target, gptq_quantize
 from ..core.grid import Grid, quantize_codes, search_grid
-from ..core.hessian import DampedHessian, dead_columns
+from ..core.hessian import DampedHessian, RowFeedback, dead_columns
 from ..core.stage2 import (
     OutputStats,
     ScaleSystem,
@@ -116,6 +118,9 @@ class LinearInput:
     `gptq_order="act"` (static groups) the factor also holds GPTQ's column order (`factor.order`),
     while H, R, D and the groups stay in input order.
     `scheme` is the one it was prepared for (damp, act_order, gptq_order, precision, GPTAQ, GPTQ).
+    feedbacks: the FP stream's terms per reading linear (`RowFeedback`, in input order) where they
+    were accumulated through the weights instead of as R and D; `reader(name)` picks one linear's
+    (`feedback`), which is what a linear is quantized on.
     """
 
     H: torch.Tensor
@@ -125,10 +130,23 @@ class LinearInput:
     perm: torch.Tensor
     factor: HessianFactor
     scheme: LayerScheme
+    feedbacks: Mapping[str, RowFeedback] | None = None
+    feedback: RowFeedback | None = None
+
+    @property
+    def with_fp(self) -> bool:
+        """Whether the full-precision stream's terms are known (R and D, or per linear)."""
+        return self.R is not None or self.feedbacks is not None
 
     @property
     def gptaq(self) -> bool:
-        return self.scheme.gptaq_alpha > 0 and self.R is not None
+        return self.scheme.gptaq_alpha > 0 and self.with_fp
+
+    def reader(self, name: str) -> LinearInput:
+        """The input as linear `name` reads it: with per-linear feedback, that linear's."""
+        if self.feedbacks is None:
+            return self
+        return dataclasses.replace(self, feedback=self.feedbacks[name])
 
 
 def prepare_input(
@@ -138,8 +156,11 @@ def prepare_input(
     D: torch.Tensor | None = None,
     *,
     readers: int = 1,
+    feedback: Mapping[str, RowFeedback] | None = None,
 ) -> LinearInput:
-    """Check the moments' shapes and put them in processing order, for `readers` linears."""
+    """Check the moments' shapes and put them in processing order, for `readers` linears.
+
+    `feedback` (per reading linear, by name) stands in for R and D: see `RowFeedback`."""
     s = scheme
     if readers < 1:
         raise ValueError(f"readers={readers}: an input is prepared for at least one linear")
@@ -149,6 +170,15 @@ def prepare_input(
     for name, M in (("R", R), ("D", D)):
         if M is not None and M.shape != (K, K):
             raise ValueError(f"{name} has shape {tuple(M.shape)}, expected [{K}, {K}]")
+    if feedback is not None:
+        if R is not None or D is not None:
+            raise ValueError("pass the FP stream's terms as R and D or per linear, not both")
+        for name, fb in feedback.items():
+            if fb.WR.ndim != 2 or fb.WR.shape[1] != K or fb.w_d_w.shape != fb.WR.shape[:1]:
+                raise ValueError(
+                    f"{name}: feedback WR {tuple(fb.WR.shape)} and wᵀDw {tuple(fb.w_d_w.shape)} "
+                    f"do not fit an [N, {K}] weight"
+                )
     if s.energy_match and R is not None and D is None:
         raise ValueError(
             "energy_match needs D = E[ΔX ΔXᵀ] when R is given: the FP output energy depends on it"
@@ -169,14 +199,14 @@ def prepare_input(
     else:
         perm = torch.arange(K, device=H.device)  # nothing writes to them in place: no copies
     Hd = DampedHessian.of(H, s.damp)
-    gptaq = s.gptaq_alpha > 0 and R is not None
+    gptaq = s.gptaq_alpha > 0 and (R is not None or feedback is not None)
     # GPTQ asks for U once per linear; GPTQT twice when its second pass reuses a float64 U.
     second = s.method == "gptqt" and s.requantize and s.math_dtype == torch.float64
     uses = readers * (2 if second else 1) if s.gptq else 0
     # Static groups: only GPTQ's loop runs in act-order, so only its factor is permuted.
     order = act if static_act else None
     factor = HessianFactor(Hd, s.math_dtype, solves=readers if gptaq else 0, uses=uses, order=order)
-    return LinearInput(H, R, D, Hd, perm, factor, s)
+    return LinearInput(H, R, D, Hd, perm, factor, s, feedbacks=feedback)
 
 
 @dataclass
@@ -197,10 +227,14 @@ class LayerProblem:
     perm: torch.Tensor
     gptaq: bool
     factor: HessianFactor
+    feedback: RowFeedback | None = None
 
 
-def prepare_layer(W: torch.Tensor, inp: LinearInput) -> LayerProblem:
-    """Check W against its input and put it in processing order (see `quantize_weight`)."""
+def prepare_layer(
+    W: torch.Tensor, inp: LinearInput, feedback: RowFeedback | None = None
+) -> LayerProblem:
+    """Check W against its input and put it in processing order (see `quantize_weight`);
+    `feedback`: W's rows' share of the reader's `RowFeedback` (default: all of it)."""
     group_size = inp.scheme.group_size
     N, K = W.shape
     if inp.H.shape != (K, K):
@@ -213,13 +247,24 @@ def prepare_layer(W: torch.Tensor, inp: LinearInput) -> LayerProblem:
             f"that divides {K}"
         )
     W = W.float()[:, inp.perm]  # [N, K]
-    if inp.gptaq:
-        assert inp.R is not None
+    if inp.feedbacks is not None:
+        feedback = feedback if feedback is not None else inp.feedback
+        if feedback is None:
+            raise ValueError("this input has per-linear feedback: quantize on inp.reader(name)")
+        if feedback.WR.shape != W.shape:
+            raise ValueError(f"feedback WR {tuple(feedback.WR.shape)} for W {tuple(W.shape)}")
+        if inp.scheme.act_order:  # (a copy, which the identity order does not need)
+            feedback = RowFeedback(feedback.WR[:, inp.perm], feedback.w_d_w)
+    if inp.gptaq and feedback is not None:
+        Wq = asymmetric_target(W, inp.factor, None, inp.scheme.gptaq_alpha, WR=feedback.WR)
+    elif inp.gptaq:
         Wq = asymmetric_target(W, inp.factor, inp.R, inp.scheme.gptaq_alpha)
     else:
         Wq = W.clone()
     Wq[:, dead_columns(inp.H)] = 0  # a dead input's weight is free: zero quantizes exactly
-    return LayerProblem(W, inp.H, inp.R, inp.D, inp.Hd, Wq, inp.perm, inp.gptaq, inp.factor)
+    return LayerProblem(
+        W, inp.H, inp.R, inp.D, inp.Hd, Wq, inp.perm, inp.gptaq, inp.factor, feedback
+    )
 
 
 def linear_pass(
@@ -291,7 +336,11 @@ def quantize_weight_on(W: torch.Tensor, inp: LinearInput) -> QuantizedWeight:
     col_group = torch.arange(K, device=W.device) // s.group_size  # [K]
     inv = torch.argsort(inp.perm)
     codes = torch.empty(N, K, dtype=torch.uint8, device=W.device)
-    parts = [_quantize_rows(W[rows], inp, codes[rows], inv) for rows in row_blocks(N, K)]
+    fb = inp.feedback
+    parts = [
+        _quantize_rows(W[rows], inp, codes[rows], inv, None if fb is None else fb.rows(rows))
+        for rows in row_blocks(N, K)
+    ]
     grid_scale = torch.cat([b.grid.scale for b in parts])
     stats = {k: sum(b.stats[k] for b in parts) for k in ("time_grid", "time_gptq")}
     t = time.perf_counter()
@@ -349,14 +398,18 @@ class _Rows:
 
 
 def _quantize_rows(
-    W: torch.Tensor, inp: LinearInput, codes_out: torch.Tensor, inv: torch.Tensor
+    W: torch.Tensor,
+    inp: LinearInput,
+    codes_out: torch.Tensor,
+    inv: torch.Tensor,
+    feedback: RowFeedback | None,
 ) -> _Rows:
     """Steps 1 and 2 on rows W [n, K] (their codes into `codes_out` [n, K], in input order), and
     what stage 2 or the stats need of them."""
     s = inp.scheme
     group_size = s.group_size
-    p = prepare_layer(W, inp)
-    W, H, R, D, Hd, Wq = p.W, p.H, p.R, p.D, p.Hd, p.Wq
+    p = prepare_layer(W, inp, feedback)
+    W, H, R, D, Hd, Wq, fb = p.W, p.H, p.R, p.D, p.Hd, p.Wq, p.feedback
     true_stats = R is None or D is not None
     grid, codes, loss_damped, stats = linear_pass(p, s, s.bits)
     codes_out.copy_(codes[:, inv])
@@ -368,7 +421,7 @@ def _quantize_rows(
     out = _Rows(grid, None, 0.0, None, stats)
     if s.stage2:
         # Stage 2 targets the true objective (undamped H); it needs no inverse.
-        out.system = scale_system(W, U, H, R, group_size, D=D)
+        out.system = scale_system(W, U, H, R, group_size, D=D, feedback=fb)
     else:
         Q = grid.scale[:, col_group] * U  # [n, K]
         if s.gptq and not p.gptaq:
@@ -381,9 +434,11 @@ def _quantize_rows(
             dQ = Q - W
             err_h = float(((dQ @ H) * dQ).sum(dtype=torch.float64))
         out.loss = err_h
-        if R is not None:
+        if fb is not None:
+            out.loss += 2 * float((fb.WR.float() * dQ).sum())
+        elif R is not None:
             out.loss += 2 * float(((W @ R) * dQ).sum())
         if true_stats:  # H is 0 on dead inputs
-            out.quality = output_stats(W, Q, H, R, D, err_h=err_h)
+            out.quality = output_stats(W, Q, H, R, D, err_h=err_h, feedback=fb)
     stats["time_stage2"] = time.perf_counter() - t
     return out

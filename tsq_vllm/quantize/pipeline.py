@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.hessian import RowFeedback
 from ..models import decoder_linears, find_decoder_layers
 from .checks import check_finite as _check_finite
 from .checks import check_positive as _check_positive
@@ -185,11 +186,16 @@ def _quantize_layer(
         # One preparation (permutation, damping, factorizations) per input, shared by the group;
         # released when the group is done.
         readers = sum(len(row_blocks(*linears[n].weight.shape)) for n in group)
-        inp = _prepare_input(
-            f"{prefix}.{group[0]}", streams.hessian(group[0]), scheme, readers, streams.device
+        weights = (
+            [linears[n].weight for n in group] if _per_linear(group, linears, scheme) else None
         )
+        m = streams.hessian(group[0], weights)
+        inp = _prepare_input(f"{prefix}.{group[0]}", m, scheme, readers, streams.device, group)
+        del m
         for name in group:
-            qws[name] = _quantize_linear_in_place(f"{prefix}.{name}", linears[name], inp)
+            qws[name] = _quantize_linear_in_place(
+                f"{prefix}.{name}", linears[name], inp.reader(name)
+            )
         del inp
     if refine.steps:
         tsq_qws = {n: qw for n, qw in qws.items() if isinstance(qw, QuantizedWeight)}
@@ -226,20 +232,47 @@ def quantize_head(
     _pack(name, qw, scheme, opts, result)
 
 
+def _per_linear(group: list[str], linears: dict[str, nn.Linear], scheme: LayerScheme) -> bool:
+    """Whether the FP stream's terms are cheaper through the group's weights than as R and D.
+
+    Per linear: 2·T·K·N float64 multiply-adds (ΔX Wᵀ, then its product with X), against R's
+    T·K² in float64 and D's T·K² in float32 (about half the time) for the whole group: the
+    weights win when ΣN < 3K/4, i.e. for down_proj (N = hidden, K = intermediate). tsq only:
+    GPTQT's conversion reads R itself.
+    """
+    K = linears[group[0]].in_features
+    return scheme.method == "tsq" and 4 * sum(linears[n].out_features for n in group) < 3 * K
+
+
 def _prepare_input(
-    name: str, m: InputMoments, scheme: LayerScheme, readers: int, device: torch.device
+    name: str,
+    m: InputMoments,
+    scheme: LayerScheme,
+    readers: int,
+    device: torch.device,
+    group: list[str] | None = None,
 ) -> LinearInput:
-    """The checked moments of one input, prepared once for the `readers` linears that read it.
+    """The checked moments of one input, prepared once for the `readers` linears that read it
+    (`group`, in the order of the moments' per-linear feedback, when there is one).
 
     The tsq math runs on the compute `device`; GPTQT's conversion (`core.gptqt`) on CPU tensors.
     """
     math_device = torch.device("cpu") if scheme.method == "gptqt" else device
-    H, R, D = (None if t is None else t.to(math_device) for t in m)
+    H, R, D = (None if t is None else t.to(math_device) for t in m[:3])
     for t in (H, R, D):
         if t is not None:
             _check_finite(name, "inputs", t)
     assert H is not None
-    return prepare_input(H, scheme, R, D, readers=readers)
+    feedback = None
+    if m.feedback is not None:
+        assert group is not None and len(group) == len(m.feedback)
+        feedback = {}
+        for n, fb in zip(group, m.feedback, strict=True):
+            fb = RowFeedback(fb.WR.to(math_device), fb.w_d_w.to(math_device))
+            _check_finite(name, "inputs", fb.WR)
+            _check_finite(name, "inputs", fb.w_d_w)
+            feedback[n] = fb
+    return prepare_input(H, scheme, R, D, readers=readers, feedback=feedback)
 
 
 def _quantize_linear_in_place(name: str, lin: nn.Linear, inp: LinearInput) -> QuantizedLinear:

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol, overload
 import torch
 from torch import nn
 
-from ..core.hessian import HessianAccumulator
+from ..core.hessian import HessianAccumulator, RowFeedback
 from ..models import decoder_linears
 from .spill import StreamSpill
 
@@ -51,11 +51,13 @@ class Stream(Protocol):
 class InputMoments(NamedTuple):
     """Second moments of one linear's input [K, K]: H = E[X Xᵀ]; with the FP stream also
     R = E[(X − X̃) Xᵀ] (stage 2's error feedback) and D = E[ΔX ΔXᵀ] (the true eq. (7) and FP
-    energy)."""
+    energy), or instead their terms through each reading linear's weight (`feedback`, in the
+    order the weights were given; see `core.hessian.RowFeedback`)."""
 
     H: torch.Tensor
     R: torch.Tensor | None
     D: torch.Tensor | None
+    feedback: list[RowFeedback] | None = None
 
 
 class BlockBatch(NamedTuple):
@@ -344,15 +346,21 @@ class ActivationStreams:
                 self._fp_layer = copy.deepcopy(layer)
         return self.groups
 
-    def hessian(self, first: str) -> InputMoments:
-        """H (and R, D with the FP stream) of the input of linear `first`, on the compute device."""
+    def hessian(self, first: str, weights: Sequence[torch.Tensor] | None = None) -> InputMoments:
+        """H (and R, D with the FP stream) of the input of linear `first`, on the compute device;
+        with `weights` (the full-precision weights of the linears reading it) the FP stream's
+        terms through each of them instead of R and D."""
         layer = self._layer
         assert layer is not None, "begin_layer first"
         assert self._fp_layer is None or not self._fp_advanced, "hessian after block_batches"
         lin = decoder_linears(layer)[first]
         fp_lin = decoder_linears(self._fp_layer)[first] if self._fp_layer is not None else None
         acc = HessianAccumulator(
-            lin.in_features, with_r=self.with_fp, device=self.device, dtype=self.accumulate_dtype
+            lin.in_features,
+            with_r=self.with_fp,
+            weights=weights if self.with_fp else None,
+            device=self.device,
+            dtype=self.accumulate_dtype,
         )
         for b, call in enumerate(self.calls[self._i]):
             x = _capture_input(layer, lin, self.hidden_q[b], call)  # [b, L, K]
@@ -364,7 +372,7 @@ class ActivationStreams:
                 x_fp = None
             acc.add(x, x_fp)
         # On the compute device, like the math; the float64 accumulators are released as they go.
-        return InputMoments(*acc.take())
+        return InputMoments(*acc.take(), feedback=acc.take_feedback())
 
     def replay_layer(self, i: int, layer: nn.Module, quantize: Callable[[], None]) -> None:
         """Advance both streams through decoder layer i, which an earlier run quantized: the FP
