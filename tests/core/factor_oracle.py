@@ -86,8 +86,8 @@ def use_old_factorizations(monkeypatch) -> None:
     """Make `quantize.layer` (and so the pipeline) and GPTQT's second pass run the old
     arithmetic."""
     from tsq_vllm.core import gptqt
-    from tsq_vllm.quantize import layer
+    from tsq_vllm.quantize import layer, linear_input
 
-    monkeypatch.setattr(layer, "HessianFactor", OldFactor)
+    monkeypatch.setattr(linear_input, "HessianFactor", OldFactor)
     monkeypatch.setattr(gptqt, "HessianFactor", OldFactor)
     monkeypatch.setattr(layer, "asymmetric_target", old_target_from_factor)
