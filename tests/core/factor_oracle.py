@@ -59,8 +59,8 @@ class OldFactor(HessianFactor):
         X[self.order] = torch.cholesky_solve(B[self.order], L)
         return X
 
-    def inverse_factor(self) -> torch.Tensor:
-        return old_inverse_hessian_factor(self._ordered(), self.dtype)
+    def inverse_factor(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        return old_inverse_hessian_factor(self._ordered(), self.dtype)  # float32 either way
 
 
 def old_target_from_factor(W, factor, R, alpha, dtype=torch.float64, *, WR=None):

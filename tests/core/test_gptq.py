@@ -7,6 +7,7 @@ from tsq_vllm.core import (
     damp_hessian,
     gptq_quantize,
     inverse_hessian_factor,
+    inverse_rows,
     layer_objective,
     quantize_codes,
     search_grid,
@@ -93,6 +94,40 @@ def test_factor_in_place_gives_the_bits_of_the_two_cholesky_code(dtype, K):
     assert torch.equal(asymmetric_target(W, Hd, R, 0.25, dtype), want_W)
 
 
+@pytest.mark.parametrize("order", [False, True], ids=["natural", "act-order"])
+@pytest.mark.parametrize("block_size", [128, 40])
+def test_the_loop_reading_float64_rows_gives_the_bits_of_a_float32_factor(
+    order, block_size, monkeypatch
+):
+    """GPTQ converts U a block of rows at a time (no float32 copy of the whole float64 factor):
+    codes and loss have the bits of the loop over U converted whole and sliced, as it was."""
+    import tsq_vllm.core.gptq as gptq
+
+    K = 320
+    Hd = _damped(K, seed=11, dead=2)
+    W = torch.randn(24, K, generator=torch.Generator().manual_seed(12))
+    grid = search_grid(W, 3, 64, method="minmax", zero_min=1)
+    perm = torch.argsort(torch.diagonal(Hd), descending=True) if order else None
+
+    class WholeFloat32(HessianFactor):
+        def inverse_factor(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+            U = super().inverse_factor(torch.float32)
+            assert U.stride() == (1, K)
+            return U
+
+    got = gptq_quantize(W, HessianFactor(Hd, order=perm), grid, 64, block_size=block_size,
+                        order=perm)  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(gptq, "inverse_rows", lambda U, i1, i2: U[i1:i2])  # views of the whole U
+        want = gptq_quantize(W, WholeFloat32(Hd, order=perm), grid, 64, block_size=block_size,
+                             order=perm)  # fmt: skip
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    U = HessianFactor(Hd).inverse_factor(None)
+    assert U.dtype == torch.float64
+    rows = inverse_rows(U, 40, 80)
+    assert torch.equal(rows, U[40:80].float()) and rows.stride() == (1, 40)
+
+
 @pytest.mark.parametrize("uses", [3, 1])
 def test_factor_shared_by_linears_keeps_l_for_each_solve_and_u_for_each_use(uses):
     """q/k/v: one factor, U asked for between the solves (from a copy of L), a solve and a use
@@ -141,7 +176,7 @@ def test_factor_matches_independent_formulas():
     torch.testing.assert_close(U.double().t() @ U.double(), Hinv, rtol=1e-4, atol=1e-6)
 
     class Reference(HessianFactor):
-        def inverse_factor(self) -> torch.Tensor:
+        def inverse_factor(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
             return U_ref.float().t().contiguous().t()  # column-major, like LAPACK's
 
     grid = search_grid(W, 3, 64, method="minmax", zero_min=1)

@@ -115,9 +115,13 @@ def test_gguf_tensors_read_one_at_a_time_equal_from_pretrained():
     names = ["model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight"]
     names += ["model.layers.3.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight"]
     names += ["model.layers.7.input_layernorm.weight", "model.norm.weight"]
+    gguf = Path(src.path) / src.gguf_file
     for name in names:
         got = streamer.tensors.get(name).to(torch.float32)
         assert torch.equal(got, full.get_parameter(name)), name
+        # Read with plain file reads: no map of the file whose touched pages would stay resident.
+        assert not [m for m in Path("/proc/self/maps").read_text().splitlines()
+                    if m.endswith(str(gguf.resolve()))], name  # fmt: skip
     del model
 
 

@@ -1,6 +1,12 @@
 """Pure tensor math: Hessian statistics, grids and scale searches, GPTQ, stage 2. No nn.Module."""
 
-from .gptq import HessianFactor, asymmetric_target, gptq_quantize, inverse_hessian_factor
+from .gptq import (
+    HessianFactor,
+    asymmetric_target,
+    gptq_quantize,
+    inverse_hessian_factor,
+    inverse_rows,
+)
 from .grid import Grid, clip_grid, dequantize_codes, fit_grid, quantize_codes, search_grid
 from .hessian import DampedHessian, HessianAccumulator, damp_hessian, dead_columns
 from .stage2 import (
@@ -31,6 +37,7 @@ __all__ = [
     "fit_grid",
     "gptq_quantize",
     "inverse_hessian_factor",
+    "inverse_rows",
     "layer_objective",
     "output_stats",
     "quantize_codes",

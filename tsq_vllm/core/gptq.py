@@ -22,7 +22,13 @@ from .blocks import row_slices
 from .grid import Grid
 from .hessian import DampedHessian
 
-__all__ = ["HessianFactor", "asymmetric_target", "gptq_quantize", "inverse_hessian_factor"]
+__all__ = [
+    "HessianFactor",
+    "asymmetric_target",
+    "gptq_quantize",
+    "inverse_hessian_factor",
+    "inverse_rows",
+]
 
 _NOT_PD = (
     "H is not positive definite even after damping: raise damp (e.g. 0.05) or use more "
@@ -110,9 +116,12 @@ class HessianFactor:
             self._L = None  # the last announced solve, and U exists or is not wanted
         return X
 
-    def inverse_factor(self) -> torch.Tensor:
-        """U [K, K] float32 (column-major), the upper Cholesky factor of Hd⁻¹ (of (P Hd Pᵀ)⁻¹,
-        in GPTQ's column order, when the factor has an `order`)."""
+    def inverse_factor(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """U [K, K] (column-major), the upper Cholesky factor of Hd⁻¹ (of (P Hd Pᵀ)⁻¹, in GPTQ's
+        column order, when the factor has an `order`), in `dtype`; None gives the factor's own
+        buffer without a conversion. The column loops ask for that and convert a block of rows at
+        a time: a float32 copy of the whole factor would sit beside the float64 one (0.8 GiB
+        beside 1.6 GiB at K = 14336), and the values are the same."""
         if self._U is None:
             L = self._cholesky()
             buf = L.clone() if self.solves_left else L  # clone keeps the column-major strides
@@ -120,13 +129,22 @@ class HessianFactor:
             del L
             torch.cholesky_inverse(buf, out=buf)
             torch.linalg.cholesky(buf, upper=True, out=buf)
-            self._U = buf.float()  # a no-op for float32: then U is the buffer itself
+            self._U = buf
             del buf
         U = self._U
         self.uses_left -= 1
         if self.uses_left <= 0:
             self._U = None  # the caller's reference is the last one
-        return U
+        return U if dtype is None else U.to(dtype)
+
+
+def inverse_rows(U: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+    """U[i1:i2] [i2 − i1, K] in float32, column-major like U: the block of rows a GPTQ column loop
+    works with (its diagonal block and its lazy update), the same values and layout as a slice of
+    U converted whole."""
+    rows = torch.empty_strided((i2 - i1, U.shape[1]), (1, i2 - i1), dtype=torch.float32,
+                               device=U.device)  # fmt: skip
+    return rows.copy_(U[i1:i2])
 
 
 def _cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -178,8 +196,9 @@ def asymmetric_target(
         WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
     Xt = factor.solve(WR.to(dtype).t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
     del WR
-    # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE.
-    return Xt.mul_(-alpha).add_(W.to(dtype)).to(W.dtype)
+    # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE; W is
+    # promoted exactly inside add_, with no [N, K] copy of it in `dtype`.
+    return Xt.mul_(-alpha).add_(W).to(W.dtype)
 
 
 def gptq_quantize(
@@ -194,9 +213,9 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, float]:
     """Integer codes [N, K] for W [N, K] on the fixed grid, minimizing (q − w)ᵀ H (q − w) per row.
 
-    H must already be damped (see `damp_hessian`), or be its `HessianFactor` (shared with the other
-    linears of the same input; its dtype replaces `factor_dtype`). Column j belongs to group
-    j // group_size.
+    H must already be damped (`DampedHessian`, `damp_hessian`), or be its `HessianFactor`
+    (shared with the other linears of the same input; its dtype replaces `factor_dtype`).
+    Column j belongs to group j // group_size.
     order [K]: the columns in the order the loop quantizes them (act-order with static groups:
     decreasing H_jj, each column keeping its own group's scale); a `HessianFactor` passed as H
     must have been built with the same order. Codes and W stay in column order either way.
@@ -213,7 +232,7 @@ def gptq_quantize(
     col_group = torch.arange(K, device=W.device) // group_size
     groups = (col_group if order is None else col_group[order]).tolist()  # group of loop column
     maxq = grid.maxq
-    Hinv = factor.inverse_factor()  # [K, K] float32, upper triangular, in loop order
+    Hinv = factor.inverse_factor(None)  # [K, K] upper triangular, in loop order
     codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
     loss = 0.0
     scale = grid.scale.float()  # [N, n_groups]
@@ -223,7 +242,8 @@ def gptq_quantize(
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()  # [N, B]
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        U1 = inverse_rows(Hinv, i1, i2)  # [B, K] float32
+        Hinv1 = U1[:, i1:i2]
         for i in range(i2 - i1):
             g = groups[i1 + i]
             s, z = scale[:, g], zero[:, g]
@@ -234,9 +254,10 @@ def gptq_quantize(
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= Err1 @ U1[:, i2:]
         loss += float(Err1.square().sum())
 
+    del Hinv  # the last reference: released before the int64 codes exist
     if order is not None:
         codes = codes[:, torch.argsort(order)]  # back to column order
     return codes.to(torch.int64), loss

@@ -38,7 +38,7 @@ from .bcq import (
     map_codes,
     search_levels,
 )
-from .gptq import HessianFactor
+from .gptq import HessianFactor, inverse_rows
 from .grid import Grid
 from .hessian import DampedHessian
 from .stage2 import ScaleSystem, layer_objective, refine_system, scale_system
@@ -198,14 +198,15 @@ def gptq_quantize_levels(
     """
     W = W.float().clone()
     N, K = W.shape
-    Hinv = (H if isinstance(H, HessianFactor) else HessianFactor(H)).inverse_factor()
+    Hinv = (H if isinstance(H, HessianFactor) else HessianFactor(H)).inverse_factor(None)
     codes = torch.zeros(N, K, dtype=torch.int64)
     scale, zero = grid.scale.float(), grid.zero.float()
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        U1 = inverse_rows(Hinv, i1, i2)  # [B, K] float32
+        Hinv1 = U1[:, i1:i2]
         for i in range(i2 - i1):
             g = (i1 + i) // group_size
             s, z, w = scale[:, g], zero[:, g], W1[:, i]
@@ -215,7 +216,7 @@ def gptq_quantize_levels(
             err = (w - s * (c - z)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= Err1 @ U1[:, i2:]
     return codes
 
 

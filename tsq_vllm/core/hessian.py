@@ -156,28 +156,21 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
 
 
 def damp_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H + λI with λ = damp · mean(diag H), and dead inputs given a unit diagonal.
-
-    A dead input has no effect on the output, so its weight may be anything; a unit diagonal keeps
-    H positive definite and lets GPTQ quantize that weight by plain rounding.
-    """
-    H = H.clone()
-    dead = dead_columns(H)
-    H[dead, :] = 0
-    H[:, dead] = 0
-    diag = torch.diagonal(H)
-    diag[dead] = 1
-    live = diag[~dead]
-    lam = damp * (live.mean() if live.numel() else torch.tensor(1.0))
-    diag += lam
-    return H
+    """H + λI [K, K] as one tensor, with λ = damp · mean(diag H) over the live inputs and dead
+    inputs given a unit diagonal: `DampedHessian.of(H, damp).dense()`, for callers that want the
+    matrix itself."""
+    return DampedHessian.of(H, damp).dense()
 
 
 @dataclass(frozen=True)
 class DampedHessian:
-    """`damp_hessian(H, damp)` read on demand instead of stored: the damped Hessian differs from H
-    only on its diagonal and on the dead inputs' rows and columns, so a K×K copy (0.8 GiB in
-    float32 at K = 14336) is not needed. Every entry it gives has the bits of `damp_hessian`'s.
+    """The damped Hessian Hd = H + λI, λ = damp · mean(diag H) over the live inputs, read on demand
+    instead of stored. Dead inputs (always zero in the calibration data) get zero rows and columns
+    and a unit diagonal: they have no effect on the output, so their weight may be anything, and
+    the unit diagonal keeps Hd positive definite and lets GPTQ quantize them by plain rounding.
+
+    Hd differs from H only on its diagonal and on the dead inputs' rows and columns, so a K×K copy
+    (0.8 GiB in float32 at K = 14336) is not needed.
 
     H [K, K] (undamped, not copied), dead [K] its dead inputs, diag_add [K] what the damping adds
     to the diagonal once dead rows and columns are zeroed (λ, or 1 + λ on a dead input).
@@ -220,5 +213,5 @@ class DampedHessian:
         return self.at(rows[:, None], cols[None, :])
 
     def dense(self) -> torch.Tensor:
-        """Hd [K, K] as one tensor (what `damp_hessian` returns)."""
+        """Hd [K, K] as one tensor."""
         return self.rows(torch.arange(self.H.shape[0], device=self.H.device))

@@ -6,9 +6,9 @@ the meta device (no memory) except the ones in front of the decoder stack (the e
 a `LayerStreamer` that materializes one decoder layer at a time from the source and releases its
 quantized weights once they are packed, so peak memory does not grow with depth. Safetensors
 sources are read one tensor at a time with plain file reads (`checkpoint.tensorfile`), sharded or
-not, so nothing of the source stays mapped; GGUF files through transformers' own GGUF reader,
-name mapping and dequantization, one tensor at a time, so the values are those `from_pretrained`
-would give. A source that cannot be streamed (a hub id, a GGUF
+not, so nothing of the source stays mapped; GGUF files through transformers' own GGUF
+name mapping and dequantization, one tensor at a time (its bytes read the same plain way), so the
+values are those `from_pretrained` would give. A source that cannot be streamed (a hub id, a GGUF
 architecture whose tensors transformers merges, tensor names that differ from the model's) is
 loaded whole, as before, with one log line.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ class SourceTensors:
             read_field,
         )
 
-        reader = GGUFReader(str(path))  # memory-mapped: tensor data is read when dequantized
+        reader = GGUFReader(str(path))  # maps the file; only its header is read here
         arch = read_field(reader, "general.architecture")[0]
         if arch in _GGUF_MERGING or _gguf_has_new_loader(arch):
             return None
@@ -141,16 +141,41 @@ class SourceTensors:
             mapping = get_gguf_hf_weights_map(skeleton, processor)
         except (NotImplementedError, ValueError, KeyError):
             return None  # an architecture gguf-py cannot name: loaded whole
-        names = {mapping[t.name]: t for t in reader.tensors if t.name in mapping}
+        # Where each tensor's bytes are, not its mapped `data`: pages read through the reader's
+        # map stay resident while it lives, and with the reader dropped the file is unmapped.
+        names = {
+            mapping[t.name]: _GgufTensor(
+                t.name, t.tensor_type, t.data_offset, t.data.dtype, t.data.shape
+            )
+            for t in reader.tensors
+            if t.name in mapping
+        }
+        del reader
 
-        def read(_name: str, t: Any) -> torch.Tensor:
-            weights = dequantize(t.data, t.tensor_type)
+        def read(_name: str, t: _GgufTensor) -> torch.Tensor:
+            raw = np.empty(t.shape, dtype=t.dtype)  # the reader's view of the bytes, own memory
+            with open(path, "rb") as f:
+                f.seek(t.offset)
+                if f.readinto(raw.data.cast("B")) != raw.nbytes:
+                    raise ValueError(f"{path} ends inside tensor {t.name}: the file is truncated")
+            weights = dequantize(raw, t.tensor_type)
             out = processor.process(
                 weights=weights, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed
             )
             return torch.from_numpy(np.copy(out.weights))
 
         return cls(names, read)
+
+
+class _GgufTensor(NamedTuple):
+    """One GGUF tensor's place in its file: name, ggml type, byte offset, and the numpy dtype and
+    shape gguf-py reads its bytes as (raw bytes per row for block-quantized types)."""
+
+    name: str
+    tensor_type: Any
+    offset: int
+    dtype: Any
+    shape: tuple[int, ...]
 
 
 def _gguf_has_new_loader(arch: str) -> bool:
