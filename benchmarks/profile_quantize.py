@@ -46,8 +46,17 @@ CONFIGS = {
 PARTS = [
     ("H/R/D accumulation", ("core/hessian.py", "add")),
     ("decoder-layer forwards", ("modeling_layers.py", "__call__")),
-    ("per-linear math (quantize_weight)", ("quantize/layer.py", "quantize_weight")),
+    ("per-linear math (quantize_weight_on)", ("quantize/layer.py", "quantize_weight_on")),
 ]
+# The per-linear math split by step (each a part of the per-linear column above).
+STEPS = [
+    ("GPTAQ target", [("core/gptq.py", "asymmetric_target")]),
+    ("stage-1 scale search", [("core/grid.py", "search_grid")]),
+    ("GPTQ loop", [("core/gptq.py", "gptq_quantize")]),
+    ("stage 2 (system, descent, stats)",
+     [("core/stage2.py", "scale_system"), ("core/stage2.py", "refine_system"),
+      ("core/stage2.py", "output_stats")]),
+]  # fmt: skip
 LOOP = ("quantize/pipeline.py", "quantize_model")
 
 
@@ -78,6 +87,12 @@ def report(work: Path, names: list[str]) -> str:
             + " | ".join(cells)
             + f" | {rest:.1f} ({100 * rest / loop:.0f} %) |"
         )
+    lines += ["", "| run | " + " | ".join(p for p, _ in STEPS) + " |"]
+    lines.append("|---|" + "---|" * len(STEPS))
+    for name in names:
+        stats = pstats.Stats(str(work / f"{name}.prof"))
+        cells = [sum(_cumulative(stats, w) for w in where) for _, where in STEPS]
+        lines.append(f"| {CONFIGS[name][0]} | " + " | ".join(f"{t:.1f}" for t in cells) + " |")
     return "\n".join(lines)
 
 
