@@ -173,7 +173,7 @@ def test_box_result_is_the_constrained_minimum_on_two_groups(alpha):
     s0 = grid.scale.double()
     bound = 0  # coordinates of the oracle's solution that lie on an edge of the box
     for n in range(W.shape[0]):
-        want = _box_qp_oracle(sys.A[n], sys.b(alpha)[n], s0[n] / box, s0[n] * box)
+        want = _box_qp_oracle(sys.A[n].double(), sys.b(alpha)[n], s0[n] / box, s0[n] * box)
         torch.testing.assert_close(res.scale[n].double(), want, rtol=1e-5, atol=1e-8)
         bound += int((torch.isclose(want, s0[n] / box) | torch.isclose(want, s0[n] * box)).sum())
     assert bound >= 10  # the oracle really exercised the box
@@ -252,3 +252,29 @@ def test_box_below_one_is_an_error():
         refine_scales(
             torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 1), torch.eye(4), None, 4, box=0.5
         )
+
+
+@pytest.mark.parametrize("widen_bytes", [1 << 26, 3 * 8 * 8 * 8])  # one block; 3 rows a block
+def test_a_float32_system_gives_the_bits_of_its_float64_copy(widen_bytes, monkeypatch):
+    """A is stored in float32 (its entries are float32 GEMM results) and widened where it is
+    read: the sweeps, the objective and the energies have the bits of the same system held in
+    float64, whether the energy widens A whole or a few rows at a time."""
+    import dataclasses
+
+    import tsq_vllm.core.stage2 as stage2
+    from tsq_vllm.core.stage2 import refine_system
+
+    H, R = _streams(K=512, seed=3)
+    W = torch.randn(40, 512, generator=torch.Generator().manual_seed(4))
+    grid, U, _ = _gptq_state(W, H, 3, 64)
+    sys32 = scale_system(W, U, H, R, 64)
+    assert sys32.A.dtype == torch.float32 and sys32.A.shape == (40, 8, 8)
+    sys64 = dataclasses.replace(sys32, A=sys32.A.double())
+    monkeypatch.setattr(stage2, "_WIDEN_BYTES", widen_bytes)
+    s = grid.scale.double()
+    old = (s * torch.einsum("nij,nj->ni", sys64.A, s)).sum(-1)  # the float64 system's formula
+    assert torch.equal(sys32.q_energy(s), old)
+    for box in (None, 2.0):
+        a = refine_system(sys32, grid.scale, alpha=0.25, box=box)
+        b = refine_system(sys64, grid.scale, alpha=0.25, box=box)
+        assert torch.equal(a.scale, b.scale) and a.objective == b.objective
