@@ -128,6 +128,25 @@ def test_the_loop_reading_float64_rows_gives_the_bits_of_a_float32_factor(
     assert torch.equal(rows, U[40:80].float()) and rows.stride() == (1, 40)
 
 
+@pytest.mark.parametrize("order", [False, True], ids=["natural", "act-order"])
+def test_the_target_solved_in_row_blocks_has_the_bits_of_one_solve(order, monkeypatch):
+    """GPTAQ's solve runs a block of W's rows at a time (its float64 temporaries for one block):
+    the target has the bits of the whole solve, and the blocks count as one announced solve."""
+    import tsq_vllm.core.gptq as gptq
+
+    K = 256
+    Hd = _damped(K, seed=21, dead=2)
+    W = torch.randn(100, K, generator=torch.Generator().manual_seed(22))
+    WR = 0.1 * torch.randn(100, K, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    perm = torch.argsort(torch.diagonal(Hd), descending=True) if order else None
+    want = asymmetric_target(W, HessianFactor(Hd, order=perm, solves=1), None, 0.25, WR=WR)
+    monkeypatch.setattr(gptq, "_SOLVE_BYTES", 8 * K * 7)  # 7 rows a block: 15 blocks
+    f = HessianFactor(Hd, order=perm, solves=2, uses=1)
+    got = asymmetric_target(W, f, None, 0.25, WR=WR)
+    assert torch.equal(got, want) and got.dtype == W.dtype
+    assert f.solves_left == 1 and f._L is not None  # 15 blocks, one solve: L kept for the next
+
+
 @pytest.mark.parametrize("uses", [3, 1])
 def test_factor_shared_by_linears_keeps_l_for_each_solve_and_u_for_each_use(uses):
     """q/k/v: one factor, U asked for between the solves (from a copy of L), a solve and a use

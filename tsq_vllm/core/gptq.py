@@ -104,13 +104,17 @@ class HessianFactor:
             self._L = L
         return self._L
 
-    def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹)."""
+    def solve(self, B: torch.Tensor, *, last_block: bool = True) -> torch.Tensor:
+        """Hd⁻¹ B for B [K, M] in `dtype` (a Cholesky solve, not a product with Hd⁻¹). A solve
+        split into blocks of columns passes last_block=False for all blocks but its last, which
+        alone counts as the announced solve."""
         if self.order is None:
             X = _cholesky_solve(B, self._cholesky())
         else:
             X = torch.empty_like(B)
             X[self.order] = _cholesky_solve(B[self.order], self._cholesky())
+        if not last_block:
+            return X
         self.solves_left = max(self.solves_left - 1, 0)
         if self.solves_left == 0 and (self._U is not None or self.uses_left <= 0):
             self._L = None  # the last announced solve, and U exists or is not wanted
@@ -159,6 +163,9 @@ def _cholesky_solve(B: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.mT, Y, upper=True, out=Y)
 
 
+_SOLVE_BYTES = 1 << 26  # one block of GPTAQ's solve: its right-hand sides in the factor's dtype
+
+
 def inverse_hessian_factor(H: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), from a damped, positive definite H.
 
@@ -194,11 +201,19 @@ def asymmetric_target(
         # W R first, while L does not exist yet (the factor is lazy): the float64 copies of W and
         # R (R is another K×K matrix) are freed before it is computed.
         WR = W.to(dtype) @ R.to(dtype)  # [N, K]: rows wᵀR
-    Xt = factor.solve(WR.to(dtype).t()).t()  # [N, K]: rows (H⁻¹Rᵀw)ᵀ
-    del WR
-    # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE; W is
-    # promoted exactly inside add_, with no [N, K] copy of it in `dtype`.
-    return Xt.mul_(-alpha).add_(W).to(W.dtype)
+    # A block of W's rows at a time: the solve's temporaries in `dtype` (the rows, their solution,
+    # and their gather into the factor's order) exist for one block, not for all of W (1.3 GiB
+    # at an 8B down_proj).
+    N, K = W.shape
+    out = torch.empty(N, K, dtype=W.dtype, device=W.device)
+    step = max(1, _SOLVE_BYTES // (dtype.itemsize * K))
+    for r in range(0, N, step):
+        rows = slice(r, r + step)
+        Xt = factor.solve(WR[rows].to(dtype).t(), last_block=r + step >= N).t()  # (H⁻¹Rᵀw)ᵀ
+        # W − α·X in place, with the same rounding: w + (−(α·x)) is w − α·x exactly in IEEE; W
+        # is promoted exactly inside add_; the store rounds to W's dtype.
+        out[rows] = Xt.mul_(-alpha).add_(W[rows])
+    return out
 
 
 def gptq_quantize(
@@ -233,7 +248,8 @@ def gptq_quantize(
     groups = (col_group if order is None else col_group[order]).tolist()  # group of loop column
     maxq = grid.maxq
     Hinv = factor.inverse_factor(None)  # [K, K] upper triangular, in loop order
-    codes = torch.zeros(N, K, dtype=torch.float32, device=W.device)
+    # The smallest integer type that holds 0..maxq: a quarter of float32 codes' memory.
+    codes = torch.zeros(N, K, dtype=torch.uint8 if maxq <= 255 else torch.int32, device=W.device)
     loss = 0.0
     scale = grid.scale.float()  # [N, n_groups]
     zero = grid.zero.float()
