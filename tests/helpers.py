@@ -184,3 +184,19 @@ def quantize_in_memory(opts: QuantizeOptions) -> tuple[torch.nn.Module, Any]:
     )
     model = load_model(src)
     return model, quantize_model(model, windows, opts)
+
+
+def held_open(files) -> list[str]:
+    """Memory maps and open file descriptors of this process on any of `files`."""
+    names = {str(f.resolve()) for f in files}
+    maps = [
+        ln for ln in Path("/proc/self/maps").read_text().splitlines() if ln.split()[-1] in names
+    ]
+    fds = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if str(fd.readlink()) in names:
+                fds.append(str(fd))
+        except OSError:
+            pass
+    return maps + fds

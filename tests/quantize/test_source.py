@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import linear_prefixes, opts_for, single_thread
+from tests.helpers import held_open, linear_prefixes, opts_for, single_thread
 from tsq_vllm.models import ModelSource, load_config
 from tsq_vllm.quantize.run import run_quantization
 from tsq_vllm.quantize.source import storage_dtype
@@ -78,22 +78,6 @@ def test_a_value_beyond_the_storage_dtype_is_refused_in_one_line():
     )
 
 
-def _held(files) -> list[str]:
-    """Memory maps and open file descriptors of this process on any of `files`."""
-    names = {str(f.resolve()) for f in files}
-    maps = [
-        ln for ln in Path("/proc/self/maps").read_text().splitlines() if ln.split()[-1] in names
-    ]
-    fds = []
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            if str(fd.readlink()) in names:
-                fds.append(str(fd))
-        except OSError:
-            pass
-    return maps + fds
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps")
 @pytest.mark.parametrize("shard", [None, "150KB"], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -109,10 +93,10 @@ def test_reading_layers_keeps_no_part_of_the_source_mapped_or_open(tmp_path, arc
     src = ModelSource(str(path))
     model, streamer = open_model(src, load_config(src))
     assert streamer is not None
-    assert _held(files) == []
+    assert held_open(files) == []
     for i, layer in enumerate(streamer.stack):
         streamer.load_layer(i, layer)
         assert not any(p.is_meta for p in layer.parameters())
-        assert _held(files) == [], f"after layer {i}"
+        assert held_open(files) == [], f"after layer {i}"
     streamer.load_outside(with_output=True)
-    assert _held(files) == []
+    assert held_open(files) == []

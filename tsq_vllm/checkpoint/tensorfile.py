@@ -29,6 +29,7 @@ __all__ = [
     "SafetensorsFile",
     "TensorInfo",
     "nbytes",
+    "read_exactly",
     "tensor_info",
     "write_safetensors",
 ]
@@ -99,18 +100,29 @@ class SafetensorsFile:
         dtype, shape = self.info(name)
         start, end = (int(x) for x in self.entries[name]["data_offsets"])
         raw = torch.empty(end - start, dtype=torch.uint8)
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(self._data_start + start)
-            view, got = raw.numpy().data, 0
-            while got < len(view):  # readinto may return less than asked for
-                n = f.readinto(view[got:])
-                if not n:
-                    raise ValueError(f"{self.path.name} ended inside tensor {name}: re-create it")
-                got += n
+        read_exactly(
+            self.path,
+            self._data_start + start,
+            raw.numpy().data,
+            f"{self.path.name} ended inside tensor {name}: re-create it",
+        )
         return raw.view(DTYPES[dtype]).reshape(shape)
 
     def read_all(self) -> dict[str, torch.Tensor]:
         return {name: self.read(name) for name in self.entries}
+
+
+def read_exactly(path: Path, offset: int, buffer: memoryview, truncated: str) -> None:
+    """Fill `buffer` with the bytes of `path` from `offset` on, with plain reads (the file is not
+    mapped, nor left open); ValueError(truncated) if the file ends first."""
+    with Path(path).open("rb", buffering=0) as f:
+        f.seek(offset)
+        view, got = buffer.cast("B"), 0
+        while got < len(view):  # readinto may return less than asked for
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(truncated)
+            got += n
 
 
 def _header(infos: dict[str, TensorInfo], metadata: dict[str, str] | None) -> tuple[bytes, list]:

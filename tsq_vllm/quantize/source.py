@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.integrity import read_header, weight_files
-from ..checkpoint.tensorfile import SafetensorsFile
+from ..checkpoint.tensorfile import SafetensorsFile, read_exactly
 from ..models import ModelSource, find_decoder_layers, load_model
 
 __all__ = [
@@ -154,10 +154,12 @@ class SourceTensors:
 
         def read(_name: str, t: _GgufTensor) -> torch.Tensor:
             raw = np.empty(t.shape, dtype=t.dtype)  # the reader's view of the bytes, own memory
-            with open(path, "rb") as f:
-                f.seek(t.offset)
-                if f.readinto(raw.data.cast("B")) != raw.nbytes:
-                    raise ValueError(f"{path} ends inside tensor {t.name}: the file is truncated")
+            read_exactly(
+                path,
+                t.offset,
+                raw.data,
+                f"{path} ends inside tensor {t.name}: the file is truncated",
+            )
             weights = dequantize(raw, t.tensor_type)
             out = processor.process(
                 weights=weights, name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed
