@@ -21,6 +21,7 @@ import torch
 from .blocks import row_slices
 from .grid import Grid
 from .hessian import DampedHessian
+from .pages import release_zero_triangle
 
 __all__ = [
     "HessianFactor",
@@ -44,7 +45,9 @@ class HessianFactor:
     Hd⁻¹ = cholesky_inverse(L), then U; linears that read the same input (q/k/v) share one factor.
 
     Memory: at K = 14336 (Llama-3-8B's down_proj) one float64 K×K matrix is 1.6 GiB, so the
-    chain runs in one column-major buffer overwritten in place (Hd → L → Hd⁻¹ → U). torch's
+    chain runs in one column-major buffer overwritten in place (Hd → L → Hd⁻¹ → U), and the pages
+    of the zero triangle beside L and beside U are given back (`pages.release_zero_triangle`:
+    half the buffer, for as long as L or U lives). torch's
     out= variants of these three ops alias their input safely and give the same bits as the
     out-of-place ops (tests/core/test_gptq.py compares them). L is computed on first use, so a
     caller can finish its other float64 work (GPTAQ's W R) before L exists.
@@ -101,6 +104,7 @@ class HessianFactor:
             torch.linalg.cholesky_ex(L, out=(L, info))
             if int(info):
                 raise ValueError(_NOT_PD)
+            release_zero_triangle(L, upper=True)
             self._L = L
         return self._L
 
@@ -133,6 +137,7 @@ class HessianFactor:
             del L
             torch.cholesky_inverse(buf, out=buf)
             torch.linalg.cholesky(buf, upper=True, out=buf)
+            release_zero_triangle(buf, upper=False)
             self._U = buf
             del buf
         U = self._U
