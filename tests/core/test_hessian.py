@@ -104,12 +104,21 @@ def test_delta_gram_matches_a_direct_computation():
     assert HessianAccumulator(8).finalize_delta() is None  # no FP stream: nothing to track
 
 
-def test_d_accumulates_in_float32_beside_float64_h_and_r():
+def test_the_fp_stream_terms_accumulate_in_float32_beside_a_float64_h():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, 8, generator=g)
+    x_fp = x + 0.1 + 0.2 * torch.randn(3, 50, 8, generator=g)
     acc = HessianAccumulator(8, with_r=True)
-    x = torch.randn(16, 8)
-    acc.add(x, x + 0.1)
-    assert acc.H.dtype == acc.R.dtype == torch.float64 and acc.D.dtype == torch.float32
-    torch.testing.assert_close(acc.D, torch.full((8, 8), 0.01), rtol=1e-5, atol=1e-7)
+    per = HessianAccumulator(8, with_r=True, weights=[torch.randn(5, 8, generator=g)])
+    for a, b in zip(x, x_fp, strict=True):
+        acc.add(a, b)
+        per.add(a, b)
+    assert acc.H.dtype == torch.float64 and acc.R.dtype == acc.D.dtype == torch.float32
+    assert per._WR[0].dtype == torch.float32 and per._wdw[0].dtype == torch.float64
+    # Against float64 formulas on the same tokens: float32's rounding, nothing more.
+    X, dX = x.reshape(-1, 8).double(), (x - x_fp).reshape(-1, 8).double()
+    torch.testing.assert_close(acc.R.double(), dX.t() @ X / 150, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.D.double(), dX.t() @ dX / 150, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_r", [False, True])
@@ -156,7 +165,7 @@ def test_feedback_through_the_weights_equals_the_k_by_k_moments(N):
     fbs = per.take_feedback()
     assert fbs is not None and len(fbs) == 2
     for W, fb in zip(Ws, fbs, strict=True):
-        torch.testing.assert_close(fb.WR, W.double() @ R.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fb.WR.double(), W.double() @ R.double(), rtol=1e-5, atol=1e-6)
         wdw = ((W.double() @ D.double()) * W.double()).sum(-1)
         torch.testing.assert_close(fb.w_d_w, wdw, rtol=1e-5, atol=1e-6)
         assert fb.rows(slice(1, 2)).WR.shape == (1, K)

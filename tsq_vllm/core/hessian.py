@@ -6,18 +6,22 @@
   D = E[(X − X̃)(X − X̃)ᵀ]  tracked with R: the constant of eq. (7) and the FP output energy
                            wᵀE[X̃X̃ᵀ]w = wᵀ(H − R − Rᵀ + D)w, which the per-linear log reports
 
-All are K×K with K = in_features. Accumulation is a running mean (H and R in float64 by default),
-so the result does not depend on how the tokens were batched beyond rounding, and large token
-counts do not overflow. D is always accumulated in float32: it adds only the constant wᵀDw to
-each row's eq. (7) and never moves a minimizer (the statistics and the opt-in energy match read
-it), and its product is a third of the default's accumulation time, halved in float32.
+All are K×K with K = in_features. Accumulation is a running mean, so the result does not depend
+on how the tokens were batched beyond rounding, and large token counts do not overflow.
+H is accumulated in float64 by default: GPTQ's and GPTAQ's factorizations are built on it, and
+what H has to resolve is the small end of its spectrum. The FP stream's terms (R, D, and W R
+per linear below) are accumulated in float32 whatever H's dtype: no factorization sees them;
+they enter only as right-hand sides damped by α (GPTAQ's target, stage 2's b_R) and as the
+constant wᵀDw, and float32 holds them to about 1e-6 relative, far below what the calibration
+sample itself decides. They are most of the default's accumulation beyond plain GPTQ's H,
+which float32 halves (`benchmarks/results/quantize_cost.md`).
 
 Every consumer of R and D needs them only through one linear's weight W [N, K]: wᵀR per row (GPTAQ's
 target, stage 2's b_R) and wᵀDw per row (the constant). With P = ΔX Wᵀ [T, N] these are
-E[Pᵀ X] and E[P²] summed over tokens, 2·T·K·N multiply-adds instead of R's T·K² (in float64) and
-D's T·K² (float32). Given `weights`, the accumulator tracks those `RowFeedback` terms instead of
-R and D: cheaper when the linears of an input are narrow against it (down_proj: N = hidden,
-K = intermediate), and no K×K matrix exists (1.6 GiB each at K = 14336).
+E[Pᵀ X] and E[P²] summed over tokens, 2·T·K·N multiply-adds instead of R's and D's 2·T·K².
+Given `weights`, the accumulator tracks those `RowFeedback` terms instead of R and D: cheaper
+when the linears of an input are narrow against it (down_proj: N = hidden, K = intermediate),
+and no K×K matrix exists (1.6 GiB each at K = 14336).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ __all__ = ["DampedHessian", "HessianAccumulator", "RowFeedback", "damp_hessian",
 
 class RowFeedback(NamedTuple):
     """The full-precision stream's terms of one linear's eq. (7), through its weight W [N, K]:
-    WR [N, K] = W R (rows wᵀR) and w_d_w [N] = wᵀDw per row (float64)."""
+    WR [N, K] = W R (rows wᵀR, float32) and w_d_w [N] = wᵀDw per row (float64)."""
 
     WR: torch.Tensor
     w_d_w: torch.Tensor
@@ -64,38 +68,42 @@ class HessianAccumulator:
         self.count = 0
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         per_linear = weights is not None
-        self.R = torch.zeros_like(self.H) if with_r and not per_linear else None
-        self.D = (
-            torch.zeros_like(self.H, dtype=torch.float32) if with_r and not per_linear else None
-        )
-        self._W = [w.to(device=device, dtype=dtype) for w in weights or ()]  # [N_i, K]
+        # The FP stream's terms in float32 (at most H's dtype): see the module docstring.
+        self._fp_dtype = torch.float32 if dtype.itemsize >= 4 else dtype
+        fp_terms = with_r and not per_linear
+        self.R = torch.zeros_like(self.H, dtype=self._fp_dtype) if fp_terms else None
+        self.D = torch.zeros_like(self.H, dtype=self._fp_dtype) if fp_terms else None
+        self._W = [w.to(device=device, dtype=self._fp_dtype) for w in weights or ()]  # [N_i, K]
         self._WR = [torch.zeros_like(w) for w in self._W]
         self._wdw = [w.new_zeros(w.shape[0], dtype=torch.float64) for w in self._W]
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Add a batch of inputs [..., K]; `x_fp` holds the full-precision inputs of the same
         tokens."""
-        x = x.reshape(-1, self.in_features).to(self.H)  # [T, K]
+        x = x.reshape(-1, self.in_features)  # [T, K]
         t = x.shape[0]
         if t == 0:
             return
         total = self.count + t
+        keep = self.count / total
+        xh = x.to(self.H)
         # Running mean: H ← H·n/(n+t) + XᵀX/(n+t).
-        self.H.mul_(self.count / total).addmm_(x.t(), x, alpha=1.0 / total)
+        self.H.mul_(keep).addmm_(xh.t(), xh, alpha=1.0 / total)
+        del xh
         if self.R is not None or self._W:
             if x_fp is None:
                 raise ValueError(
                     "this accumulator tracks R: pass the full-precision inputs x_fp too"
                 )
-            dx = x - x_fp.reshape(-1, self.in_features).to(self.H)  # [T, K]
+            x32 = x.to(self._fp_dtype)
+            dx = x32 - x_fp.reshape(-1, self.in_features).to(x32)  # [T, K]
             if self.R is not None and self.D is not None:
-                self.R.mul_(self.count / total).addmm_(dx.t(), x, alpha=1.0 / total)
-                dx32 = dx.to(self.D.dtype)
-                self.D.mul_(self.count / total).addmm_(dx32.t(), dx32, alpha=1.0 / total)
+                self.R.mul_(keep).addmm_(dx.t(), x32, alpha=1.0 / total)
+                self.D.mul_(keep).addmm_(dx.t(), dx, alpha=1.0 / total)
             for W, WR, wdw in zip(self._W, self._WR, self._wdw, strict=True):
                 P = dx @ W.t()  # [T, N]: ΔX through the linear
-                WR.mul_(self.count / total).addmm_(P.t(), x, alpha=1.0 / total)
-                wdw.mul_(self.count / total).add_(P.square().sum(0).double(), alpha=1.0 / total)
+                WR.mul_(keep).addmm_(P.t(), x32, alpha=1.0 / total)
+                wdw.mul_(keep).add_(P.square().sum(0).double(), alpha=1.0 / total)
         self.count = total
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
