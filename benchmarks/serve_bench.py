@@ -5,6 +5,7 @@
     python benchmarks/serve_bench.py --checkpoint 3=DIR ...   # reuse existing tsq checkpoints
     python benchmarks/serve_bench.py --bits 4 --lm-head --streams 1 16   # INT4 with and without
                                                               # a quantized lm_head, vs bf16
+    python benchmarks/serve_bench.py --bits 3 gptqt3          # tsq INT3 and GPTQT 3-bit (BCQ)
     python benchmarks/serve_bench.py --model Q.gguf --rtn --llamacpp Q4_K_M Q3_K_M Q2_K \
         --output benchmarks/results/serve_qwen.md             # another model, with llama.cpp
 
@@ -76,21 +77,36 @@ def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
 
 
-def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool] | None:
-    """(calibration, quantized lm_head, round to nearest) as a checkpoint's quantize_config.json
-    records them; None when there is no checkpoint there."""
+def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool, str] | None:
+    """(calibration, quantized lm_head, round to nearest, method) as a checkpoint's
+    quantize_config.json records them; None when there is no checkpoint there."""
     cfg = ckpt / "quantize_config.json"
     if not cfg.exists():
         return None
     c = json.loads(cfg.read_text())
     tsq = c.get("tsq", {})
-    return tsq.get("calibration"), bool(c.get("lm_head")), tsq.get("gptq") is False
+    method = tsq.get("method", "tsq")
+    return tsq.get("calibration"), bool(c.get("lm_head")), tsq.get("gptq") is False, method
 
 
-def _variant(key: str) -> tuple[int, bool]:
-    """(bits, quantized lm_head) of a checkpoint key: "4" or "4-lm-head"."""
+# Checkpoint keys: "4", "4-lm-head" (tsq at 4 bits, with a quantized lm_head), "gptqt3" (GPTQT's
+# 3-bit binary coding from its default 4-bit first pass, stored as BCQ).
+KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)")
+
+
+def _variant(key: str) -> tuple[str, int, bool]:
+    """(method, bits, quantized lm_head) of a checkpoint key."""
+    if key.startswith("gptqt"):
+        return "gptqt", int(key.removeprefix("gptqt")), False
     bits, _, head = key.partition("-")
-    return int(bits), bool(head)
+    return "tsq", int(bits), bool(head)
+
+
+def _row_name(key: str) -> str:
+    method, bits, head = _variant(key)
+    if method == "gptqt":
+        return f"tsq GPTQT {bits}-bit g64 (BCQ)"
+    return f"tsq INT{bits} g64{' + lm_head' if head else ''}"
 
 
 # What quantizes a speed-only checkpoint (--rtn): round to nearest, no stage, no FP stream.
@@ -121,14 +137,13 @@ def prepare(
     ]
     ckpts = {}
     for key in keys:
-        bits, head = _variant(key)
+        method, bits, head = _variant(key)
         if key in given:
             ckpts[key] = Path(given[key])
-            commands.append(
-                f"# INT{bits}{' lm_head' if head else ''}: given checkpoint {given[key]}"
-            )
+            commands.append(f"# {_row_name(key)}: given checkpoint {given[key]}")
             continue
-        ckpts[key] = work / f"tsq-int{bits}-g64{'-lm-head' if head else ''}"
+        stem = f"gptqt-int{bits}-g64" if method == "gptqt" else f"tsq-int{bits}-g64"
+        ckpts[key] = work / (stem + ("-lm-head" if head else ""))
         cmd = [
             sys.executable,
             "-m",
@@ -139,6 +154,7 @@ def prepare(
             str(bits),
             "--group-size",
             "64",
+            *(["--method", "gptqt"] if method == "gptqt" else []),
             *flags,
             *(["--quantize-lm-head"] if head else []),
             "--output",
@@ -146,7 +162,7 @@ def prepare(
             "--overwrite",
         ]
         commands.append(_shell(cmd))
-        if _recorded(ckpts[key]) != (calib, head, rtn):
+        if _recorded(ckpts[key]) != (calib, head, rtn, method):
             subprocess.run(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -239,7 +255,8 @@ def main() -> int:
         "--bits",
         nargs="+",
         default=["4", "3", "2"],
-        help="tsq bit widths to serve; BITS-lm-head for a quantized lm_head at that width only",
+        help="tsq bit widths to serve; BITS-lm-head for a quantized lm_head at that width only; "
+        "gptqt3 / gptqt2 for GPTQT's binary coding (--method gptqt, b0 = 4, stored as BCQ)",
     )
     p.add_argument(
         "--lm-head",
@@ -321,23 +338,27 @@ def main() -> int:
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    bad = [b for b in args.bits if not re.fullmatch(r"[234](-lm-head)?", b)]
+    bad = [b for b in args.bits if not KEY.fullmatch(b)]
     if bad:
-        raise SystemExit(f"--bits {' '.join(bad)}: expected 2, 3 or 4, or e.g. 3-lm-head")
+        raise SystemExit(
+            f"--bits {' '.join(bad)}: expected 2, 3 or 4, e.g. 3-lm-head, or gptqt3 / gptqt2"
+        )
     keys = [
         f"{b}{sfx}"
         for b in args.bits
         for sfx in ("", "-lm-head")[: 1 + (args.lm_head and len(b) == 1)]
     ]
     keys = list(dict.fromkeys(keys))  # e.g. 3-lm-head both given and implied by --lm-head
+    if args.rtn and any(k.startswith("gptqt") for k in keys):
+        raise SystemExit("--rtn makes round-to-nearest tsq checkpoints; drop it for gptqt2/gptqt3")
     given = {}
     for c in args.checkpoint:
         key, _, d = c.partition("=")
-        if not re.fullmatch(r"[234](-lm-head)?", key) or not (Path(d) / "config.json").exists():
+        if not KEY.fullmatch(key) or not (Path(d) / "config.json").exists():
             raise SystemExit(
-                f"--checkpoint {c!r}: expected BITS=DIR or BITS-lm-head=DIR with BITS 2, 3 or 4 "
-                "and DIR a tsq checkpoint directory with a config.json; pass e.g. --checkpoint "
-                "3=/path/to/tsq-int3"
+                f"--checkpoint {c!r}: expected KEY=DIR with KEY one of --bits' values (2, 3, 4, "
+                "3-lm-head, gptqt3, ...) and DIR a tsq checkpoint directory with a config.json; "
+                "pass e.g. --checkpoint 3=/path/to/tsq-int3"
             )
         given[key] = d
     calib = {"dataset": "wiki", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0}
@@ -345,10 +366,10 @@ def main() -> int:
     bf16_cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model"]
     models = [{"name": "bf16", "dir": hf, "quantization": None, "cmd": [*bf16_cmd, str(hf)]}]
     for k in keys:
-        bits, head = _variant(k)
+        _, bits, _ = _variant(k)
         models.append(
             {
-                "name": f"tsq INT{bits} g64{' + lm_head' if head else ''}",
+                "name": _row_name(k),
                 "dir": ckpts[k],
                 "quantization": "tsq",
                 "cmd": [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],

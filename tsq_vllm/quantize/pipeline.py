@@ -235,10 +235,10 @@ def quantize_head(
 def _per_linear(group: list[str], linears: dict[str, nn.Linear], scheme: LayerScheme) -> bool:
     """Whether the FP stream's terms are cheaper through the group's weights than as R and D.
 
-    Per linear: 2·T·K·N float64 multiply-adds (ΔX Wᵀ, then its product with X), against R's
-    T·K² in float64 and D's T·K² in float32 (about half the time) for the whole group: the
-    weights win when ΣN < 3K/4, i.e. for down_proj (N = hidden, K = intermediate). tsq only:
-    GPTQT's conversion reads R itself.
+    Per linear: 2·T·K·N multiply-adds (ΔX Wᵀ, then its product with X), against R's and D's
+    T·K² each for the whole group, all in float32: break-even at ΣN = K. The weights are taken
+    below 3K/4, which is down_proj (N = hidden, K = intermediate) in every decoder this runs on,
+    where they also avoid two K×K matrices. tsq only: GPTQT's conversion reads R itself.
     """
     K = linears[group[0]].in_features
     return scheme.method == "tsq" and 4 * sum(linears[n].out_features for n in group) < 3 * K

@@ -371,8 +371,8 @@ class ActivationStreams:
             else:
                 x_fp = None
             acc.add(x, x_fp)
-        # On the compute device, like the math; the float64 accumulators are released as they go,
-        # the float64 weight copies of the per-linear terms first (0.4 GiB for an 8B down_proj).
+        # On the compute device, like the math; the accumulators are released as they go, the
+        # float32 weight copies of the per-linear terms first (0.2 GiB for an 8B down_proj).
         feedback = acc.take_feedback()
         return InputMoments(*acc.take(), feedback=feedback)
 
