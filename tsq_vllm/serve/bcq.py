@@ -18,6 +18,7 @@ Imports vLLM at module level, like `tsq_vllm.serve.linear`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,28 @@ from ..format.bcq import BCQ_TENSOR_NAMES, BCQTensors
 from .params import fused_shard_ids
 
 __all__ = ["BCQLinearMethod"]
+
+logger = logging.getLogger(__name__)
+_logged: set[tuple[Any, ...]] = set()
+
+
+def _log_once(path: str, bcq: BCQTensors, act_dtype: torch.dtype, where: str) -> None:
+    """One line per distinct (path, shape, dtype), worded like `kernels.backends`' choice so that
+    a server log names the CPU path of BCQ layers too."""
+    key = (path, bcq.bits, bcq.K, bcq.N, bcq.n_groups, act_dtype)
+    if key in _logged:
+        return
+    _logged.add(key)
+    logger.info(
+        "tsq BCQ linear %d-bit g%d K=%d N=%d %s (e.g. %s): using bcq-%s backend",
+        bcq.bits,
+        bcq.K // bcq.n_groups,
+        bcq.K,
+        bcq.N,
+        str(act_dtype).removeprefix("torch."),
+        where or "?",
+        path,
+    )
 
 
 class _BCQCheck:
@@ -214,6 +237,7 @@ class BCQLinearMethod(LinearMethodBase):
             from ..kernels.bcq import prepare_cpu_bcq
 
             layer.tsq_cpu = prepare_cpu_bcq(bcq, act_dtype=layer.params_dtype)
+            _log_once(layer.tsq_cpu.path, bcq, layer.params_dtype, self.prefix)
             for name in names:  # the prepared copy serves; free the checkpoint tensors
                 p = getattr(layer, name)
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
