@@ -12,16 +12,16 @@ H is accumulated in float64 by default: GPTQ's and GPTAQ's factorizations are bu
 what H has to resolve is the small end of its spectrum. The FP stream's terms (R, D, and W R
 per linear below) are accumulated in float32 whatever H's dtype: no factorization sees them;
 they enter only as right-hand sides damped by α (GPTAQ's target, stage 2's b_R) and as the
-constant wᵀDw, and float32 holds them to about 1e-6 relative, far below what the calibration
-sample itself decides. They are most of the default's accumulation beyond plain GPTQ's H,
-which float32 halves (`benchmarks/results/quantize_cost.md`).
+constant wᵀDw, and float32's rounding of them is far below what the calibration sample itself
+decides (`docs/algorithm.md`, *R*, has the runs). They are most of the default's accumulation
+beyond plain GPTQ's H, which float32 halves (`benchmarks/results/quantize_cost.md`).
 
 Every consumer of R and D needs them only through one linear's weight W [N, K]: wᵀR per row (GPTAQ's
 target, stage 2's b_R) and wᵀDw per row (the constant). With P = ΔX Wᵀ [T, N] these are
 E[Pᵀ X] and E[P²] summed over tokens, 2·T·K·N multiply-adds instead of R's and D's 2·T·K².
 Given `weights`, the accumulator tracks those `RowFeedback` terms instead of R and D: cheaper
 when the linears of an input are narrow against it (down_proj: N = hidden, K = intermediate),
-and no K×K matrix exists (1.6 GiB each at K = 14336).
+and no K×K matrix exists (0.8 GiB each in float32 at K = 14336).
 """
 
 from __future__ import annotations
