@@ -196,9 +196,9 @@ def gptq_quantize_levels(
     updates) with its rounding replaced by table lookup; `tables[n, g, x]` is the level that
     code x of group g maps to.
     """
-    W = W.float().clone()
-    N, K = W.shape
     Hinv = (H if isinstance(H, HessianFactor) else HessianFactor(H)).inverse_factor(None)
+    W = W.float().clone()  # after U, like `gptq.gptq_quantize`
+    N, K = W.shape
     codes = torch.zeros(N, K, dtype=torch.int64)
     scale, zero = grid.scale.float(), grid.zero.float()
     for i1 in range(0, K, block_size):
