@@ -39,6 +39,7 @@ __all__ = [
     "TritonBackend",
     "WNA16Backend",
     "choose_backend",
+    "log_once",
     "prepare_backend",
 ]
 
@@ -242,6 +243,15 @@ class BackendChoice:
 _logged: set[tuple[object, ...]] = set()
 
 
+def log_once(key: tuple[object, ...], msg: str, *args: object) -> None:
+    """logger.info(msg, *args) the first time `key` is seen in this process: one line per kind of
+    layer, not one per layer."""
+    if key in _logged:
+        return
+    _logged.add(key)
+    logger.info(msg, *args)
+
+
 def choose_backend(
     layer: GPTQLayer,
     act_dtype: torch.dtype,
@@ -292,11 +302,9 @@ def _log_once(layer: GPTQLayer, act_dtype: torch.dtype, choice: BackendChoice, w
         choice.backend.name,
         choice.rejected,
     )
-    if key in _logged:
-        return
-    _logged.add(key)
     skipped = "; ".join(f"{name}: {why}" for name, why in choice.rejected) or "none"
-    logger.info(
+    log_once(
+        key,
         "tsq linear %d-bit g%d K=%d N=%d%s %s (e.g. %s): using %s backend; skipped: %s",
         layer.bits,
         layer.group_size,

@@ -18,7 +18,6 @@ Imports vLLM at module level, like `tsq_vllm.serve.linear`.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -34,18 +33,14 @@ from .params import fused_shard_ids
 
 __all__ = ["BCQLinearMethod"]
 
-logger = logging.getLogger(__name__)
-_logged: set[tuple[Any, ...]] = set()
-
 
 def _log_once(path: str, bcq: BCQTensors, act_dtype: torch.dtype, where: str) -> None:
-    """One line per distinct (path, shape, dtype), worded like `kernels.backends`' choice so that
-    a server log names the CPU path of BCQ layers too."""
-    key = (path, bcq.bits, bcq.K, bcq.N, bcq.n_groups, act_dtype)
-    if key in _logged:
-        return
-    _logged.add(key)
-    logger.info(
+    """One line per distinct (path, shape, dtype), through `kernels.backends.log_once` and worded
+    like its backend choice, so that a server log names the CPU path of BCQ layers too."""
+    from ..kernels.backends import log_once
+
+    log_once(
+        ("bcq", path, bcq.bits, bcq.K, bcq.N, bcq.n_groups, act_dtype),
         "tsq BCQ linear %d-bit g%d K=%d N=%d %s (e.g. %s): using bcq-%s backend",
         bcq.bits,
         bcq.K // bcq.n_groups,
