@@ -94,13 +94,23 @@ def test_uneven_groups_fall_back_to_dense():
     assert _check(t, 4, 32, torch.bfloat16) == "dense"
 
 
-def test_leading_dims_and_empty_batch():
+@pytest.mark.parametrize("path", ["int4", "dense"])
+def test_leading_dims_and_empty_batch(path):
     t = _layer(3, 64)
-    lin = prepare_cpu_linear(t)
-    assert lin(torch.randn(2, 3, 256).bfloat16()).shape == (2, 3, 96)
+    lin = prepare_cpu_linear(t, path=path)
+    x = torch.randn(2, 3, 256).bfloat16()
+    y = lin(x)
+    assert y.shape == (2, 3, 96)
+    # The 2-D call skips the reshapes; every form of the same rows gives the same bits.
+    assert torch.equal(lin(x.reshape(6, 256)), y.reshape(6, 96))
+    assert torch.equal(lin(x[0, 1]), y[0, 1])
+    wide = torch.randn(6, 512).bfloat16()
+    wide[:, ::2] = x.reshape(6, 256)
+    assert torch.equal(lin(wide[:, ::2]), y.reshape(6, 96))  # a strided view is copied
     assert lin(torch.randn(0, 256).bfloat16()).shape == (0, 96)
-    with pytest.raises(ValueError, match="in_features=256"):
-        lin(torch.randn(2, 128).bfloat16())
+    for bad in (torch.randn(2, 128), torch.randn(2, 3, 128), torch.randn(128)):
+        with pytest.raises(ValueError, match="in_features=256"):
+            lin(bad.bfloat16())
 
 
 def test_prepared_memory_is_smaller_than_bf16():

@@ -14,6 +14,9 @@ CPU paths (`prepare_cpu_bcq`), measured in benchmarks/results/cpu_bcq.md:
             b0 = 4): recover its step s and the integer codes u ∈ [0, 15] at load, then aten's
             CPU int4 matmul with w = (u − 8)·s + (o − Σ α_i + 8 s). Only for layers whose
             levels fit 16 codes; the step and the zero are rounded to bf16 like the GPTQ path.
+
+"int4" and "dense" layers are `kernels.cpu.CPUQuantizedLinear`s, the GPTQ path's own object, so a
+BCQ checkpoint is served by the same call path as a GPTQ one; "planes" is `CPUBCQPlanes`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,19 @@ import torch
 import torch.nn.functional as F
 
 from ..format.bcq import BCQTensors, unpack_planes
-from .cpu import _INT4_N_ALIGN, _as_rows, _int4_plane, block_layout, int4_kernel_available
+from .cpu import (
+    _INT4_N_ALIGN,
+    CPUQuantizedLinear,
+    _as_rows,
+    _int4_plane,
+    block_layout,
+    int4_kernel_available,
+)
 
 __all__ = [
     "BCQ_CPU_PATHS",
     "BCQ_OP_NAME",
-    "CPUBCQLinear",
+    "CPUBCQPlanes",
     "bcq_integer_grid",
     "bcq_matmul",
     "bcq_matmul_op",
@@ -96,73 +106,52 @@ def select_cpu_bcq_path(act_dtype: torch.dtype) -> str:
 
 
 @dataclass
-class CPUBCQLinear:
-    """One BCQ linear prepared for CPU: y = x · W (+ bias). Fields by path (see the module doc):
-    "dense" weight [N, K]; "planes" planes [n_g, G, k·N], alpha [k, n_g, N] (fp32), offset [n_g, N];
-    "int4" int4 [N_pad, K/2] uint8, tables [n_g, N_pad, 2], perm (input order) or None."""
+class CPUBCQPlanes:
+    """The "planes" path of one BCQ linear on CPU: y = x · W (+ bias), W never formed.
 
-    path: str
+    planes [n_g, G, k·N] (±1 in the activation dtype), alpha [k, n_g, N] and offset [n_g, N] in
+    fp32. The "int4" and "dense" paths are `kernels.cpu.CPUQuantizedLinear`s, the object the GPTQ
+    path serves, so both checkpoint kinds share one call path.
+    """
+
     in_features: int
     out_features: int
     act_dtype: torch.dtype
-    group_size: int
-    weight: torch.Tensor | None = None
-    planes: torch.Tensor | None = None
-    alpha: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    int4: torch.Tensor | None = None
-    tables: torch.Tensor | None = None
-    perm: torch.Tensor | None = None
+    planes: torch.Tensor
+    alpha: torch.Tensor
+    offset: torch.Tensor
+    path: str = "planes"
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = _as_rows(x, self.in_features).to(self.act_dtype)
-        if self.path == "dense":
-            assert self.weight is not None
-            y = F.linear(x2, self.weight)
-        elif self.path == "planes":
-            y = self._planes(x2)
-        else:
-            y = self._int4(x2)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
-
-    def _planes(self, x2: torch.Tensor) -> torch.Tensor:
-        assert self.planes is not None and self.alpha is not None and self.offset is not None
         n_g, G, kN = self.planes.shape
         N = self.out_features
         xg = x2.reshape(-1, n_g, G).transpose(0, 1)  # [n_g, M, G]
         part = torch.bmm(xg, self.planes).float()  # [n_g, M, k·N]
         part = part.reshape(n_g, -1, kN // N, N)  # [n_g, M, k, N]
         y = torch.einsum("gmin,ign->mn", part, self.alpha)
-        return y + xg.float().sum(-1).t() @ self.offset
-
-    def _int4(self, x2: torch.Tensor) -> torch.Tensor:
-        assert self.int4 is not None and self.tables is not None
-        xa = x2.index_select(1, self.perm) if self.perm is not None else x2.contiguous()
-        if xa.shape[0] == 0:
-            return xa.new_zeros(0, self.out_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xa, self.int4, self.group_size, self.tables)
-        return y[:, : self.out_features]
+        y = y + xg.float().sum(-1).t() @ self.offset
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, N)
 
 
 def prepare_cpu_bcq(
     layer: BCQTensors, *, act_dtype: torch.dtype = torch.bfloat16, path: str | None = None
-) -> CPUBCQLinear:
-    """Convert one layer's BCQ tensors into a `CPUBCQLinear` on `path` (default:
-    `select_cpu_bcq_path`); "int4" falls back to "dense" where the grid or the kernel is missing."""
+) -> CPUQuantizedLinear | CPUBCQPlanes:
+    """Convert one layer's BCQ tensors for CPU on `path` (default: `select_cpu_bcq_path`);
+    "int4" falls back to "dense" where the grid or the kernel is missing."""
     if path is not None and path not in BCQ_CPU_PATHS:
         raise ValueError(f"path={path!r} is not a BCQ CPU path: use one of {BCQ_CPU_PATHS}")
     K, N, n_g = layer.K, layer.N, layer.n_groups
     G = K // n_g
     chosen = path or select_cpu_bcq_path(act_dtype)
-    base: dict[str, Any] = dict(in_features=K, out_features=N, act_dtype=act_dtype, group_size=G)
+    base: dict[str, Any] = dict(in_features=K, out_features=N, act_dtype=act_dtype)
     if chosen == "planes" and layer.g_idx is None:
         signs = unpack_planes(layer.bcq_bits).to(act_dtype)  # [k, K, N]
         planes = signs.reshape(layer.bits, n_g, G, N).permute(1, 2, 0, 3).reshape(n_g, G, -1)
-        return CPUBCQLinear(
-            "planes",
+        return CPUBCQPlanes(
             **base,
             planes=planes.contiguous(),
             alpha=layer.bcq_alpha.float().contiguous(),
@@ -181,11 +170,18 @@ def prepare_cpu_bcq(
             z = F.pad((low + 8 * step).index_select(0, block_group), (0, pad))
             codes_nk = F.pad(codes.t(), (0, 0, 0, pad))
             tables = torch.stack([s, z], dim=-1).to(act_dtype).contiguous()
-            return CPUBCQLinear(
-                "int4", **base, int4=_int4_plane(codes_nk), tables=tables, perm=perm
+            return CPUQuantizedLinear(
+                "int4",
+                **base,
+                group_size=G,
+                perm=perm,
+                planes=(_int4_plane(codes_nk),),
+                scale_zeros=(tables,),
             )
     w = layer.dequantize(torch.float32)  # the reference decode, once
-    return CPUBCQLinear("dense", **base, weight=w.t().contiguous().to(act_dtype))
+    return CPUQuantizedLinear(
+        "dense", **base, group_size=G, weight=w.t().contiguous().to(act_dtype)
+    )
 
 
 def bcq_matmul(x: torch.Tensor, layer: BCQTensors, *, backend: str | None = None) -> torch.Tensor:
