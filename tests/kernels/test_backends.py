@@ -17,11 +17,13 @@ from tsq_vllm.kernels.backends import (
     AtenInt4Backend,
     DenseBackend,
     LinearBackend,
+    NativeInt4Backend,
     TritonBackend,
     WNA16Backend,
     choose_backend,
     prepare_backend,
 )
+from tsq_vllm.kernels.cpu_native import ENV_SWITCH, native_unavailable_reason
 from tsq_vllm.kernels.reference import dequant_matmul_reference
 
 from .layers import make_layer
@@ -30,6 +32,7 @@ K, N = 256, 96
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 HAS_WNA16 = wna16_mod.wna16_available()
 HAS_INT4 = cpu.int4_kernel_available()
+HAS_NATIVE = native_unavailable_reason() is None
 
 
 def _uneven(bits: int = 4, G: int = 64) -> GPTQLayer:
@@ -62,6 +65,11 @@ def _seq(bits: int = 3, G: int = 64, fmt: str = "gptq") -> GPTQLayer:
 CASES = [
     # backend, layer, act dtype, accepted?, reason fragment
     (TritonBackend, _seq, BF16, False, "run on CUDA"),
+    (NativeInt4Backend, _seq, BF16, HAS_NATIVE, None),
+    (NativeInt4Backend, _seq, FP16, False, "takes bf16"),
+    (NativeInt4Backend, lambda: _seq(bits=8), BF16, False, "bits=8"),
+    (NativeInt4Backend, _uneven, BF16, False, "does not regroup"),
+    (NativeInt4Backend, _row_shard, BF16, False, "does not regroup"),
     (AtenInt4Backend, _seq, BF16, HAS_INT4, None if HAS_INT4 else "torch >= 2.5"),
     (AtenInt4Backend, _seq, FP16, False, "only with bf16"),
     (AtenInt4Backend, _seq, FP32, False, "only with bf16"),
@@ -120,6 +128,9 @@ def _available(backend: type[LinearBackend], dtype: torch.dtype) -> None:
 
 
 APPLY = [
+    (NativeInt4Backend, BF16, 4, "gptq"),
+    (NativeInt4Backend, BF16, 3, "gptq"),
+    (NativeInt4Backend, BF16, 2, "gptq_v2"),
     (AtenInt4Backend, BF16, 4, "gptq"),
     (AtenInt4Backend, BF16, 2, "gptq_v2"),
     (AtenInt4Backend, BF16, 8, "gptq"),
@@ -169,22 +180,31 @@ def test_triton_apply_matches_reference(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
-def test_priority_is_triton_then_aten_int4_then_wna16_then_dense():
-    assert [b.name for b in PRIORITY] == ["triton", "aten-int4", "wna16", "dense"]
+def test_priority_is_triton_then_native_then_aten_int4_then_wna16_then_dense():
+    names = [b.name for b in PRIORITY]
+    assert names == ["triton", "native-int4", "aten-int4", "wna16", "dense"]
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="the native kernel cannot run here")
+def test_cpu_bf16_chooses_the_native_kernel_after_rejecting_triton():
+    choice = choose_backend(_seq(), BF16)
+    assert choice.backend is NativeInt4Backend
+    assert [name for name, _ in choice.rejected] == ["triton"]
 
 
 @pytest.mark.skipif(not HAS_INT4, reason="torch without aten's CPU int4 matmul")
-def test_cpu_bf16_chooses_aten_int4_after_rejecting_triton():
+def test_with_the_native_kernel_off_cpu_bf16_chooses_aten_int4(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "0")
     choice = choose_backend(_seq(), BF16)
     assert choice.backend is AtenInt4Backend
-    assert [name for name, _ in choice.rejected] == ["triton"]
+    assert dict(choice.rejected)["native-int4"] == f"{ENV_SWITCH}=0 turns it off"
 
 
 def test_fp32_falls_through_to_dense_with_every_reason():
     choice = choose_backend(_seq(), FP32)
     assert choice.backend is DenseBackend
     names = [name for name, _ in choice.rejected]
-    assert names == ["triton", "aten-int4", "wna16"]
+    assert names == ["triton", "native-int4", "aten-int4", "wna16"]
     assert all(reason for _, reason in choice.rejected)
 
 
@@ -195,6 +215,7 @@ def test_fp16_goes_to_wna16_where_it_exists_else_dense():
 
 
 def test_without_aten_int4_bf16_goes_to_wna16_or_dense(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "0")
     monkeypatch.setattr(backends, "int4_kernel_available", lambda: False)
     choice = choose_backend(_seq(bits=3), BF16)
     assert choice.backend is (WNA16Backend if HAS_WNA16 else DenseBackend)

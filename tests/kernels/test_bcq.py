@@ -15,8 +15,10 @@ from tsq_vllm.kernels.bcq import (
     bcq_matmul_reference,
     prepare_cpu_bcq,
     register_bcq_op,
+    select_cpu_bcq_path,
 )
 from tsq_vllm.kernels.cpu import int4_kernel_available
+from tsq_vllm.kernels.cpu_native import ENV_SWITCH, native_unavailable_reason
 
 from .layers import activations
 
@@ -125,7 +127,7 @@ def test_integer_grid_refuses_levels_off_any_grid():
     assert bcq_integer_grid(BCQTensors(layer.bcq_bits, alpha, layer.bcq_offset)) is None
 
 
-@pytest.mark.parametrize("path", ["dense", "planes", "int4"])
+@pytest.mark.parametrize("path", ["dense", "planes", "int4", "native"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M", [1, 16])
 def test_cpu_paths(path, dtype, M):
@@ -133,6 +135,8 @@ def test_cpu_paths(path, dtype, M):
     prepared = prepare_cpu_bcq(layer, act_dtype=dtype, path=path)
     expected_path = path
     if path == "int4" and (dtype != torch.bfloat16 or not int4_kernel_available()):
+        expected_path = "dense"
+    if path == "native" and (dtype != torch.bfloat16 or native_unavailable_reason() is not None):
         expected_path = "dense"
     assert prepared.path == expected_path
     x = activations(M, 256, dtype, seed=3)
@@ -143,8 +147,18 @@ def test_cpu_paths(path, dtype, M):
     assert y.dtype == dtype and (y.float() - ref).abs().max() <= tol * ref.abs().max()
 
 
-def test_int4_falls_back_to_dense_beyond_16_codes():
+@pytest.mark.parametrize("path", ["int4", "native"])
+def test_int4_falls_back_to_dense_beyond_16_codes(path):
     layer = make_bcq(128, 32, 3, 32, b0=5, seed=11)
     if bcq_integer_grid(layer) is not None:
         pytest.skip("this draw happens to fit 16 codes")
-    assert prepare_cpu_bcq(layer, act_dtype=torch.bfloat16, path="int4").path == "dense"
+    assert prepare_cpu_bcq(layer, act_dtype=torch.bfloat16, path=path).path == "dense"
+
+
+def test_default_path_is_native_then_int4_then_dense(monkeypatch):
+    assert select_cpu_bcq_path(torch.float32) == "dense"
+    native = native_unavailable_reason() is None
+    aten = "int4" if int4_kernel_available() else "dense"
+    assert select_cpu_bcq_path(torch.bfloat16) == ("native" if native else aten)
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert select_cpu_bcq_path(torch.bfloat16) == aten

@@ -9,6 +9,7 @@ import torch
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear, select_cpu_path
+from tsq_vllm.kernels.cpu_native import native_unavailable_reason
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
@@ -80,6 +81,23 @@ def test_awkward_shapes(bits, m):
     # N = 40 is not a multiple of aten's 16-wide packing: the output is padded and sliced.
     t = _layer(bits, 32, n_out=160 if bits == 3 else 40, k_in=96)
     assert _check(t, bits, 32, torch.bfloat16, m=m) != "dense"
+
+
+@pytest.mark.skipif(native_unavailable_reason() is not None, reason="no native kernel here")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("act_order", [False, True], ids=["seq", "actorder"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_native_path_matches_reference(bits, group, act_order, m):
+    t = _layer(bits, group, act_order=act_order, seed=bits + group)
+    assert _check(t, bits, group, torch.bfloat16, m=m, path="native") == "native"
+
+
+def test_native_path_refusals_are_one_line():
+    with pytest.raises(ValueError, match="path='native' cannot hold 8-bit"):
+        prepare_cpu_linear(_layer(8, 64), path="native")
+    with pytest.raises(ValueError, match="path='native' cannot serve this layer: .*use 'int4'"):
+        prepare_cpu_linear(_layer(4, 64), act_dtype=torch.float16, path="native")
 
 
 def test_gptq_v2_zero_points():

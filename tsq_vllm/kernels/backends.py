@@ -7,11 +7,13 @@ one-time weight preparation (`prepare`, run from the linear method's
 `PRIORITY` order and takes the first that accepts; the dense fallback accepts every layer, so a
 layer is always served. The reasons of the rejected backends are logged once per layer shape.
 
-  triton     CUDA: the Triton dequant-matmul behind the `tsq::dequant_matmul` custom op
-  aten-int4  CPU, bf16: codes repacked into aten's CPU int4 layout (`kernels.cpu`)
-  wna16      CPU, bf16/fp16: vLLM's own `cpu_gemm_wna16` (`kernels.wna16`), where the loaded vLLM
-             kernel library has it (checked at run time: x86 AVX-512, ARM builds)
-  dense      any device and dtype: the weight decoded once, a dense matmul (exact in fp32)
+  triton       CUDA: the Triton dequant-matmul behind the `tsq::dequant_matmul` custom op
+  native-int4  CPU, bf16, AVX512-BF16: this package's kernel (`kernels.cpu_native`), each decoded
+               weight tile reused across the batch; compiled on first use
+  aten-int4    CPU, bf16: codes repacked into aten's CPU int4 layout (`kernels.cpu`)
+  wna16        CPU, bf16/fp16: vLLM's own `cpu_gemm_wna16` (`kernels.wna16`), where the loaded
+               vLLM kernel library has it (checked at run time: x86 AVX-512, ARM builds)
+  dense        any device and dtype: the weight decoded once, a dense matmul (exact in fp32)
 
 Every backend's `apply` computes `kernels.reference.dequant_matmul_reference` up to rounding in
 the activation dtype; the tests hold each one to it.
@@ -28,13 +30,21 @@ import torch
 
 from ..format.gptq import GPTQLayer
 from . import wna16 as _wna16
-from .cpu import CPUQuantizedLinear, block_layout, int4_kernel_available, prepare_cpu_linear
+from .cpu import (
+    CPUQuantizedLinear,
+    block_layout,
+    group_blocks,
+    int4_kernel_available,
+    prepare_cpu_linear,
+)
+from .cpu_native import native_unavailable_reason
 
 __all__ = [
     "AtenInt4Backend",
     "BackendChoice",
     "DenseBackend",
     "LinearBackend",
+    "NativeInt4Backend",
     "PRIORITY",
     "TritonBackend",
     "WNA16Backend",
@@ -153,6 +163,34 @@ class _Prepared(LinearBackend):
         return self.prepared.nbytes()
 
 
+class NativeInt4Backend(_Prepared):
+    """This package's AVX512-BF16 kernel for 2/3/4-bit codes (`kernels.cpu_native`)."""
+
+    name = "native-int4"
+
+    @classmethod
+    def can_implement(cls, layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str | None]:
+        if layer.qweight.device.type != "cpu":
+            return False, f"the layer is on {layer.qweight.device}: the kernel is CPU-only"
+        if layer.bits > 4:
+            return False, f"bits={layer.bits}: the kernel holds codes below 16"
+        if act_dtype != torch.bfloat16:
+            return False, f"activation dtype {act_dtype}: the kernel takes bf16 activations"
+        if layer.group_size % 2:
+            return False, f"group_size={layer.group_size} is odd: the kernel pairs columns"
+        if not _local_groups(layer) or group_blocks(layer.full_g_idx, layer.group_size) is None:
+            return False, (
+                f"the act-order g_idx does not regroup into whole blocks of group_size="
+                f"{layer.group_size} columns"
+            )
+        reason = native_unavailable_reason()
+        return (reason is None), reason
+
+    @classmethod
+    def prepare(cls, layer: GPTQLayer, act_dtype: torch.dtype) -> NativeInt4Backend:
+        return cls(prepare_cpu_linear(layer, act_dtype=act_dtype, path="native"))
+
+
 class AtenInt4Backend(_Prepared):
     """aten's `_weight_int4pack_mm_for_cpu`: 2/3/4-bit codes in its 4-bit lanes, 8-bit as two
     planes (`kernels.cpu`)."""
@@ -217,15 +255,17 @@ class DenseBackend(_Prepared):
         return cls(prepare_cpu_linear(layer, act_dtype=act_dtype, path="dense"))
 
 
-# Tried in this order; the first that can implement a layer serves it. Triton, aten-int4 and
-# wna16 are device-exclusive (CUDA / CPU / CPU), so the order matters between the CPU ones only.
-# CPU rule: aten int4 before vLLM's wna16, from benchmarks/results/cpu_linear.md (one torch
-# thread, bf16, SmolLM2 and Llama-3-8B shapes on an AVX-512 host without AMX): aten int4 is the
-# faster quantized path at M = 1, 4 and 16 on all six shapes (1.9-3.1x wna16 at M = 1), wna16 only
-# at M = 128 (by 5 %). Decode, where serving spends its steps, runs M = number of streams, small.
-# wna16 then serves what aten int4 refuses (fp16 activations, torch < 2.5), dense the rest.
+# Tried in this order; the first that can implement a layer serves it. Triton is CUDA-only and
+# the others CPU-only, so the order matters between the CPU ones only. CPU rule, from
+# benchmarks/results/cpu_linear.md (one torch thread, bf16, SmolLM2 and Llama-3-8B shapes on an
+# AVX-512 host without AMX): the native kernel is the fastest path at M = 1, 4 and 16 on every
+# shape (and faster than bf16 at M = 16, where aten int4 is slower than bf16); aten int4 beats
+# vLLM's wna16 at M = 1, 4 and 16 (1.9-3.1x at M = 1), wna16 wins only at M = 128 (by 5 %).
+# Decode, where serving spends its steps, runs M = number of streams, small. wna16 then serves
+# what both int4 paths refuse (fp16 activations, torch < 2.5), dense the rest.
 PRIORITY: tuple[type[LinearBackend], ...] = (
     TritonBackend,
+    NativeInt4Backend,
     AtenInt4Backend,
     WNA16Backend,
     DenseBackend,

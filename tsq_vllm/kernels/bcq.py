@@ -14,6 +14,8 @@ CPU paths (`prepare_cpu_bcq`), measured in benchmarks/results/cpu_bcq.md:
             b0 = 4): recover its step s and the integer codes u ∈ [0, 15] at load, then aten's
             CPU int4 matmul with w = (u − 8)·s + (o − Σ α_i + 8 s). Only for layers whose
             levels fit 16 codes; the step and the zero are rounded to bf16 like the GPTQ path.
+  "native"  the same integer codes through this package's AVX512-BF16 kernel
+            (`kernels.cpu_native`), step and lowest level kept in fp32; the default where it runs.
 
 "int4" and "dense" layers are `kernels.cpu.CPUQuantizedLinear`s, the GPTQ path's own object, so a
 BCQ checkpoint is served by the same call path as a GPTQ one; "planes" is `CPUBCQPlanes`.
@@ -37,6 +39,7 @@ from .cpu import (
     block_layout,
     int4_kernel_available,
 )
+from .cpu_native import native_unavailable_reason, pack_native
 
 __all__ = [
     "BCQ_CPU_PATHS",
@@ -51,7 +54,7 @@ __all__ = [
     "select_cpu_bcq_path",
 ]
 
-BCQ_CPU_PATHS = ("dense", "planes", "int4")
+BCQ_CPU_PATHS = ("dense", "planes", "int4", "native")
 BCQ_OP_NAME = "tsq::bcq_matmul"
 _INT4_LEVELS = 16
 
@@ -99,10 +102,13 @@ def bcq_integer_grid(
 
 
 def select_cpu_bcq_path(act_dtype: torch.dtype) -> str:
-    """The default CPU path: by the measurements in benchmarks/results/cpu_bcq.md."""
-    if act_dtype == torch.bfloat16 and int4_kernel_available():
-        return "int4"
-    return "dense"
+    """The default CPU path: by the measurements in benchmarks/results/cpu_bcq.md and, for
+    "native" before "int4", benchmarks/results/cpu_linear.md (the same kernel choice as GPTQ's)."""
+    if act_dtype != torch.bfloat16:
+        return "dense"
+    if native_unavailable_reason() is None:
+        return "native"
+    return "int4" if int4_kernel_available() else "dense"
 
 
 @dataclass
@@ -141,7 +147,7 @@ def prepare_cpu_bcq(
     layer: BCQTensors, *, act_dtype: torch.dtype = torch.bfloat16, path: str | None = None
 ) -> CPUQuantizedLinear | CPUBCQPlanes:
     """Convert one layer's BCQ tensors for CPU on `path` (default: `select_cpu_bcq_path`);
-    "int4" falls back to "dense" where the grid or the kernel is missing."""
+    "int4" and "native" fall back to "dense" where the grid or the kernel is missing."""
     if path is not None and path not in BCQ_CPU_PATHS:
         raise ValueError(f"path={path!r} is not a BCQ CPU path: use one of {BCQ_CPU_PATHS}")
     K, N, n_g = layer.K, layer.N, layer.n_groups
@@ -157,7 +163,9 @@ def prepare_cpu_bcq(
             alpha=layer.bcq_alpha.float().contiguous(),
             offset=layer.bcq_offset.float().contiguous(),
         )
-    if chosen == "int4" and act_dtype == torch.bfloat16 and int4_kernel_available():
+    native = chosen == "native" and act_dtype == torch.bfloat16 and G % 2 == 0
+    native = native and native_unavailable_reason() is None
+    if native or (chosen == "int4" and act_dtype == torch.bfloat16 and int4_kernel_available()):
         grid = bcq_integer_grid(layer)
         layout = block_layout(layer.group_index(), G)
         if grid is not None and layout is not None:
@@ -165,6 +173,15 @@ def prepare_cpu_bcq(
             perm, block_group = layout
             if perm is not None:
                 codes = codes.index_select(0, perm)
+            if native:
+                s_b, low_b = step.index_select(0, block_group), low.index_select(0, block_group)
+                return CPUQuantizedLinear(
+                    "native",
+                    **base,
+                    group_size=G,
+                    perm=perm,
+                    native=pack_native(codes, s_b, low_b, G),
+                )
             pad = -N % _INT4_N_ALIGN
             s = F.pad(step.index_select(0, block_group), (0, pad))  # [K/G, N_pad]
             z = F.pad((low + 8 * step).index_select(0, block_group), (0, pad))

@@ -7,6 +7,9 @@ serving path converts each layer once (`prepare_cpu_linear`) into one of three f
             int4 pack (`_convert_weight_to_int4pack_for_cpu`); `_weight_int4pack_mm_for_cpu`
             decodes w = (q - 8)·s + zero per group, so zero = s·(8 - z) reproduces s·(q - z)
             exactly; only s and zero are rounded to bf16, like the activations.
+  "native"  bits 2/3/4 with bf16 activations on AVX512-BF16 CPUs: this package's own kernel
+            (`kernels.cpu_native`), which decodes each weight tile once for the whole batch;
+            scales and zeros stay fp32. The serving chooser (`kernels.backends`) prefers it.
   "int4x2"  bits 8 with bf16 activations: code = 16·hi + lo, two int4 planes summed in fp32,
             16s·(hi - 8) + s·(lo - 8) + s·(136 - z) = s·(code - z). One byte per weight, like int8.
   "dense"   fp16/fp32 activations (aten's int4 kernel runs 10-40x slower than a dense matmul at
@@ -28,17 +31,25 @@ import torch.nn.functional as F
 
 from ..format.gptq import GPTQLayer
 from ..format.packing import check_bits
+from .cpu_native import (
+    NativeInt4Weights,
+    native_int4_mm,
+    native_unavailable_reason,
+    pack_native,
+)
 
 __all__ = [
     "CPU_PATHS",
     "CPUQuantizedLinear",
     "block_layout",
+    "check_native",
+    "group_blocks",
     "int4_kernel_available",
     "prepare_cpu_linear",
     "select_cpu_path",
 ]
 
-CPU_PATHS = ("int4", "int4x2", "dense")
+CPU_PATHS = ("int4", "int4x2", "native", "dense")
 
 # Block sizes aten's CPU int4 kernel accepts for its per-group scales.
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -72,7 +83,8 @@ class CPUQuantizedLinear:
 
     path "int4"/"int4x2": `planes` holds 1 or 2 aten int4-packed weights [N_pad, K/2] (uint8),
     `scale_zeros` the matching [K/group_size, N_pad, 2] tables in bf16, `perm` the input-column
-    order (None when g_idx is k // G). path "dense": `weight` is W.T [N, K] in the activation dtype.
+    order (None when g_idx is k // G). path "native": `native` holds the kernel's layout (and
+    `perm` as above). path "dense": `weight` is W.T [N, K] in the activation dtype.
     """
 
     path: str
@@ -84,11 +96,13 @@ class CPUQuantizedLinear:
     planes: tuple[torch.Tensor, ...] = ()
     scale_zeros: tuple[torch.Tensor, ...] = ()
     weight: torch.Tensor | None = None
+    native: NativeInt4Weights | None = None
 
     def nbytes(self) -> int:
         """Bytes held by the prepared tensors (what serving keeps resident)."""
         tensors = [*self.planes, *self.scale_zeros, self.perm, self.weight]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + (self.native.nbytes() if self.native is not None else 0)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # Decoding calls this ~100 times per token with M = 1: every no-op dispatch skipped here
@@ -117,6 +131,8 @@ class CPUQuantizedLinear:
             xa = xa.contiguous()
         if xa.shape[0] == 0:
             return xa.new_zeros(0, self.out_features)
+        if self.native is not None:
+            return native_int4_mm(xa, self.native)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         if len(self.planes) == 1:
             y = mm(xa, self.planes[0], self.group_size, self.scale_zeros[0])
@@ -127,6 +143,17 @@ class CPUQuantizedLinear:
         if y.shape[1] != self.out_features:  # drop the N padding
             y = y[:, : self.out_features]
         return y
+
+
+def check_native(act_dtype: torch.dtype, group_size: int) -> None:
+    """Raise the one-line reason why the "native" path cannot hold a layer here, if any."""
+    reason = native_unavailable_reason()
+    if reason is None and act_dtype != torch.bfloat16:
+        reason = f"it takes bf16 activations, not {act_dtype}"
+    if reason is None and group_size % 2:
+        reason = f"it needs an even group_size, not {group_size}"
+    if reason is not None:
+        raise ValueError(f"path='native' cannot serve this layer: {reason}; use 'int4' or 'dense'")
 
 
 def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -143,13 +170,13 @@ def block_layout(
     g_idx: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """Regroup the K columns into blocks of `group_size` columns that share one group, for the
-    aten int4 kernel (None where it does not take `group_size`); see `_group_blocks`."""
+    aten int4 kernel (None where it does not take `group_size`); see `group_blocks`."""
     if group_size not in _INT4_GROUP_SIZES or g_idx.numel() % group_size:
         return None
-    return _group_blocks(g_idx, group_size)
+    return group_blocks(g_idx, group_size)
 
 
-def _group_blocks(
+def group_blocks(
     g_idx: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(perm, block_group): perm is the column order that makes every group whole blocks of
@@ -198,10 +225,16 @@ def prepare_cpu_linear(
     chosen = path or select_cpu_path(bits, act_dtype)
     if chosen != "dense" and (bits == 8) != (chosen == "int4x2"):
         raise ValueError(
-            f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' for bits <= 4, 'int4x2' "
-            "for 8"
+            f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' or 'native' for bits <= 4, "
+            "'int4x2' for 8"
         )
-    layout = None if chosen == "dense" else block_layout(layer.full_g_idx, group_size)
+    if chosen == "native":
+        check_native(act_dtype, group_size)
+    layout = None
+    if chosen == "native":
+        layout = group_blocks(layer.full_g_idx, group_size)
+    elif chosen != "dense":
+        layout = block_layout(layer.full_g_idx, group_size)
     if layout is None:
         # The reference decode, once; W.T [N, K] is the layout F.linear reads fastest.
         w = layer.dequantize(dtype=torch.float32)
@@ -218,6 +251,18 @@ def prepare_cpu_linear(
     codes, zeros = layer.unpack()
     if perm is not None:
         codes = codes.index_select(0, perm)
+    if chosen == "native":
+        s_b = layer.scales.float().index_select(0, block_group)  # [K/G, N]
+        z_b = zeros.float().index_select(0, block_group)
+        return CPUQuantizedLinear(
+            path="native",
+            in_features=K,
+            out_features=N,
+            act_dtype=act_dtype,
+            group_size=group_size,
+            perm=perm,
+            native=pack_native(codes, s_b, -s_b * z_b, group_size),
+        )
     n_pad = -N % _INT4_N_ALIGN
     s = F.pad(layer.scales.float().index_select(0, block_group), (0, n_pad))  # [K/G, N_pad]
     z = F.pad(zeros.float().index_select(0, block_group), (0, n_pad))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..format.gptq import GPTQLayer
 from ..format.packing import pack
-from .cpu import _as_rows, _group_blocks
+from .cpu import _as_rows, group_blocks
 
 __all__ = [
     "WNA16Linear",
@@ -115,12 +115,12 @@ def _isa_hint(act_dtype: torch.dtype) -> str | None:
 
 
 def _block_layout(layer: GPTQLayer) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-    """(perm, block_group) of `cpu._group_blocks` for any group size: the input-column order that
+    """(perm, block_group) of `cpu.group_blocks` for any group size: the input-column order that
     makes every group whole runs of G columns (None if already so) and the group of each run; None
     when the groups cannot be so arranged."""
     if layer.g_idx is None:
         return None, torch.arange(layer.K // layer.group_size)
-    return _group_blocks(layer.g_idx, layer.group_size)
+    return group_blocks(layer.g_idx, layer.group_size)
 
 
 def can_implement(layer: GPTQLayer, act_dtype: torch.dtype) -> tuple[bool, str | None]:

