@@ -259,8 +259,8 @@ class DenseBackend(_Prepared):
 # the others CPU-only, so the order matters between the CPU ones only. CPU rule, from
 # benchmarks/results/cpu_linear.md (one torch thread, bf16, SmolLM2 and Llama-3-8B shapes on an
 # AVX-512 host without AMX): the native kernel is the fastest quantized path in 23 of 24 cells
-# (one tie at M = 1) and 1.5-1.9x bf16 at M = 16, where aten int4 is slower than bf16; aten int4 beats
-# vLLM's wna16 at M = 1, 4 and 16 (1.9-3.1x at M = 1), wna16 wins only at M = 128 (by 5 %).
+# (one tie at M = 1) and 1.5-1.9x bf16 at M = 16, where aten int4 is slower than bf16; aten int4
+# beats vLLM's wna16 at M = 1, 4 and 16 (1.9-3.1x at M = 1), wna16 wins only at M = 128 (by 5 %).
 # Decode, where serving spends its steps, runs M = number of streams, small. wna16 then serves
 # what both int4 paths refuse (fp16 activations, torch < 2.5), dense the rest.
 PRIORITY: tuple[type[LinearBackend], ...] = (
