@@ -35,9 +35,9 @@ from .cpu import (
     block_layout,
     group_blocks,
     int4_kernel_available,
+    native_refusal,
     prepare_cpu_linear,
 )
-from .cpu_native import native_unavailable_reason
 
 __all__ = [
     "AtenInt4Backend",
@@ -174,16 +174,12 @@ class NativeInt4Backend(_Prepared):
             return False, f"the layer is on {layer.qweight.device}: the kernel is CPU-only"
         if layer.bits > 4:
             return False, f"bits={layer.bits}: the kernel holds codes below 16"
-        if act_dtype != torch.bfloat16:
-            return False, f"activation dtype {act_dtype}: the kernel takes bf16 activations"
-        if layer.group_size % 2:
-            return False, f"group_size={layer.group_size} is odd: the kernel pairs columns"
         if not _local_groups(layer) or group_blocks(layer.full_g_idx, layer.group_size) is None:
             return False, (
                 f"the act-order g_idx does not regroup into whole blocks of group_size="
                 f"{layer.group_size} columns"
             )
-        reason = native_unavailable_reason()
+        reason = native_refusal(act_dtype, layer.group_size)
         return (reason is None), reason
 
     @classmethod

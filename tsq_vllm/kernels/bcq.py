@@ -38,6 +38,7 @@ from .cpu import (
     _int4_plane,
     block_layout,
     int4_kernel_available,
+    native_refusal,
 )
 from .cpu_native import native_unavailable_reason, pack_native
 
@@ -163,8 +164,7 @@ def prepare_cpu_bcq(
             alpha=layer.bcq_alpha.float().contiguous(),
             offset=layer.bcq_offset.float().contiguous(),
         )
-    native = chosen == "native" and act_dtype == torch.bfloat16 and G % 2 == 0
-    native = native and native_unavailable_reason() is None
+    native = chosen == "native" and native_refusal(act_dtype, G) is None
     if native or (chosen == "int4" and act_dtype == torch.bfloat16 and int4_kernel_available()):
         grid = bcq_integer_grid(layer)
         layout = block_layout(layer.group_index(), G)

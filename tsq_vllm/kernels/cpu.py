@@ -42,9 +42,9 @@ __all__ = [
     "CPU_PATHS",
     "CPUQuantizedLinear",
     "block_layout",
-    "check_native",
     "group_blocks",
     "int4_kernel_available",
+    "native_refusal",
     "prepare_cpu_linear",
     "select_cpu_path",
 ]
@@ -107,9 +107,8 @@ class CPUQuantizedLinear:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # Decoding calls this ~100 times per token with M = 1: every no-op dispatch skipped here
         # (reshape of a 2-D x, same-dtype casts, an unpadded slice) is time a step keeps.
-        x2 = x if x.dim() == 2 else _as_rows(x, self.in_features)
-        if x2.shape[1] != self.in_features:
-            _as_rows(x2, self.in_features)  # raises the one-line shape error
+        two_d = x.dim() == 2 and x.shape[1] == self.in_features
+        x2 = x if two_d else _as_rows(x, self.in_features)  # _as_rows: the shape error
         if self.path == "dense":
             assert self.weight is not None
             w = self.weight
@@ -120,7 +119,7 @@ class CPUQuantizedLinear:
             y = y + (bias if bias.dtype == y.dtype else bias.to(y.dtype))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return y if two_d else y.reshape(*x.shape[:-1], self.out_features)
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
         xa = x2 if x2.dtype == self.act_dtype else x2.to(self.act_dtype)
@@ -145,15 +144,14 @@ class CPUQuantizedLinear:
         return y
 
 
-def check_native(act_dtype: torch.dtype, group_size: int) -> None:
-    """Raise the one-line reason why the "native" path cannot hold a layer here, if any."""
-    reason = native_unavailable_reason()
-    if reason is None and act_dtype != torch.bfloat16:
-        reason = f"it takes bf16 activations, not {act_dtype}"
-    if reason is None and group_size % 2:
-        reason = f"it needs an even group_size, not {group_size}"
-    if reason is not None:
-        raise ValueError(f"path='native' cannot serve this layer: {reason}; use 'int4' or 'dense'")
+def native_refusal(act_dtype: torch.dtype, group_size: int) -> str | None:
+    """Why the "native" path cannot hold a layer with these activations and groups here, or
+    None. The static checks come first, so an fp16 layer never triggers the kernel's build."""
+    if act_dtype != torch.bfloat16:
+        return f"activation dtype {act_dtype}: the kernel takes bf16 activations"
+    if group_size % 2:
+        return f"group_size={group_size} is odd: the kernel pairs columns"
+    return native_unavailable_reason()
 
 
 def _as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -228,10 +226,13 @@ def prepare_cpu_linear(
             f"path={chosen!r} cannot hold {bits}-bit codes: use 'int4' or 'native' for bits <= 4, "
             "'int4x2' for 8"
         )
-    if chosen == "native":
-        check_native(act_dtype, group_size)
     layout = None
     if chosen == "native":
+        reason = native_refusal(act_dtype, group_size)
+        if reason is not None:
+            raise ValueError(
+                f"path='native' cannot serve this layer: {reason}; use 'int4' or 'dense'"
+            )
         layout = group_blocks(layer.full_g_idx, group_size)
     elif chosen != "dense":
         layout = block_layout(layer.full_g_idx, group_size)

@@ -131,7 +131,8 @@ def pack_native(
 def native_int4_mm(x: torch.Tensor, w: NativeInt4Weights) -> torch.Tensor:
     """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
     first (this raises where the kernel cannot run)."""
-    mod, reason = _module()
+    # Once built, read without the lock: this runs on every decode call of every layer.
+    mod, reason = _built if _built is not None else _module()
     if mod is None:
         raise RuntimeError(reason)
     y = mod.int4_gemm(x, w.packed, w.scale, w.offset, w.group_size)
