@@ -18,7 +18,7 @@ from tsq_vllm.kernels.bcq import (
     select_cpu_bcq_path,
 )
 from tsq_vllm.kernels.cpu import int4_kernel_available
-from tsq_vllm.kernels.cpu_native import ENV_SWITCH, native_unavailable_reason
+from tsq_vllm.kernels.cpu_native import ENV_SWITCH, NativePlaneWeights, native_unavailable_reason
 
 from .layers import activations
 
@@ -147,12 +147,19 @@ def test_cpu_paths(path, dtype, M):
     assert y.dtype == dtype and (y.float() - ref).abs().max() <= tol * ref.abs().max()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("path", ["int4", "native"])
-def test_int4_falls_back_to_dense_beyond_16_codes(path):
-    layer = make_bcq(128, 32, 3, 32, b0=5, seed=11)
+def test_beyond_16_codes_int4_goes_dense_and_native_reads_the_planes(path, act_order):
+    layer = make_bcq(128, 32, 3, 32, b0=5, act_order=act_order, seed=11)
     if bcq_integer_grid(layer) is not None:
         pytest.skip("this draw happens to fit 16 codes")
-    assert prepare_cpu_bcq(layer, act_dtype=torch.bfloat16, path=path).path == "dense"
+    prepared = prepare_cpu_bcq(layer, act_dtype=torch.bfloat16, path=path)
+    native = path == "native" and native_unavailable_reason() is None
+    assert prepared.path == ("native" if native else "dense")
+    assert native == isinstance(prepared.native, NativePlaneWeights)
+    x = activations(5, 128, torch.bfloat16, seed=2)
+    ref = x.float() @ layer.dequantize(torch.float32)
+    assert (prepared(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def test_default_path_is_native_then_int4_then_dense(monkeypatch):

@@ -1,5 +1,6 @@
-"""The native AVX512-BF16 kernel (`kernels.cpu_native`) against a float64 matmul of the weights it
-is given, its packed layout byte by byte, and its refusals."""
+"""The native AVX512-BF16 kernel (`kernels.cpu_native`), for 4-bit codes and for bit planes,
+against a float64 matmul of the weights it is given, its packed layouts bit by bit, and its
+refusals."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from tsq_vllm.kernels import cpu_native
 from tsq_vllm.kernels.cpu_native import (
     ENV_SWITCH,
     NativeInt4Weights,
-    native_int4_mm,
+    NativePlaneWeights,
+    native_mm,
     native_unavailable_reason,
     pack_native,
+    pack_native_planes,
 )
 
 REASON = native_unavailable_reason()
@@ -42,7 +45,7 @@ def _oracle(x: torch.Tensor, q, s, o, G: int) -> torch.Tensor:
 def test_kernel_matches_float64(K, N, G, M):
     q, s, o = _weights(K, N, G, seed=K + N + M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
-    y = native_int4_mm(x, pack_native(q, s, o, G))
+    y = native_mm(x, pack_native(q, s, o, G))
     ref, mag = _oracle(x, q, s, o, G)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     # One bf16 rounding of the output, plus fp32 accumulation over K terms.
@@ -51,31 +54,85 @@ def test_kernel_matches_float64(K, N, G, M):
     assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
 
 
+def _planes(k: int, K: int, N: int, G: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    beta = torch.randint(0, 2, (k, K, N), generator=g)
+    a = torch.rand(k, K // G, N, generator=g) * 0.05
+    o = (torch.rand(K // G, N, generator=g) - 0.5) * 0.2
+    return beta, a, o
+
+
+def _planes_oracle(x: torch.Tensor, beta, a, o, G: int):
+    w = (a.double().repeat_interleave(G, 1) * beta.double()).sum(0)
+    w = w + o.double().repeat_interleave(G, 0)
+    return x.double() @ w, x.double().abs() @ w.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "k,K,N,G",
+    [(3, 256, 96, 64), (2, 128, 80, 32), (1, 192, 40, 64), (4, 64, 16, 2), (3, 512, 272, 128)],
+    ids=["k3", "k2-tile-tail", "k1-n-padding", "k4-g2", "k3-g128"],
+)
+@pytest.mark.parametrize("M", [1, 3, 9, 17])
+def test_planes_kernel_matches_float64(k, K, N, G, M):
+    beta, a, o = _planes(k, K, N, G, seed=k + K + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
+    y = native_mm(x, pack_native_planes(beta, a, o, G))
+    ref, mag = _planes_oracle(x, beta, a, o, G)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    bound = 2.0**-8 * ref.abs() + k * K * 2.0**-23 * mag + 1e-6
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
+
+
+def test_planes_layout_bit_by_bit():
+    k, K, N, G = 2, 8, 20, 4  # N pads to 32: two tiles, the second holding 4 real columns
+    beta, a, o = _planes(k, K, N, G, seed=4)
+    w = pack_native_planes(beta, a, o, G)
+    assert w.packed.shape == (k, 2, K // 2) and w.scale.shape == (k, K // G, 32)
+    words = w.packed.to(torch.int64) & 0xFFFFFFFF
+    for i in range(k):
+        for t in range(2):
+            for p in range(K // 2):
+                for j in range(16):
+                    for r in range(2):
+                        n = 16 * t + j
+                        bit = int(beta[i, 2 * p + r, n]) if n < N else 0
+                        assert (int(words[i, t, p]) >> (2 * j + r)) & 1 == bit
+    assert torch.equal(w.scale[:, :, :N], a) and not w.scale[:, :, N:].any()
+    assert torch.equal(w.offset[:, :N], o) and not w.offset[:, N:].any()
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        pack_native_planes(beta * 2, a, o, G)
+    with pytest.raises(ValueError, match="scale must be contiguous fp32"):
+        NativePlaneWeights(w.packed, w.scale[:1].contiguous(), w.offset, G, N)
+
+
 @needs_kernel
 def test_threads_split_columns_without_changing_bits():
     q, s, o = _weights(256, 16 * 37, 64, seed=5)  # 37 tiles: uneven chunks and tails
-    w = pack_native(q, s, o, 64)
     x = torch.randn(11, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = native_int4_mm(x, w)
-        torch.set_num_threads(2)
-        two = native_int4_mm(x, w)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    for w in (pack_native(q, s, o, 64), pack_native_planes(*_planes(3, 256, 16 * 37, 64, 6), 64)):
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = native_mm(x, w)
+            torch.set_num_threads(2)
+            two = native_mm(x, w)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(one, two)
 
 
 @needs_kernel
 def test_empty_batch_and_bad_inputs():
     q, s, o = _weights(128, 32, 64, seed=1)
     w = pack_native(q, s, o, 64)
-    assert native_int4_mm(torch.zeros(0, 128, dtype=torch.bfloat16), w).shape == (0, 32)
+    assert native_mm(torch.zeros(0, 128, dtype=torch.bfloat16), w).shape == (0, 32)
     with pytest.raises(RuntimeError, match="contiguous bf16"):
-        native_int4_mm(torch.zeros(2, 128), w)
+        native_mm(torch.zeros(2, 128), w)
     with pytest.raises(RuntimeError, match="do not match"):
-        native_int4_mm(torch.zeros(2, 64, dtype=torch.bfloat16), w)
+        native_mm(torch.zeros(2, 64, dtype=torch.bfloat16), w)
 
 
 def test_pack_layout_byte_by_byte():
@@ -115,15 +172,15 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch):
     import torch.utils.cpp_extension as ext
 
     def broken(**kwargs):
-        raise RuntimeError("Error building extension 'tsq_cpu_int4_gemm'\nmore lines")
+        raise RuntimeError("Error building extension 'tsq_cpu_gemm'\nmore lines")
 
     monkeypatch.setattr(cpu_native, "_built", None)
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(cpu_native.platform, "machine", lambda: "x86_64")
     reason = native_unavailable_reason()
-    assert reason == "the kernel did not build here (Error building extension 'tsq_cpu_int4_gemm')"
+    assert reason == "the kernel did not build here (Error building extension 'tsq_cpu_gemm')"
     with pytest.raises(RuntimeError, match="did not build"):
-        native_int4_mm(
+        native_mm(
             torch.zeros(1, 64, dtype=torch.bfloat16), pack_native(*_weights(64, 16, 32, 0), 32)
         )

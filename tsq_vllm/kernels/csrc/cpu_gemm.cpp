@@ -1,0 +1,239 @@
+// y [M, N_pad] (bf16) = x [M, K] (bf16) · W for two kinds of low-bit W, b = k / G:
+//
+//   int4_gemm   W[k, n] = s[b, n] · q[k, n] + o[b, n],              q ∈ [0, 16)   (GPTQ codes)
+//   planes_gemm W[k, n] = Σ_i a[i, b, n] · β_i[k, n] + o[b, n],     β_i ∈ {0, 1}  (BCQ planes)
+//
+// (BCQ's signs are ±1: Σ α_i·(2β_i − 1) + c = Σ 2α_i·β_i + (c − Σ α_i), so a = 2α, o = c − Σ α.)
+//
+// The point of this kernel is the batch: every 16×2 tile of codes is decoded to bf16 once and
+// then used by up to MB_MAX rows of x (vdpbf16ps, fp32 accumulation), where aten's CPU int4
+// kernel costs about linearly in M. Codes are summed unscaled per group and plane, and the
+// scales and the offset are applied once per group: Σ_k x_k (s q_k + o) = s Σ x q + o Σ x.
+//
+// Weight layouts (kernels/cpu_native.py packs them); one tile is 16 output columns:
+//   int4   uint8 [N_pad/16, K/2, 16], byte [t, p, j] = q[2p, 16t + j] | q[2p + 1, 16t + j] << 4:
+//          one 16-byte load decodes (vpermw on a 16-entry table) to the 32 bf16 lanes that
+//          vdpbf16ps pairs with a broadcast (x[2p], x[2p + 1]).
+//   planes int32 [k, N_pad/16, K/2], bit 2j + r of word [i, t, p] = β_i[2p + r, 16t + j]: one
+//          32-bit load is the mask that selects 1.0 or 0 in the same 32 lanes (k bits per
+//          weight in memory instead of 4).
+// Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
+// avx512_bf16.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int MB_MAX = 8;     // rows per register block: 2·MB_MAX accumulators + 3 live vectors
+constexpr int64_t TILE = 16;  // output columns per tile (16 fp32 lanes)
+
+// 4-bit codes: the bf16 bit patterns of 0..15 (exact: small integers) are the decode's table.
+struct Int4Codes {
+  const uint8_t* w;  // at the block's first tile
+  int64_t tile_stride;
+  __m512i lut;
+
+  static __m512i levels() {
+    alignas(64) uint16_t lut[32] = {};
+    for (int v = 0; v < 16; ++v) {
+      float f = static_cast<float>(v);
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof bits);
+      lut[v] = static_cast<uint16_t>(bits >> 16);
+    }
+    return _mm512_load_si512(lut);
+  }
+  Int4Codes(const uint8_t* w, int64_t K) : w(w), tile_stride((K / 2) * TILE), lut(levels()) {}
+  Int4Codes at(int64_t t) const { return {w + t * tile_stride, tile_stride, lut}; }
+  __m512i load(int /*plane*/, int j, int64_t p) const {
+    const __m512i v = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * tile_stride + p * TILE)));
+    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+    const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xF0)), 12);
+    return _mm512_permutexvar_epi16(_mm512_or_si512(lo, hi), lut);
+  }
+
+ private:
+  Int4Codes(const uint8_t* w, int64_t s, __m512i lut) : w(w), tile_stride(s), lut(lut) {}
+};
+
+// One-bit planes: the word of a (tile, pair) is the mask of its 32 lanes that hold 1.0.
+struct BitPlanes {
+  const uint32_t* w;  // plane 0 at the block's first tile
+  int64_t tile_stride, plane_stride;
+
+  BitPlanes at(int64_t t) const { return {w + t * tile_stride, tile_stride, plane_stride}; }
+  __m512i load(int plane, int j, int64_t p) const {
+    return _mm512_maskz_mov_epi16(w[plane * plane_stride + j * tile_stride + p],
+                                  _mm512_set1_epi16(0x3F80));  // bf16 1.0
+  }
+};
+
+// MB rows of x against NT adjacent tiles, every group of every plane. The MB·NT accumulators are
+// independent chains (vdpbf16ps has a latency of several cycles: one chain alone would wait on
+// itself), each decoded weight vector serves MB rows and each broadcast of x serves NT tiles.
+// Scale tables: plane i of group b at s[i·ld_plane + b·ld_table + 16·j]; offsets o likewise
+// without the plane.
+template <int MB, int NT, class Codes>
+void block(const uint16_t* x, int64_t K, const Codes& codes, int n_planes, const float* s,
+           int64_t ld_plane, const float* o, int64_t ld_table, int64_t G, const float* xsum,
+           int64_t n_blocks, uint16_t* y, int64_t ld_y) {
+  __m512 out[MB][NT];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NT; ++j) out[m][j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    for (int i = 0; i < n_planes; ++i) {
+      __m512 acc[MB][NT];
+      for (int m = 0; m < MB; ++m)
+        for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_ps();
+      for (int64_t p = b * (G / 2); p < (b + 1) * (G / 2); ++p) {
+        __m512i wv[NT];
+        for (int j = 0; j < NT; ++j) wv[j] = codes.load(i, j, p);
+        for (int m = 0; m < MB; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, x + m * K + 2 * p, sizeof pair);
+          const __m512i xv = _mm512_set1_epi32(pair);
+          for (int j = 0; j < NT; ++j)
+            acc[m][j] = _mm512_dpbf16_ps(acc[m][j], (__m512bh)xv, (__m512bh)wv[j]);
+        }
+      }
+      for (int j = 0; j < NT; ++j) {
+        const __m512 sv = _mm512_loadu_ps(s + i * ld_plane + b * ld_table + TILE * j);
+        for (int m = 0; m < MB; ++m) out[m][j] = _mm512_fmadd_ps(sv, acc[m][j], out[m][j]);
+      }
+    }
+    for (int j = 0; j < NT; ++j) {
+      const __m512 ov = _mm512_loadu_ps(o + b * ld_table + TILE * j);
+      for (int m = 0; m < MB; ++m)
+        out[m][j] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[m * n_blocks + b]), out[m][j]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NT; ++j) {
+      const __m256bh v = _mm512_cvtneps_pbh(out[m][j]);
+      std::memcpy(y + m * ld_y + TILE * j, &v, sizeof v);
+    }
+}
+
+template <class Codes>
+using BlockFn = void (*)(const uint16_t*, int64_t, const Codes&, int, const float*, int64_t,
+                         const float*, int64_t, int64_t, const float*, int64_t, uint16_t*,
+                         int64_t);
+
+// Tiles per block by rows: few rows need more tiles to have enough independent chains; MB·NT
+// accumulators plus NT weight vectors stay within the 32 zmm registers.
+constexpr int tiles_for(int mb) { return mb <= 2 ? 4 : 2; }
+
+template <int NT, class Codes>
+constexpr BlockFn<Codes> kBlocks[MB_MAX + 1] = {
+    nullptr,
+    block<1, NT, Codes>,
+    block<2, NT, Codes>,
+    block<3, NT, Codes>,
+    block<4, NT, Codes>,
+    block<5, NT, Codes>,
+    block<6, NT, Codes>,
+    block<7, NT, Codes>,
+    block<8, NT, Codes>};
+
+// Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input; a loop here, not
+// three aten ops, because at M = 1 their dispatch would cost as much as the sums.
+std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G) {
+  std::vector<float> xsum(static_cast<size_t>(M * n_blocks));
+  for (int64_t r = 0; r < M * n_blocks; ++r) {
+    const uint16_t* src = x + r * G;
+    float acc = 0.f;
+    for (int64_t k = 0; k < G; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      acc += v;
+    }
+    xsum[static_cast<size_t>(r)] = acc;
+  }
+  return xsum;
+}
+
+void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& scale,
+                  int64_t n_planes, const at::Tensor& offset, int64_t G) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "x must be a contiguous bf16 [M, K] tensor");
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0 && x.size(1) == K,
+              "K, group_size and the weights do not match");
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.is_contiguous() && offset.dim() == 2 &&
+                  offset.size(0) == K / G && offset.size(1) == TILE * T,
+              "offset must be contiguous fp32 [K/group_size, N_pad]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == n_planes * offset.numel(),
+              "scale must be contiguous fp32 [planes, K/group_size, N_pad]");
+}
+
+// Threads split the column tiles into strips of STRIP tiles; every row block of x (MB_MAX rows,
+// the last one shorter) passes over a strip before the next strip starts, so the strip's codes
+// (128 KiB of int4 codes at K = 4096) come from memory once and from cache after, whatever M is.
+// Within a strip, tiles_for(mb) tiles at a time, a remainder one at a time (the same sums in the
+// same order either way: results do not depend on the split).
+template <class Codes>
+at::Tensor gemm(const at::Tensor& x, const Codes& codes, int64_t T, const at::Tensor& scale,
+                int n_planes, const at::Tensor& offset, int64_t G) {
+  const int64_t M = x.size(0), K = x.size(1), N_pad = TILE * T, n_blocks = K / G;
+  auto y = at::empty({M, N_pad}, x.options());
+  if (M == 0) return y;
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const std::vector<float> xsum = group_sums(xp, M, n_blocks, G);
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  const int64_t ld_plane = n_blocks * N_pad;
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  constexpr int64_t STRIP = 4;
+  at::parallel_for(0, T, STRIP, [&](int64_t t0, int64_t t1) {
+    for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
+      const int64_t s1 = std::min<int64_t>(s0 + STRIP, t1);
+      for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
+        const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, M - m0));
+        const int nt = tiles_for(mb);
+        for (int64_t t = s0; t < s1;) {
+          const int width = nt <= s1 - t ? nt : 1;
+          const BlockFn<Codes> f = width == 4   ? kBlocks<4, Codes>[mb]
+                                   : width == 2 ? kBlocks<2, Codes>[mb]
+                                                : kBlocks<1, Codes>[mb];
+          f(xp + m0 * K, K, codes.at(t), n_planes, sp + TILE * t, ld_plane, op + TILE * t, N_pad,
+            G, xsum.data() + m0 * n_blocks, n_blocks, yp + m0 * N_pad + TILE * t, N_pad);
+          t += width;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const at::Tensor& offset, int64_t group_size) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
+              "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
+  const int64_t K = 2 * w.size(1), T = w.size(0);
+  check_inputs(x, K, T, scale, 1, offset, group_size);
+  return gemm(x, Int4Codes(w.data_ptr<uint8_t>(), K), T, scale, 1, offset, group_size);
+}
+
+at::Tensor planes_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t group_size) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kInt && w.size(0) >= 1 && w.is_contiguous(),
+              "w must be a contiguous int32 [planes, N_pad/16, K/2] tensor");
+  const int64_t n_planes = w.size(0), T = w.size(1), K = 2 * w.size(2);
+  check_inputs(x, K, T, scale, n_planes, offset, group_size);
+  const BitPlanes codes{reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()), K / 2, T * K / 2};
+  return gemm(x, codes, T, scale, static_cast<int>(n_planes), offset, group_size);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_gemm", &int4_gemm, "x (bf16) · W (4-bit codes, per-group scale and offset)");
+  m.def("planes_gemm", &planes_gemm, "x (bf16) · W (bit planes, per-group scales and offset)");
+}
