@@ -83,16 +83,30 @@ def _module() -> tuple[Any, str | None]:
 
 
 @dataclass(frozen=True)
-class NativeInt4Weights:
-    """One layer in the kernel's layout: `packed` uint8 [N_pad/16, K/2, 16] (byte [t, p, j] holds
-    q[2p, 16t + j] in its low and q[2p + 1, 16t + j] in its high nibble), `scale` and `offset`
-    fp32 [K/group_size, N_pad] in block order, `out_features` N before padding."""
+class _NativeWeights:
+    """What both kernel layouts hold: the packed codes, fp32 scale and offset tables in block
+    order, the group size and the width N before padding."""
 
     packed: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
     group_size: int
     out_features: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
+
+
+def _padded_table(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """A per-block fp32 table [..., N] padded with `pad` zero columns, contiguous."""
+    return F.pad(t.float(), (0, pad)).contiguous()
+
+
+@dataclass(frozen=True)
+class NativeInt4Weights(_NativeWeights):
+    """One layer in the kernel's layout: `packed` uint8 [N_pad/16, K/2, 16] (byte [t, p, j] holds
+    q[2p, 16t + j] in its low and q[2p + 1, 16t + j] in its high nibble), `scale` and `offset`
+    fp32 [K/group_size, N_pad] in block order, `out_features` N before padding."""
 
     def __post_init__(self) -> None:
         if (
@@ -103,9 +117,6 @@ class NativeInt4Weights:
             raise ValueError(f"packed must be uint8 [N_pad/16, K/2, 16], got {self.packed.shape}")
         T, half_k, _ = self.packed.shape
         _check_tables(self, 2 * half_k, T, ())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
 
 def pack_native(
@@ -122,15 +133,12 @@ def pack_native(
     q = q.reshape(-1, _TILE, K // 2, 2)  # [T, j, p, 2]
     packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).to(torch.uint8).contiguous()
 
-    def table(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t.float(), (0, pad)).contiguous()
+    return NativeInt4Weights(
+        packed, _padded_table(scale, pad), _padded_table(offset, pad), group_size, N
+    )
 
-    return NativeInt4Weights(packed, table(scale), table(offset), group_size, N)
 
-
-def _check_tables(
-    w: NativeInt4Weights | NativePlaneWeights, K: int, T: int, planes: tuple[int, ...]
-) -> None:
+def _check_tables(w: _NativeWeights, K: int, T: int, planes: tuple[int, ...]) -> None:
     """The checks both layouts share: the group size, the fp32 tables' shapes (`planes` leads
     the scale table's shape), the unpadded width."""
     G = w.group_size
@@ -146,25 +154,16 @@ def _check_tables(
 
 
 @dataclass(frozen=True)
-class NativePlaneWeights:
+class NativePlaneWeights(_NativeWeights):
     """One BCQ layer's k one-bit planes in the kernel's layout: `packed` int32 [k, N_pad/16, K/2]
     (bit 2j + r of word [i, t, p] is β_i[2p + r, 16t + j]), `scale` fp32 [k, K/group_size,
     N_pad] (a = 2α per plane), `offset` fp32 [K/group_size, N_pad], in block order."""
-
-    packed: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
-    group_size: int
-    out_features: int
 
     def __post_init__(self) -> None:
         if self.packed.dtype != torch.int32 or self.packed.ndim != 3 or not len(self.packed):
             raise ValueError(f"packed must be int32 [k, N_pad/16, K/2], got {self.packed.shape}")
         k, T, half_k = self.packed.shape
         _check_tables(self, 2 * half_k, T, (k,))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
 
 def pack_native_planes(
@@ -182,11 +181,12 @@ def pack_native_planes(
     words = (b.reshape(k, -1, K // 2, 2 * _TILE) << torch.arange(2 * _TILE)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as int32
 
-    def table(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t.float(), (0, pad)).contiguous()
-
     return NativePlaneWeights(
-        words.to(torch.int32).contiguous(), table(scale), table(offset), group_size, N
+        words.to(torch.int32).contiguous(),
+        _padded_table(scale, pad),
+        _padded_table(offset, pad),
+        group_size,
+        N,
     )
 
 
