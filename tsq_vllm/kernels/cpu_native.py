@@ -64,7 +64,7 @@ _TILE = 16  # output columns per kernel tile
 
 _lock = threading.Lock()
 _built: tuple[Any, str | None] | None = None  # (module, why it failed)
-_amx: str | None | bool = False  # False: not asked yet; else amx_unavailable_reason()
+_amx: tuple[str | None] | None = None  # (amx_unavailable_reason(),) once asked
 
 
 def native_unavailable_reason() -> str | None:
@@ -216,14 +216,14 @@ def amx_unavailable_reason() -> str | None:
     global _amx
     if os.environ.get(AMX_SWITCH, "1") == "0":
         return f"{AMX_SWITCH}=0 turns it off"
-    if _amx is False:
+    if _amx is None:
         reason = native_unavailable_reason()
         if reason is None and not torch.cpu._is_amx_tile_supported():
             reason = "this CPU has no AMX (torch.cpu._is_amx_tile_supported() is False)"
         if reason is None:
             reason = _module()[0].amx_unavailable_reason() or None
-        _amx = reason
-    return _amx
+        _amx = (reason,)
+    return _amx[0]
 
 
 def native_mm(
