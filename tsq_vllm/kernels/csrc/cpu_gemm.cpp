@@ -18,8 +18,8 @@
 //          32-bit load is the mask that selects 1.0 or 0 in the same 32 lanes (k bits per
 //          weight in memory instead of 4).
 // Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
-// avx512_bf16. On CPUs with AMX, larger batches take the tile path instead (cpu_gemm_amx.cpp,
-// same layouts and decode, chosen per call by the caller's `amx` flag).
+// avx512_bf16. On CPUs with AMX, larger batches take the tile path instead (cpu_gemm_amx.cpp:
+// the same layouts, decoded to bf16 weights; chosen per call by the caller's `amx` flag).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
