@@ -54,7 +54,7 @@ __all__ = [
 ENV_SWITCH = "TSQ_CPU_NATIVE"
 AMX_SWITCH = "TSQ_CPU_AMX"
 # Rows from which the AMX path is taken where it can run; chosen by measurement
-# (benchmarks/results/cpu_native_amx.md).
+# (benchmarks/results/cpu_linear_amx.md: from M = 8 it beats the AVX-512 path on AMX hosts).
 AMX_MIN_ROWS = 8
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
 _CSRC = Path(__file__).with_name("csrc")
