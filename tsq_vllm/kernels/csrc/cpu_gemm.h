@@ -14,17 +14,20 @@ namespace tsq {
 
 constexpr int64_t TILE = 16;  // output columns per tile (16 fp32 lanes)
 
+// The lane order that turns cvtne2ps_pbh(w1, w0) = [w0 | w1] into a B-tile row: lane 2j takes
+// w0[j], lane 2j + 1 takes w1[j]. Built once per decode call, not per row.
+inline __m512i pair_order() {
+  alignas(64) uint16_t idx[32];
+  for (int j = 0; j < 16; ++j) {
+    idx[2 * j] = static_cast<uint16_t>(j);
+    idx[2 * j + 1] = static_cast<uint16_t>(16 + j);
+  }
+  return _mm512_load_si512(idx);
+}
+
 // One B-tile row from rows 2p (w0) and 2p + 1 (w1) of 16 columns in fp32, rounded to bf16
-// (nearest even): lane 2j takes w0[j], lane 2j + 1 takes w1[j].
-inline void store_pair_row(uint8_t* dst, __m512 w0, __m512 w1) {
-  static const __m512i order = [] {
-    alignas(64) uint16_t idx[32];
-    for (int j = 0; j < 16; ++j) {
-      idx[2 * j] = static_cast<uint16_t>(j);        // cvtne2ps_pbh(w1, w0) = [w0 | w1]
-      idx[2 * j + 1] = static_cast<uint16_t>(16 + j);
-    }
-    return _mm512_load_si512(idx);
-  }();
+// (nearest even); `order` is pair_order().
+inline void store_pair_row(uint8_t* dst, __m512 w0, __m512 w1, __m512i order) {
   const __m512i bf = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
   _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(order, bf));
 }
@@ -59,7 +62,7 @@ struct Int4Codes {
   // bf16. Written as s·(128 + q) + (o − 128·s): 128 + q is q's byte ORed into the bits of
   // 128.0f (no int-to-float conversion), the fma rounds once.
   void decode_rows(int64_t j, int64_t p0, int64_t n, const float* s, int64_t /*ld_plane*/,
-                   int /*planes*/, const float* o, uint8_t* dst) const {
+                   int /*planes*/, const float* o, __m512i order, uint8_t* dst) const {
     const __m512 sv = _mm512_loadu_ps(s);
     const __m512 ov = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sv, _mm512_loadu_ps(o));
     const __m512i nibble = _mm512_set1_epi32(0xF << 16), f128 = _mm512_set1_epi32(0x43000000);
@@ -71,7 +74,7 @@ struct Int4Codes {
       const __m512i f0 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(v, 16), nibble, f128, AND_OR);
       const __m512i f1 = _mm512_ternarylogic_epi32(_mm512_slli_epi32(v, 12), nibble, f128, AND_OR);
       store_pair_row(dst + 64 * r, _mm512_fmadd_ps(sv, _mm512_castsi512_ps(f0), ov),
-                     _mm512_fmadd_ps(sv, _mm512_castsi512_ps(f1), ov));
+                     _mm512_fmadd_ps(sv, _mm512_castsi512_ps(f1), ov), order);
     }
   }
 
@@ -91,7 +94,7 @@ struct BitPlanes {
   }
   // The same for w = o + Σ_i s_i·β_i: row 2p takes the even bits of each word, 2p + 1 the odd.
   void decode_rows(int64_t j, int64_t p0, int64_t n, const float* s, int64_t ld_plane,
-                   int planes, const float* o, uint8_t* dst) const {
+                   int planes, const float* o, __m512i order, uint8_t* dst) const {
     __m512 sv[8];  // the tile path takes at most 8 planes
     for (int i = 0; i < planes; ++i) sv[i] = _mm512_loadu_ps(s + i * ld_plane);
     const __m512 ov = _mm512_loadu_ps(o);
@@ -102,7 +105,7 @@ struct BitPlanes {
         w0 = _mm512_mask_add_ps(w0, static_cast<__mmask16>(_pext_u32(m, 0x55555555u)), w0, sv[i]);
         w1 = _mm512_mask_add_ps(w1, static_cast<__mmask16>(_pext_u32(m, 0xAAAAAAAAu)), w1, sv[i]);
       }
-      store_pair_row(dst + 64 * r, w0, w1);
+      store_pair_row(dst + 64 * r, w0, w1, order);
     }
   }
 };

@@ -106,6 +106,7 @@ template <class Codes>
 void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t nt, int64_t c0, int64_t n,
             uint8_t* b) {
   const int64_t N_pad = pr.n_pad(), ld_plane = pr.n_blocks() * N_pad, pairs = pr.G / 2;
+  const __m512i order = pair_order();
   for (int64_t c = c0; c < c0 + n; ++c)
     for (int64_t j = 0; j < nt; ++j) {
       uint8_t* dst = b + ((c - c0) * STRIP + j) * TILE_BYTES;
@@ -113,7 +114,8 @@ void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t nt, int64_
         const int64_t p = c * ROWS + r, group = p / pairs;
         const int64_t run = std::min(ROWS - r, (group + 1) * pairs - p);
         const int64_t at = group * N_pad + TILE * (t + j);
-        codes.decode_rows(j, p, run, pr.s + at, ld_plane, pr.n_planes, pr.o + at, dst + 64 * r);
+        codes.decode_rows(j, p, run, pr.s + at, ld_plane, pr.n_planes, pr.o + at, order,
+                          dst + 64 * r);
         r += run;
       }
     }
