@@ -112,7 +112,7 @@ def test_planes_layout_bit_by_bit():
     k, K, N, G = 2, 8, 20, 4  # N pads to 32: two tiles, the second holding 4 real columns
     beta, a, o = _planes(k, K, N, G, seed=4)
     w = pack_native_planes(beta, a, o, G)
-    assert w.packed.shape == (k, 2, K // 2) and w.scale.shape == (k, K // G, 32)
+    assert w.packed.shape == (k, 2, K // 2) and w.scale.shape == (k, 2, K // G, 16)
     words = w.packed.to(torch.int64) & 0xFFFFFFFF
     for i in range(k):
         for t in range(2):
@@ -122,8 +122,8 @@ def test_planes_layout_bit_by_bit():
                         n = 16 * t + j
                         bit = int(beta[i, 2 * p + r, n]) if n < N else 0
                         assert (int(words[i, t, p]) >> (2 * j + r)) & 1 == bit
-    assert torch.equal(w.scale[:, :, :N], a) and not w.scale[:, :, N:].any()
-    assert torch.equal(w.offset[:, :N], o) and not w.offset[:, N:].any()
+    _assert_tile_major(w.scale, a, N)
+    _assert_tile_major(w.offset, o, N)
     with pytest.raises(ValueError, match="only 0 and 1"):
         pack_native_planes(beta * 2, a, o, G)
     with pytest.raises(ValueError, match="scale must be contiguous fp32"):
@@ -163,15 +163,26 @@ def test_pack_layout_byte_by_byte():
     K, N, G = 8, 20, 4  # N pads to 32: two tiles, the second holding 4 real columns
     q, s, o = _weights(K, N, G, seed=3)
     w = pack_native(q, s, o, G)
-    assert w.packed.shape == (2, K // 2, 16) and w.scale.shape == (K // G, 32)
+    assert w.packed.shape == (2, K // 2, 16) and w.scale.shape == (2, K // G, 16)
     for t in range(2):
         for p in range(K // 2):
             for j in range(16):
                 n = 16 * t + j
                 lo, hi = (int(q[2 * p, n]), int(q[2 * p + 1, n])) if n < N else (0, 0)
                 assert int(w.packed[t, p, j]) == lo | (hi << 4)
-    assert torch.equal(w.scale[:, :N], s) and not w.scale[:, N:].any()
-    assert torch.equal(w.offset[:, :N], o) and not w.offset[:, N:].any()
+    _assert_tile_major(w.scale, s, N)
+    _assert_tile_major(w.offset, o, N)
+
+
+def _assert_tile_major(table: torch.Tensor, want: torch.Tensor, N: int) -> None:
+    """table [..., T, K/G, 16] holds want [..., K/G, N] at [..., t, b, j] = [..., b, 16t + j],
+    zeros in the padded columns."""
+    for t in range(table.shape[-3]):
+        for b in range(table.shape[-2]):
+            for j in range(16):
+                n = 16 * t + j
+                got = table[..., t, b, j]
+                assert torch.equal(got, want[..., b, n].float()) if n < N else not got.any()
 
 
 def test_weights_are_validated_once():

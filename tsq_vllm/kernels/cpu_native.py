@@ -28,6 +28,7 @@ off (an A/B switch for benchmarks, or a host without a compiler).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import threading
@@ -83,6 +84,15 @@ def native_unavailable_reason() -> str | None:
     return _module()[1]
 
 
+def _build_name() -> str:
+    """The extension's name, with a digest of every file under csrc/ in it: torch's loader
+    rebuilds when a listed source changes but not when only the shared header does."""
+    digest = hashlib.sha256()
+    for path in sorted(_CSRC.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"tsq_cpu_gemm_{digest.hexdigest()[:12]}"
+
+
 def _module() -> tuple[Any, str | None]:
     global _built
     with _lock:
@@ -91,7 +101,7 @@ def _module() -> tuple[Any, str | None]:
                 from torch.utils.cpp_extension import load
 
                 mod = load(
-                    name="tsq_cpu_gemm",
+                    name=_build_name(),
                     sources=[str(p) for p in _SOURCES],
                     extra_cflags=_FLAGS + _AMX_FLAGS,
                     extra_include_paths=[str(_CSRC)],
@@ -106,8 +116,8 @@ def _module() -> tuple[Any, str | None]:
 
 @dataclass(frozen=True)
 class _NativeWeights:
-    """What both kernel layouts hold: the packed codes, fp32 scale and offset tables in block
-    order, the group size and the width N before padding."""
+    """What both kernel layouts hold: the packed codes, tile-major fp32 scale and offset
+    tables, the group size and the width N before padding."""
 
     packed: torch.Tensor
     scale: torch.Tensor
@@ -119,16 +129,20 @@ class _NativeWeights:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
 
-def _padded_table(t: torch.Tensor, pad: int) -> torch.Tensor:
-    """A per-block fp32 table [..., N] padded with `pad` zero columns, contiguous."""
-    return F.pad(t.float(), (0, pad)).contiguous()
+def _tile_table(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """A per-block table [..., K/G, N] as the kernel reads it: fp32, padded with `pad` zero
+    columns, tile-major [..., N_pad/16, K/G, 16] (a tile's scales down all of K are contiguous:
+    the kernel walks them in step with the tile's codes)."""
+    t = F.pad(t.float(), (0, pad))
+    return t.unflatten(-1, (-1, _TILE)).transpose(-3, -2).contiguous()
 
 
 @dataclass(frozen=True)
 class NativeInt4Weights(_NativeWeights):
     """One layer in the kernel's layout: `packed` uint8 [N_pad/16, K/2, 16] (byte [t, p, j] holds
     q[2p, 16t + j] in its low and q[2p + 1, 16t + j] in its high nibble), `scale` and `offset`
-    fp32 [K/group_size, N_pad] in block order, `out_features` N before padding."""
+    fp32 [N_pad/16, K/group_size, 16] (element [t, b, j]: column 16t + j of block b),
+    `out_features` N before padding."""
 
     def __post_init__(self) -> None:
         if (
@@ -156,7 +170,7 @@ def pack_native(
     packed = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 1).to(torch.uint8).contiguous()
 
     return NativeInt4Weights(
-        packed, _padded_table(scale, pad), _padded_table(offset, pad), group_size, N
+        packed, _tile_table(scale, pad), _tile_table(offset, pad), group_size, N
     )
 
 
@@ -166,7 +180,7 @@ def _check_tables(w: _NativeWeights, K: int, T: int, planes: tuple[int, ...]) ->
     G = w.group_size
     if G <= 0 or G % 2 or K % G:
         raise ValueError(f"group_size={G} must be even and divide K={K}")
-    table = (K // G, _TILE * T)
+    table = (T, K // G, _TILE)
     for name, want in (("scale", (*planes, *table)), ("offset", table)):
         t = getattr(w, name)
         if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
@@ -178,8 +192,8 @@ def _check_tables(w: _NativeWeights, K: int, T: int, planes: tuple[int, ...]) ->
 @dataclass(frozen=True)
 class NativePlaneWeights(_NativeWeights):
     """One BCQ layer's k one-bit planes in the kernel's layout: `packed` int32 [k, N_pad/16, K/2]
-    (bit 2j + r of word [i, t, p] is β_i[2p + r, 16t + j]), `scale` fp32 [k, K/group_size,
-    N_pad] (a = 2α per plane), `offset` fp32 [K/group_size, N_pad], in block order."""
+    (bit 2j + r of word [i, t, p] is β_i[2p + r, 16t + j]), `scale` fp32 [k, N_pad/16,
+    K/group_size, 16] (a = 2α per plane), `offset` fp32 [N_pad/16, K/group_size, 16]."""
 
     def __post_init__(self) -> None:
         if self.packed.dtype != torch.int32 or self.packed.ndim != 3 or not len(self.packed):
@@ -205,8 +219,8 @@ def pack_native_planes(
 
     return NativePlaneWeights(
         words.to(torch.int32).contiguous(),
-        _padded_table(scale, pad),
-        _padded_table(offset, pad),
+        _tile_table(scale, pad),
+        _tile_table(offset, pad),
         group_size,
         N,
     )

@@ -17,6 +17,8 @@
 //   planes int32 [k, N_pad/16, K/2], bit 2j + r of word [i, t, p] = β_i[2p + r, 16t + j]: one
 //          32-bit load is the mask that selects 1.0 or 0 in the same 32 lanes (k bits per
 //          weight in memory instead of 4).
+//   tables fp32, tile-major: scale [planes, N_pad/16, K/G, 16], offset [N_pad/16, K/G, 16]
+//          (element [t, b, j] is column 16t + j of group b; see Problem in cpu_gemm.h).
 // Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
 // avx512_bf16. On CPUs with AMX, larger batches take the tile path instead (cpu_gemm_amx.cpp:
 // the same layouts, decoded to bf16 weights; chosen per call by the caller's `amx` flag).
@@ -32,24 +34,24 @@ namespace {
 
 constexpr int MB_MAX = 8;  // rows per register block: 2·MB_MAX accumulators + 3 live vectors
 
-// MB rows of x against NT adjacent tiles, every group of every plane. The MB·NT accumulators are
-// independent chains (vdpbf16ps has a latency of several cycles: one chain alone would wait on
-// itself), each decoded weight vector serves MB rows and each broadcast of x serves NT tiles.
-// Scale tables: plane i of group b at s[i·ld_plane + b·ld_table + 16·j]; offsets o likewise
-// without the plane.
+// MB rows of x from row m0 against NT adjacent tiles from tile t, every group of every plane.
+// The MB·NT accumulators are independent chains (vdpbf16ps has a latency of several cycles: one
+// chain alone would wait on itself), each decoded weight vector serves MB rows and each
+// broadcast of x serves NT tiles.
 template <int MB, int NT, class Codes>
-void block(const uint16_t* x, int64_t K, const Codes& codes, int n_planes, const float* s,
-           int64_t ld_plane, const float* o, int64_t ld_table, int64_t G, const float* xsum,
-           int64_t n_blocks, uint16_t* y, int64_t ld_y) {
+void block(const Problem& pr, const Codes& codes, int64_t m0, int64_t t) {
+  const int64_t K = pr.K, n_blocks = pr.n_blocks(), pairs = pr.G / 2;
+  const uint16_t* x = pr.x + m0 * K;
+  const float* xsum = pr.xsum + m0 * n_blocks;
   __m512 out[MB][NT];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NT; ++j) out[m][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
-    for (int i = 0; i < n_planes; ++i) {
+    for (int i = 0; i < pr.n_planes; ++i) {
       __m512 acc[MB][NT];
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_ps();
-      for (int64_t p = b * (G / 2); p < (b + 1) * (G / 2); ++p) {
+      for (int64_t p = b * pairs; p < (b + 1) * pairs; ++p) {
         __m512i wv[NT];
         for (int j = 0; j < NT; ++j) wv[j] = codes.load(i, j, p);
         for (int m = 0; m < MB; ++m) {
@@ -61,27 +63,26 @@ void block(const uint16_t* x, int64_t K, const Codes& codes, int n_planes, const
         }
       }
       for (int j = 0; j < NT; ++j) {
-        const __m512 sv = _mm512_loadu_ps(s + i * ld_plane + b * ld_table + TILE * j);
+        const __m512 sv = _mm512_loadu_ps(pr.scale_at(i, b, t + j));
         for (int m = 0; m < MB; ++m) out[m][j] = _mm512_fmadd_ps(sv, acc[m][j], out[m][j]);
       }
     }
     for (int j = 0; j < NT; ++j) {
-      const __m512 ov = _mm512_loadu_ps(o + b * ld_table + TILE * j);
+      const __m512 ov = _mm512_loadu_ps(pr.offset_at(b, t + j));
       for (int m = 0; m < MB; ++m)
         out[m][j] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[m * n_blocks + b]), out[m][j]);
     }
   }
+  uint16_t* y = pr.y + m0 * pr.n_pad() + TILE * t;
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NT; ++j) {
       const __m256bh v = _mm512_cvtneps_pbh(out[m][j]);
-      std::memcpy(y + m * ld_y + TILE * j, &v, sizeof v);
+      std::memcpy(y + m * pr.n_pad() + TILE * j, &v, sizeof v);
     }
 }
 
 template <class Codes>
-using BlockFn = void (*)(const uint16_t*, int64_t, const Codes&, int, const float*, int64_t,
-                         const float*, int64_t, int64_t, const float*, int64_t, uint16_t*,
-                         int64_t);
+using BlockFn = void (*)(const Problem&, const Codes&, int64_t, int64_t);
 
 // Tiles per block by rows: few rows need more tiles to have enough independent chains; MB·NT
 // accumulators plus NT weight vectors stay within the 32 zmm registers.
@@ -123,12 +124,12 @@ void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& s
               "x must be a contiguous bf16 [M, K] tensor");
   TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0 && x.size(1) == K,
               "K, group_size and the weights do not match");
-  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.is_contiguous() && offset.dim() == 2 &&
-                  offset.size(0) == K / G && offset.size(1) == TILE * T,
-              "offset must be contiguous fp32 [K/group_size, N_pad]");
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.is_contiguous() && offset.dim() == 3 &&
+                  offset.size(0) == T && offset.size(1) == K / G && offset.size(2) == TILE,
+              "offset must be contiguous fp32 [N_pad/16, K/group_size, 16]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   scale.numel() == n_planes * offset.numel(),
-              "scale must be contiguous fp32 [planes, K/group_size, N_pad]");
+              "scale must be contiguous fp32 [planes, N_pad/16, K/group_size, 16]");
 }
 
 // Threads split the column tiles into strips of STRIP tiles; every row block of x (MB_MAX rows,
@@ -138,7 +139,6 @@ void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& s
 // same order either way: results do not depend on the split).
 template <class Codes>
 void gemm_avx512(const Problem& pr, const Codes& codes) {
-  const int64_t K = pr.K, N_pad = pr.n_pad(), n_blocks = pr.n_blocks();
   constexpr int64_t STRIP = 4;
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
@@ -151,9 +151,7 @@ void gemm_avx512(const Problem& pr, const Codes& codes) {
           const BlockFn<Codes> f = width == 4   ? kBlocks<4, Codes>[mb]
                                    : width == 2 ? kBlocks<2, Codes>[mb]
                                                 : kBlocks<1, Codes>[mb];
-          f(pr.x + m0 * K, K, codes.at(t), pr.n_planes, pr.s + TILE * t, n_blocks * N_pad,
-            pr.o + TILE * t, N_pad, pr.G, pr.xsum + m0 * n_blocks, n_blocks,
-            pr.y + m0 * N_pad + TILE * t, N_pad);
+          f(pr, codes.at(t), m0, t);
           t += width;
         }
       }

@@ -105,7 +105,7 @@ constexpr BlockFns block_fns() {
 template <class Codes>
 void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t nt, int64_t c0, int64_t n,
             uint8_t* b) {
-  const int64_t N_pad = pr.n_pad(), ld_plane = pr.n_blocks() * N_pad, pairs = pr.G / 2;
+  const int64_t pairs = pr.G / 2;
   const __m512i order = pair_order();
   for (int64_t c = c0; c < c0 + n; ++c)
     for (int64_t j = 0; j < nt; ++j) {
@@ -113,9 +113,8 @@ void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t nt, int64_
       for (int64_t r = 0; r < ROWS;) {
         const int64_t p = c * ROWS + r, group = p / pairs;
         const int64_t run = std::min(ROWS - r, (group + 1) * pairs - p);
-        const int64_t at = group * N_pad + TILE * (t + j);
-        codes.decode_rows(j, p, run, pr.s + at, ld_plane, pr.n_planes, pr.o + at, order,
-                          dst + 64 * r);
+        codes.decode_rows(j, p, run, pr.scale_at(0, group, t + j), pr.ld_plane(), pr.n_planes,
+                          pr.offset_at(group, t + j), order, dst + 64 * r);
         r += run;
       }
     }
