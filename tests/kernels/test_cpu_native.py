@@ -57,8 +57,9 @@ def _oracle(x: torch.Tensor, q, s, o, G: int) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize(
     "K,N,G",
-    [(256, 96, 64), (128, 80, 32), (192, 40, 64), (64, 16, 2), (512, 272, 128)],
-    ids=["plain", "tile-tail", "n-padding", "g2", "g128"],
+    [(256, 96, 64), (128, 80, 32), (192, 40, 64), (64, 16, 2), (512, 272, 128), (1088, 176, 64)],
+    # k-blocks: 34 chunks of 32 (tall x on AMX: K blocks of 8, 8, 8, 8, 2), 11 tiles
+    ids=["plain", "tile-tail", "n-padding", "g2", "g128", "k-blocks"],
 )
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 16, 17, 33, 130])
 @pytest.mark.parametrize("amx", PATHS)
@@ -146,6 +147,20 @@ def test_threads_split_columns_without_changing_bits(amx, M):
         finally:
             torch.set_num_threads(before)
         assert torch.equal(one, two)
+
+
+@needs_kernel
+@pytest.mark.parametrize("amx", PATHS)
+def test_a_row_does_not_depend_on_the_batch(amx):
+    """Every row's sums run in one order whether x is one row pair or many (AMX: the short path
+    or panels with K blocks: here 37 tiles, two panels on one thread), so rows come out bit for
+    bit the same in any batch."""
+    q, s, o = _weights(1088, 16 * 37, 64, seed=7)
+    w = pack_native(q, s, o, 64)
+    x = torch.randn(70, 1088, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tall = native_mm(x, w, amx=amx)
+    for rows in (slice(0, 16), slice(16, 48), slice(64, 70)):
+        assert torch.equal(native_mm(x[rows].contiguous(), w, amx=amx), tall[rows])
 
 
 @needs_kernel

@@ -13,10 +13,10 @@ AVX512-BF16 dot products (fp32 accumulation). Two kinds of weights, per group b 
 with every scale and offset in fp32. `native_mm(x, w)` runs either.
 
 On CPUs with AMX (tile units, which oneDNN's dense bf16 GEMM also uses) batches of at least
-`AMX_MIN_ROWS` rows run on tiles instead (`csrc/cpu_gemm_amx.cpp`: the same packed layouts; each
-strip of 32 columns decoded once per call to bf16 weights w = s·q + o, computed in fp32 and
-rounded once, then tdpbf16ps on 32-row × 32-column blocks over all of K). That rounding is the
-one a dense bf16 model's weights have; the AVX-512 path keeps s and o out of the bf16 products.
+`AMX_MIN_ROWS` rows run on tiles instead (`csrc/cpu_gemm_amx.cpp`: the same packed layouts; the
+codes decoded once per call to bf16 weights w = s·q + o, computed in fp32 and rounded once, then
+tdpbf16ps on 32-row × 32-column blocks). That rounding is the one a dense bf16 model's weights
+have; the AVX-512 path keeps s and o out of the bf16 products.
 Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` or a CPU without AMX take the AVX512-BF16
 dot products.
 

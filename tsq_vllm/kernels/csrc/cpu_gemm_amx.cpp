@@ -6,10 +6,12 @@
 //
 // Here a strip of 2 column tiles is decoded into bf16 B tiles, weights w = s·q + o computed in
 // fp32 and rounded once to bf16 (as a dense bf16 model's weights are), and every 32-row pair of
-// x tiles multiplies them into 4 accumulator tiles over the whole of K. The per-group scales are
-// in the weights, so the accumulators run without a break: tile instructions have long
-// latencies, and a store and reload of the accumulators per group (the exact-scale scheme of the
-// AVX-512 path) measured 2–3× slower than this on the same host.
+// x tiles multiplies them into 4 accumulator tiles. The per-group scales are in the weights, so
+// the accumulators run without a break per group: tile instructions have long latencies, and a
+// store and reload of the accumulators per group (the exact-scale scheme of the AVX-512 path)
+// measured 2–3× slower than this on the same host. With one row pair (decode batches) the
+// accumulators stay in their tiles over all of K; taller x (prefill) goes in panels of 16 strips
+// and blocks of K, so that x is read once per panel (`panel`).
 //
 // Tiles: 0-3 accumulators C[r][c] (row tile r, column tile c), 4-5 x tiles A[r], 6-7 weight
 // tiles B[c]; all 16 rows × 64 bytes. x is first copied into A-tile order, zero rows past M.
@@ -33,6 +35,9 @@ constexpr int64_t CHUNK = 32;         // k per tile multiply: 16 bf16 pairs
 constexpr int64_t TILE_BYTES = 1024;  // every tile: 16 rows × 64 bytes
 constexpr int64_t STRIP = 2;          // column tiles per strip (C tiles 2 × 2)
 constexpr int64_t WINDOW = 8;         // chunks decoded at a time when one row pair is all of x
+constexpr int64_t PANEL = 32;         // column tiles that share a pass over x when x is taller
+constexpr int64_t K_BLOCK = 8;        // chunks per pass: a row pair's A tiles (16 KiB) stay in L1
+constexpr int64_t C_FLOATS = TILE_BYTES / 4;
 constexpr int MAX_PLANES = 8;         // BCQ planes the tile path takes (GPTQT uses ≤ 4)
 
 struct alignas(64) TileConfig {
@@ -52,10 +57,10 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// The accumulators of a row pair (TWO_ROWS) × column pair (TWO_COLS): zero, Σ over chunks of
-// A[r] · B[c], store to c_out [4][16][16] fp32 (C[r][c] at index 2r + c). a: chunk 0's A tile of
-// the first row tile (chunk tiles 1 KiB apart, the second row tile a_step bytes on); b: B tiles
-// [chunk][STRIP][1 KiB].
+// The accumulators of a row pair (TWO_ROWS) × column pair (TWO_COLS): zero or load, Σ over
+// chunks of A[r] · B[c], store; in memory c [4][16][16] fp32 (C[r][c] at index 2r + c). a: chunk
+// 0's A tile of the first row tile (chunk tiles 1 KiB apart, the second row tile a_step bytes
+// on); b: B tiles [chunk][STRIP][1 KiB].
 template <bool TWO_ROWS, bool TWO_COLS>
 struct Block {
   static void zero() {
@@ -63,6 +68,12 @@ struct Block {
     if constexpr (TWO_COLS) _tile_zero(1);
     if constexpr (TWO_ROWS) _tile_zero(2);
     if constexpr (TWO_ROWS && TWO_COLS) _tile_zero(3);
+  }
+  static void load(const float* c) {
+    _tile_loadd(0, c, 64);
+    if constexpr (TWO_COLS) _tile_loadd(1, c + C_FLOATS, 64);
+    if constexpr (TWO_ROWS) _tile_loadd(2, c + 2 * C_FLOATS, 64);
+    if constexpr (TWO_ROWS && TWO_COLS) _tile_loadd(3, c + 3 * C_FLOATS, 64);
   }
   static void accumulate(const uint8_t* a, int64_t a_step, const uint8_t* b, int64_t chunks) {
     for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -79,25 +90,29 @@ struct Block {
       }
     }
   }
-  static void store(float* c_out) {
-    constexpr int64_t C_FLOATS = TILE_BYTES / 4;
-    _tile_stored(0, c_out, 64);
-    if constexpr (TWO_COLS) _tile_stored(1, c_out + C_FLOATS, 64);
-    if constexpr (TWO_ROWS) _tile_stored(2, c_out + 2 * C_FLOATS, 64);
-    if constexpr (TWO_ROWS && TWO_COLS) _tile_stored(3, c_out + 3 * C_FLOATS, 64);
+  static void store(float* c) {
+    _tile_stored(0, c, 64);
+    if constexpr (TWO_COLS) _tile_stored(1, c + C_FLOATS, 64);
+    if constexpr (TWO_ROWS) _tile_stored(2, c + 2 * C_FLOATS, 64);
+    if constexpr (TWO_ROWS && TWO_COLS) _tile_stored(3, c + 3 * C_FLOATS, 64);
   }
 };
 
 struct BlockFns {
   void (*zero)();
+  void (*load)(const float*);
   void (*accumulate)(const uint8_t*, int64_t, const uint8_t*, int64_t);
   void (*store)(float*);
 };
 
 template <bool R, bool C>
 constexpr BlockFns block_fns() {
-  return {Block<R, C>::zero, Block<R, C>::accumulate, Block<R, C>::store};
+  return {Block<R, C>::zero, Block<R, C>::load, Block<R, C>::accumulate, Block<R, C>::store};
 }
+
+// [has a second row tile][has a second column tile]
+constexpr BlockFns BLOCKS[2][2] = {{block_fns<false, false>(), block_fns<false, true>()},
+                                   {block_fns<true, false>(), block_fns<true, true>()}};
 
 // The tile decode, codes to B-tile rows: a row holds 16 columns as bf16 pairs (w[2p, c],
 // w[2p + 1, c]), weights w = s·q + o computed in fp32 and rounded once. The int4 decode starts
@@ -225,10 +240,12 @@ TSQ_VBMI void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t n
 std::vector<uint16_t> tile_rows(const Problem& pr) {
   const int64_t row_tiles = (pr.M + ROWS - 1) / ROWS, chunks = pr.K / CHUNK;
   std::vector<uint16_t> xa(static_cast<size_t>(row_tiles * ROWS * pr.K), 0);
-  for (int64_t m = 0; m < pr.M; ++m)
-    for (int64_t c = 0; c < chunks; ++c)
-      std::memcpy(xa.data() + (((m / ROWS) * chunks + c) * ROWS + m % ROWS) * CHUNK,
-                  pr.x + m * pr.K + c * CHUNK, CHUNK * sizeof(uint16_t));
+  at::parallel_for(0, pr.M, ROWS, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t c = 0; c < chunks; ++c)
+        std::memcpy(xa.data() + (((m / ROWS) * chunks + c) * ROWS + m % ROWS) * CHUNK,
+                    pr.x + m * pr.K + c * CHUNK, CHUNK * sizeof(uint16_t));
+  });
   return xa;
 }
 
@@ -236,7 +253,6 @@ std::vector<uint16_t> tile_rows(const Problem& pr) {
 // back from B_COLUMN order.
 void write_rows(const Problem& pr, const float* acc, int64_t m0, int64_t rows, int64_t t,
                 int64_t nt) {
-  constexpr int64_t C_FLOATS = TILE_BYTES / 4;
   const __m512i order = _mm512_load_si512(COLUMN_ORDER.c_of_y);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < nt; ++j) {
@@ -247,35 +263,59 @@ void write_rows(const Problem& pr, const float* acc, int64_t m0, int64_t rows, i
     }
 }
 
-// One strip (nt ≤ STRIP column tiles from tile t) of every row. With one row pair the decode
-// runs a window of chunks ahead of the multiplies (the B tiles stay in L1); with more, the
-// strip's whole B is decoded once and every row pair passes over it.
+// Few rows (one row pair): strip by strip, the decode runs a window of chunks ahead of the
+// multiplies, so the B tiles stay in L1 and the accumulators in their tiles over all of K.
 template <class Codes>
-void strip(const Problem& pr, const Codes& codes, const uint8_t* xa, int64_t t, int64_t nt,
-           std::vector<uint8_t>& bbuf, float* acc) {
+void short_strip(const Problem& pr, const Codes& codes, const uint8_t* xa, int64_t t, int64_t nt,
+                 uint8_t* b, float* c) {
+  const int64_t chunks = pr.K / CHUNK;
+  const BlockFns& f = BLOCKS[pr.M > ROWS][nt == 2];
+  f.zero();
+  for (int64_t c0 = 0; c0 < chunks; c0 += WINDOW) {
+    const int64_t n = std::min(WINDOW, chunks - c0);
+    decode(pr, codes.at(t), t, nt, c0, n, b);
+    f.accumulate(xa + c0 * TILE_BYTES, chunks * TILE_BYTES, b, n);
+  }
+  f.store(c);
+  write_rows(pr, c, 0, pr.M, t, nt);
+}
+
+// More rows: a panel of nt ≤ PANEL tiles from tile t, K in blocks of K_BLOCK chunks. Per block
+// the panel's B tiles are decoded (256 KiB) and every row pair runs over them strip by strip, its
+// accumulators stored to c [row pair][strip][4 KiB] and reloaded for the next block (exact: the
+// sums run in the order of one pass). x is read once per panel, not once per strip: decoding a
+// whole strip (K·64 bytes) and passing every row pair over it measured 1.5× slower at K = 4096
+// and 8960, M = 256–512 (about even at K = 1536), in a one-off comparison on one thread.
+template <class Codes>
+void panel(const Problem& pr, const Codes& codes, const uint8_t* xa, int64_t t, int64_t nt,
+           uint8_t* b, float* c) {
   const int64_t chunks = pr.K / CHUNK, a_step = chunks * TILE_BYTES;
-  const BlockFns fns[2][2] = {{block_fns<false, false>(), block_fns<false, true>()},
-                              {block_fns<true, false>(), block_fns<true, true>()}};
-  if (pr.M <= 2 * ROWS) {
-    const BlockFns& f = fns[pr.M > ROWS][nt == 2];
-    f.zero();
-    for (int64_t c0 = 0; c0 < chunks; c0 += WINDOW) {
-      const int64_t n = std::min(WINDOW, chunks - c0);
-      decode(pr, codes.at(t), t, nt, c0, n, bbuf.data());
-      f.accumulate(xa + c0 * TILE_BYTES, a_step, bbuf.data(), n);
+  const int64_t strips = (nt + STRIP - 1) / STRIP, row_pairs = (pr.M + 2 * ROWS - 1) / (2 * ROWS);
+  const auto width = [&](int64_t s) { return std::min(STRIP, nt - s * STRIP); };
+  const auto acc = [&](int64_t rp, int64_t s) { return c + (rp * strips + s) * 4 * C_FLOATS; };
+  for (int64_t k0 = 0; k0 < chunks; k0 += K_BLOCK) {
+    const int64_t kn = std::min(K_BLOCK, chunks - k0);
+    for (int64_t s = 0; s < strips; ++s)
+      decode(pr, codes.at(t + s * STRIP), t + s * STRIP, width(s), k0, kn,
+             b + s * K_BLOCK * STRIP * TILE_BYTES);
+    for (int64_t rp = 0; rp < row_pairs; ++rp) {
+      const int64_t m0 = rp * 2 * ROWS;
+      for (int64_t s = 0; s < strips; ++s) {
+        const BlockFns& f = BLOCKS[m0 + ROWS < pr.M][width(s) == 2];
+        if (k0 == 0)
+          f.zero();
+        else
+          f.load(acc(rp, s));
+        f.accumulate(xa + (m0 / ROWS) * a_step + k0 * TILE_BYTES, a_step,
+                     b + s * K_BLOCK * STRIP * TILE_BYTES, kn);
+        f.store(acc(rp, s));
+      }
     }
-    f.store(acc);
-    write_rows(pr, acc, 0, pr.M, t, nt);
-    return;
   }
-  decode(pr, codes.at(t), t, nt, 0, chunks, bbuf.data());
-  for (int64_t m0 = 0; m0 < pr.M; m0 += 2 * ROWS) {
-    const BlockFns& f = fns[m0 + ROWS < pr.M][nt == 2];
-    f.zero();
-    f.accumulate(xa + (m0 / ROWS) * a_step, a_step, bbuf.data(), chunks);
-    f.store(acc);
-    write_rows(pr, acc, m0, std::min(pr.M - m0, 2 * ROWS), t, nt);
-  }
+  for (int64_t rp = 0; rp < row_pairs; ++rp)
+    for (int64_t s = 0; s < strips; ++s)
+      write_rows(pr, acc(rp, s), rp * 2 * ROWS, std::min(pr.M - rp * 2 * ROWS, 2 * ROWS),
+                 t + s * STRIP, width(s));
 }
 
 }  // namespace
@@ -304,13 +344,20 @@ void gemm_amx(const Problem& pr, const Codes& codes) {
   TORCH_CHECK(pr.n_planes <= MAX_PLANES, "AMX path: at most ", MAX_PLANES, " planes");
   const std::vector<uint16_t> xa = tile_rows(pr);
   const auto* xa_bytes = reinterpret_cast<const uint8_t*>(xa.data());
-  const int64_t b_chunks = pr.M <= 2 * ROWS ? WINDOW : pr.K / CHUNK;
+  const bool tall = pr.M > 2 * ROWS;
+  const int64_t row_pairs = (pr.M + 2 * ROWS - 1) / (2 * ROWS);
+  const size_t b_bytes = (tall ? PANEL * K_BLOCK : STRIP * WINDOW) * TILE_BYTES;
+  const size_t c_floats = (tall ? row_pairs * PANEL / STRIP : 1) * 4 * C_FLOATS;
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     configure_tiles();
-    std::vector<uint8_t> bbuf(static_cast<size_t>(b_chunks * STRIP * TILE_BYTES));
-    alignas(64) float acc[4 * TILE_BYTES / 4];
-    for (int64_t t = t0; t < t1; t += STRIP)
-      strip(pr, codes, xa_bytes, t, std::min(STRIP, t1 - t), bbuf, acc);
+    std::vector<uint8_t> b(b_bytes);
+    std::vector<float> c(c_floats);
+    if (tall)
+      for (int64_t t = t0; t < t1; t += PANEL)
+        panel(pr, codes, xa_bytes, t, std::min(PANEL, t1 - t), b.data(), c.data());
+    else
+      for (int64_t t = t0; t < t1; t += STRIP)
+        short_strip(pr, codes, xa_bytes, t, std::min(STRIP, t1 - t), b.data(), c.data());
     _tile_release();
   });
 }
