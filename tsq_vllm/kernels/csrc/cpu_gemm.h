@@ -83,8 +83,8 @@ struct Problem {
   const float* offset_at(int64_t b, int64_t t) const { return o + (t * n_blocks() + b) * TILE; }
 };
 
-// The AMX path (cpu_gemm_amx.cpp). Needs K % 32 == 0 and amx_unavailable() == nullptr; reads
-// neither xsum nor more than 8 planes.
+// The AMX path (cpu_gemm_amx.cpp). Needs K % 32 == 0 and amx_unavailable() == nullptr; takes
+// at most 8 planes.
 template <class Codes>
 void gemm_amx(const Problem& pr, const Codes& codes);
 // nullptr when this CPU and kernel let this process use AMX tiles, else why not.

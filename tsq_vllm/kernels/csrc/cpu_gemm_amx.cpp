@@ -23,39 +23,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
-#include "cpu_gemm.h"
+#include "cpu_amx.h"
 
 namespace tsq {
 namespace {
 
-constexpr int64_t ROWS = 16;          // rows of an A or C tile
-constexpr int64_t CHUNK = 32;         // k per tile multiply: 16 bf16 pairs
-constexpr int64_t TILE_BYTES = 1024;  // every tile: 16 rows × 64 bytes
-constexpr int64_t STRIP = 2;          // column tiles per strip (C tiles 2 × 2)
-constexpr int64_t WINDOW = 8;         // chunks decoded at a time when one row pair is all of x
-constexpr int64_t PANEL = 32;         // column tiles that share a pass over x when x is taller
-constexpr int64_t K_BLOCK = 8;        // chunks per pass: a row pair's A tiles (16 KiB) stay in L1
-constexpr int64_t C_FLOATS = TILE_BYTES / 4;
-constexpr int MAX_PLANES = 8;         // BCQ planes the tile path takes (GPTQT uses ≤ 4)
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = ROWS;
-  }
-  _tile_loadconfig(&cfg);
-}
+constexpr int64_t WINDOW = 8;   // chunks decoded at a time when one row pair is all of x
+constexpr int64_t PANEL = 32;   // column tiles that share a pass over x when x is taller
+constexpr int64_t K_BLOCK = 8;  // chunks per pass: a row pair's A tiles (16 KiB) stay in L1
+constexpr int MAX_PLANES = 8;   // BCQ planes the tile path takes (GPTQT uses ≤ 4)
 
 // The accumulators of a row pair (TWO_ROWS) × column pair (TWO_COLS): zero or load, Σ over
 // chunks of A[r] · B[c], store; in memory c [4][16][16] fp32 (C[r][c] at index 2r + c). a: chunk
@@ -162,8 +141,6 @@ constexpr ColumnOrder column_order() {
 }
 constexpr ColumnOrder COLUMN_ORDER = column_order();
 
-#define TSQ_VBMI __attribute__((target("avx512vbmi")))
-
 // Pairs p0 .. p0 + n − 1 of strip tile j (tile t of the layer), all in `group`, to B-tile rows
 // 64 bytes apart from dst. w = s·q + o is computed as s·(128 + q) + (o − 128·s): 128 + q is the
 // nibble in bits 16–19 ORed into the bits of 128.0f (no int-to-float conversion), and the fma
@@ -232,21 +209,6 @@ TSQ_VBMI void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t n
         r += run;
       }
     }
-}
-
-// x in A-tile order, [row tile][chunk][16 rows][32 bf16] (zero rows past M): each A tile is
-// 1 KiB of consecutive bytes. Loading tiles straight from x would read 16 rows 2K bytes apart,
-// which for K a multiple of 2048 all fall into one L1 set.
-std::vector<uint16_t> tile_rows(const Problem& pr) {
-  const int64_t row_tiles = (pr.M + ROWS - 1) / ROWS, chunks = pr.K / CHUNK;
-  std::vector<uint16_t> xa(static_cast<size_t>(row_tiles * ROWS * pr.K), 0);
-  at::parallel_for(0, pr.M, ROWS, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t c = 0; c < chunks; ++c)
-        std::memcpy(xa.data() + (((m / ROWS) * chunks + c) * ROWS + m % ROWS) * CHUNK,
-                    pr.x + m * pr.K + c * CHUNK, CHUNK * sizeof(uint16_t));
-  });
-  return xa;
 }
 
 // Rows [m0, m0 + rows) of the strip from the stored accumulators into y (bf16), the columns
@@ -320,6 +282,21 @@ void panel(const Problem& pr, const Codes& codes, const uint8_t* xa, int64_t t, 
 
 }  // namespace
 
+// x in A-tile order, [row tile][chunk][16 rows][32 bf16] (zero rows past M): each A tile is
+// 1 KiB of consecutive bytes. Loading tiles straight from x would read 16 rows 2K bytes apart,
+// which for K a multiple of 2048 all fall into one L1 set.
+std::vector<uint16_t> tile_rows(const Problem& pr) {
+  const int64_t row_tiles = (pr.M + ROWS - 1) / ROWS, chunks = pr.K / CHUNK;
+  std::vector<uint16_t> xa(static_cast<size_t>(row_tiles * ROWS * pr.K), 0);
+  at::parallel_for(0, pr.M, ROWS, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t c = 0; c < chunks; ++c)
+        std::memcpy(xa.data() + (((m / ROWS) * chunks + c) * ROWS + m % ROWS) * CHUNK,
+                    pr.x + m * pr.K + c * CHUNK, CHUNK * sizeof(uint16_t));
+  });
+  return xa;
+}
+
 const char* amx_unavailable() {
   static const char* why = []() -> const char* {
     unsigned a, b, c, d;
@@ -348,8 +325,18 @@ void gemm_amx(const Problem& pr, const Codes& codes) {
   const int64_t row_pairs = (pr.M + 2 * ROWS - 1) / (2 * ROWS);
   const size_t b_bytes = (tall ? PANEL * K_BLOCK : STRIP * WINDOW) * TILE_BYTES;
   const size_t c_floats = (tall ? row_pairs * PANEL / STRIP : 1) * 4 * C_FLOATS;
+  // One row tile of 4-bit codes in whole-chunk groups: exact codes and fp32 scales instead.
+  bool exact = false;
+  if constexpr (std::is_same_v<Codes, Int4Codes>) exact = pr.M <= ROWS && pr.G % CHUNK == 0;
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     configure_tiles();
+    if constexpr (std::is_same_v<Codes, Int4Codes>) {
+      if (exact) {
+        gemm_amx_exact(pr, codes, xa_bytes, t0, t1);
+        _tile_release();
+        return;
+      }
+    }
     std::vector<uint8_t> b(b_bytes);
     std::vector<float> c(c_floats);
     if (tall)
