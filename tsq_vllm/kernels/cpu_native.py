@@ -55,8 +55,9 @@ __all__ = [
 ENV_SWITCH = "TSQ_CPU_NATIVE"
 AMX_SWITCH = "TSQ_CPU_AMX"
 # Rows from which the AMX path is taken where it can run; chosen by measurement
-# (benchmarks/results/cpu_linear_amx.md: from M = 8 it beats the AVX-512 path on AMX hosts).
-AMX_MIN_ROWS = 8
+# (benchmarks/results/cpu_linear_amx.md: from M = 2 it is as fast as the AVX-512 path or faster
+# on Qwen2.5-1.5B's shapes, at M = 1 slower on two of three).
+AMX_MIN_ROWS = 2
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / n for n in ("cpu_gemm.cpp", "cpu_gemm_amx.cpp", "cpu_gemm_amx_exact.cpp")]
