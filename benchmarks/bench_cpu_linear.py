@@ -120,7 +120,15 @@ def _machine() -> list[str]:
         pass
     isa = [
         f
-        for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+        for f in (
+            "avx2",
+            "avx512f",
+            "avx512_bf16",
+            "avx512_vnni",
+            "avx512vbmi",
+            "amx_tile",
+            "amx_bf16",
+        )
         if f in flags
     ]
     missing = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f not in flags]

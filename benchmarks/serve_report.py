@@ -22,7 +22,7 @@ def _isa() -> str:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile", "amx_bf16")
     listed = ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
     from tsq_vllm.kernels.wna16 import wna16_unavailable_reason
 
