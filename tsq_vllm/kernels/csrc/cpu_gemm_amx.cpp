@@ -8,8 +8,9 @@
 // fp32 and rounded once to bf16 (as a dense bf16 model's weights are), and every 32-row pair of
 // x tiles multiplies them into 4 accumulator tiles. The per-group scales are in the weights, so
 // the accumulators run without a break per group: tile instructions have long latencies, and a
-// store and reload of the accumulators per group (the exact-scale scheme of the AVX-512 path)
-// measured 2–3× slower than this on the same host. With one row pair (decode batches) the
+// store and reload of the accumulators after every group, waiting on its multiplies, measured
+// 2–3× slower than this. (For one row tile of 4-bit codes, cpu_gemm_amx_exact.cpp does keep the
+// scales out of the tiles, with the stores put off by a group; there it pays.) Up to 32 rows the
 // accumulators stay in their tiles over all of K; taller x (prefill) goes in panels of 16 strips
 // and blocks of K, so that x is read once per panel (`panel`).
 //
@@ -302,7 +303,8 @@ const char* amx_unavailable() {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)))
       return "this CPU has no AMX-TILE/AMX-BF16 (cpuid leaf 7)";
-    if (!(c & (1u << 1))) return "this CPU has no AVX512-VBMI (cpuid leaf 7), which the decode uses";
+    if (!(c & (1u << 1)))
+      return "this CPU has no AVX512-VBMI (cpuid leaf 7), which the tile decodes use";
     // Linux hands out the tile state only on request, once per process (ARCH_REQ_XCOMP_PERM,
     // XFEATURE_XTILEDATA); without it the first tile instruction faults.
     constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;

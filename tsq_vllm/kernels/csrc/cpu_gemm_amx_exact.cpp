@@ -16,6 +16,7 @@
 // Tiles: 0-1 and 2-3 accumulators of even and odd groups, 4 the x tile, 6-7 the code tiles.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu_amx.h"
@@ -142,7 +143,8 @@ void strip(const Problem& pr, const Int4Codes& codes, const uint8_t* xa, int64_t
   const __m512i order = _mm512_load_si512(RAW.c_of_y);
   for (int64_t m = 0; m < pr.M; ++m)
     for (int64_t j = 0; j < nt; ++j) {
-      const __m512 v = _mm512_permutexvar_ps(order, _mm512_loadu_ps(sums + (m * STRIP + j) * TILE));
+      const __m512 v =
+          _mm512_permutexvar_ps(order, _mm512_loadu_ps(sums + (m * STRIP + j) * TILE));
       const __m256bh y = _mm512_cvtneps_pbh(v);
       std::memcpy(pr.y + m * pr.n_pad() + TILE * (t + j), &y, sizeof y);
     }
@@ -153,7 +155,8 @@ void strip(const Problem& pr, const Int4Codes& codes, const uint8_t* xa, int64_t
 void gemm_amx_exact(const Problem& pr, const Int4Codes& codes, const uint8_t* xa, int64_t t0,
                     int64_t t1) {
   std::vector<uint8_t> b(static_cast<size_t>(2 * (pr.G / CHUNK) * STRIP * TILE_BYTES));
-  for (int64_t t = t0; t < t1; t += STRIP) strip(pr, codes, xa, t, std::min(STRIP, t1 - t), b.data());
+  for (int64_t t = t0; t < t1; t += STRIP)
+    strip(pr, codes, xa, t, std::min(STRIP, t1 - t), b.data());
 }
 
 }  // namespace tsq
