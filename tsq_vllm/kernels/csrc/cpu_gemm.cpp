@@ -100,24 +100,6 @@ constexpr BlockFn<Codes> kBlocks[MB_MAX + 1] = {
     block<7, NT, Codes>,
     block<8, NT, Codes>};
 
-// Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input; a loop here, not
-// three aten ops, because at M = 1 their dispatch would cost as much as the sums.
-std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G) {
-  std::vector<float> xsum(static_cast<size_t>(M * n_blocks));
-  for (int64_t r = 0; r < M * n_blocks; ++r) {
-    const uint16_t* src = x + r * G;
-    float acc = 0.f;
-    for (int64_t k = 0; k < G; ++k) {
-      const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
-      float v;
-      std::memcpy(&v, &bits, sizeof v);
-      acc += v;
-    }
-    xsum[static_cast<size_t>(r)] = acc;
-  }
-  return xsum;
-}
-
 void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& scale,
                   int64_t n_planes, const at::Tensor& offset, int64_t G) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
@@ -170,20 +152,38 @@ at::Tensor gemm(const at::Tensor& x, const Codes& codes, int64_t T, const at::Te
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   Problem pr{xp, M, K, T, G, n_planes, scale.data_ptr<float>(), offset.data_ptr<float>(),
              nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
-  const std::vector<float> xsum = group_sums(xp, M, K / G, G);
-  pr.xsum = xsum.data();
   if (amx) {
     const char* why = amx_unavailable();
     TORCH_CHECK(why == nullptr, "AMX path: ", why ? why : "");
     TORCH_CHECK(K % 32 == 0, "AMX path: K must be a multiple of 32, got ", K);
     gemm_amx(pr, codes);
   } else {
+    const std::vector<float> xsum = group_sums(xp, M, K / G, G);
+    pr.xsum = xsum.data();
     gemm_avx512(pr, codes);
   }
   return y;
 }
 
 }  // namespace
+
+// A loop here, not three aten ops, because at M = 1 their dispatch would cost as much as the sums.
+std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G) {
+  std::vector<float> xsum(static_cast<size_t>(M * n_blocks));
+  for (int64_t r = 0; r < M * n_blocks; ++r) {
+    const uint16_t* src = x + r * G;
+    float acc = 0.f;
+    for (int64_t k = 0; k < G; ++k) {
+      const uint32_t bits = static_cast<uint32_t>(src[k]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      acc += v;
+    }
+    xsum[static_cast<size_t>(r)] = acc;
+  }
+  return xsum;
+}
+
 }  // namespace tsq
 
 using tsq::TILE;

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace tsq {
 
@@ -70,7 +71,7 @@ struct Problem {
   int n_planes;
   const float* s;     // [n_planes, T, K/G, 16]
   const float* o;     // [T, K/G, 16]
-  const float* xsum;  // [M, K/G]: Σ of x over each group, the offset term's input
+  const float* xsum;  // [M, K/G]: group_sums(x), where the path folds offsets itself, else null
   uint16_t* y;
 
   int64_t n_blocks() const { return K / G; }
@@ -82,6 +83,9 @@ struct Problem {
   }
   const float* offset_at(int64_t b, int64_t t) const { return o + (t * n_blocks() + b) * TILE; }
 };
+
+// Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input (cpu_gemm.cpp).
+std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G);
 
 // The AMX path (cpu_gemm_amx.cpp). Needs K % 32 == 0 and amx_unavailable() == nullptr; takes
 // at most 8 planes.

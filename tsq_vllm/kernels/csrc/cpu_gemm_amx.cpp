@@ -327,26 +327,28 @@ void gemm_amx(const Problem& pr, const Codes& codes) {
   const int64_t row_pairs = (pr.M + 2 * ROWS - 1) / (2 * ROWS);
   const size_t b_bytes = (tall ? PANEL * K_BLOCK : STRIP * WINDOW) * TILE_BYTES;
   const size_t c_floats = (tall ? row_pairs * PANEL / STRIP : 1) * 4 * C_FLOATS;
-  // One row tile of 4-bit codes in whole-chunk groups: exact codes and fp32 scales instead.
+  // One row tile of 4-bit codes in whole-chunk groups: exact codes and fp32 scales instead,
+  // which fold the offsets with x's group sums (computed here only for that variant).
   bool exact = false;
   if constexpr (std::is_same_v<Codes, Int4Codes>) exact = pr.M <= ROWS && pr.G % CHUNK == 0;
+  const std::vector<float> xsum =
+      exact ? group_sums(pr.x, pr.M, pr.n_blocks(), pr.G) : std::vector<float>();
+  Problem with_sums = pr;
+  with_sums.xsum = xsum.data();
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     configure_tiles();
-    if constexpr (std::is_same_v<Codes, Int4Codes>) {
-      if (exact) {
-        gemm_amx_exact(pr, codes, xa_bytes, t0, t1);
-        _tile_release();
-        return;
-      }
+    if constexpr (std::is_same_v<Codes, Int4Codes>)
+      if (exact) gemm_amx_exact(with_sums, codes, xa_bytes, t0, t1);
+    if (!exact) {
+      std::vector<uint8_t> b(b_bytes);
+      std::vector<float> c(c_floats);
+      if (tall)
+        for (int64_t t = t0; t < t1; t += PANEL)
+          panel(pr, codes, xa_bytes, t, std::min(PANEL, t1 - t), b.data(), c.data());
+      else
+        for (int64_t t = t0; t < t1; t += STRIP)
+          short_strip(pr, codes, xa_bytes, t, std::min(STRIP, t1 - t), b.data(), c.data());
     }
-    std::vector<uint8_t> b(b_bytes);
-    std::vector<float> c(c_floats);
-    if (tall)
-      for (int64_t t = t0; t < t1; t += PANEL)
-        panel(pr, codes, xa_bytes, t, std::min(PANEL, t1 - t), b.data(), c.data());
-    else
-      for (int64_t t = t0; t < t1; t += STRIP)
-        short_strip(pr, codes, xa_bytes, t, std::min(STRIP, t1 - t), b.data(), c.data());
     _tile_release();
   });
 }
