@@ -317,6 +317,13 @@ def main() -> int:
         help="llama.cpp threads (default: one per CPU, what a user would pass)",
     )
     p.add_argument(
+        "--llamacpp-args",
+        default="",
+        metavar="ARGS",
+        help="more llama-server / llama-batched-bench flags, e.g. '--no-repack' where llama.cpp's "
+        "repacked (AMX) matmul crashes at startup, as its 0.3.36 source does on AMX hosts",
+    )
+    p.add_argument(
         "--goal",
         nargs="+",
         default=["1=1.5", "16=1.0"],
@@ -404,6 +411,7 @@ def main() -> int:
             }
         )
     if args.llamacpp:
+        llama_extra = shlex.split(args.llamacpp_args)
         ggufs, made = serve_llamacpp.kquant_ggufs(resolve_gguf(args.model), work, args.llamacpp)
         commands += made
         ctx = int(COMMON[COMMON.index("--max-model-len") + 1])
@@ -417,7 +425,7 @@ def main() -> int:
                 ),
                 "gguf": g,
                 "cmd": serve_llamacpp.server_command(
-                    g, max(args.streams), ctx, args.llamacpp_threads
+                    g, max(args.streams), ctx, args.llamacpp_threads, llama_extra
                 ),
                 "bits": serve_llamacpp.bits_of(kq),
             }
@@ -451,6 +459,7 @@ def main() -> int:
                 prompt_tokens,
                 args.max_tokens,
                 args.llamacpp_threads,
+                llama_extra,
             )
         else:
             engine = _run_engine_worker(

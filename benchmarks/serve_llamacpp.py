@@ -59,9 +59,12 @@ def kquant_ggufs(source: Path, work: Path, kquants: list[str]) -> tuple[dict[str
     return out, commands
 
 
-def server_command(gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> list[str]:
+def server_command(
+    gguf: Path, slots: int, ctx_per_slot: int, threads: int, extra: list[str]
+) -> list[str]:
     """llama-server on `gguf`: `slots` parallel sequences of `ctx_per_slot` tokens each,
-    `threads` threads for prompt and decode; ServerProcess appends --port."""
+    `threads` threads for prompt and decode, then `extra` (serve_bench's --llamacpp-args);
+    ServerProcess appends --port."""
     return [
         str(_binary("llama-server")),
         "-m",
@@ -77,11 +80,18 @@ def server_command(gguf: Path, slots: int, ctx_per_slot: int, threads: int) -> l
         "-tb",
         str(threads),
         "--no-webui",
+        *extra,
     ]
 
 
 def engine_only(
-    gguf: Path, streams: list[int], repeats: int, prompt_tokens: int, max_tokens: int, threads: int
+    gguf: Path,
+    streams: list[int],
+    repeats: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    threads: int,
+    extra: list[str],
 ) -> dict[int, dict]:
     """Output tok/s of llama.cpp's decode without its server: `llama-batched-bench` with n
     parallel sequences of `prompt_tokens` prompt tokens and `max_tokens` new tokens each;
@@ -104,6 +114,7 @@ def engine_only(
         str(threads),
         "--output-format",
         "jsonl",
+        *extra,
     ]
     rounds: dict[int, list[float]] = {n: [] for n in streams}
     for _ in range(repeats):

@@ -259,7 +259,13 @@ def _report(
         )
     lines += [
         "",
-        "Commands (VLLM_CPU_KVCACHE_SPACE=1 for every server):",
+        "Commands (VLLM_CPU_KVCACHE_SPACE=1 for every server"
+        + "".join(
+            f", {k}={v}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith("VLLM_CPU_") and k != "VLLM_CPU_KVCACHE_SPACE"
+        )
+        + "):",
         "",
         "```",
         *commands,
