@@ -47,6 +47,12 @@ void block(const Problem& pr, const Codes& codes, int64_t m0, int64_t t) {
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NT; ++j) out[m][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
+    {  // the block's tiles PREFETCH_GROUPS groups on; past the last group, the next block's
+      const int64_t ahead = b + PREFETCH_GROUPS, next = ahead >= n_blocks ? NT : 0;
+      if (t + next + NT <= pr.T)
+        for (int j = 0; j < NT; ++j)
+          prefetch(pr, codes, j + next, t + next + j, (ahead % n_blocks) * pairs, pairs);
+    }
     for (int i = 0; i < pr.n_planes; ++i) {
       __m512 acc[MB][NT];
       for (int m = 0; m < MB; ++m)

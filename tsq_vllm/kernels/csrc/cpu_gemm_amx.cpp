@@ -199,9 +199,11 @@ TSQ_VBMI inline void decode_rows(const Problem& pr, const BitPlanes& codes, int6
 template <class Codes>
 TSQ_VBMI void decode(const Problem& pr, const Codes& codes, int64_t t, int64_t nt, int64_t c0,
                      int64_t n, uint8_t* b) {
-  const int64_t pairs = pr.G / 2;
+  const int64_t pairs = pr.G / 2, chunks = pr.K / CHUNK;
+  constexpr int64_t AHEAD = 2 * PREFETCH_GROUPS;  // chunks: PREFETCH_GROUPS groups at G = 32
   for (int64_t c = c0; c < c0 + n; ++c)
     for (int64_t j = 0; j < nt; ++j) {
+      if (c + AHEAD < chunks) prefetch(pr, codes, j, t + j, (c + AHEAD) * ROWS, ROWS);
       uint8_t* dst = b + ((c - c0) * STRIP + j) * TILE_BYTES;
       for (int64_t r = 0; r < ROWS;) {
         const int64_t p = c * ROWS + r, group = p / pairs;
