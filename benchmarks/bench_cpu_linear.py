@@ -114,6 +114,10 @@ def _path_fns(
     for k, amx in (("native", False), ("amx", True)):
         if k in paths:
             out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx) for w in native]
+    x = torch.zeros(1, w32.shape[1])
+    for k, fs in out.items():  # every copy called once, as a server warms up (lazy prepacks)
+        for f in fs:
+            f(x if k == "fp32" else x.bfloat16())
     return out
 
 

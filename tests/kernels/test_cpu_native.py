@@ -264,6 +264,24 @@ def test_amx_is_chosen_by_rows_and_switched_off(monkeypatch):
 
 @needs_kernel
 @pytest.mark.skipif(AMX_REASON is not None, reason=f"AMX: {AMX_REASON}")
+@pytest.mark.parametrize("group, one_row_on_tiles", [(64, True), (16, False)])
+def test_amx_takes_one_row_where_the_exact_variant_runs(group, one_row_on_tiles):
+    """One row goes to the tiles for 4-bit codes in groups of whole 32-wide chunks (the
+    exact-scale variant), to the AVX-512 path otherwise."""
+    q, s, o = _weights(256, 64, group, seed=4)
+    w = pack_native(q, s, o, group)
+    for seed in range(20):  # a row on which the two paths differ in their last bits
+        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        tiles, dots = native_mm(x, w, amx=True), native_mm(x, w, amx=False)
+        if not torch.equal(tiles, dots):
+            break
+    else:
+        pytest.fail("the paths agreed on every row tried: this test cannot tell them apart")
+    assert torch.equal(native_mm(x, w), tiles if one_row_on_tiles else dots)
+
+
+@needs_kernel
+@pytest.mark.skipif(AMX_REASON is not None, reason=f"AMX: {AMX_REASON}")
 def test_amx_refuses_k_off_the_tile_grid():
     q, s, o = _weights(48, 16, 16, seed=2)  # K = 48: not whole 32-wide tile chunks
     w = pack_native(q, s, o, 16)

