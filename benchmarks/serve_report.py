@@ -39,7 +39,11 @@ def _older(out: Path) -> list[str]:
     old = out.read_text().splitlines()
     if OLDER in old:
         return old[old.index(OLDER) + 1 :]
-    return [f"##{line}" if line.startswith("#") else line for line in old]
+    moved, fence = [], False
+    for line in old:  # headings only: a command's "# ..." comment in a code block stays
+        fence ^= line.startswith("```")
+        moved.append(f"##{line}" if line.startswith("#") and not fence else line)
+    return moved
 
 
 def model_label(args: argparse.Namespace) -> str:

@@ -59,7 +59,7 @@ AMX_SWITCH = "TSQ_CPU_AMX"
 # (benchmarks/results/cpu_linear_amx.md): from M = 2 it is as fast as the AVX-512 path or faster
 # on Qwen2.5-1.5B's shapes. A single row too where the exact-scale variant runs it (4-bit codes,
 # groups of whole 32-wide chunks): with the weights streamed from memory, as in serving, that is
-# 1.2-1.7x the AVX-512 path at M = 1 on those shapes at g64, 1.0-1.6x at g128
+# 1.2-1.7x the AVX-512 path at M = 1 on those shapes at g64, 1.0-1.5x at g128
 # (benchmarks/results/cpu_linear_amx_cold.md).
 AMX_MIN_ROWS = 2
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
