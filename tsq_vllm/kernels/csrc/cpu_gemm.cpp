@@ -20,8 +20,8 @@
 //   tables fp32, tile-major: scale [planes, N_pad/16, K/G, 16], offset [N_pad/16, K/G, 16]
 //          (element [t, b, j] is column 16t + j of group b; see Problem in cpu_gemm.h).
 // Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
-// avx512_bf16. On CPUs with AMX, larger batches take the tile path instead (cpu_gemm_amx.cpp:
-// the same layouts, decoded to bf16 weights; chosen per call by the caller's `amx` flag).
+// avx512_bf16. On CPUs with AMX the caller's `amx` flag sends a call to the tile path instead
+// (cpu_gemm_amx.cpp, cpu_gemm_amx_exact.cpp: the same layouts).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -47,12 +47,7 @@ void block(const Problem& pr, const Codes& codes, int64_t m0, int64_t t) {
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NT; ++j) out[m][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
-    {  // the block's tiles PREFETCH_GROUPS groups on; past the last group, the next block's
-      const int64_t ahead = b + PREFETCH_GROUPS, next = ahead >= n_blocks ? NT : 0;
-      if (t + next + NT <= pr.T)
-        for (int j = 0; j < NT; ++j)
-          prefetch(pr, codes, j + next, t + next + j, (ahead % n_blocks) * pairs, pairs);
-    }
+    prefetch_ahead(pr, codes, t, NT, b);
     for (int i = 0; i < pr.n_planes; ++i) {
       __m512 acc[MB][NT];
       for (int m = 0; m < MB; ++m)

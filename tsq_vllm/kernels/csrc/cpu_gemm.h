@@ -53,13 +53,11 @@ struct BitPlanes {
   int64_t tile_stride, plane_stride;
 
   BitPlanes at(int64_t t) const { return {w + t * tile_stride, tile_stride, plane_stride}; }
-  const void* addr(int plane, int64_t j, int64_t p) const {
+  const uint32_t* addr(int plane, int64_t j, int64_t p) const {
     return w + plane * plane_stride + j * tile_stride + p;
   }
   static constexpr int64_t BYTES_PER_PAIR = 4;
-  uint32_t word(int plane, int64_t j, int64_t p) const {
-    return w[plane * plane_stride + j * tile_stride + p];
-  }
+  uint32_t word(int plane, int64_t j, int64_t p) const { return *addr(plane, j, p); }
   __m512i load(int plane, int64_t j, int64_t p) const {
     return _mm512_maskz_mov_epi16(word(plane, j, p), _mm512_set1_epi16(0x3F80));  // bf16 1.0
   }
@@ -118,6 +116,17 @@ TSQ_INLINE void prefetch(const Problem& pr, const Codes& codes, int64_t j, int64
     prefetch_lines(pr.scale_at(i, group, t), 64);
   }
   prefetch_lines(pr.offset_at(group, t), 64);
+}
+
+// What tiles [t, t + nt) of `codes` (at tile t) read for group b + PREFETCH_GROUPS; past the
+// last group, what the next nt tiles read for their first groups.
+template <class Codes>
+TSQ_INLINE void prefetch_ahead(const Problem& pr, const Codes& codes, int64_t t, int64_t nt,
+                               int64_t b) {
+  const int64_t ahead = b + PREFETCH_GROUPS, next = ahead >= pr.n_blocks() ? nt : 0;
+  const int64_t pairs = pr.G / 2, p = (ahead % pr.n_blocks()) * pairs;
+  for (int64_t j = 0; j < nt && t + next + j < pr.T; ++j)
+    prefetch(pr, codes, j + next, t + next + j, p, pairs);
 }
 
 // Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input (cpu_gemm.cpp).

@@ -127,11 +127,7 @@ void strip(const Problem& pr, const Int4Codes& codes, const uint8_t* xa, int64_t
   alignas(64) float sums[ROWS * STRIP * TILE] = {};
   const Int4Codes strip_codes = codes.at(t);
   for (int64_t g = 0; g <= n_groups; ++g) {
-    {  // the strip's tiles PREFETCH_GROUPS groups on; past the last group, the next strip's
-      const int64_t ahead = g + PREFETCH_GROUPS, next = ahead >= n_groups ? STRIP : 0;
-      for (int64_t j = 0; j < nt && t + next + j < pr.T; ++j)
-        prefetch(pr, strip_codes, j + next, t + next + j, (ahead % n_groups) * pairs, pairs);
-    }
+    prefetch_ahead(pr, strip_codes, t, nt, g);
     if (g < n_groups) {
       uint8_t* bg = b + (g % 2) * chunks * STRIP * TILE_BYTES;
       for (int64_t ch = 0; ch < chunks; ++ch)
