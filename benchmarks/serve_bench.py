@@ -92,12 +92,14 @@ def _recorded(ckpt: Path) -> tuple[dict | None, bool, bool, str] | None:
 # Checkpoint keys: "4", "4-lm-head" (tsq at 4 bits, with a quantized lm_head), "gptqt3" (GPTQT's
 # 3-bit binary coding from its default 4-bit first pass, stored as BCQ). A suffix serves the same
 # checkpoint with part of the native CPU kernel off, an A/B row: "-aten" all of it
-# (TSQ_CPU_NATIVE=0), "-avx512" its AMX tile path (TSQ_CPU_AMX=0).
-KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)(-aten|-avx512)?")
+# (TSQ_CPU_NATIVE=0), "-avx512" its AMX tile path (TSQ_CPU_AMX=0); "-int8" turns on its opt-in
+# int8-activation path (TSQ_CPU_INT8=1), which changes the numerics.
+KEY = re.compile(r"(gptqt[23]|[234](-lm-head)?)(-aten|-avx512|-int8)?")
 ATEN = "-aten"
 AB_ROWS = {  # suffix: (environment, what the row name adds)
     ATEN: ({"TSQ_CPU_NATIVE": "0"}, " (aten int4 kernel)"),
     "-avx512": ({"TSQ_CPU_AMX": "0"}, " (native kernel, AMX off)"),
+    "-int8": ({"TSQ_CPU_INT8": "1"}, " (native kernel, int8 activations)"),
 }
 
 

