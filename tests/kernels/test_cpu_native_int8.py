@@ -144,6 +144,21 @@ def test_tiles_and_vnni_give_the_same_bits(M):
     assert torch.equal(native_mm(x, w, amx=True, int8=True), native_mm(x, w, amx=False, int8=True))
 
 
+@pytest.mark.skipif(VNNI_REASON is not None, reason=f"VNNI: {VNNI_REASON}")
+@pytest.mark.parametrize("M", [9, 33, 130])
+def test_vnni_takes_any_rows_each_as_alone(M):
+    """Taller x (prefill) decodes each strip once for all row blocks: every row still gets the
+    bits it gets alone (where the codes are decoded per block), and the spec's value."""
+    K, N, G = 512, 96, 64
+    layer = _layer(K, N, G, seed=M)
+    w, x = _native(layer), _x(M, K, seed=M)
+    y = native_mm(x, w, amx=False, int8=True)
+    for i in (0, M // 2, M - 1):
+        assert torch.equal(y[i : i + 1], native_mm(x[i : i + 1], w, amx=False, int8=True))
+    ref = int8_activation_matmul_reference(x.float(), layer).double()
+    assert float((y.double() - ref).abs().max()) <= 2.0**-7 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("amx", VARIANTS)
 def test_kernel_error_is_the_activation_rounding(amx):
     """Against the exact matmul the path errs by about what rounding x to 8 bits costs, far above
@@ -186,9 +201,10 @@ def test_zero_rows_and_threads(amx):
     "M,G,match", [(17, 64, "M <= 16"), (4, 32, "group_size % 64"), (4, 128, None)]
 )
 def test_forced_int8_refuses_what_it_cannot_run(M, G, match, amx):
+    """The tiles take one row tile, VNNI any M; both need groups of whole 64-wide chunks."""
     w = _native(_layer(256, 32, G, seed=1))
     x = _x(M, 256, seed=1)
-    if match is None:
+    if match is None or (M > 16 and not amx):
         assert native_mm(x, w, amx=amx, int8=True).shape == (M, 32)
     else:
         with pytest.raises(RuntimeError, match=match):
@@ -206,9 +222,10 @@ def test_planes_are_refused():
 @needs_int8
 @pytest.mark.parametrize("switch", ["1", "0", None])
 def test_the_switch_opts_in_where_the_path_runs(monkeypatch, switch):
-    """INT8_SWITCH=1 sends up to 16 rows of a layer in 64-wide groups to the int8 path, more
-    rows to the bf16 paths; unset or 0, nothing goes there. `amx=False` takes the VNNI variant
-    where the switch is on. The choice shows in the bits."""
+    """INT8_SWITCH=1 sends a layer in 64-wide groups to the int8 path: up to 16 rows where the
+    tiles run (more rows to the bf16 paths), any rows where only VNNI does; unset or 0, nothing
+    goes there. `amx=False` takes the VNNI variant where the switch is on. The choice shows in
+    the bits."""
     monkeypatch.setattr(cpu_native, "_int8_opt_in", None)  # read afresh by the next call
     if switch is None:
         monkeypatch.delenv(INT8_SWITCH, raising=False)
@@ -219,7 +236,8 @@ def test_the_switch_opts_in_where_the_path_runs(monkeypatch, switch):
     int8, bf16 = native_mm(x[:16], w, int8=True), native_mm(x[:16], w, int8=False)
     assert not torch.equal(int8, bf16)
     assert torch.equal(native_mm(x[:16], w), int8 if switch == "1" else bf16)
-    assert torch.equal(native_mm(x, w), native_mm(x, w, int8=False))
+    tall_int8 = switch == "1" and TILES_REASON is not None
+    assert torch.equal(native_mm(x, w), native_mm(x, w, int8=tall_int8))
     if VNNI_REASON is None:
         want = native_mm(x[:16], w, amx=False, int8=switch == "1")
         assert torch.equal(native_mm(x[:16], w, amx=False), want)

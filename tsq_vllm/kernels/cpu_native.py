@@ -22,10 +22,11 @@ bf16 model's weights have. Fewer rows, K not a multiple of 32, `TSQ_CPU_AMX=0` o
 AMX take the AVX512-BF16 dot products.
 
 An opt-in variant, `TSQ_CPU_INT8=1` (or `native_mm(..., int8=True)`), also quantizes x to int8
-per row and group, for up to 16 rows of 4-bit codes in groups of a multiple of 64, and multiplies
-the codes as bytes in int32: on AMX-INT8 tiles where they run (half the tile work of bf16, one
-stored byte a weight instead of two), else on AVX512-VNNI dot products (64 weights an instruction
-and row instead of vdpbf16ps's 32). Both give the same sums. It changes the numerics (W-codes
+per row and group, for 4-bit codes in groups of a multiple of 64, and multiplies the codes as
+bytes in int32: on AMX-INT8 tiles for up to 16 rows where they run (half the tile work of bf16,
+one stored byte a weight instead of two; taller x keeps the bf16 tile path, faster there), else
+on AVX512-VNNI dot products for any M (64 weights an instruction and row instead of vdpbf16ps's
+32). Both give the same sums. It changes the numerics (W-codes
 times int8 x, the zero term on exact x; the spec is `reference.int8_activation_matmul_reference`),
 so it is never the default.
 
@@ -300,13 +301,13 @@ def int8_unavailable_reason() -> str | None:
 
 
 def _takes_int8(x: torch.Tensor, w: NativeInt4Weights | NativePlaneWeights) -> bool:
-    """Whether an opted-in call runs on an int8 path (the layer and the batch fit it)."""
-    return (
-        isinstance(w, NativeInt4Weights)
-        and w.group_size % _INT8_K == 0
-        and x.shape[0] <= _INT8_MAX_ROWS
-        and int8_unavailable_reason() is None
-    )
+    """Whether an opted-in call runs on an int8 path: 4-bit codes in 64-wide groups, and x short
+    enough for the tiles where they run, any x where only VNNI does."""
+    if not isinstance(w, NativeInt4Weights) or w.group_size % _INT8_K:
+        return False
+    if amx_int8_unavailable_reason() is None:
+        return x.shape[0] <= _INT8_MAX_ROWS
+    return vnni_unavailable_reason() is None
 
 
 def native_mm(
@@ -321,9 +322,9 @@ def native_mm(
     run, for K a multiple of 32 and at least AMX_MIN_ROWS rows (one row for 4-bit codes in
     groups of a multiple of 32); True or False forces a path (True raises where it cannot run).
     `int8`: None quantizes x to int8 where INT8_SWITCH=1 and that path runs (4-bit codes, groups
-    of a multiple of 64, at most 16 rows, AMX-INT8 or AVX512-VNNI); True forces it (raising where
-    it cannot run), False never. On the int8 path `amx` picks the tiles (True), the VNNI dot
-    products (False) or, None, the tiles where they run."""
+    of a multiple of 64; at most 16 rows on AMX-INT8 tiles, any on AVX512-VNNI where the tiles do
+    not run); True forces it (raising where it cannot run), False never. On the int8 path `amx`
+    picks the tiles (True), the VNNI dot products (False) or, None, the tiles where they run."""
     global _int8_opt_in
     # Once built, read without the lock: this runs on every decode call of every layer.
     mod, reason = _built if _built is not None else _module()
@@ -336,7 +337,11 @@ def native_mm(
     if int8:
         if not isinstance(w, NativeInt4Weights):
             raise ValueError("int8 activations take 4-bit codes (NativeInt4Weights), not planes")
-        tiles = amx if amx is not None else amx_int8_unavailable_reason() is None
+        tiles = (
+            amx
+            if amx is not None
+            else (x.shape[0] <= _INT8_MAX_ROWS and amx_int8_unavailable_reason() is None)
+        )
         y = mod.int4_gemm_int8(x, w.packed, w.scale, w.offset, w.group_size, tiles)
     else:
         if amx is None:

@@ -21,7 +21,8 @@
 //          (element [t, b, j] is column 16t + j of group b; see Problem in cpu_gemm.h).
 // Needs AVX-512 F/BW and AVX512_BF16; the Python side loads this only where torch reports
 // avx512_bf16. On CPUs with AMX the caller's `amx` flag sends a call to the tile path instead
-// (cpu_gemm_amx.cpp, cpu_gemm_amx_exact.cpp: the same layouts).
+// (cpu_gemm_amx.cpp, cpu_gemm_amx_exact.cpp: the same layouts). `int4_gemm_int8` is the opt-in
+// path that also quantizes x to int8 (AMX-INT8 tiles, or AVX512-VNNI in cpu_gemm_vnni.cpp).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 

@@ -1,6 +1,6 @@
-// What the two native CPU GEMM paths share (cpu_gemm.cpp: AVX512-BF16 register blocks;
-// cpu_gemm_amx.cpp: AMX tiles): the problem and the two code layouts, each with the load that
-// turns one (tile, row pair) of codes into the 32 bf16 lanes [q[2p, 16t + j], q[2p + 1, 16t + j]]
+// What the native CPU GEMM paths share (cpu_gemm.cpp: AVX512-BF16 register blocks;
+// cpu_gemm_amx*.cpp: AMX tiles; cpu_gemm_vnni.cpp: int8 activations on VNNI): the problem and
+// the two code layouts, each with the load that turns one (tile, row pair) of codes into the 32 bf16 lanes [q[2p, 16t + j], q[2p + 1, 16t + j]]
 // for j = 0..15 that vdpbf16ps pairs with a broadcast (x[2p], x[2p + 1]). The tile path's own
 // decode (codes to scaled bf16 weights) lives in cpu_gemm_amx.cpp.
 #pragma once
@@ -134,7 +134,7 @@ std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, in
 
 // The int8-activation paths: x quantized per row and group (x ≈ sx·x8, x8 = round(x · 127/amax),
 // sx = amax/127; spec: kernels/reference.py's int8_activation_matmul_reference) times 4-bit codes
-// in int32, for decode batches of up to INT8_ROWS rows and groups of whole INT8_CHUNKs.
+// in int32, for groups of whole INT8_CHUNKs (the tiles: at most INT8_ROWS rows; VNNI: any M).
 constexpr int64_t INT8_ROWS = 16;   // one AMX row tile
 constexpr int64_t INT8_CHUNK = 64;  // k per AMX-INT8 tile multiply
 // x8 and sx [M, K/G] (cpu_gemm.cpp): x8 row-major [M, K], or with tile_order in AMX A-tile order
