@@ -147,8 +147,8 @@ def test_tiles_and_vnni_give_the_same_bits(M):
 @pytest.mark.skipif(VNNI_REASON is not None, reason=f"VNNI: {VNNI_REASON}")
 @pytest.mark.parametrize("M", [9, 33, 130])
 def test_vnni_takes_any_rows_each_as_alone(M):
-    """Taller x (prefill) decodes each strip once for all row blocks: every row still gets the
-    bits it gets alone (where the codes are decoded per block), and the spec's value."""
+    """Taller x (prefill) runs in blocks of 8 rows: every row gets the bits it gets alone, and
+    the spec's value."""
     K, N, G = 512, 96, 64
     layer = _layer(K, N, G, seed=M)
     w, x = _native(layer), _x(M, K, seed=M)

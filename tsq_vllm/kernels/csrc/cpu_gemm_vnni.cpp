@@ -10,9 +10,10 @@
 // bf16 path's vdpbf16ps takes 32, and the decode is shared by the block's rows as there. Blocks,
 // strips and threads are those of gemm_avx512 (cpu_gemm.cpp), and each group's integer sums are
 // folded in the order the tile path folds them, so where both run their results are the same.
-// Any M: with more rows than one register block (prefill) a strip's codes are decoded once into
-// a buffer that every row block then reads, instead of once per block (the decode is 6 vector
-// operations per 64 weights, a block's dot products 8).
+// Any M. Each row block decodes the strip's codes again (6 vector operations per 64 weights
+// against the block's 8 dot products): decoding a strip once into a buffer for all row blocks
+// measured 1.16–1.33× slower at M = 16 and at most 1.12× faster at M = 64–128 (one thread,
+// Qwen2.5-1.5B's MLP shapes, weights from memory; a one-off comparison), so it was dropped.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <cpuid.h>
@@ -52,18 +53,11 @@ struct Int8Rows {
   const float* sx;
 };
 
-// The nt tiles of a strip (codes at its first) as code_quad gives them, [tile][K/4] vectors.
-TSQ_INLINE void decode_strip(const Int4Codes& codes, int64_t nt, int64_t quads, __m512i* dst) {
-  for (int64_t j = 0; j < nt; ++j)
-    for (int64_t r = 0; r < quads; ++r) _mm512_store_si512(dst + j * quads + r, code_quad(codes, j, r));
-}
-
 // MB rows of x from row m0 against NT adjacent tiles from tile t (codes at tile t), every group:
-// MB·NT independent int32 chains per group, then the fold into fp32. PRE: the codes come
-// decoded from `pre` (tile t's first vector in decode_strip's buffer), else from `codes`.
-template <int MB, int NT, bool PRE>
+// MB·NT independent int32 chains per group, then the fold into fp32.
+template <int MB, int NT>
 TSQ_VNNI void block(const Problem& pr, const Int4Codes& codes, const Int8Rows& x, int64_t m0,
-                    int64_t t, const __m512i* pre) {
+                    int64_t t) {
   const int64_t K = pr.K, n_blocks = pr.n_blocks(), quads = pr.G / 4;
   const int8_t* x8 = x.x8 + m0 * K;
   const float* sx = x.sx + m0 * n_blocks;
@@ -72,14 +66,13 @@ TSQ_VNNI void block(const Problem& pr, const Int4Codes& codes, const Int8Rows& x
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NT; ++j) out[m][j] = _mm512_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
-    if constexpr (!PRE) prefetch_ahead(pr, codes, t, NT, b);
+    prefetch_ahead(pr, codes, t, NT, b);
     __m512i acc[MB][NT];
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_setzero_si512();
     for (int64_t r = b * quads; r < (b + 1) * quads; ++r) {
       __m512i wv[NT];
-      for (int j = 0; j < NT; ++j)
-        wv[j] = PRE ? _mm512_load_si512(pre + j * (K / 4) + r) : code_quad(codes, j, r);
+      for (int j = 0; j < NT; ++j) wv[j] = code_quad(codes, j, r);
       for (int m = 0; m < MB; ++m) {
         int32_t four;
         std::memcpy(&four, x8 + m * K + 4 * r, sizeof four);
@@ -105,20 +98,14 @@ TSQ_VNNI void block(const Problem& pr, const Int4Codes& codes, const Int8Rows& x
     }
 }
 
-using BlockFn = void (*)(const Problem&, const Int4Codes&, const Int8Rows&, int64_t, int64_t,
-                         const __m512i*);
+using BlockFn = void (*)(const Problem&, const Int4Codes&, const Int8Rows&, int64_t, int64_t);
 
 constexpr int tiles_for(int mb) { return mb <= 2 ? 4 : 2; }
 
-template <int NT, bool PRE>
-constexpr BlockFn kBlocks[MB_MAX + 1] = {
-    nullptr,           block<1, NT, PRE>, block<2, NT, PRE>, block<3, NT, PRE>, block<4, NT, PRE>,
-    block<5, NT, PRE>, block<6, NT, PRE>, block<7, NT, PRE>, block<8, NT, PRE>};
-
-template <bool PRE>
-BlockFn pick(int width, int mb) {
-  return width == 4 ? kBlocks<4, PRE>[mb] : width == 2 ? kBlocks<2, PRE>[mb] : kBlocks<1, PRE>[mb];
-}
+template <int NT>
+constexpr BlockFn kBlocks[MB_MAX + 1] = {nullptr,        block<1, NT>, block<2, NT>,
+                                         block<3, NT>,   block<4, NT>, block<5, NT>,
+                                         block<6, NT>,   block<7, NT>, block<8, NT>};
 
 }  // namespace
 
@@ -142,20 +129,16 @@ void gemm_vnni_int8(const Problem& pr, const Int4Codes& codes) {
   with_sums.xsum = xsum.data();
   const Int8Rows x{x8.data(), sx.data()};
   constexpr int64_t STRIP = 4;  // as gemm_avx512: a strip's codes come from memory once
-  const bool pre = pr.M > MB_MAX;
-  const int64_t quads = pr.K / 4;
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
-    std::vector<__m512i> buf(static_cast<size_t>(pre ? STRIP * quads : 0));  // 16·K bytes a tile
     for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
       const int64_t s1 = std::min<int64_t>(s0 + STRIP, t1);
-      if (pre) decode_strip(codes.at(s0), s1 - s0, quads, buf.data());
       for (int64_t m0 = 0; m0 < pr.M; m0 += MB_MAX) {
         const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, pr.M - m0));
         const int nt = tiles_for(mb);
         for (int64_t t = s0; t < s1;) {
           const int width = nt <= s1 - t ? nt : 1;
-          const BlockFn f = pre ? pick<true>(width, mb) : pick<false>(width, mb);
-          f(with_sums, codes.at(t), x, m0, t, pre ? buf.data() + (t - s0) * quads : nullptr);
+          const BlockFn f = width == 4 ? kBlocks<4>[mb] : width == 2 ? kBlocks<2>[mb] : kBlocks<1>[mb];
+          f(with_sums, codes.at(t), x, m0, t);
           t += width;
         }
       }
