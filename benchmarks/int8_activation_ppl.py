@@ -69,14 +69,16 @@ def _serve_with_native(model: torch.nn.Module) -> Callable[[bool], None]:
     return use_int8
 
 
-def _isa() -> str:
-    flags: set[str] = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+def _cpu() -> str:
+    """The CPU's model name and the ISA flags that decide the kernel paths (/proc/cpuinfo)."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    flags = next(
+        (set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set()
+    )
     want = ("avx512f", "avx512_bf16", "avx512_vnni", "avx512vbmi", "amx_tile", "amx_int8")
-    return ", ".join(f for f in want if f in flags) or "none of " + ", ".join(want)
+    isa = ", ".join(f for f in want if f in flags) or "none of " + ", ".join(want)
+    return f"{model}, {os.cpu_count()} logical cores; /proc/cpuinfo lists {isa}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `{cmd}`; wiki test split, windows of {args.seqlen} tokens, bf16 model, "
             f"quantized linears on the native kernel in batches of {ROWS} rows.",
             "",
-            f"- CPU: {os.cpu_count()} logical cores; /proc/cpuinfo lists {_isa()}; torch "
-            f"{torch.__version__}; int8 variant that ran: {variant}",
+            f"- CPU: {_cpu()}; torch {torch.__version__}; int8 variant that ran: {variant}",
             "",
             "| checkpoint | bits | tokens | ppl, bf16 path | ppl, int8 activations | ratio | "
             "seconds (bf16 / int8) |",

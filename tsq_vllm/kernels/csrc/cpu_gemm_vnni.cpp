@@ -12,7 +12,7 @@
 // folded in the order the tile path folds them, so where both run their results are the same.
 // Any M. Each row block decodes the strip's codes again (6 vector operations per 64 weights
 // against the block's 8 dot products): decoding a strip once into a buffer for all row blocks
-// measured 1.16–1.33× slower at M = 16 and at most 1.12× faster at M = 64–128 (one thread,
+// measured 1.16–1.33× slower at M = 16 and at most 1.12× faster at M = 32–128 (one thread,
 // Qwen2.5-1.5B's MLP shapes, weights from memory; a one-off comparison), so it was dropped.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
