@@ -6,7 +6,7 @@
 // (BCQ's signs are ±1: Σ α_i·(2β_i − 1) + c = Σ 2α_i·β_i + (c − Σ α_i), so a = 2α, o = c − Σ α.)
 //
 // The point of this kernel is the batch: every 16×2 tile of codes is decoded to bf16 once and
-// then used by up to MB_MAX rows of x (vdpbf16ps, fp32 accumulation), where aten's CPU int4
+// then used by up to BLOCK_ROWS rows of x (vdpbf16ps, fp32 accumulation), where aten's CPU int4
 // kernel costs about linearly in M. Codes are summed unscaled per group and plane, and the
 // scales and the offset are applied once per group: Σ_k x_k (s q_k + o) = s Σ x q + o Σ x.
 //
@@ -32,8 +32,6 @@
 
 namespace tsq {
 namespace {
-
-constexpr int MB_MAX = 8;  // rows per register block: 2·MB_MAX accumulators + 3 live vectors
 
 // MB rows of x from row m0 against NT adjacent tiles from tile t, every group of every plane.
 // The MB·NT accumulators are independent chains (vdpbf16ps has a latency of several cycles: one
@@ -86,12 +84,8 @@ void block(const Problem& pr, const Codes& codes, int64_t m0, int64_t t) {
 template <class Codes>
 using BlockFn = void (*)(const Problem&, const Codes&, int64_t, int64_t);
 
-// Tiles per block by rows: few rows need more tiles to have enough independent chains; MB·NT
-// accumulators plus NT weight vectors stay within the 32 zmm registers.
-constexpr int tiles_for(int mb) { return mb <= 2 ? 4 : 2; }
-
 template <int NT, class Codes>
-constexpr BlockFn<Codes> kBlocks[MB_MAX + 1] = {
+constexpr BlockFn<Codes> kBlocks[BLOCK_ROWS + 1] = {
     nullptr,
     block<1, NT, Codes>,
     block<2, NT, Codes>,
@@ -116,30 +110,14 @@ void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& s
               "scale must be contiguous fp32 [planes, N_pad/16, K/group_size, 16]");
 }
 
-// Threads split the column tiles into strips of STRIP tiles; every row block of x (MB_MAX rows,
-// the last one shorter) passes over a strip before the next strip starts, so the strip's codes
-// (128 KiB of int4 codes at K = 4096) come from memory once and from cache after, whatever M is.
-// Within a strip, tiles_for(mb) tiles at a time, a remainder one at a time (the same sums in the
-// same order either way: results do not depend on the split).
+// The row blocks and strips of for_each_block (cpu_gemm.h).
 template <class Codes>
 void gemm_avx512(const Problem& pr, const Codes& codes) {
-  constexpr int64_t STRIP = 4;
-  at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
-    for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
-      const int64_t s1 = std::min<int64_t>(s0 + STRIP, t1);
-      for (int64_t m0 = 0; m0 < pr.M; m0 += MB_MAX) {
-        const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, pr.M - m0));
-        const int nt = tiles_for(mb);
-        for (int64_t t = s0; t < s1;) {
-          const int width = nt <= s1 - t ? nt : 1;
-          const BlockFn<Codes> f = width == 4   ? kBlocks<4, Codes>[mb]
-                                   : width == 2 ? kBlocks<2, Codes>[mb]
-                                                : kBlocks<1, Codes>[mb];
-          f(pr, codes.at(t), m0, t);
-          t += width;
-        }
-      }
-    }
+  for_each_block(pr.M, pr.T, [&](int64_t m0, int mb, int64_t t, int width) {
+    const BlockFn<Codes> f = width == 4   ? kBlocks<4, Codes>[mb]
+                             : width == 2 ? kBlocks<2, Codes>[mb]
+                                          : kBlocks<1, Codes>[mb];
+    f(pr, codes.at(t), m0, t);
   });
 }
 

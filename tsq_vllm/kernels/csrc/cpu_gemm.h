@@ -5,8 +5,10 @@
 // decode (codes to scaled bf16 weights) lives in cpu_gemm_amx.cpp.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -132,6 +134,37 @@ TSQ_INLINE void prefetch_ahead(const Problem& pr, const Codes& codes, int64_t t,
 // Σ of each row's group of x in fp32 [M, n_blocks], the offset term's input (cpu_gemm.cpp).
 std::vector<float> group_sums(const uint16_t* x, int64_t M, int64_t n_blocks, int64_t G);
 
+// The register-block walk of the dot-product paths (cpu_gemm.cpp, cpu_gemm_vnni.cpp). Threads
+// split the column tiles into strips of BLOCK_STRIP tiles; every row block of x (BLOCK_ROWS rows,
+// the last one shorter) passes over a strip before the next strip starts, so the strip's codes
+// (128 KiB of int4 codes at K = 4096) come from memory once and from cache after, whatever M is.
+// Within a strip, block_tiles(mb) tiles at a time, a remainder one at a time (the same sums in
+// the same order either way: results do not depend on the split). run(m0, mb, t, width) computes
+// rows [m0, m0 + mb) of tiles [t, t + width).
+constexpr int BLOCK_ROWS = 8;  // 2·BLOCK_ROWS accumulators + 3 live vectors in the 32 registers
+constexpr int64_t BLOCK_STRIP = 4;
+// Few rows need more tiles to have enough independent chains; MB·NT accumulators plus NT weight
+// vectors stay within the 32 zmm registers.
+constexpr int block_tiles(int mb) { return mb <= 2 ? 4 : 2; }
+
+template <class Run>
+void for_each_block(int64_t M, int64_t T, const Run& run) {
+  at::parallel_for(0, T, BLOCK_STRIP, [&](int64_t t0, int64_t t1) {
+    for (int64_t s0 = t0; s0 < t1; s0 += BLOCK_STRIP) {
+      const int64_t s1 = std::min<int64_t>(s0 + BLOCK_STRIP, t1);
+      for (int64_t m0 = 0; m0 < M; m0 += BLOCK_ROWS) {
+        const int mb = static_cast<int>(std::min<int64_t>(BLOCK_ROWS, M - m0));
+        const int nt = block_tiles(mb);
+        for (int64_t t = s0; t < s1;) {
+          const int width = nt <= s1 - t ? nt : 1;
+          run(m0, mb, t, width);
+          t += width;
+        }
+      }
+    }
+  });
+}
+
 // The int8-activation paths: x quantized per row and group (x ≈ sx·x8, x8 = round(x · 127/amax),
 // sx = amax/127; spec: kernels/reference.py's int8_activation_matmul_reference) times 4-bit codes
 // in int32, for groups of whole INT8_CHUNKs (the tiles: at most INT8_ROWS rows; VNNI: any M).
@@ -141,6 +174,21 @@ constexpr int64_t INT8_CHUNK = 64;  // k per AMX-INT8 tile multiply
 // [K/INT8_CHUNK][INT8_ROWS][INT8_CHUNK] with zero rows past M (then M <= INT8_ROWS).
 void quantize_rows(const Problem& pr, bool tile_order, std::vector<int8_t>& x8,
                    std::vector<float>& sx);
+
+// x as an int8 path takes it: x8 and sx (quantize_rows), and the Problem with xsum set to x's
+// exact group sums (group_sums). Not copyable: pr points into it.
+struct Int8Input {
+  std::vector<int8_t> x8;
+  std::vector<float> sx, xsum;
+  Problem pr;
+  Int8Input(const Problem& p, bool tile_order) : pr(p) {
+    quantize_rows(p, tile_order, x8, sx);
+    xsum = group_sums(p.x, p.M, p.n_blocks(), p.G);
+    pr.xsum = xsum.data();
+  }
+  Int8Input(const Int8Input&) = delete;
+  Int8Input& operator=(const Int8Input&) = delete;
+};
 
 // The AMX path (cpu_gemm_amx.cpp). Needs K % 32 == 0 and amx_unavailable() == nullptr; takes
 // at most 8 planes.

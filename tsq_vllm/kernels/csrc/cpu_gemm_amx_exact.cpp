@@ -246,16 +246,11 @@ void gemm_amx_exact(const Problem& pr, const Int4Codes& codes, const uint8_t* xa
 void gemm_amx_int8(const Problem& pr, const Int4Codes& codes) {
   TORCH_CHECK(pr.M <= ROWS && pr.G % CHUNK8 == 0, "int8 tile path: needs M <= ", ROWS,
               " and group_size % ", CHUNK8, " == 0, got M = ", pr.M, ", group_size = ", pr.G);
-  std::vector<int8_t> a;
-  std::vector<float> sx;
-  quantize_rows(pr, /*tile_order=*/true, a, sx);
-  const std::vector<float> xsum = group_sums(pr.x, pr.M, pr.n_blocks(), pr.G);
-  Problem with_sums = pr;
-  with_sums.xsum = xsum.data();
-  const RowTile x{reinterpret_cast<const uint8_t*>(a.data()), sx.data()};
+  const Int8Input in(pr, /*tile_order=*/true);
+  const RowTile x{reinterpret_cast<const uint8_t*>(in.x8.data()), in.sx.data()};
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
     configure_tiles();
-    strips<true>(with_sums, codes, x, t0, t1);
+    strips<true>(in.pr, codes, x, t0, t1);
     _tile_release();
   });
 }

@@ -8,8 +8,9 @@
 // are the unsigned operand, 4 consecutive k of one column per lane, and one broadcast dword of a
 // row's x8 serves the tile's 16 columns. That is 64 weights per instruction and row, where the
 // bf16 path's vdpbf16ps takes 32, and the decode is shared by the block's rows as there. Blocks,
-// strips and threads are those of gemm_avx512 (cpu_gemm.cpp), and each group's integer sums are
-// folded in the order the tile path folds them, so where both run their results are the same.
+// strips and threads are for_each_block's (cpu_gemm.h), as gemm_avx512's are, and each group's
+// integer sums are folded in the order the tile path folds them, so where both run their results
+// are the same.
 // Any M. Each row block decodes the strip's codes again (6 vector operations per 64 weights
 // against the block's 8 dot products): decoding a strip once into a buffer for all row blocks
 // measured 1.16–1.33× slower at M = 16 and at most 1.12× faster at M = 32–128 (one thread,
@@ -29,8 +30,6 @@
 
 namespace tsq {
 namespace {
-
-constexpr int MB_MAX = 8;  // rows per register block, as in cpu_gemm.cpp
 
 // Rows 4r .. 4r + 3 of tile j's 16 columns as vpdpbusd's dwords, [q[4r], .., q[4r + 3]] of column
 // n in lane n. Pairs 2r and 2r + 1 are the 32 contiguous bytes b0, b1 (Int4Codes): d = b0[n] |
@@ -100,12 +99,10 @@ TSQ_VNNI void block(const Problem& pr, const Int4Codes& codes, const Int8Rows& x
 
 using BlockFn = void (*)(const Problem&, const Int4Codes&, const Int8Rows&, int64_t, int64_t);
 
-constexpr int tiles_for(int mb) { return mb <= 2 ? 4 : 2; }
-
 template <int NT>
-constexpr BlockFn kBlocks[MB_MAX + 1] = {nullptr,        block<1, NT>, block<2, NT>,
-                                         block<3, NT>,   block<4, NT>, block<5, NT>,
-                                         block<6, NT>,   block<7, NT>, block<8, NT>};
+constexpr BlockFn kBlocks[BLOCK_ROWS + 1] = {nullptr,      block<1, NT>, block<2, NT>,
+                                             block<3, NT>, block<4, NT>, block<5, NT>,
+                                             block<6, NT>, block<7, NT>, block<8, NT>};
 
 }  // namespace
 
@@ -121,28 +118,11 @@ void gemm_vnni_int8(const Problem& pr, const Int4Codes& codes) {
               " == 0, got ", pr.G);
   const char* why = vnni_unavailable();
   TORCH_CHECK(why == nullptr, "int8 VNNI path: ", why ? why : "");
-  std::vector<int8_t> x8;
-  std::vector<float> sx;
-  quantize_rows(pr, /*tile_order=*/false, x8, sx);
-  const std::vector<float> xsum = group_sums(pr.x, pr.M, pr.n_blocks(), pr.G);
-  Problem with_sums = pr;
-  with_sums.xsum = xsum.data();
-  const Int8Rows x{x8.data(), sx.data()};
-  constexpr int64_t STRIP = 4;  // as gemm_avx512: a strip's codes come from memory once
-  at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {
-    for (int64_t s0 = t0; s0 < t1; s0 += STRIP) {
-      const int64_t s1 = std::min<int64_t>(s0 + STRIP, t1);
-      for (int64_t m0 = 0; m0 < pr.M; m0 += MB_MAX) {
-        const int mb = static_cast<int>(std::min<int64_t>(MB_MAX, pr.M - m0));
-        const int nt = tiles_for(mb);
-        for (int64_t t = s0; t < s1;) {
-          const int width = nt <= s1 - t ? nt : 1;
-          const BlockFn f = width == 4 ? kBlocks<4>[mb] : width == 2 ? kBlocks<2>[mb] : kBlocks<1>[mb];
-          f(with_sums, codes.at(t), x, m0, t);
-          t += width;
-        }
-      }
-    }
+  const Int8Input in(pr, /*tile_order=*/false);
+  const Int8Rows x{in.x8.data(), in.sx.data()};
+  for_each_block(pr.M, pr.T, [&](int64_t m0, int mb, int64_t t, int width) {
+    const BlockFn f = width == 4 ? kBlocks<4>[mb] : width == 2 ? kBlocks<2>[mb] : kBlocks<1>[mb];
+    f(in.pr, codes.at(t), x, m0, t);
   });
 }
 
