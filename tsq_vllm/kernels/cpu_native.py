@@ -283,6 +283,8 @@ def amx_int8_unavailable_reason() -> str | None:
 
 
 def vnni_unavailable_reason() -> str | None:
+    """None when the int8-activation path on AVX512-VNNI dot products can run in this process,
+    else why not (the native kernel's reasons first, then AVX512-VNNI in cpuid)."""
     global _vnni
     if _vnni is None:
         reason = native_unavailable_reason()
