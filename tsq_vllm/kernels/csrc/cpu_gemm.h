@@ -1,7 +1,8 @@
 // What the native CPU GEMM paths share (cpu_gemm.cpp: AVX512-BF16 register blocks;
 // cpu_gemm_amx*.cpp: AMX tiles; cpu_gemm_vnni.cpp: int8 activations on VNNI): the problem and
-// the two code layouts, each with the load that turns one (tile, row pair) of codes into the 32 bf16 lanes [q[2p, 16t + j], q[2p + 1, 16t + j]]
-// for j = 0..15 that vdpbf16ps pairs with a broadcast (x[2p], x[2p + 1]). The tile path's own
+// the two code layouts, each with the load that turns one (tile, row pair) of codes into the 32
+// bf16 lanes [q[2p, 16t + j], q[2p + 1, 16t + j]] for j = 0..15 that vdpbf16ps pairs with a
+// broadcast (x[2p], x[2p + 1]). The tile path's own
 // decode (codes to scaled bf16 weights) lives in cpu_gemm_amx.cpp.
 #pragma once
 
@@ -199,7 +200,8 @@ const char* amx_unavailable();
 // The same for the int8 tile multiplies (AMX-INT8) as well.
 const char* amx_int8_unavailable();
 // The int8 path on AMX-INT8 tiles (cpu_gemm_amx_exact.cpp; needs amx_int8_unavailable() ==
-// nullptr) and on AVX512-VNNI dot products (cpu_gemm_vnni.cpp; checks vnni_unavailable()).
+// nullptr) and on AVX512-VNNI dot products (cpu_gemm_vnni.cpp; needs vnni_unavailable() ==
+// nullptr).
 void gemm_amx_int8(const Problem& pr, const Int4Codes& codes);
 void gemm_vnni_int8(const Problem& pr, const Int4Codes& codes);
 const char* vnni_unavailable();

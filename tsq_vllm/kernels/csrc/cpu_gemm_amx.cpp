@@ -317,12 +317,16 @@ const char* amx_unavailable() {
   return why;
 }
 
+// Asked once, as amx_unavailable() is: every int8 call checks it.
 const char* amx_int8_unavailable() {
-  if (const char* why = amx_unavailable()) return why;
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 25)))
-    return "this CPU has no AMX-INT8 (cpuid leaf 7)";
-  return nullptr;
+  static const char* why = []() -> const char* {
+    if (const char* amx = amx_unavailable()) return amx;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 25)))
+      return "this CPU has no AMX-INT8 (cpuid leaf 7)";
+    return nullptr;
+  }();
+  return why;
 }
 
 // Threads split the column tiles as the AVX-512 path does; each thread configures its own tiles

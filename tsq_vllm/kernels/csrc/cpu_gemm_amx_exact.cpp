@@ -34,8 +34,6 @@
 namespace tsq {
 namespace {
 
-constexpr int64_t CHUNK8 = INT8_CHUNK;  // k per int8 tile multiply: 16 dwords of 4 bytes
-
 // The B-tile column order: a 16-byte broadcast of a row's codes puts bytes 0–7 in the even and
 // 8–15 in the odd 64-bit words, vpmultishiftqb moves bits only within a word, and word i holds
 // the 32-bit lanes 2i and 2i + 1: so lanes 4i' .. 4i' + 1 take columns from bytes 0–7 and lanes
@@ -197,7 +195,7 @@ void fold_group(const Problem& pr, const RowTile& x, int64_t g, int64_t t, int64
 template <bool INT8>
 void strip(const Problem& pr, const Int4Codes& codes, const RowTile& x, int64_t t, int64_t nt,
            uint8_t* b) {
-  constexpr int64_t chunk = INT8 ? CHUNK8 : CHUNK, pairs_per_tile = chunk / 2;
+  constexpr int64_t chunk = INT8 ? INT8_CHUNK : CHUNK, pairs_per_tile = chunk / 2;
   const int64_t chunks = pr.G / chunk, n_groups = pr.n_blocks(), pairs = pr.G / 2;
   const bool two = nt == 2;
   alignas(64) float c[STRIP * C_FLOATS];
@@ -230,7 +228,7 @@ void strip(const Problem& pr, const Int4Codes& codes, const RowTile& x, int64_t 
 
 template <bool INT8>
 void strips(const Problem& pr, const Int4Codes& codes, const RowTile& x, int64_t t0, int64_t t1) {
-  constexpr int64_t chunk = INT8 ? CHUNK8 : CHUNK;
+  constexpr int64_t chunk = INT8 ? INT8_CHUNK : CHUNK;
   std::vector<uint8_t> b(static_cast<size_t>(2 * (pr.G / chunk) * STRIP * TILE_BYTES));
   for (int64_t t = t0; t < t1; t += STRIP)
     strip<INT8>(pr, codes, x, t, std::min(STRIP, t1 - t), b.data());
@@ -244,8 +242,8 @@ void gemm_amx_exact(const Problem& pr, const Int4Codes& codes, const uint8_t* xa
 }
 
 void gemm_amx_int8(const Problem& pr, const Int4Codes& codes) {
-  TORCH_CHECK(pr.M <= ROWS && pr.G % CHUNK8 == 0, "int8 tile path: needs M <= ", ROWS,
-              " and group_size % ", CHUNK8, " == 0, got M = ", pr.M, ", group_size = ", pr.G);
+  TORCH_CHECK(pr.M <= ROWS && pr.G % INT8_CHUNK == 0, "int8 tile path: needs M <= ", ROWS,
+              " and group_size % ", INT8_CHUNK, " == 0, got M = ", pr.M, ", group_size = ", pr.G);
   const Int8Input in(pr, /*tile_order=*/true);
   const RowTile x{reinterpret_cast<const uint8_t*>(in.x8.data()), in.sx.data()};
   at::parallel_for(0, pr.T, STRIP, [&](int64_t t0, int64_t t1) {

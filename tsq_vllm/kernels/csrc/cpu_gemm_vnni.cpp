@@ -106,18 +106,20 @@ constexpr BlockFn kBlocks[BLOCK_ROWS + 1] = {nullptr,      block<1, NT>, block<2
 
 }  // namespace
 
+// Asked once: every int8 call checks it, and cpuid is slow (in a VM it can trap to the host).
 const char* vnni_unavailable() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(c & (1u << 11)))
-    return "this CPU has no AVX512-VNNI (cpuid leaf 7)";
-  return nullptr;
+  static const char* why = []() -> const char* {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(c & (1u << 11)))
+      return "this CPU has no AVX512-VNNI (cpuid leaf 7)";
+    return nullptr;
+  }();
+  return why;
 }
 
 void gemm_vnni_int8(const Problem& pr, const Int4Codes& codes) {
   TORCH_CHECK(pr.G % INT8_CHUNK == 0, "int8 VNNI path: needs group_size % ", INT8_CHUNK,
               " == 0, got ", pr.G);
-  const char* why = vnni_unavailable();
-  TORCH_CHECK(why == nullptr, "int8 VNNI path: ", why ? why : "");
   const Int8Input in(pr, /*tile_order=*/false);
   const Int8Rows x{in.x8.data(), in.sx.data()};
   for_each_block(pr.M, pr.T, [&](int64_t m0, int mb, int64_t t, int width) {
